@@ -1,0 +1,303 @@
+"""The typed shape of every fedsynth config.
+
+Frozen dataclasses, one per YAML section. Field metadata carries the bounds the loader
+enforces (``gt``, ``ge``, ``lt``, ``le``) and ``must_exist`` for input paths.
+``validate`` methods return ``(key, message)`` for constraints that span fields.
+``configs/default.yaml`` documents every key with its default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+
+def _f(default=None, *, factory=None, **meta):
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    public_dir: Optional[Path] = _f(None, must_exist=True)
+    manifest: str = "manifest.csv"
+    shape: tuple[int, int, int] = _f((32, 32, 32), gt=0)
+    spacing: tuple[float, float, float] = _f((6.0, 6.0, 6.0), gt=0)
+    label_names: list[str] = _f(
+        factory=lambda: ["background", "csf", "grey_matter", "white_matter"])
+    intensity_percentiles: tuple[float, float] = _f((0.5, 99.5), ge=0, le=100)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def validate(self):
+        if len(self.label_names) < 2:
+            return "label_names", f"needs at least 2 classes, background first (got {self.label_names})"
+        if len(set(self.label_names)) != len(self.label_names):
+            return "label_names", f"names must be unique (got {self.label_names})"
+        low, high = self.intensity_percentiles
+        if not low < high:
+            return "intensity_percentiles", f"the lower percentile must be below the upper (got [{low}, {high}])"
+        return None
+
+
+def _levels_problem(channels: list[int], attention: list[bool], groups: int):
+    if not channels:
+        return "channels", "needs at least one level (got [])"
+    if len(attention) != len(channels):
+        return "attention_levels", (f"needs one entry per channel level: {len(channels)} "
+                                    f"(got {len(attention)})")
+    bad = [c for c in channels if c % groups]
+    if bad:
+        return "channels", f"each must be divisible by norm_num_groups={groups} (got {channels})"
+    return None
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    kind: Literal["kl", "vq"] = "kl"
+    channels: list[int] = _f(factory=lambda: [16, 32], gt=0)
+    latent_channels: int = _f(3, gt=0)
+    num_res_blocks: int = _f(1, gt=0)
+    attention_levels: list[bool] = _f(factory=lambda: [False, False])
+    norm_num_groups: int = _f(8, gt=0)
+    num_embeddings: int = _f(256, gt=1)
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    def validate(self):
+        return _levels_problem(self.channels, self.attention_levels, self.norm_num_groups)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    channels: list[int] = _f(factory=lambda: [32, 64, 64], gt=0)
+    attention_levels: list[bool] = _f(factory=lambda: [False, True, True])
+    num_res_blocks: int = _f(1, gt=0)
+    num_head_channels: int = _f(16, gt=0)
+    norm_num_groups: int = _f(8, gt=0)
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    def validate(self):
+        problem = _levels_problem(self.channels, self.attention_levels, self.norm_num_groups)
+        if problem:
+            return problem
+        bad = [c for c, a in zip(self.channels, self.attention_levels)
+               if a and c % self.num_head_channels]
+        if bad:
+            return "num_head_channels", (f"must divide every attention level's channels "
+                                         f"{bad} (got {self.num_head_channels})")
+        return None
+
+
+@dataclass(frozen=True)
+class ConditioningConfig:
+    mode: Literal["concat", "spade"] = "concat"
+    attributes: list[str] = _f(factory=list)
+    dropout: float = _f(0.1, ge=0, lt=1)
+    guidance_scale: float = _f(1.0, ge=0)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    train_timesteps: int = _f(1000, gt=0)
+    beta_schedule: Literal["linear_beta", "scaled_linear_beta"] = "scaled_linear_beta"
+    sampling_steps: int = _f(50, gt=0)
+
+    def validate(self):
+        if self.sampling_steps > self.train_timesteps:
+            return "sampling_steps", (f"must be <= train_timesteps={self.train_timesteps} "
+                                      f"(got {self.sampling_steps})")
+        return None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    autoencoder: AutoencoderConfig = _f(factory=AutoencoderConfig)
+    unet: UNetConfig = _f(factory=UNetConfig)
+    conditioning: ConditioningConfig = _f(factory=ConditioningConfig)
+    diffusion: DiffusionConfig = _f(factory=DiffusionConfig)
+
+
+@dataclass(frozen=True)
+class AutoencoderTrainingConfig:
+    epochs: int = _f(20, gt=0)
+    batch_size: int = _f(4, gt=0)
+    learning_rate: float = _f(1e-4, gt=0)
+    adversarial_weight: float = _f(0.01, ge=0)
+    kl_weight: float = _f(1e-6, ge=0)
+    perceptual_weights: Optional[Path] = _f(None, must_exist=True)
+
+
+@dataclass(frozen=True)
+class UNetTrainingConfig:
+    epochs: int = _f(50, gt=0)
+    batch_size: int = _f(8, gt=0)
+    learning_rate: float = _f(1e-4, gt=0)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    enabled: bool = True
+    autoencoder: AutoencoderTrainingConfig = _f(factory=AutoencoderTrainingConfig)
+    unet: UNetTrainingConfig = _f(factory=UNetTrainingConfig)
+
+
+@dataclass(frozen=True)
+class SiteBudgetConfig:
+    target_epsilon: float = _f(10.0, gt=0)
+    delta: float = _f(1e-5, gt=0, lt=1)
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A hospital's own settings. The site alone sets its budget."""
+
+    site_id: str
+    data_dir: Path = field(metadata={"must_exist": True})
+    manifest: str = "manifest.csv"
+    ledger: Optional[Path] = None
+    # None: take the consortium default from ``privacy.target_epsilon``/``privacy.delta``.
+    budget: Optional[SiteBudgetConfig] = None
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.data_dir / self.manifest
+
+    @property
+    def ledger_path(self) -> Path:
+        """Defaults to ``<data_dir>/.fedsynth/ledger.jsonl``."""
+        return self.ledger if self.ledger is not None else \
+            self.data_dir / ".fedsynth" / "ledger.jsonl"
+
+    def validate(self):
+        if not self.site_id or any(c in self.site_id for c in "/\\ "):
+            return "site_id", f"must be a non-empty name without spaces or slashes (got {self.site_id!r})"
+        return None
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = _f(3, gt=0)
+    local_epochs: int = _f(1, gt=0)
+    min_sites: int = _f(1, gt=0)
+    sites: list[SiteConfig] = _f(factory=list)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """The consortium's DP-SGD settings. Each site's own budget is in its site config."""
+
+    enabled: bool = True
+    # Default budget for a site whose own config sets none.
+    target_epsilon: float = _f(10.0, gt=0)
+    delta: float = _f(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    max_grad_norm: float = _f(1.0, gt=0)
+    clipping: Literal["flat", "per_layer"] = "flat"
+    expected_batch_size: int = _f(8, gt=0)
+    max_physical_batch_size: int = _f(8, gt=0)
+    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = "hooks"
+    noise_multiplicity: int = _f(1, gt=0)
+    trainable: Literal["all", "attention_conditioning"] = "all"
+    ema_decay: Optional[float] = _f(None, ge=0, lt=1)
+    learning_rate: float = _f(1e-4, gt=0)
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    policy: Literal["calibrated", "fixed"] = "calibrated"
+    value: Optional[float] = _f(None, ge=0)
+    percentile: float = _f(5.0, gt=0, lt=100)
+
+    def validate(self):
+        if self.policy == "fixed" and self.value is None:
+            return "value", "is required when policy is 'fixed'; set a distance threshold"
+        return None
+
+
+@dataclass(frozen=True)
+class DPGateConfig:
+    enabled: bool = False
+    epsilon: float = _f(1.0, gt=0)
+
+
+@dataclass(frozen=True)
+class ReleaseConfig:
+    num_samples: int = _f(8, gt=0)
+    distance: Literal["latent", "nrmse", "ssim"] = "latent"
+    threshold: ThresholdConfig = _f(factory=ThresholdConfig)
+    max_attempts: int = _f(3, gt=0)
+    chunk_size: int = _f(64, gt=0)
+    deform_masks: bool = True
+    attribute_ranges: dict[str, tuple[float, float]] = _f(factory=dict)
+    dp_gate: DPGateConfig = _f(factory=DPGateConfig)
+
+    def validate(self):
+        for name, (low, high) in self.attribute_ranges.items():
+            if not low <= high:
+                return f"attribute_ranges.{name}", f"low must be <= high (got [{low}, {high}])"
+        return None
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: Optional[str] = None
+    experiment: str = "fedsynth"
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = _f(0, ge=0)
+    run_dir: Optional[Path] = None
+    data: DataConfig = _f(factory=DataConfig)
+    model: ModelConfig = _f(factory=ModelConfig)
+    pretrain: PretrainConfig = _f(factory=PretrainConfig)
+    federation: FederationConfig = _f(factory=FederationConfig)
+    privacy: PrivacyConfig = _f(factory=PrivacyConfig)
+    release: ReleaseConfig = _f(factory=ReleaseConfig)
+    tracking: TrackingConfig = _f(factory=TrackingConfig)
+
+    @property
+    def total_downsampling(self) -> int:
+        """Autoencoder downsampling times latent-UNet downsampling."""
+        return self.model.autoencoder.downsampling * self.model.unet.downsampling
+
+    def validate(self):
+        factor = self.total_downsampling
+        if any(s % factor for s in self.data.shape):
+            fixed = [max(factor, int(math.ceil(s / factor)) * factor) for s in self.data.shape]
+            return "data.shape", (f"each size must be divisible by {factor} (autoencoder x{self.model.autoencoder.downsampling}"
+                                  f" times UNet x{self.model.unet.downsampling}); "
+                                  f"try {fixed} (got {list(self.data.shape)})")
+        unknown = [a for a in self.model.conditioning.attributes
+                   if self.release.attribute_ranges and a not in self.release.attribute_ranges]
+        if unknown:
+            return "release.attribute_ranges", (f"needs a range for every conditioning attribute; "
+                                                f"missing {unknown}")
+        return None
+
+    def site_budget(self, site: SiteConfig) -> SiteBudgetConfig:
+        """The site's own budget when it sets one, else the consortium default."""
+        if site.budget is not None:
+            return site.budget
+        return SiteBudgetConfig(self.privacy.target_epsilon, self.privacy.delta)
+
+    def validate_sites(self):
+        ids = [s.site_id for s in self.federation.sites]
+        duplicated = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicated:
+            return "federation.sites", f"site_id must be unique (duplicated: {', '.join(duplicated)})"
+        if ids and self.federation.min_sites > len(ids):
+            return "federation.min_sites", (f"must be <= the number of sites ({len(ids)}) "
+                                            f"(got {self.federation.min_sites})")
+        return None

@@ -1,0 +1,1 @@
+"""The workbench: the ``fedsynth`` CLI, pretraining, the demo cohort, sweeps, benchmarks."""

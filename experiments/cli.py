@@ -1,0 +1,96 @@
+"""The ``fedsynth`` command line.
+
+Each subcommand lives in its own module under :mod:`experiments.commands` and exposes
+``register(subparsers)``; its handler returns the exit code. Heavy libraries (torch,
+MONAI, Flower) are imported inside the handlers, so ``fedsynth --help`` stays fast.
+
+Exit codes: 0 success; 1 a check ran and found a problem (``audit verify``,
+``data check``); 2 bad input (usage, config, data, checkpoint); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+# One module per command group, in the order ``fedsynth --help`` lists them.
+COMMAND_MODULES = [
+    "experiments.commands.config",
+    "experiments.commands.cohort",
+    "experiments.commands.data",
+]
+
+# Exceptions that mean "the user's input is wrong": printed as one line, exit 2.
+USER_ERRORS = [
+    ("configs.loader", "ConfigError"),
+    ("client.site_data", "SiteDataError"),
+]
+
+log = logging.getLogger("fedsynth")
+
+
+def fedsynth_version() -> str:
+    try:
+        return version("fedsynth")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedsynth",
+        description="Federated, differentially private 3D latent diffusion for medical images.",
+    )
+    parser.add_argument("--version", action="version", version=f"fedsynth {fedsynth_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    types = []
+    for module, name in USER_ERRORS:
+        try:
+            types.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(types)
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:  # the libraries' chatter drowns out ours
+        for noisy in ("flwr", "mlflow", "alembic", "urllib3", "matplotlib", "PIL", "filelock"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    configure_logging(args.verbose)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("fedsynth: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - only known user errors are shown as one line
+        if isinstance(err, _user_error_types()):
+            print(f"fedsynth {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``fedsynth`` subcommand group; each exposes ``register(subparsers)``."""

@@ -1,0 +1,1 @@
+"""The autoencoder, the latent UNet and its conditioning, schedulers, samplers, metrics. Pure torch/MONAI."""

@@ -1,0 +1,1 @@
+"""DP-SGD (Opacus), accounting, the hash-chained ledger, budgets, the release gate's distances."""

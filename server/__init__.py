@@ -1,0 +1,1 @@
+"""The Flower ServerApp: aggregation, consortium ledger, checkpoints, MLflow, release orchestration."""
