@@ -1,0 +1,179 @@
+"""``fedsynth evaluate`` on tiny NIfTI site folders written here with nibabel."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from experiments.cli import main
+from experiments.evaluate import split_by_patient
+
+SIZE = 16
+SPACING = 12.0
+METRICS = {"rf_fid", "mmd", "ms_ssim_diversity", "dice_synthetic", "dice_real", "dice_ratio",
+           "medicalnet_fid"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def ras_affine(spacing: float, size: int) -> np.ndarray:
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = -spacing * (size - 1) / 2  # centred on the origin, RAS
+    return affine
+
+
+def write_site(folder: Path, scans: list[str], seed: int, size: int = SIZE,
+               spacing: float = SPACING) -> Path:
+    """A site-format folder: manifest.csv, images/<scan>.nii.gz, labels/<scan>_label.nii.gz.
+
+    ``scans`` are patient ids, one per scan (repeat an id for a follow-up scan). Each scan
+    holds nested shells (labels 1..3, uint8) of random size with a noisy intensity per class.
+    """
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    axis = np.linspace(-1, 1, size)
+    z, y, x = np.meshgrid(axis, axis, axis, indexing="ij")
+    radius = np.sqrt(z ** 2 + y ** 2 + x ** 2)
+    rows = ["patient_id,image,label"]
+    for index, patient in enumerate(scans):
+        scale = rng.uniform(0.75, 0.95)
+        label = np.zeros((size, size, size), np.uint8)
+        for cls, r in ((1, 0.95), (2, 0.7), (3, 0.4)):
+            label[radius < r * scale] = cls
+        image = (np.array([0.0, 300.0, 600.0, 900.0])[label]
+                 + rng.normal(0, 40, label.shape)).astype(np.float32)
+        name = f"{patient}_{index}"
+        affine = ras_affine(spacing, size)
+        nib.save(nib.Nifti1Image(image, affine), folder / "images" / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), folder / "labels" / f"{name}_label.nii.gz")
+        rows.append(f"{patient},images/{name}.nii.gz,labels/{name}_label.nii.gz")
+    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("evaluate")
+    real = write_site(root / "real", ["p0", "p0", "p1", "p2", "p3", "p4", "p5"], seed=0)
+    synthetic = write_site(root / "synthetic", ["s0", "s1", "s2", "s3"], seed=1)
+    return real, synthetic
+
+
+def test_evaluate_prints_a_table_and_writes_the_json_report(folders, tmp_path, capsys):
+    real, synthetic = folders
+    out = tmp_path / "reports" / "report.json"
+    code = main(["evaluate", "--real", str(real), "--synthetic", str(synthetic),
+                 "--out", str(out), "--seg-steps", "4", "--seed", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for name in METRICS:
+        assert name in printed
+    report = json.loads(out.read_text())
+    metrics = report["metrics"]
+    assert set(metrics) == METRICS
+    assert metrics["medicalnet_fid"] is None
+    assert all(math.isfinite(metrics[k]) for k in METRICS - {"medicalnet_fid"})
+    assert metrics["dice_ratio"] == pytest.approx(metrics["dice_synthetic"] / metrics["dice_real"])
+    assert report["real"]["scans"] == 7 and report["real"]["patients"] == 6
+    assert report["real"]["heldout_patients"] == 2  # round(0.3 * 6)
+    assert (report["real"]["segmenter_train_scans"] + report["real"]["heldout_scans"]) == 7
+    assert report["synthetic"]["scans"] == 4
+    assert report["grid"]["shape"] == [SIZE] * 3 and report["grid"]["spacing_mm"] == [SPACING] * 3
+    assert report["settings"]["seed"] == 1 and report["settings"]["seg_steps"] == 4
+    assert report["settings"]["ms_ssim"]["scales"] == 3
+    assert len(report["settings"]["rf_fid_feature_net_sha256"]) == 64
+    assert "p0" not in out.read_text()  # no patient ids in the report
+    assert not [p for p in out.parent.iterdir() if p.name != "report.json"]  # no temp files
+
+
+def test_evaluate_of_a_folder_against_itself_gives_zero_rf_fid(folders, tmp_path):
+    real, _ = folders
+    out = tmp_path / "self.json"
+    assert main(["evaluate", "--real", str(real), "--synthetic", str(real),
+                 "--out", str(out), "--seg-steps", "2"]) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics["rf_fid"] < 1e-6
+    assert metrics["mmd"] <= 0  # the unbiased estimator's self-similarity correction
+
+
+def test_split_keeps_every_patient_on_one_side_and_is_seeded():
+    patients = ["a", "a", "b", "c", "c", "c", "d", "e"]
+    train, heldout = split_by_patient(patients, holdout_fraction=0.4, seed=3)
+    assert sorted(train + heldout) == list(range(len(patients)))
+    assert not {patients[i] for i in train} & {patients[i] for i in heldout}
+    assert len({patients[i] for i in heldout}) == 2
+    assert split_by_patient(patients, 0.4, seed=3) == (train, heldout)
+    assert split_by_patient(["a", "b"], 0.9, seed=0)[0]  # one patient always left to train on
+
+
+def bad_input(capsys, *args: str) -> str:
+    code = main(["evaluate", *args, "--seg-steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_input_is_one_line_and_exit_2(folders, tmp_path, capsys):
+    real, synthetic = folders
+    missing = bad_input(capsys, "--real", str(tmp_path / "absent"), "--synthetic", str(synthetic))
+    assert "real folder not found" in missing
+
+    (tmp_path / "empty").mkdir()
+    empty = bad_input(capsys, "--real", str(real), "--synthetic", str(tmp_path / "empty"))
+    assert "synthetic folder is empty" in empty
+
+    small = write_site(tmp_path / "small", ["s0", "s1"], seed=2, size=8, spacing=24.0)
+    mismatch = bad_input(capsys, "--real", str(real), "--synthetic", str(small))
+    assert "synthetic grid 8x8x8" in mismatch and "16x16x16" in mismatch
+
+    weights = bad_input(capsys, "--real", str(real), "--synthetic", str(synthetic),
+                        "--medicalnet-weights", str(tmp_path / "resnet_10.pth"))
+    assert "MedicalNet weights file not found" in weights
+
+    lonely = write_site(tmp_path / "lonely", ["only", "only"], seed=3)
+    patients = bad_input(capsys, "--real", str(lonely), "--synthetic", str(synthetic))
+    assert "at least 2" in patients
+
+
+def test_a_config_resamples_both_folders_to_its_grid(folders, tmp_path, capsys):
+    real, _ = folders
+    coarse = write_site(tmp_path / "coarse", ["s0", "s1", "s2"], seed=4, size=8, spacing=24.0)
+    config = tmp_path / "eval.yaml"
+    config.write_text("seed: 2\ndata:\n  shape: [16, 16, 16]\n  spacing: [12.0, 12.0, 12.0]\n")
+    out = tmp_path / "resampled.json"
+    assert main(["evaluate", "--real", str(real), "--synthetic", str(coarse), "--config",
+                 str(config), "--out", str(out), "--seg-steps", "2"]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["seed"] == 2  # from the config
+    assert report["synthetic"]["scans"] == 3
+
+
+def test_medicalnet_weights_add_a_medicalnet_fid(folders, tmp_path):
+    from monai.networks.nets import resnet10
+
+    real, synthetic = folders
+    torch.manual_seed(0)
+    net = resnet10(spatial_dims=3, n_input_channels=1, shortcut_type="B", bias_downsample=False,
+                   feed_forward=False)  # MONAI's MedicalNet layout for depth 10
+    weights = tmp_path / "resnet_10.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, weights)
+    out = tmp_path / "medicalnet.json"
+    assert main(["evaluate", "--real", str(real), "--synthetic", str(synthetic), "--out", str(out),
+                 "--seg-steps", "1", "--medicalnet-weights", str(weights)]) == 0
+    report = json.loads(out.read_text())
+    assert report["metrics"]["medicalnet_fid"] > 0
+    assert report["settings"]["medicalnet_weights"] == str(weights)

@@ -1,0 +1,112 @@
+"""Segmentation utility: Dice, the seeded segmenter, synthetic-versus-real training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models.metrics import (MetricInputError, QualityReport, SegmentationUtility,
+                            build_segmenter, evaluate_quality, mean_foreground_dice,
+                            segmentation_utility, train_segmenter)
+
+NUM_CLASSES = 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def brains(count: int, seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nested shells (classes 1..3 inside background 0) of random size, the image a noisy
+    intensity per class. Images float ``(count, 1, size^3)``, labels uint8, same shape."""
+    generator = torch.Generator().manual_seed(seed)
+    axis = torch.linspace(-1, 1, size)
+    z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
+    radius = (z ** 2 + y ** 2 + x ** 2).sqrt()
+    images, labels = [], []
+    for _ in range(count):
+        scale = 0.75 + 0.2 * torch.rand(1, generator=generator)
+        label = torch.zeros(size, size, size, dtype=torch.uint8)
+        for cls, r in ((1, 0.95), (2, 0.7), (3, 0.4)):
+            label[radius < r * scale] = cls
+        image = torch.tensor([0.0, 0.3, 0.6, 0.9])[label.long()]
+        images.append(image + 0.05 * torch.randn(size, size, size, generator=generator))
+        labels.append(label)
+    return torch.stack(images)[:, None], torch.stack(labels)[:, None]
+
+
+def test_dice_of_a_perfect_segmentation_is_one_and_of_a_wrong_one_less():
+    _, labels = brains(3, seed=0)
+    assert mean_foreground_dice(labels, labels.clone(), NUM_CLASSES) == pytest.approx(1.0)
+    wrong = labels.clone()
+    wrong[wrong == 3] = 2  # the inner class is called its neighbour
+    partly = mean_foreground_dice(wrong, labels, NUM_CLASSES)
+    assert 0.0 < partly < 1.0
+    assert mean_foreground_dice(torch.zeros_like(labels), labels, NUM_CLASSES) == 0.0
+
+
+def test_dice_refuses_targets_without_foreground_and_mismatched_shapes():
+    empty = torch.zeros(2, 1, 8, 8, 8, dtype=torch.uint8)
+    with pytest.raises(MetricInputError, match="no foreground"):
+        mean_foreground_dice(empty, empty, NUM_CLASSES)
+    with pytest.raises(MetricInputError, match="differ"):
+        mean_foreground_dice(empty, torch.zeros(2, 1, 8, 8, 4, dtype=torch.uint8), NUM_CLASSES)
+
+
+def test_segmenter_build_and_training_are_deterministic_for_a_seed():
+    assert all(torch.equal(a, b) for a, b in zip(build_segmenter(NUM_CLASSES, 3).parameters(),
+                                                 build_segmenter(NUM_CLASSES, 3).parameters()))
+    images, labels = brains(4, seed=1)
+    first = train_segmenter(images, labels, NUM_CLASSES, steps=3, seed=5)
+    second = train_segmenter(images, labels, NUM_CLASSES, steps=3, seed=5)
+    other = train_segmenter(images, labels, NUM_CLASSES, steps=3, seed=6)
+    assert not first.training
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(first.parameters(), other.parameters()))
+
+
+def test_training_refuses_unpaired_images_and_labels():
+    images, labels = brains(2, seed=0)
+    with pytest.raises(MetricInputError, match="do not match"):
+        train_segmenter(images, labels[:1], NUM_CLASSES, steps=1, seed=0)
+    with pytest.raises(MetricInputError, match="steps must be >= 1"):
+        train_segmenter(images, labels, NUM_CLASSES, steps=0, seed=0)
+
+
+def test_segmentation_utility_end_to_end_is_finite_with_the_ratio_of_the_dices():
+    synthetic, real, heldout = brains(4, seed=1), brains(4, seed=2), brains(3, seed=3)
+    utility = segmentation_utility(*synthetic, *real, *heldout, NUM_CLASSES, steps=25, seed=0)
+    assert isinstance(utility, SegmentationUtility)
+    assert 0.0 < utility.dice_synthetic <= 1.0 and 0.0 < utility.dice_real <= 1.0
+    assert utility.dice_ratio == pytest.approx(utility.dice_synthetic / utility.dice_real)
+    assert math.isfinite(utility.dice_ratio)
+    # same seed, same data: the same numbers
+    again = segmentation_utility(*synthetic, *real, *heldout, NUM_CLASSES, steps=25, seed=0)
+    assert again == utility
+
+
+def test_the_ratio_is_nan_when_the_real_segmenter_scores_zero():
+    assert math.isnan(SegmentationUtility(dice_synthetic=0.5, dice_real=0.0).dice_ratio)
+
+
+def test_evaluate_quality_fills_every_field_of_the_report():
+    real_images, real_labels = brains(6, seed=1)
+    synthetic_images, synthetic_labels = brains(4, seed=2)
+    report = evaluate_quality(real_images, synthetic_images, synthetic_labels,
+                              real_images[:4], real_labels[:4], real_images[4:], real_labels[4:],
+                              NUM_CLASSES, seg_steps=3, seed=0)
+    assert isinstance(report, QualityReport)
+    values = report.to_json_dict()
+    assert set(values) == {"rf_fid", "mmd", "ms_ssim_diversity", "dice_synthetic", "dice_real",
+                           "dice_ratio", "medicalnet_fid"}
+    assert values["medicalnet_fid"] is None
+    assert all(math.isfinite(v) for k, v in values.items() if k != "medicalnet_fid")
+    assert report.rf_fid > 0 and report.ms_ssim_diversity > 0
+    assert report.dice_ratio == pytest.approx(report.dice_synthetic / report.dice_real)
+    assert QualityReport(1.0, 0.0, 0.1, 0.5, 0.0, math.nan).to_json_dict()["dice_ratio"] is None
