@@ -191,6 +191,8 @@ class FederationConfig:
     local_epochs: int = _f(1, gt=0)
     min_sites: int = _f(1, gt=0)
     sites: list[SiteConfig] = _f(factory=list)
+    # Seconds the server waits for min_sites to connect, and for the replies of one round.
+    round_timeout: float = _f(3600.0, gt=0)
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,8 @@ class ReleaseConfig:
     threshold: ThresholdConfig = _f(factory=ThresholdConfig)
     max_attempts: int = _f(3, gt=0)
     chunk_size: int = _f(64, gt=0)
+    # Voxels a candidate may be translated (per axis) and still count as a copy of a scan.
+    max_shift: int = _f(1, ge=0, le=4)
     deform_masks: bool = True
     attribute_ranges: dict[str, tuple[float, float]] = _f(factory=dict)
     dp_gate: DPGateConfig = _f(factory=DPGateConfig)

@@ -21,12 +21,37 @@ COMMAND_MODULES = [
     "experiments.commands.config",
     "experiments.commands.cohort",
     "experiments.commands.data",
+    "experiments.commands.pretrain",
+    "experiments.commands.sample",
+    "experiments.commands.evaluate",
+    "experiments.commands.budget",
+    "experiments.commands.audit",
+    "experiments.commands.report",
+    "experiments.commands.federate",
+    "experiments.commands.deploy",
+    "experiments.commands.benchmark",
 ]
 
 # Exceptions that mean "the user's input is wrong": printed as one line, exit 2.
 USER_ERRORS = [
     ("configs.loader", "ConfigError"),
     ("client.site_data", "SiteDataError"),
+    ("models.checkpoint", "CheckpointError"),
+    ("models.volume_io", "VolumeError"),
+    ("experiments.pretrain", "PretrainError"),
+    ("experiments.cohort", "CohortError"),
+    ("experiments.evaluate", "EvaluationError"),
+    ("models.metrics", "MetricInputError"),
+    ("privacy.ledger", "LedgerError"),
+    ("privacy.calibration", "CalibrationError"),
+    ("privacy.budget", "BudgetExhausted"),
+    ("privacy.budget", "PlanMismatch"),
+    ("privacy.dp_trainer", "DPSetupError"),
+    ("experiments.commands.budget", "PatientsOptionError"),
+    ("server.federation", "FederationError"),
+    ("server.round_checkpoint", "StateError"),
+    ("server.public_validation", "ValidationSetError"),
+    ("experiments.deployment", "DeployError"),
 ]
 
 log = logging.getLogger("fedsynth")

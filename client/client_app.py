@@ -1,0 +1,113 @@
+"""The site's Flower ClientApp: decode a train message, run the round, send the allowed reply.
+
+Where the site's own config comes from:
+
+- deployment: the SuperNode's node config, ``--node-config 'site-config="/path/site.yaml"'``
+  (:func:`configs.load_site_config`); the file never leaves the hospital;
+- simulation: the experiment config (run config ``config-path``, or the path given to
+  :func:`make_client_app`) and this node's ``partition-id``: ``federation.sites[partition-id]``.
+
+Everything else is in :mod:`client.site_runtime`; the reply is checked against the allow-list of
+:mod:`privacy.protocol` before it is returned.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site_runtime import SiteOutcome, TrainInstruction, run_site_round
+from configs import load_config, load_site_config
+from configs.schema import SiteConfig
+from privacy.protocol import (ARRAYS, CONFIG, FROZEN_AUTOENCODER, GLOBAL_WEIGHTS, METRICS,
+                              ROUND_CONFIG, SITE_ACCOUNTING, SITE_STATUS, SITE_WEIGHTS,
+                              ProtocolViolation, RefusalReason, ReplyStatus, RoundConfig, TrainReply,
+                              check_reply)
+
+log = logging.getLogger(__name__)
+
+SITE_CONFIG_KEY = "site-config"      # node config: the site's own YAML
+CONFIG_PATH_KEY = "config-path"      # run config: the experiment YAML (simulation)
+PARTITION_KEY = "partition-id"       # node config in simulation
+
+
+class SiteConfigMissing(ValueError):
+    """The SuperNode was started without a site config. One line with the fix."""
+
+
+def resolve_site(context: Context, defaults: Mapping[str, Any]) -> SiteConfig:
+    """This node's :class:`SiteConfig` (see the module docstring)."""
+    node_config, run_config = dict(context.node_config), {**defaults, **dict(context.run_config)}
+    if SITE_CONFIG_KEY in node_config:
+        return load_site_config(str(node_config[SITE_CONFIG_KEY]))
+    if PARTITION_KEY in node_config and run_config.get(CONFIG_PATH_KEY):
+        sites = load_config(str(run_config[CONFIG_PATH_KEY])).federation.sites
+        partition = int(node_config[PARTITION_KEY])
+        if not 0 <= partition < len(sites):
+            raise SiteConfigMissing(f"{run_config[CONFIG_PATH_KEY]}: federation.sites has {len(sites)} "
+                                    f"entries, simulation node {partition} has none; list one site per node")
+        return sites[partition]
+    raise SiteConfigMissing("this SuperNode has no site config; start it with "
+                            "--node-config 'site-config=\"/path/to/site.yaml\"'")
+
+
+def decode_instruction(content: RecordDict) -> TrainInstruction:
+    """The round config and the global / autoencoder state dicts of a train message."""
+    try:
+        return TrainInstruction(RoundConfig.from_record(dict(content[ROUND_CONFIG])),
+                                content[GLOBAL_WEIGHTS].to_torch_state_dict(),
+                                content[FROZEN_AUTOENCODER].to_torch_state_dict())
+    except KeyError as err:
+        raise ProtocolViolation(f"train message lacks the record {err}") from None
+
+
+def encode_reply(outcome: SiteOutcome, weight_shapes: Mapping[str, tuple[int, ...]]) -> RecordDict:
+    """The reply records, checked against the allow-list (:func:`privacy.protocol.check_reply`)."""
+    reply = outcome.reply
+    layout: dict[str, tuple[str, Mapping[str, Any]]] = {
+        SITE_ACCOUNTING: (METRICS, reply.accounting()), SITE_STATUS: (CONFIG, reply.status_fields())}
+    if outcome.weights is not None:
+        layout[SITE_WEIGHTS] = (ARRAYS, {k: tuple(v.shape) for k, v in outcome.weights.items()})
+    check_reply(layout, weight_shapes)
+    records: dict[str, Any] = {SITE_ACCOUNTING: MetricRecord(reply.accounting()),
+                               SITE_STATUS: ConfigRecord(reply.status_fields())}
+    if outcome.weights is not None:
+        records[SITE_WEIGHTS] = ArrayRecord(torch_state_dict=outcome.weights)
+    return RecordDict(records)
+
+
+def handle_train(message: Message, context: Context, defaults: Mapping[str, Any]) -> Message:
+    """Answer a train message with a reply whose content passed the allow-list check."""
+    site = resolve_site(context, defaults)
+    try:
+        instruction = decode_instruction(message.content)
+    except ProtocolViolation as err:
+        log.error("%s: refusing a malformed train message: %s", site.site_id, err)
+        round_config = message.content.get(ROUND_CONFIG, {})
+        reply = TrainReply(status=ReplyStatus.REFUSED, reason=RefusalReason.PROTOCOL_MISMATCH,
+                           site_id=site.site_id, round=int(round_config.get("server-round", 0)))
+        return Message(encode_reply(SiteOutcome(reply, None, 0.0), {}), reply_to=message)
+    outcome = run_site_round(site, instruction)
+    shapes = {name: tuple(tensor.shape) for name, tensor in instruction.global_state.items()}
+    log.info("%s: round %d %s%s (epsilon %.4g of %g)", site.site_id, outcome.reply.round,
+             outcome.reply.status.value, f" ({outcome.reply.reason.value})" if outcome.reply.reason.value
+             else "", outcome.reply.epsilon, outcome.reply.target_epsilon)
+    return Message(encode_reply(outcome, shapes), reply_to=message)
+
+
+def make_client_app(config_path: str | None = None) -> ClientApp:
+    """A ClientApp whose default run config names the experiment YAML (used in simulation)."""
+    defaults = {CONFIG_PATH_KEY: config_path} if config_path else {}
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(message: Message, context: Context) -> Message:
+        return handle_train(message, context, defaults)
+
+    return client_app
+
+
+app = make_client_app()

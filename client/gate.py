@@ -1,0 +1,380 @@
+"""The site's side of the release gate: answer a gate query with a pass/fail per candidate.
+
+For a query (:class:`privacy.gate.GateQuery`) and its candidates' views, the site
+
+1. checks the candidates (and, for the latent distance, the public autoencoder) against the hashes
+   in the query;
+2. answers a query it already answered (same query id, same candidates) with the SAME answer from its
+   gate log, without computing or charging anything again (a resumed release re-sends its last query);
+3. loads its scans with :func:`client.site_data.load_site` on the consortium grid (cached in memory),
+   embeds them with the received public encoder when the distance is ``latent``;
+4. sets its threshold: the fixed value, or calibrated on its own data (a low percentile of the
+   nearest-neighbour distances between scans of DIFFERENT patients, see :mod:`privacy.gate`);
+5. measures each candidate's distance to its nearest scan (shift-tolerant) and passes it when that
+   distance is at or above the threshold - or, with the DP gate, charges the site ledger first
+   (refusing past the cap) and answers with AboveThreshold (:mod:`privacy.dp_gate`);
+6. writes the EXACT distances, the nearest patient and the threshold to its local gate log
+   (``gate_log.jsonl`` next to its ledger; never sent), and returns only the pass/fail array, the
+   counts, and accounting figures from its own ledger (:class:`privacy.gate.GateAnswer`).
+
+Every failure becomes a refusal with a fixed reason code; the details stay in the site's log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from client.site_data import SiteDataError, load_site
+from configs.schema import DataConfig, SiteConfig
+from models.autoencoder import build_autoencoder
+from privacy.dp_gate import (GateBudgetExhausted, charge_gate, closeness, above_threshold,
+                             noise_generator, site_spend)
+from privacy.durable import fsync_directory
+from privacy.gate import (IMAGE_DISTANCES, NO_SHIFT, GateAnswer, GateError, GateQuery, GateRefusal,
+                          GateStatus, between_patient_distances, calibrated_threshold, decide,
+                          latent_views, nearest_scans, summary, translations, views_of)
+from privacy.ledger import Ledger, LedgerError
+from privacy.outbox import weights_hash
+from privacy.rollback_guard import pending_alarm
+from privacy.site_ledger import utc_timestamp
+
+log = logging.getLogger(__name__)
+
+GATE_LOG_NAME = "gate_log.jsonl"
+_CACHE_SIZE = 4
+
+
+@dataclass(frozen=True)
+class SiteScans:
+    """The site's scans on the consortium grid: images (M, 1, D, H, W) in [0, 1], and per scan its
+    patient id and image file name."""
+
+    images: torch.Tensor
+    patients: list[str]
+    names: list[str]
+
+
+@dataclass(frozen=True)
+class GateReference:
+    """What candidates are compared with: the bank (M, C, *S) (images or embeddings), the offsets
+    the site applies to candidates, the threshold and (calibrated) the calibration's quantiles."""
+
+    bank: torch.Tensor
+    offsets: tuple[tuple[int, int, int], ...]
+    threshold: float
+    calibration: dict[str, float]
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """The answer and, for an 'ok' answer, the pass/fail array bool (N,)."""
+
+    answer: GateAnswer
+    passed: np.ndarray | None
+
+
+class _Refusal(Exception):
+    def __init__(self, reason: GateRefusal, status: GateStatus = GateStatus.REFUSED):
+        super().__init__(reason.value)
+        self.reason, self.status = reason, status
+
+
+_scans: "OrderedDict[tuple, SiteScans]" = OrderedDict()
+_references: "OrderedDict[tuple, GateReference]" = OrderedDict()
+
+
+def gate_log_path(site: SiteConfig) -> Path:
+    """``gate_log.jsonl`` in the site's state folder, next to its ledger."""
+    return Path(site.ledger_path).parent / GATE_LOG_NAME
+
+
+def _remember(cache: OrderedDict, key: tuple, value: Any) -> Any:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
+
+
+def data_config_of(data: Mapping[str, Any]) -> DataConfig:
+    """The consortium grid of a gate query as a DataConfig."""
+    return DataConfig(shape=tuple(int(s) for s in data["shape"]),
+                      spacing=tuple(float(s) for s in data["spacing"]),
+                      label_names=[str(n) for n in data["label_names"]],
+                      intensity_percentiles=tuple(float(p) for p in data["intensity_percentiles"]))
+
+
+def load_scans(site: SiteConfig, data: Mapping[str, Any]) -> SiteScans:
+    """The site's scans preprocessed to the query's grid (cached per site and grid)."""
+    key = (str(Path(site.data_dir).resolve()), site.manifest, json.dumps(data, sort_keys=True))
+    if key in _scans:
+        _scans.move_to_end(key)
+        return _scans[key]
+    dataset = load_site(site.data_dir, data_config_of(data), site.manifest)
+    items = [dataset[i] for i in range(len(dataset))]
+    scans = SiteScans(torch.stack([item["image"].float() for item in items]),
+                      [item["patient_id"] for item in items], [r.image.name for r in dataset.records])
+    return _remember(_scans, key, scans)
+
+
+def _reference(site: SiteConfig, query: GateQuery, scans: SiteScans,
+               autoencoder: torch.nn.Module | None) -> GateReference:
+    key = (str(Path(site.data_dir).resolve()), site.manifest, json.dumps(query.data, sort_keys=True),
+           query.distance, query.autoencoder_sha256, query.latent_scale_factor, query.max_shift,
+           json.dumps(query.threshold.to_json(), sort_keys=True))
+    if key in _references:
+        _references.move_to_end(key)
+        return _references[key]
+    shifts = translations(query.max_shift)
+    if query.distance in IMAGE_DISTANCES:
+        bank, offsets = scans.images, shifts
+        queries = views_of(scans.images)
+    else:
+        bank = latent_views(autoencoder, scans.images, query.latent_scale_factor)[:, 0]
+        offsets = NO_SHIFT
+        queries = latent_views(autoencoder, scans.images, query.latent_scale_factor, shifts) \
+            if query.threshold.policy == "calibrated" else None
+    calibration: dict[str, float] = {}
+    if query.threshold.policy == "fixed":
+        threshold = float(query.threshold.value)
+    else:
+        if len(set(scans.patients)) < 2:
+            raise _Refusal(GateRefusal.TOO_FEW_PATIENTS)
+        distances = between_patient_distances(queries, bank, scans.patients, query.distance,
+                                              offsets=offsets, chunk_size=query.chunk_size, progress=True)
+        threshold = calibrated_threshold(distances, query.threshold.percentile)
+        calibration = summary(distances)
+    return _remember(_references, key, GateReference(bank, offsets, threshold, calibration))
+
+
+def _autoencoder(query: GateQuery, state: Mapping[str, torch.Tensor] | None) -> torch.nn.Module | None:
+    if query.distance in IMAGE_DISTANCES:
+        return None
+    if state is None or weights_hash(state) != query.autoencoder_sha256:
+        log.error("gate query %s: the autoencoder does not match its hash in the query", query.query_id)
+        raise _Refusal(GateRefusal.MODEL_MISMATCH)
+    autoencoder = build_autoencoder(query.autoencoder)
+    autoencoder.load_state_dict(dict(state))
+    return autoencoder.requires_grad_(False).eval()
+
+
+def _previous_answer(path: Path, query: GateQuery) -> GateOutcome | None:
+    """The answer this site already gave to the same query (id and candidates), from its gate log."""
+    if not path.exists():
+        return None
+    found = None
+    with path.open() as stream:
+        for line in stream:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash: that query was never answered
+            if entry.get("query_id") == query.query_id and \
+                    entry.get("candidates_sha256") == query.candidates_sha256 and "answer" in entry:
+                found = entry
+    if found is None:
+        return None
+    answer = found["answer"]
+    replay = GateAnswer(status=GateStatus(answer["status"]), site_id=answer["site_id"],
+                        query_id=answer["query_id"], reason=GateRefusal(answer["reason"]),
+                        num_candidates=answer["num_candidates"], num_passed=answer["num_passed"],
+                        epsilon_charged=answer["epsilon_charged"], epsilon_gate=answer["epsilon_gate"],
+                        epsilon_total=answer["epsilon_total"], target_epsilon=answer["target_epsilon"],
+                        delta=answer["delta"], ledger_seq=answer["ledger_seq"],
+                        ledger_head=answer["ledger_head"], replayed=True)
+    return GateOutcome(replay, np.asarray(found["passed"], dtype=bool))
+
+
+def _append_log(path: Path, entry: Mapping[str, Any]) -> None:
+    """One JSON line, appended with a single write and fsync'd (a crash leaves at most a cut line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    created = not path.exists()
+    line = (json.dumps(entry, sort_keys=True, allow_nan=False) + "\n").encode()
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        view = memoryview(line)
+        while view:
+            view = view[os.write(descriptor, view):]
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    if created:
+        fsync_directory(path.parent)
+
+
+def _budget_defaults(site: SiteConfig, query: GateQuery) -> tuple[float, float]:
+    if site.budget is not None:
+        return site.budget.target_epsilon, site.budget.delta
+    return query.default_target_epsilon, query.default_delta
+
+
+def _ledger_figures(site: SiteConfig, query: GateQuery) -> dict[str, Any]:
+    """Accounting figures of the site's ledger (spends, cap, head); {} when it cannot be read."""
+    cap, delta = _budget_defaults(site, query)
+    try:
+        spend = site_spend(site.ledger_path, default_cap=cap, default_delta=delta)
+        entries = Ledger(site.ledger_path).entries() if Path(site.ledger_path).exists() else []
+    except (LedgerError, ValueError):
+        return {}
+    head = (entries[-1].seq, entries[-1].hash) if entries else (0, "")
+    return {"epsilon_gate": spend.gate, "epsilon_total": spend.total, "target_epsilon": spend.cap,
+            "delta": spend.delta, "ledger_seq": head[0], "ledger_head": head[1]}
+
+
+def _check_dp_ledger(site: SiteConfig, query: GateQuery) -> None:
+    alarm = pending_alarm(site.ledger_path)
+    if alarm is not None:
+        log.error("%s: refusing DP gate query %s: a rollback alarm is pending (%s)", site.site_id,
+                  query.query_id, alarm.describe())
+        raise _Refusal(GateRefusal.ROLLBACK_ALARM)
+    try:
+        Ledger(site.ledger_path).entries()
+    except LedgerError as err:
+        log.error("%s: refusing DP gate query %s: %s", site.site_id, query.query_id, err)
+        raise _Refusal(GateRefusal.LEDGER_DAMAGED) from None
+
+
+def _answer(site: SiteConfig, query: GateQuery, views: torch.Tensor,
+            autoencoder_state: Mapping[str, torch.Tensor] | None) -> tuple[GateOutcome, dict[str, Any]]:
+    if views.shape[0] != query.num_candidates or weights_hash({"views": views}) != query.candidates_sha256:
+        log.error("%s: gate query %s: the candidates do not match the query's count or hash",
+                  site.site_id, query.query_id)
+        raise _Refusal(GateRefusal.MODEL_MISMATCH)
+    autoencoder = _autoencoder(query, autoencoder_state)
+    scans = load_scans(site, query.data)
+    reference = _reference(site, query, scans, autoencoder)
+    try:
+        nearest = nearest_scans(views.float(), reference.bank, query.distance, offsets=reference.offsets,
+                                chunk_size=query.chunk_size, progress=True)
+    except GateError as err:
+        log.error("%s: gate query %s: %s", site.site_id, query.query_id, err)
+        raise _Refusal(GateRefusal.PROTOCOL_MISMATCH) from None
+    exact = decide(nearest.distance, reference.threshold)
+    passed, charged = exact, None
+    if query.dp_enabled:
+        _check_dp_ledger(site, query)
+        cap, delta = _budget_defaults(site, query)
+        try:
+            charged = charge_gate(site.ledger_path, query_id=query.query_id, epsilon=query.dp_epsilon,
+                                  num_candidates=query.num_candidates,
+                                  threshold_policy=query.threshold.policy,
+                                  candidates_sha256=query.candidates_sha256, default_cap=cap,
+                                  default_delta=delta)
+        except GateBudgetExhausted as err:
+            log.warning("%s: %s", site.site_id, err)
+            raise _Refusal(GateRefusal.NONE, GateStatus.BUDGET_EXHAUSTED) from None
+        passed = above_threshold(closeness(nearest.distance, reference.threshold), query.dp_epsilon,
+                                 noise_generator())
+    answer = GateAnswer(status=GateStatus.OK, site_id=site.site_id, query_id=query.query_id,
+                        num_candidates=query.num_candidates, num_passed=int(passed.sum()),
+                        epsilon_charged=charged.epsilon if charged else 0.0, **_ledger_figures(site, query))
+    details = {
+        "threshold_value": reference.threshold, "calibration": reference.calibration,
+        "candidates": [{"distance": float(d), "nearest_patient": scans.patients[i] if i >= 0 else None,
+                        "nearest_scan": scans.names[i] if i >= 0 else None, "offset": list(o),
+                        "passed_exact": bool(e), "passed": bool(p)}
+                       for d, i, o, e, p in zip(nearest.distance, nearest.index, nearest.offset, exact, passed)],
+    }
+    return GateOutcome(answer, passed), details
+
+
+def answer_gate_query(site: SiteConfig, query: GateQuery, views: torch.Tensor,
+                      autoencoder_state: Mapping[str, torch.Tensor] | None = None) -> GateOutcome:
+    """Answer one gate query. Never raises: every outcome is a :class:`GateAnswer` (see module doc).
+
+    views: (N, T, C, *S) candidate views (images (N, 1, 1, D, H, W) for ``nrmse``/``ssim``,
+    embeddings of T translates for ``latent``).
+    """
+    started = time.perf_counter()
+    log_path = gate_log_path(site)
+    try:
+        previous = _previous_answer(log_path, query)
+    except OSError as err:
+        log.warning("%s: cannot read the gate log %s (%s)", site.site_id, log_path, err)
+        previous = None
+    if previous is not None:
+        log.info("%s: gate query %s was answered before; sending the same answer", site.site_id,
+                 query.query_id)
+        return previous
+    details: dict[str, Any] = {}
+    try:
+        outcome, details = _answer(site, query, views, autoencoder_state)
+    except _Refusal as refusal:
+        outcome = GateOutcome(GateAnswer(status=refusal.status, reason=refusal.reason, site_id=site.site_id,
+                                         query_id=query.query_id, num_candidates=query.num_candidates,
+                                         **_ledger_figures(site, query)), None)
+    except SiteDataError as err:
+        log.error("%s: refusing gate query %s: %s", site.site_id, query.query_id, err)
+        outcome = GateOutcome(GateAnswer(status=GateStatus.REFUSED, reason=GateRefusal.SITE_ERROR,
+                                         site_id=site.site_id, query_id=query.query_id,
+                                         num_candidates=query.num_candidates), None)
+    except Exception:  # noqa: BLE001 - the details stay in the site's log, never in the answer
+        log.exception("%s: gate query %s failed", site.site_id, query.query_id)
+        outcome = GateOutcome(GateAnswer(status=GateStatus.REFUSED, reason=GateRefusal.SITE_ERROR,
+                                         site_id=site.site_id, query_id=query.query_id,
+                                         num_candidates=query.num_candidates), None)
+    entry = {"timestamp": utc_timestamp(), "query_id": query.query_id,
+             "candidates_sha256": query.candidates_sha256, "model_sha256": query.model_sha256,
+             "distance": query.distance, "max_shift": query.max_shift, "threshold": query.threshold.to_json(),
+             "dp_gate": {"enabled": query.dp_enabled, "epsilon": query.dp_epsilon},
+             "seconds": time.perf_counter() - started, **details}
+    if outcome.passed is not None:
+        entry.update(answer=outcome.answer.to_json(), passed=[bool(p) for p in outcome.passed])
+    else:
+        entry.update(refused=outcome.answer.to_json())
+    try:
+        _append_log(log_path, entry)
+    except OSError as err:
+        # An answer the site cannot log is not given: the log is the site's record of what it said.
+        log.error("%s: cannot write the gate log %s (%s); refusing", site.site_id, log_path, err)
+        return GateOutcome(GateAnswer(status=GateStatus.REFUSED, reason=GateRefusal.SITE_ERROR,
+                                      site_id=site.site_id, query_id=query.query_id,
+                                      num_candidates=query.num_candidates), None)
+    log.info("%s: gate query %s: %s, %d of %d candidates passed", site.site_id, query.query_id,
+             outcome.answer.status.value, outcome.answer.num_passed, query.num_candidates)
+    return outcome
+
+
+def answer_gate_message(site: SiteConfig, content: Any) -> Any:
+    """Flower glue: a gate query's RecordDict -> the answer's RecordDict (checked against the
+    allow-list of :func:`privacy.gate.check_gate_reply` before it is returned)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from privacy.gate import check_gate_reply
+    from privacy.protocol import (ARRAYS, CONFIG, GATE_ACCOUNTING, GATE_AUTOENCODER, GATE_CANDIDATES,
+                                  GATE_CONFIG, GATE_PASSED, GATE_STATUS, METRICS, ProtocolViolation)
+
+    try:
+        query = GateQuery.from_record(dict(content[GATE_CONFIG]))
+        views = content[GATE_CANDIDATES].to_torch_state_dict()["views"]
+        autoencoder = content[GATE_AUTOENCODER].to_torch_state_dict() if GATE_AUTOENCODER in content else None
+        outcome = answer_gate_query(site, query, views, autoencoder)
+        num_candidates = query.num_candidates
+    except (ProtocolViolation, KeyError) as err:
+        log.error("%s: refusing a malformed gate query: %s", site.site_id, err)
+        config = content.get(GATE_CONFIG, {}) if hasattr(content, "get") else {}
+        query_id = config.get("query-id", "") if hasattr(config, "get") else ""
+        outcome = GateOutcome(GateAnswer(status=GateStatus.REFUSED, reason=GateRefusal.PROTOCOL_MISMATCH,
+                                         site_id=site.site_id, query_id=str(query_id)), None)
+        num_candidates = 0
+    answer = outcome.answer
+    layout: dict[str, tuple[str, Mapping[str, Any]]] = {
+        GATE_ACCOUNTING: (METRICS, answer.accounting()), GATE_STATUS: (CONFIG, answer.status_fields())}
+    records: dict[str, Any] = {GATE_ACCOUNTING: MetricRecord(answer.accounting()),
+                               GATE_STATUS: ConfigRecord(answer.status_fields())}
+    if outcome.passed is not None:
+        passed = outcome.passed.astype(np.uint8)
+        layout[GATE_PASSED] = (ARRAYS, {"passed": passed.shape})
+        records[GATE_PASSED] = ArrayRecord({"passed": Array(passed)})
+    check_gate_reply(layout, num_candidates)
+    return RecordDict(records)

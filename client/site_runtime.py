@@ -1,0 +1,330 @@
+"""One federated round at a site: check the ledger, fine-tune with DP-SGD, commit, build the reply.
+
+The round, in order (nothing here imports Flower; :mod:`client.client_app` only converts records):
+
+1. Guards. A pending rollback alarm, a ledger whose own chain check fails, a ledger that lacks the
+   entry the consortium last saw (:mod:`privacy.rollback_guard`), disabled privacy, or received
+   weights that do not match their hashes: the site refuses with a fixed reason code.
+2. Data. The site's scans are loaded with :func:`client.site_data.load_site` on the consortium's
+   grid and encoded ONCE by the frozen public autoencoder under ``no_grad``: latents (N, Cz, d, h, w)
+   scaled by the public latent scale factor, label maps as class fractions on the latent grid
+   (N, C, d, h, w), attributes (N, A). The encoded site is cached in memory for later rounds.
+3. Budget. The site's own config sets its cap (``SiteConfig.budget``); only a site that sets none
+   takes the consortium default. Sigma is calibrated for the planned rounds and written to the
+   ledger as the site's plan on first use (:class:`privacy.budget.SiteBudget`).
+4. DP fine-tune. :class:`privacy.dp_trainer.DPTrainer` wraps the latent denoiser, samples patients,
+   and trains with ``models.diffusion.diffusion_loss`` (one loss per scan). It commits the round to
+   the ledger before it returns the weights (write-ahead), and resends the committed weights instead
+   of charging again when the same round is asked twice with the same starting weights.
+5. Reply. Only the trained parameters, the patient count, the accounting figures and the ledger head
+   leave (:class:`privacy.protocol.TrainReply`). Timing and loss values stay in the site's local
+   activity log (``<ledger>.activity.jsonl``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from client.site_data import SiteDataError, load_site
+from configs.schema import DataConfig, SiteBudgetConfig, SiteConfig
+from models.autoencoder import build_autoencoder, encode_latents
+from models.conditioning import label_map_to_latent_grid
+from models.diffusion import build_scheduler, diffusion_loss
+from models.latent_unet import build_latent_unet
+from privacy.accounting import epsilon as epsilon_of, history_of
+from privacy.budget import BudgetExhausted, PlanMismatch, SiteBudget
+from privacy.calibration import CalibrationError, calibrate
+from privacy.dp_trainer import DPSettings, DPTrainer
+from privacy.ledger import LedgerEntry, LedgerError
+from privacy.outbox import weights_hash
+from privacy.protocol import RefusalReason, ReplyStatus, RoundConfig, TrainReply
+from privacy.rollback_guard import LedgerRollback, check_expected_head, pending_alarm
+from privacy.site_ledger import SiteLedger, SiteLedgerState, utc_timestamp
+from privacy.trainable import trainable_parameter_names
+
+log = logging.getLogger(__name__)
+
+_ENCODED_CACHE_SIZE = 4
+
+
+@dataclass(frozen=True)
+class TrainInstruction:
+    """A train message, decoded: the round config and the two state dicts (CPU tensors)."""
+
+    round_config: RoundConfig
+    global_state: dict[str, torch.Tensor]
+    autoencoder_state: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SiteOutcome:
+    """The reply, the released tensors (``ok`` only: trained parameters by name) and, for the site's
+    own log only, how long the round took."""
+
+    reply: TrainReply
+    weights: dict[str, torch.Tensor] | None
+    compute_seconds: float
+
+
+class EncodedScans(Dataset):
+    """A site's scans in latent space. Item i: ``latents`` (Cz, d, h, w), ``labels`` (C, d, h, w)
+    class fractions on the latent grid, ``attributes`` (A,)."""
+
+    def __init__(self, latents: torch.Tensor, labels: torch.Tensor, attributes: torch.Tensor):
+        self.latents, self.labels, self.attributes = latents, labels, attributes
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"latents": self.latents[index], "labels": self.labels[index],
+                "attributes": self.attributes[index]}
+
+
+@dataclass(frozen=True)
+class EncodedSite:
+    scans: EncodedScans
+    patients: dict[str, list[int]]
+
+    @property
+    def num_patients(self) -> int:
+        return len(self.patients)
+
+
+_encoded: "OrderedDict[tuple, EncodedSite]" = OrderedDict()
+
+
+class _Refusal(Exception):
+    def __init__(self, reason: RefusalReason, status: ReplyStatus = ReplyStatus.REFUSED):
+        super().__init__(reason.value)
+        self.reason, self.status = reason, status
+
+
+def data_config(round_config: RoundConfig) -> DataConfig:
+    """The consortium's preprocessing grid (shape, spacing, labels, percentiles) as a DataConfig."""
+    data = round_config.data
+    return DataConfig(shape=tuple(int(s) for s in data["shape"]),
+                      spacing=tuple(float(s) for s in data["spacing"]),
+                      label_names=[str(n) for n in data["label_names"]],
+                      intensity_percentiles=tuple(float(p) for p in data["intensity_percentiles"]))
+
+
+@torch.no_grad()
+def encode_site(site: SiteConfig, data: DataConfig, attributes: Sequence[str],
+                autoencoder: torch.nn.Module, latent_scale_factor: float, batch_size: int = 4) -> EncodedSite:
+    """Load the site's scans and encode them with the frozen autoencoder (no gradients, eval mode)."""
+    dataset = load_site(site.data_dir, data, site.manifest, attributes)
+    autoencoder.eval()
+    device = next(autoencoder.parameters()).device
+    latents, labels, values = [], [], []
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        images = torch.stack([item["image"] for item in items]).to(device)
+        z = encode_latents(autoencoder, images) * latent_scale_factor
+        onehot = torch.stack([item["label"] for item in items]).to(device)
+        latents.append(z.cpu())
+        labels.append(label_map_to_latent_grid(onehot, z.shape[2:]).cpu())
+        values.append(torch.stack([item["attributes"] for item in items]))
+    scans = EncodedScans(torch.cat(latents), torch.cat(labels), torch.cat(values).float())
+    return EncodedSite(scans, {pid: list(rows) for pid, rows in dataset.patients.items()})
+
+
+def _cached_encoding(site: SiteConfig, config: RoundConfig, data: DataConfig,
+                     autoencoder: torch.nn.Module) -> EncodedSite:
+    key = (str(Path(site.data_dir).resolve()), site.manifest, json.dumps(config.data, sort_keys=True),
+           tuple(config.attributes), config.autoencoder_sha256, config.latent_scale_factor)
+    if key in _encoded:
+        _encoded.move_to_end(key)
+        return _encoded[key]
+    encoded = encode_site(site, data, config.attributes, autoencoder, config.latent_scale_factor)
+    _encoded[key] = encoded
+    while len(_encoded) > _ENCODED_CACHE_SIZE:
+        _encoded.popitem(last=False)
+    return encoded
+
+
+def site_budget(site: SiteConfig, privacy: Mapping[str, Any]) -> SiteBudgetConfig:
+    """The site's own cap when its config sets one; else the consortium default from the server."""
+    if site.budget is not None:
+        return site.budget
+    log.warning("%s: the site config sets no budget; using the consortium default epsilon %g at "
+                "delta %g", site.site_id, privacy["target_epsilon"], privacy["delta"])
+    return SiteBudgetConfig(float(privacy["target_epsilon"]), float(privacy["delta"]))
+
+
+def activity_log_path(ledger_path: Path) -> Path:
+    """``<ledger>.activity.jsonl``: the site's local record of each round (never sent)."""
+    return ledger_path.with_name(ledger_path.name + ".activity.jsonl")
+
+
+def _record_activity(site: SiteConfig, reply: TrainReply, seconds: float) -> None:
+    path = activity_log_path(site.ledger_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = {"timestamp": utc_timestamp(), "round": reply.round, "status": reply.status.value,
+            "reason": reply.reason.value, "epsilon": reply.epsilon, "compute_seconds": seconds}
+    with path.open("a") as stream:
+        stream.write(json.dumps(line, sort_keys=True) + "\n")
+
+
+def _head(entries: Sequence[LedgerEntry]) -> tuple[int, str]:
+    return (entries[-1].seq, entries[-1].hash) if entries else (0, "")
+
+
+def _spend(ledger: SiteLedger) -> dict[str, Any]:
+    """What a refusal may say about the site's spend: the accounting of its ledger, if readable."""
+    try:
+        state = ledger.state()
+        entries = ledger.ledger.entries()
+    except (LedgerError, ValueError):
+        return {}
+    seq, head = _head(entries)
+    fields: dict[str, Any] = {"ledger_seq": seq, "ledger_head": head}
+    plan = state.plan
+    if plan is not None:
+        fields.update(num_patients=plan.num_patients, target_epsilon=plan.target_epsilon,
+                      delta=plan.delta, noise_multiplier=plan.noise_multiplier,
+                      sample_rate=plan.sample_rate,
+                      epsilon=epsilon_of(history_of(state.rounds), plan.delta, plan.accountant),
+                      epsilon_next=_epsilon_next(state))
+    return fields
+
+
+def _epsilon_next(state: SiteLedgerState) -> float:
+    plan = state.plan
+    history = history_of(state.rounds) + [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
+    return epsilon_of(history, plan.delta, plan.accountant)
+
+
+def _loss_fn(scheduler, dropout: float, has_attributes: bool, generator: torch.Generator):
+    def loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return diffusion_loss(model, scheduler, batch["latents"], batch["labels"],
+                              batch["attributes"] if has_attributes else None, generator=generator,
+                              condition_dropout=dropout)
+    return loss
+
+
+def _guard(site: SiteConfig, ledger: SiteLedger, config: RoundConfig) -> None:
+    alarm = pending_alarm(ledger.path)
+    if alarm is not None:
+        log.error("%s: refusing round %d: a rollback alarm is pending (%s); a privacy officer must "
+                  "restore the ledger and clear the alarm", site.site_id, config.server_round,
+                  alarm.describe())
+        raise _Refusal(RefusalReason.ROLLBACK_ALARM)
+    try:
+        entries = ledger.ledger.entries()
+    except LedgerError as err:
+        log.error("%s: refusing round %d: %s", site.site_id, config.server_round, err)
+        raise _Refusal(RefusalReason.LEDGER_DAMAGED) from None
+    seq, digest = config.expected_heads.get(site.site_id, (0, ""))
+    try:
+        check_expected_head(ledger.path, entries, seq, digest, config.server_round)
+    except LedgerRollback as err:
+        log.error("%s: refusing round %d: %s", site.site_id, config.server_round, err)
+        raise _Refusal(RefusalReason.LEDGER_ROLLBACK) from None
+    if not config.privacy.get("enabled", True):
+        log.error("%s: refusing round %d: privacy.enabled is false and a site never releases "
+                  "non-private weights", site.site_id, config.server_round)
+        raise _Refusal(RefusalReason.PRIVACY_DISABLED)
+
+
+def _train(site: SiteConfig, ledger: SiteLedger, instruction: TrainInstruction) -> SiteOutcome:
+    config = instruction.round_config
+    privacy = config.privacy
+    if weights_hash(instruction.global_state) != config.global_sha256 or \
+            weights_hash(instruction.autoencoder_state) != config.autoencoder_sha256:
+        log.error("%s: the received weights do not match the hashes in the round config",
+                  site.site_id)
+        raise _Refusal(RefusalReason.MODEL_MISMATCH)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = data_config(config)
+    autoencoder = build_autoencoder(config.model["autoencoder"])
+    autoencoder.load_state_dict(instruction.autoencoder_state)
+    autoencoder.requires_grad_(False)  # public and frozen: never trained on private data
+    encoded = _cached_encoding(site, config, data, autoencoder.to(device))
+
+    budget_cfg = site_budget(site, privacy)
+    try:
+        plan = calibrate(target_epsilon=budget_cfg.target_epsilon, delta=budget_cfg.delta,
+                         num_patients=encoded.num_patients,
+                         expected_batch_size=int(privacy["expected_batch_size"]),
+                         rounds=config.planned_rounds, local_epochs=config.local_epochs,
+                         accountant=str(privacy["accountant"]), where=site.site_id)
+        budget = SiteBudget.open(ledger, plan, max_grad_norm=float(privacy["max_grad_norm"]),
+                                 clipping=str(privacy["clipping"]))
+    except CalibrationError as err:
+        log.error("%s: refusing round %d: %s", site.site_id, config.server_round, err)
+        raise _Refusal(RefusalReason.INVALID_BUDGET) from None
+    except PlanMismatch as err:
+        log.error("%s: refusing round %d: %s", site.site_id, config.server_round, err)
+        raise _Refusal(RefusalReason.PLAN_MISMATCH) from None
+
+    denoiser = build_latent_unet(config.model, data.num_classes, len(config.attributes))
+    denoiser.load_state_dict(instruction.global_state)
+    denoiser.to(device)
+    settings = DPSettings.from_config(SimpleNamespace(**privacy))
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    loss = _loss_fn(build_scheduler(config.model), float(config.model["conditioning"]["dropout"]),
+                    bool(config.attributes), generator)
+    trainer = DPTrainer(denoiser, loss, encoded.scans, encoded.patients, budget, settings)
+    try:
+        result = trainer.run_round(config.server_round)
+    except BudgetExhausted as err:
+        log.warning("%s: %s", site.site_id, err)
+        raise _Refusal(RefusalReason.NONE, ReplyStatus.BUDGET_EXHAUSTED) from None
+    except PlanMismatch as err:
+        log.error("%s: refusing round %d: %s", site.site_id, config.server_round, err)
+        raise _Refusal(RefusalReason.PLAN_MISMATCH) from None
+
+    names = trainable_parameter_names(denoiser, settings.trainable)
+    released = {name: result.weights[name] for name in names}
+    state = ledger.state()
+    seq, head = _head(ledger.ledger.entries())
+    record = result.record
+    reply = TrainReply(status=ReplyStatus.OK, site_id=site.site_id, round=config.server_round,
+                       num_patients=record.num_patients, epsilon=record.epsilon,
+                       epsilon_next=_epsilon_next(state), target_epsilon=record.target_epsilon,
+                       delta=record.delta, noise_multiplier=record.noise_multiplier,
+                       sample_rate=record.sample_rate, steps=record.steps, ledger_seq=seq,
+                       ledger_head=head, weights_sha256=weights_hash(released), resumed=result.resumed)
+    return SiteOutcome(reply, released, 0.0)
+
+
+def run_site_round(site: SiteConfig, instruction: TrainInstruction) -> SiteOutcome:
+    """Answer one train instruction. Never raises: every outcome is a :class:`TrainReply`.
+
+    An unexpected error is logged here, at the site, in full; the reply only says ``site-error``.
+    """
+    started = time.perf_counter()
+    ledger = SiteLedger(site.ledger_path)
+    round = instruction.round_config.server_round
+    try:
+        _guard(site, ledger, instruction.round_config)
+        outcome = _train(site, ledger, instruction)
+    except _Refusal as refusal:
+        outcome = SiteOutcome(TrainReply(status=refusal.status, reason=refusal.reason,
+                                         site_id=site.site_id, round=round, **_spend(ledger)), None, 0.0)
+    except SiteDataError as err:
+        log.error("%s: refusing round %d: %s", site.site_id, round, err)
+        outcome = SiteOutcome(TrainReply(status=ReplyStatus.REFUSED, reason=RefusalReason.SITE_ERROR,
+                                         site_id=site.site_id, round=round, **_spend(ledger)), None, 0.0)
+    except Exception:  # noqa: BLE001 - the details stay in the site's log, never in the reply
+        log.exception("%s: round %d failed", site.site_id, round)
+        outcome = SiteOutcome(TrainReply(status=ReplyStatus.REFUSED, reason=RefusalReason.SITE_ERROR,
+                                         site_id=site.site_id, round=round, **_spend(ledger)), None, 0.0)
+    seconds = time.perf_counter() - started
+    try:
+        _record_activity(site, outcome.reply, seconds)
+    except OSError as err:
+        log.warning("%s: cannot write the activity log (%s)", site.site_id, err)
+    return SiteOutcome(outcome.reply, outcome.weights, seconds)

@@ -1,0 +1,105 @@
+"""``fedsynth budget plan``: each site's noise and epsilon schedule, before anything runs.
+
+For every site of ``federation.sites``: N = the distinct patients of its manifest (or ``--patients``),
+q = expected_batch_size / N, sigma calibrated to the site's own budget over ``federation.rounds`` x
+``federation.local_epochs`` epochs, and the cumulative epsilon after each round. Nothing is written;
+the site writes the same plan to its ledger when it first trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "budget", help="plan each site's DP noise and epsilon per round",
+        description="Privacy budget planning (nothing is trained or written).")
+    actions = parser.add_subparsers(dest="budget_command", metavar="ACTION")
+    plan = actions.add_parser(
+        "plan", help="print each site's sigma and epsilon after each round",
+        description="For each site of the config: the noise multiplier sigma calibrated to the "
+                    "site's budget (target_epsilon, delta) over the planned rounds, the sample rate "
+                    "q = B/N over patients, and the cumulative epsilon after each round. N is the "
+                    "number of distinct patient_id in the site's manifest unless --patients is given.")
+    plan.add_argument("--config", type=Path, required=True, metavar="CONFIG", help="experiment config")
+    plan.add_argument("--patients", action="append", default=[], metavar="[SITE=]N",
+                      help="patients at a site (SITE=N, repeatable) or at every site (N), instead of "
+                           "counting its manifest; with a config without sites, plans one site of N")
+    plan.set_defaults(handler=_plan)
+    parser.set_defaults(handler=lambda args: _usage(parser))
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+class PatientsOptionError(ValueError):
+    """A malformed ``--patients`` value."""
+
+
+def _patient_overrides(values: list[str], site_ids: list[str]) -> tuple[int | None, dict[str, int]]:
+    everywhere, per_site = None, {}
+    for value in values:
+        site, _, count = value.rpartition("=")
+        try:
+            number = int(count)
+        except ValueError:
+            number = 0
+        if number < 1:
+            raise PatientsOptionError(f"--patients {value}: expected N or SITE=N with N >= 1")
+        if not site:
+            everywhere = number
+        elif site_ids and site not in site_ids:
+            raise PatientsOptionError(f"--patients {value}: no site {site!r} in the config "
+                                      f"(sites: {', '.join(site_ids)})")
+        else:
+            per_site[site] = number
+    return everywhere, per_site
+
+
+def _count_patients(site) -> int:
+    from client.site_data import read_manifest
+
+    return len({record.patient_id for record in read_manifest(site.data_dir, site.manifest)})
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from configs import load_config
+    from privacy.calibration import calibrate
+
+    config = load_config(args.config, check_paths=False)
+    sites = list(config.federation.sites)
+    everywhere, per_site = _patient_overrides(args.patients, [s.site_id for s in sites])
+    if not sites:
+        if everywhere is None:
+            raise PatientsOptionError(f"{args.config}: federation.sites is empty; add the sites or "
+                                      f"pass --patients N to plan one site of N patients")
+        targets = [("site", everywhere, config.privacy.target_epsilon, config.privacy.delta)]
+    else:
+        targets = []
+        for site in sites:
+            budget = config.site_budget(site)
+            count = per_site.get(site.site_id, everywhere)
+            targets.append((site.site_id, count if count is not None else _count_patients(site),
+                            budget.target_epsilon, budget.delta))
+    federation, privacy = config.federation, config.privacy
+    print(f"{args.config}: {federation.rounds} rounds x {federation.local_epochs} local epochs, "
+          f"{privacy.expected_batch_size} patients per step (expected), {privacy.accountant} "
+          f"accountant, clipping norm {privacy.max_grad_norm:g}")
+    for site_id, patients, target, delta in targets:
+        plan = calibrate(target_epsilon=target, delta=delta, num_patients=patients,
+                         expected_batch_size=privacy.expected_batch_size, rounds=federation.rounds,
+                         local_epochs=federation.local_epochs, accountant=privacy.accountant,
+                         where=f"site {site_id}")
+        curve = plan.epsilon_curve()
+        print(f"\nsite {site_id}: N={patients} patients, q={plan.sample_rate:.4g}, "
+              f"sigma={plan.noise_multiplier:.4f}, {plan.steps_per_round} steps per round, "
+              f"budget epsilon {target:g} at delta {delta:g}")
+        print("  round  epsilon")
+        for number, value in enumerate(curve, start=1):
+            print(f"  {number:>5}  {value:.4f}")
+        print(f"  total  {curve[-1]:.4f} of {target:g}")
+    return 0

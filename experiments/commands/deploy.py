@@ -1,0 +1,95 @@
+"""``fedsynth deploy``: certificates, SuperNode keys and the step-by-step commands of a real deployment."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "deploy", help="make TLS certificates and SuperNode keys; print the deployment commands",
+        description="Prepare a Flower deployment of CONFIG in OUT: a CA and a server certificate "
+                    "for --host (TLS), one EC P-384 key pair per site in federation.sites (SuperNode "
+                    "authentication), each site's own site.yaml, the Flower CLI connection "
+                    "(OUT/flwr/config.toml, use FLWR_HOME=OUT/flwr) and the server's public "
+                    "validation set. Then print, step by step, the flower-superlink, flwr supernode "
+                    "register, flower-supernode and flwr run commands. In production each hospital "
+                    "makes its own key and keeps the private half.")
+    parser.add_argument("--config", type=Path, required=True, metavar="CONFIG", help="experiment YAML config")
+    parser.add_argument("--out", type=Path, required=True, metavar="OUT", help="folder for certificates, keys, commands")
+    parser.add_argument("--host", action="append", metavar="NAME",
+                        help="the SuperLink's host name or IP as the sites reach it (repeatable; "
+                             "default: localhost and 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=9092, help="the SuperLink's port (default 9092)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="no TLS and no SuperNode authentication (a local trial only)")
+    parser.add_argument("--run-dir", type=Path, metavar="RUN_DIR",
+                        help="the server's run folder (default: the config's run_dir, else ./runs/<config name>)")
+    parser.add_argument("--checkpoint", type=Path, metavar="FILE",
+                        help="pretrained checkpoint (default: RUN_DIR/checkpoint.pt)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from configs import config_to_dict, load_config
+    from experiments.deployment import (CONNECTION, SUPERNODE_FIRST_PORT, DeployError, flwr_run_command,
+                                        make_certificates, make_supernode_key, run_config_argument,
+                                        shell, superlink_command, supernode_command,
+                                        write_flower_config)
+    from experiments.federate import prepare_public_validation
+    from server.server_app import default_run_dir
+
+    config = load_config(args.config)
+    if not 1 <= args.port <= 65535:
+        raise DeployError(f"--port {args.port}: not a TCP port; pass 1..65535")
+    hosts = args.host or ["localhost", "127.0.0.1"]
+    out = args.out.resolve()
+    run_dir = (args.run_dir or default_run_dir(args.config, config.run_dir)).resolve()
+    checkpoint = (args.checkpoint or run_dir / "checkpoint.pt").resolve()
+    address = f"{hosts[0]}:{args.port}"
+    certificates = None if args.insecure else make_certificates(out / "certs", hosts)
+    flwr_home = out / "flwr"
+    write_flower_config(flwr_home, address, None if certificates is None else certificates.ca)
+    prepare_public_validation(config, run_dir)
+    app_dir = Path(__file__).resolve().parents[2]
+    env = {"FLWR_HOME": str(flwr_home)}
+
+    steps = ["# 1. Consortium server: start the SuperLink (keep it running)",
+             shell(superlink_command(args.port, certificates, database=run_dir / "superlink.db"))]
+    site_lines: list[str] = []
+    registrations: list[str] = []
+    for index, site in enumerate(config.federation.sites):
+        folder = out / "supernodes" / site.site_id
+        site_yaml = folder / "site.yaml"
+        folder.mkdir(parents=True, exist_ok=True)
+        site_yaml.write_text(yaml.safe_dump(config_to_dict(site), sort_keys=False))
+        private = None
+        if certificates is not None:
+            private, public = make_supernode_key(folder)
+            registrations.append(shell(["flwr", "supernode", "register", str(public), CONNECTION,
+                                        "--name", site.site_id], env))
+        site_lines += [f"# {site.site_id}: copy {folder} (and {certificates.ca if certificates else 'nothing'}) "
+                       f"to the hospital; the private key never leaves it",
+                       shell(supernode_command(address, site_yaml, SUPERNODE_FIRST_PORT + index,
+                                               None if certificates is None else certificates.ca,
+                                               private))]
+    if registrations:
+        steps += ["# 2. Register each hospital's SuperNode public key (only these may connect)"] + registrations
+    steps += ["# 3. Each hospital starts its SuperNode with its own site config"]
+    steps += site_lines or ["flower-supernode --superlink " + address + " --root-certificates ca.crt "
+                            "--auth-supernode-private-key supernode --node-config "
+                            "'site-config=\"/path/to/site.yaml\"'"]
+    run_config = run_config_argument(args.config, run_dir, checkpoint)
+    steps += ["# 4. Start the federation (the run config comes from the same YAML)",
+              shell(flwr_run_command(app_dir, run_config), env),
+              "# 5. After an interruption, continue from the last finished round",
+              shell(flwr_run_command(app_dir, run_config_argument(args.config, run_dir, checkpoint,
+                                                                  resume=True)), env)]
+    commands = out / "commands.txt"
+    commands.write_text("\n".join(steps) + "\n")
+    print("\n".join(steps))
+    print(f"\n(also written to {commands})")
+    return 0

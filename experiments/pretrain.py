@@ -1,0 +1,435 @@
+"""Pretraining on the PUBLIC cohort: the autoencoder, the latent scale factor, then the latent UNet.
+
+Stages, resumable at epoch granularity (``run_dir/pretrain_state.pt`` is rewritten atomically after
+every epoch; ``resume=True`` continues from the last finished one, bit for bit):
+
+1. autoencoder: L1 + KL (kl) or VQ commitment (vq) + PatchDiscriminator adversarial loss (after a
+   warm-up of a quarter of the epochs) + a perceptual loss when local weights are configured;
+2. the latent scale factor 1 / std of the public latents (and the public attribute statistics);
+3. the latent UNet: DDPM loss with condition dropout.
+
+``pretrain.enabled: false`` (a sweep's "no pretraining" arm) skips stage 3 only: the UNet keeps its
+random initialisation, but the autoencoder is still trained on public data, because federation
+keeps it frozen and never shows it private data, so it must already work.
+
+The result is ``run_dir/checkpoint.pt`` (see :mod:`models.checkpoint`). Losses per epoch, the
+flattened config and PNG previews go to MLflow (:mod:`server.tracking`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from client.site_data import load_site
+from configs import Config, config_to_dict, flatten_config
+from models.autoencoder import (AutoencoderLoss, PerceptualWeightsError, build_autoencoder,
+                                build_discriminator, decode_latents, encode_latents, reconstruct)
+from models.checkpoint import Checkpoint, DataGrid, atomic_torch_save, save_checkpoint
+from models.conditioning import label_map_to_latent_grid
+from models.diffusion import LatentDiffusion, build_scheduler, diffusion_loss
+from models.latent_unet import build_latent_unet
+from models.previews import save_preview
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "pretrain_state.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+RECONSTRUCTION_PREVIEW = "autoencoder_reconstruction.png"
+SAMPLE_PREVIEW = "pretrain_samples.png"
+_STATE_FORMAT = "fedsynth-pretrain-state/1"
+# The config sections that define a pretraining run; resuming under other values is refused.
+_RUN_DEFINING = ("data.", "model.", "pretrain.")
+
+
+class PretrainError(ValueError):
+    """Pretraining cannot start or resume. One line naming the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class PublicCohort:
+    """The public cohort in memory: images (N, 1, D, H, W) in [0, 1], labels (N, D, H, W) uint8,
+    attributes (N, A) float32, affines (N, 4, 4) float64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    attributes: torch.Tensor
+    affines: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def onehot(self, index: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """One-hot maps (B, C, D, H, W) float32 of the given scans."""
+        classes = self.labels[index].long()
+        return torch.nn.functional.one_hot(classes, num_classes).permute(0, 4, 1, 2, 3).float()
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    checkpoint_path: Path
+    checkpoint: Checkpoint
+    run_id: str | None
+    tracking_uri: str | None
+    previews: list[Path]
+
+
+def load_public_cohort(config: Config) -> PublicCohort:
+    """Load ``data.public_dir`` through the site loader (the same preprocessing as every site)."""
+    if config.data.public_dir is None:
+        raise PretrainError("data.public_dir: not set; pretraining needs a public cohort in site "
+                            "format (e.g. `fedsynth cohort` writes one to <out>/public)")
+    dataset = load_site(Path(config.data.public_dir), config.data, config.data.manifest,
+                        config.model.conditioning.attributes)
+    if len(dataset) == 0:
+        raise PretrainError(f"{config.data.public_dir}: the public manifest lists no scans; "
+                            f"add scans")
+    items = [dataset[i] for i in range(len(dataset))]
+    return PublicCohort(
+        images=torch.stack([item["image"].float() for item in items]),
+        labels=torch.stack([item["label"].argmax(0).to(torch.uint8) for item in items]),
+        attributes=torch.stack([item["attributes"].float() for item in items]),
+        affines=torch.stack([item["affine"].to(torch.float64) for item in items]))
+
+
+def _batches(count: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    order = torch.randperm(count, generator=generator)
+    return [order[i:i + batch_size] for i in range(0, count, batch_size)]
+
+
+def _run_definition(config: Config) -> dict[str, str]:
+    return {k: v for k, v in flatten_config(config).items()
+            if k == "seed" or k.startswith(_RUN_DEFINING)}
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+class _Tracker:
+    """Optional MLflow logging (``tracking=False`` for quick runs); marks failed runs as such."""
+
+    def __init__(self, config: Config, run_dir: Path, enabled: bool, run_id: str | None):
+        self.run = None
+        if not enabled:
+            return
+        from server.tracking import TrackedRun, open_tracking
+        try:
+            client, experiment_id = open_tracking(config.tracking, run_dir)
+        except Exception as err:  # noqa: BLE001 - any store problem is a bad tracking setting
+            raise PretrainError(f"tracking.uri: cannot open the MLflow store ({_first_line(err)}); "
+                                f"fix tracking.uri or MLFLOW_TRACKING_URI, or unset both for a "
+                                f"local store") from None
+        if run_id is not None:
+            try:
+                self.run = TrackedRun.resume(client, run_id)
+            except Exception:  # noqa: BLE001 - a store that lost the run gets a new one
+                log.warning("MLflow run %s not found; logging to a new run", run_id)
+        if self.run is None:
+            self.run = TrackedRun.start(client, experiment_id, run_name="pretrain",
+                                        tags={"stage": "pretrain"})
+            self.run.log_params(flatten_config(config))
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.run_id if self.run else None
+
+    @property
+    def uri(self) -> str | None:
+        return self.run.tracking_uri if self.run else None
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if self.run:
+            self.run.log_metrics(values, step)
+
+    def artifact(self, path: Path) -> None:
+        if self.run:
+            self.run.log_artifact(path, "previews")
+
+    def finish(self, checkpoint: Checkpoint, path: Path) -> None:
+        if self.run:
+            self.run.set_tags({"checkpoint": str(path),
+                               "checkpoint_sha256": checkpoint.content_hash})
+            self.run.finish()
+
+    def __enter__(self) -> "_Tracker":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if kind is not None and self.run:
+            self.run.finish("KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
+        return False
+
+
+class _Training:
+    """Everything pretraining updates, built deterministically from the config.
+
+    The networks are initialised from ``seed`` (autoencoder and discriminator) and ``seed + 1``
+    (UNet), so a resumed run rebuilds the same starting point before loading its saved state.
+    """
+
+    def __init__(self, config: Config):
+        settings = config.pretrain
+        torch.manual_seed(config.seed)
+        self.autoencoder = build_autoencoder(config.model.autoencoder)
+        self.discriminator = build_discriminator(config.model.autoencoder, config.data.shape)
+        self.autoencoder_optimizer = torch.optim.Adam(
+            self.autoencoder.parameters(), lr=settings.autoencoder.learning_rate)
+        self.discriminator_optimizer = torch.optim.Adam(
+            self.discriminator.parameters(), lr=settings.autoencoder.learning_rate)
+        torch.manual_seed(config.seed + 1)
+        self.denoiser = build_latent_unet(config.model, config.data.num_classes,
+                                          len(config.model.conditioning.attributes))
+        self.unet_optimizer = torch.optim.AdamW(self.denoiser.parameters(),
+                                                lr=settings.unet.learning_rate)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.autoencoder_epochs = 0
+        self.unet_epochs = 0
+        self.latent_scale_factor: float | None = None
+
+    _MODULES = ("autoencoder", "discriminator", "autoencoder_optimizer", "discriminator_optimizer",
+                "denoiser", "unet_optimizer")
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {name: getattr(self, name).state_dict() for name in self._MODULES}
+        return {**state, "generator": self.generator.get_state(),
+                "autoencoder_epochs": self.autoencoder_epochs, "unet_epochs": self.unet_epochs,
+                "latent_scale_factor": self.latent_scale_factor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in self._MODULES:
+            getattr(self, name).load_state_dict(state[name])
+        self.generator.set_state(state["generator"])
+        self.autoencoder_epochs = int(state["autoencoder_epochs"])
+        self.unet_epochs = int(state["unet_epochs"])
+        self.latent_scale_factor = state["latent_scale_factor"]
+
+
+def _load_state(path: Path, config: Config) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a damaged state file is one user-facing problem
+        raise PretrainError(f"{path}: unreadable pretraining state ({type(err).__name__}); "
+                            f"delete it and start again without --resume") from None
+    if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+        raise PretrainError(f"{path}: not a fedsynth pretraining state; delete it or use "
+                            f"another run folder")
+    stored, current = state["run_definition"], _run_definition(config)
+    for key in sorted(set(stored) | set(current)):
+        if stored.get(key) != current.get(key):
+            raise PretrainError(f"{key}: is {current.get(key)} but the run being resumed used "
+                                f"{stored.get(key)}; restore the config or start a new run folder")
+    return state
+
+
+def _autoencoder_epoch(training: _Training, losses: AutoencoderLoss, cohort: PublicCohort,
+                       config: Config, epoch: int) -> dict[str, float]:
+    """One pass over the public scans; returns the epoch's mean losses."""
+    settings = config.pretrain.autoencoder
+    adversarial = settings.adversarial_weight > 0 and epoch >= settings.epochs // 4
+    training.autoencoder.train()
+    training.discriminator.train()
+    sums: dict[str, float] = {}
+    batches = _batches(len(cohort), settings.batch_size, training.generator)
+    for index in tqdm(batches, desc=f"autoencoder epoch {epoch + 1}/{settings.epochs}",
+                      unit="batch", disable=None, leave=False):
+        images = cohort.images[index]
+        reconstruction, regularisation = reconstruct(training.autoencoder, images,
+                                                     training.generator)
+        loss, parts = losses.generator_loss(images, reconstruction, regularisation,
+                                            training.discriminator if adversarial else None)
+        training.autoencoder_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        training.autoencoder_optimizer.step()
+        if adversarial:
+            d_loss = losses.discriminator_loss(training.discriminator, images, reconstruction)
+            training.discriminator_optimizer.zero_grad(set_to_none=True)
+            d_loss.backward()
+            training.discriminator_optimizer.step()
+            parts["discriminator"] = d_loss.item()
+        parts["loss"] = loss.item()
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + value * len(index)
+    return {f"autoencoder/{k}": v / len(cohort) for k, v in sums.items()}
+
+
+def _unet_epoch(training: _Training, scheduler, latents: torch.Tensor, label_grid: torch.Tensor,
+                attributes: torch.Tensor, config: Config, epoch: int) -> dict[str, float]:
+    """One pass over the public latents (B, Cz, d, h, w); returns the epoch's mean loss."""
+    settings = config.pretrain.unet
+    training.denoiser.train()
+    total = 0.0
+    batches = _batches(latents.shape[0], settings.batch_size, training.generator)
+    for index in tqdm(batches, desc=f"UNet epoch {epoch + 1}/{settings.epochs}", unit="batch",
+                      disable=None, leave=False):
+        loss = diffusion_loss(training.denoiser, scheduler, latents[index], label_grid[index],
+                              attributes[index] if attributes.shape[1] else None,
+                              generator=training.generator,
+                              condition_dropout=config.model.conditioning.dropout).mean()
+        training.unet_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        training.unet_optimizer.step()
+        total += loss.item() * len(index)
+    return {"unet/loss": total / latents.shape[0]}
+
+
+@torch.no_grad()
+def _public_latents(autoencoder, cohort: PublicCohort, batch_size: int) -> torch.Tensor:
+    """Unscaled latents (N, Cz, d, h, w) of every public scan."""
+    autoencoder.eval()
+    return torch.cat([encode_latents(autoencoder, cohort.images[i:i + batch_size])
+                      for i in range(0, len(cohort), batch_size)])
+
+
+def _attribute_statistics(attributes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if attributes.shape[0] < 2:
+        return attributes.mean(0), torch.ones(attributes.shape[1])
+    return attributes.mean(0), attributes.std(0)
+
+
+def pretrain(config: Config, run_dir: Path, *, resume: bool = False, tracking: bool = True,
+             on_epoch_end: Callable[[str, int], None] | None = None) -> PretrainResult:
+    """Train both stages on ``config.data.public_dir``; write ``run_dir/checkpoint.pt``.
+
+    ``resume`` continues the state saved in ``run_dir``; without it an existing state is refused
+    rather than overwritten. ``on_epoch_end(stage, epoch)`` runs after each saved epoch.
+    """
+    run_dir = Path(run_dir)
+    state_path, checkpoint_path = run_dir / STATE_FILE, run_dir / CHECKPOINT_FILE
+    if state_path.exists() and not resume:
+        raise PretrainError(f"{state_path}: a pretraining run already exists here; pass --resume "
+                            f"to continue it or choose another run folder (--out)")
+    state = _load_state(state_path, config) if resume and state_path.exists() else None
+    if resume and state is None:
+        log.info("%s: nothing to resume; starting a new pretraining run", run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    cohort = load_public_cohort(config)
+    ae_settings = config.pretrain.autoencoder
+    regularisation_weight = ae_settings.kl_weight if config.model.autoencoder.kind == "kl" else 1.0
+    try:
+        losses = AutoencoderLoss(ae_settings.adversarial_weight, regularisation_weight,
+                                 ae_settings.perceptual_weights)
+    except PerceptualWeightsError as err:
+        raise PretrainError(f"pretrain.autoencoder.perceptual_weights: {err}") from None
+    training = _Training(config)
+    if state is not None:
+        training.load_state_dict(state)
+        log.info("resuming pretraining after %d autoencoder and %d UNet epochs",
+                 training.autoencoder_epochs, training.unet_epochs)
+    tracker = _Tracker(config, run_dir, tracking, state["mlflow_run_id"] if state else None)
+
+    def save(stage: str, epoch: int) -> None:
+        atomic_torch_save({"format": _STATE_FORMAT, "run_definition": _run_definition(config),
+                           "mlflow_run_id": tracker.run_id, **training.state_dict()}, state_path)
+        if on_epoch_end is not None:
+            on_epoch_end(stage, epoch)
+
+    with tracker:
+        previews = _train_stages(training, losses, cohort, config, run_dir, tracker, save)
+        checkpoint = save_checkpoint(
+            checkpoint_path, autoencoder=training.autoencoder, denoiser=training.denoiser,
+            model_config=config_to_dict(config.model),
+            data=DataGrid(tuple(config.data.shape), tuple(config.data.spacing),
+                          tuple(config.data.label_names),
+                          tuple(config.model.conditioning.attributes)),
+            latent_scale_factor=training.latent_scale_factor,
+            metadata={"stage": "pretrain", "unet_pretrained": bool(config.pretrain.enabled),
+                      "autoencoder_epochs": training.autoencoder_epochs,
+                      "unet_epochs": training.unet_epochs,
+                      "public_dir": str(config.data.public_dir), "public_scans": len(cohort),
+                      "seed": config.seed, "mlflow_run_id": tracker.run_id})
+        previews.append(_sample_preview(checkpoint, cohort, run_dir, config))
+        tracker.artifact(previews[-1])
+        tracker.finish(checkpoint, checkpoint_path)
+    return PretrainResult(checkpoint_path, checkpoint, tracker.run_id, tracker.uri, previews)
+
+
+def _train_stages(training: _Training, losses: AutoencoderLoss, cohort: PublicCohort,
+                  config: Config, run_dir: Path, tracker: _Tracker,
+                  save: Callable[[str, int], None]) -> list[Path]:
+    """Run the stages not yet done; returns the previews written on the way."""
+    ae_settings, unet_settings = config.pretrain.autoencoder, config.pretrain.unet
+    previews: list[Path] = []
+    for epoch in range(training.autoencoder_epochs, ae_settings.epochs):
+        started = time.perf_counter()
+        metrics = _autoencoder_epoch(training, losses, cohort, config, epoch)
+        metrics["autoencoder/epoch_seconds"] = time.perf_counter() - started
+        training.autoencoder_epochs = epoch + 1
+        tracker.metrics(metrics, step=epoch)
+        log.info("autoencoder epoch %d/%d: L1 %.4f", epoch + 1, ae_settings.epochs,
+                 metrics["autoencoder/l1"])
+        save("autoencoder", epoch)
+
+    latents = _public_latents(training.autoencoder, cohort, ae_settings.batch_size)
+    if training.latent_scale_factor is None:
+        # From PUBLIC latents only; federation and release reuse this number.
+        scale = float(1.0 / latents.std())
+        if not math.isfinite(scale):
+            raise PretrainError("the public latents have zero spread (constant images?); "
+                                "check data.public_dir")
+        training.latent_scale_factor = scale
+        if training.denoiser.attribute_embedding is not None:
+            training.denoiser.attribute_embedding.set_statistics(
+                *_attribute_statistics(cohort.attributes))
+        tracker.metrics({"autoencoder/latent_scale_factor": scale}, step=ae_settings.epochs)
+        tracker.artifact(_reconstruction_preview(training.autoencoder, cohort, run_dir,
+                                                 config.data.num_classes))
+        save("scale_factor", ae_settings.epochs)
+    previews.append(run_dir / "previews" / RECONSTRUCTION_PREVIEW)
+    latents = latents * training.latent_scale_factor
+    label_grid = torch.cat([
+        label_map_to_latent_grid(cohort.onehot(index, config.data.num_classes), latents.shape[2:])
+        for index in torch.arange(len(cohort)).split(16)])
+
+    if not config.pretrain.enabled:
+        log.info("pretrain.enabled is false: the UNet keeps its random initialisation")
+        return previews
+    scheduler = build_scheduler(config.model)
+    for epoch in range(training.unet_epochs, unet_settings.epochs):
+        started = time.perf_counter()
+        metrics = _unet_epoch(training, scheduler, latents, label_grid, cohort.attributes,
+                              config, epoch)
+        metrics["unet/epoch_seconds"] = time.perf_counter() - started
+        training.unet_epochs = epoch + 1
+        tracker.metrics(metrics, step=epoch)
+        log.info("UNet epoch %d/%d: loss %.4f", epoch + 1, unet_settings.epochs,
+                 metrics["unet/loss"])
+        save("unet", epoch)
+    return previews
+
+
+@torch.no_grad()
+def _reconstruction_preview(autoencoder, cohort: PublicCohort, run_dir: Path,
+                            num_classes: int) -> Path:
+    """Public scan 0 and its reconstruction, with its label map."""
+    image = cohort.images[:1]
+    reconstruction = decode_latents(autoencoder, encode_latents(autoencoder, image))
+    label = cohort.labels[0].numpy()
+    return save_preview(run_dir / "previews" / RECONSTRUCTION_PREVIEW,
+                        [image[0, 0].numpy(), reconstruction[0, 0].numpy()], [label, label],
+                        titles=["public scan", "reconstruction"], num_classes=num_classes)
+
+
+@torch.no_grad()
+def _sample_preview(checkpoint: Checkpoint, cohort: PublicCohort, run_dir: Path,
+                    config: Config) -> Path:
+    """Samples conditioned on (up to) the first two PUBLIC maps, next to those public scans."""
+    model: LatentDiffusion = checkpoint.build_model()
+    count = min(2, len(cohort))
+    index = torch.arange(count)
+    attributes = cohort.attributes[index] if cohort.attributes.shape[1] else None
+    samples = model.sample(cohort.onehot(index, config.data.num_classes), attributes,
+                           generator=torch.Generator().manual_seed(config.seed))
+    images = [v for i in range(count) for v in (cohort.images[i, 0].numpy(), samples[i, 0].numpy())]
+    labels = [cohort.labels[i].numpy() for i in range(count) for _ in range(2)]
+    titles = [t for i in range(count) for t in (f"public {i}", f"sample {i}")]
+    return save_preview(run_dir / "previews" / SAMPLE_PREVIEW, images, labels, titles,
+                        num_classes=config.data.num_classes)

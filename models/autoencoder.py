@@ -1,0 +1,200 @@
+"""The first stage: a 3D autoencoder (MONAI AutoencoderKL, or VQVAE as VQ-GAN option), its losses.
+
+Images are (B, 1, D, H, W) in ~[0, 1]; latents are (B, latent_channels, D/f, H/f, W/f) with
+``f = 2 ** (len(channels) - 1)``. Training uses L1 reconstruction, a PatchDiscriminator adversarial
+loss, and the KL term (``kind: kl``) or the vector-quantisation commitment loss (``kind: vq``); a
+perceptual loss is added only when local MedicalNet weights are given (nothing is ever downloaded).
+
+Builders take the config duck-typed (``cfg.channels``) or as a plain dict, so a checkpoint rebuilds
+its networks without the YAML.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from monai.losses import PatchAdversarialLoss
+from monai.losses.perceptual import MedicalNetPerceptualSimilarity
+from monai.networks.nets import VQVAE, AutoencoderKL, PatchDiscriminator, resnet10, resnet50
+from torch import nn
+
+Autoencoder = AutoencoderKL | VQVAE
+
+
+def _field(cfg: Any, name: str) -> Any:
+    return cfg[name] if isinstance(cfg, Mapping) else getattr(cfg, name)
+
+
+def downsampling_factor(cfg: Any) -> int:
+    """Spatial downsampling of the autoencoder: one factor 2 per level after the first."""
+    return 2 ** (len(_field(cfg, "channels")) - 1)
+
+
+def build_autoencoder(cfg: Any) -> Autoencoder:
+    """AutoencoderKL (``kind: kl``) or VQVAE (``kind: vq``) for one-channel 3D images.
+
+    ``cfg`` has kind, channels, latent_channels, num_res_blocks, attention_levels, norm_num_groups,
+    num_embeddings. The VQVAE keeps its first level at full resolution (stride 1) so that both kinds
+    downsample by ``2 ** (len(channels) - 1)``. The KL model's non-local attention at the bottleneck
+    follows the last entry of ``attention_levels`` (it is quadratic in the latent voxel count).
+    """
+    kind = _field(cfg, "kind")
+    channels = [int(c) for c in _field(cfg, "channels")]
+    latent_channels = int(_field(cfg, "latent_channels"))
+    num_res_blocks = int(_field(cfg, "num_res_blocks"))
+    if kind == "kl":
+        attention = [bool(a) for a in _field(cfg, "attention_levels")]
+        return AutoencoderKL(
+            spatial_dims=3, in_channels=1, out_channels=1, channels=channels,
+            latent_channels=latent_channels, num_res_blocks=num_res_blocks,
+            attention_levels=attention, norm_num_groups=int(_field(cfg, "norm_num_groups")),
+            with_encoder_nonlocal_attn=attention[-1], with_decoder_nonlocal_attn=attention[-1])
+    if kind == "vq":
+        down = [(1, 3, 1, 1)] + [(2, 4, 1, 1)] * (len(channels) - 1)
+        up = [(2, 4, 1, 1, 0)] * (len(channels) - 1) + [(1, 3, 1, 1, 0)]
+        return VQVAE(
+            spatial_dims=3, in_channels=1, out_channels=1, channels=channels,
+            num_res_layers=num_res_blocks, num_res_channels=channels,
+            downsample_parameters=down, upsample_parameters=up,
+            num_embeddings=int(_field(cfg, "num_embeddings")), embedding_dim=latent_channels)
+    raise ValueError(f"autoencoder kind must be 'kl' or 'vq' (got {kind!r})")
+
+
+def build_discriminator(cfg: Any, image_shape: tuple[int, int, int]) -> PatchDiscriminator:
+    """PatchDiscriminator with as many stride-2 layers (1 to 3) as the smallest side allows."""
+    layers = max(1, min(3, int(math.log2(min(image_shape))) - 2))
+    return PatchDiscriminator(spatial_dims=3, channels=int(_field(cfg, "channels")[0]),
+                              in_channels=1, out_channels=1, num_layers_d=layers)
+
+
+def encode_latents(autoencoder: Autoencoder, images: torch.Tensor) -> torch.Tensor:
+    """Deterministic latents (B, Cz, d, h, w) of images (B, 1, D, H, W).
+
+    KL: the posterior mean; VQ: the quantised embedding (MONAI's stage-2 input).
+    """
+    if isinstance(autoencoder, VQVAE):
+        return autoencoder.encode_stage_2_inputs(images)
+    z_mu, _ = autoencoder.encode(images)
+    return z_mu
+
+
+def decode_latents(autoencoder: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
+    """Images (B, 1, D, H, W) from latents (B, Cz, d, h, w); VQ latents are re-quantised first."""
+    return autoencoder.decode_stage_2_outputs(latents)
+
+
+def reconstruct(autoencoder: Autoencoder, images: torch.Tensor,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training forward pass: (reconstruction (B, 1, D, H, W), regularisation loss scalar).
+
+    KL: a reparameterised draw from ``generator`` and the KL divergence to N(0, I), summed over
+    latent elements and averaged over the batch (as in MONAI's tutorials). VQ: the quantiser's
+    commitment loss (the codebook itself follows an exponential moving average).
+    """
+    if isinstance(autoencoder, VQVAE):
+        reconstruction, quantisation_loss = autoencoder(images)
+        return reconstruction, quantisation_loss
+    z_mu, z_sigma = autoencoder.encode(images)
+    eps = torch.randn(z_mu.shape, generator=generator, dtype=z_mu.dtype).to(z_mu.device)
+    reconstruction = autoencoder.decode(z_mu + eps * z_sigma)
+    kl = 0.5 * torch.sum(z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2)) - 1,
+                         dim=list(range(1, z_mu.ndim)))
+    return reconstruction, kl.mean()
+
+
+class PerceptualWeightsError(ValueError):
+    """A perceptual-loss weights file that cannot be loaded. One line: the file and the fix."""
+
+
+class LocalMedicalNetSimilarity(MedicalNetPerceptualSimilarity):
+    """MONAI's MedicalNet perceptual similarity, its feature net loaded from a LOCAL weights file.
+
+    MONAI's own class fetches the network through torch.hub; here MONAI's ResNet (the MedicalNet
+    architecture) is built locally and given the weights file's state dict (MedicalNet's
+    ``{"state_dict": {"module.conv1.weight": ...}}`` or a flat state dict; ResNet-10 or ResNet-50 by
+    its keys). The features are the last residual stage's map; the distance is MONAI's.
+    """
+
+    def __init__(self, weights: Path):
+        nn.Module.__init__(self)  # skip the parent's torch.hub download
+        self.channel_wise = False
+        try:
+            state = torch.load(Path(weights), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+            raise PerceptualWeightsError(
+                f"{weights}: cannot read perceptual weights ({type(err).__name__}); give a "
+                f"MedicalNet ResNet-10/50 .pth file or unset "
+                f"pretrain.autoencoder.perceptual_weights") from None
+        if isinstance(state, Mapping) and "state_dict" in state:
+            state = state["state_dict"]
+        if not isinstance(state, Mapping):
+            raise PerceptualWeightsError(
+                f"{weights}: holds no state dict; give a MedicalNet .pth file")
+        state = {k.replace("module.", ""): v for k, v in state.items()}
+        builder = resnet50 if any(k.endswith("conv3.weight") for k in state) else resnet10
+        net = builder(spatial_dims=3, n_input_channels=1, feed_forward=False, shortcut_type="B",
+                      bias_downsample=False)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+            raise PerceptualWeightsError(
+                f"{weights}: not a MedicalNet ResNet-10/50 state dict ({first}); "
+                f"give a matching weights file") from None
+        self.model = nn.Sequential(net.conv1, net.bn1, net.act, net.maxpool,
+                                   net.layer1, net.layer2, net.layer3, net.layer4)
+        self.eval()
+        for param in self.parameters():
+            param.requires_grad = False
+
+    def train(self, mode: bool = True) -> "LocalMedicalNetSimilarity":
+        return super().train(False)  # frozen feature net: BatchNorm stays in eval mode
+
+
+class AutoencoderLoss(nn.Module):
+    """The first stage's generator and discriminator objectives.
+
+    ``generator_loss`` = L1 + regularisation_weight * regularisation
+    (+ adversarial_weight * least-squares patch loss) (+ perceptual_weight * perceptual distance).
+    """
+
+    def __init__(self, adversarial_weight: float, regularisation_weight: float,
+                 perceptual_weights: Path | None = None, perceptual_weight: float = 0.001):
+        super().__init__()
+        self.adversarial = PatchAdversarialLoss(criterion="least_squares")
+        self.adversarial_weight = adversarial_weight
+        self.regularisation_weight = regularisation_weight
+        self.perceptual_weight = perceptual_weight
+        self.perceptual = (LocalMedicalNetSimilarity(perceptual_weights)
+                           if perceptual_weights else None)
+
+    def generator_loss(self, images: torch.Tensor, reconstruction: torch.Tensor,
+                       regularisation: torch.Tensor, discriminator: nn.Module | None
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar loss for the autoencoder and its parts; ``discriminator=None`` during warm-up."""
+        l1 = torch.nn.functional.l1_loss(reconstruction, images)
+        loss = l1 + self.regularisation_weight * regularisation
+        parts = {"l1": l1.item(), "regularisation": regularisation.item()}
+        if self.perceptual is not None:
+            perceptual = self.perceptual(reconstruction, images).mean()
+            loss = loss + self.perceptual_weight * perceptual
+            parts["perceptual"] = perceptual.item()
+        if discriminator is not None and self.adversarial_weight > 0:
+            logits_fake = discriminator(reconstruction.contiguous())[-1]
+            adversarial = self.adversarial(logits_fake, target_is_real=True,
+                                           for_discriminator=False)
+            loss = loss + self.adversarial_weight * adversarial
+            parts["adversarial"] = adversarial.item()
+        return loss, parts
+
+    def discriminator_loss(self, discriminator: nn.Module, images: torch.Tensor,
+                           reconstruction: torch.Tensor) -> torch.Tensor:
+        """Least-squares patch loss: real patches -> 1, reconstructed patches -> 0."""
+        logits_fake = discriminator(reconstruction.detach().contiguous())[-1]
+        logits_real = discriminator(images.contiguous())[-1]
+        fake = self.adversarial(logits_fake, target_is_real=False, for_discriminator=True)
+        real = self.adversarial(logits_real, target_is_real=True, for_discriminator=True)
+        return 0.5 * (fake + real)

@@ -1,0 +1,196 @@
+"""The site's budget: its plan in the ledger, the spend replayed from it, and the cap enforced.
+
+Rules (the site is the authority on its own budget):
+
+- The spend is the ledger's round entries, replayed into an accountant. Nothing else holds it, so no
+  restart, new process or new config can reset it.
+- Before a round, epsilon is computed as if the round's steps were already composed; if that would
+  exceed the cap, :class:`BudgetExhausted` is raised and nothing is trained.
+- The first plan fixes the mechanism: sigma, the sampling rate q = B/N, the accountant and delta. A
+  later config that changes any of these is refused with :class:`PlanMismatch`: sigma was calibrated
+  for that sampling, and a changed delta or accountant would silently change what "epsilon" means.
+- A site may change its cap (``target_epsilon``), the planned number of rounds, the local epochs or
+  the clipping norm: a new ``plan`` entry records the change and the spend carries over. Sigma stays
+  the first plan's, so a raised cap allows more rounds at the same noise, a lowered one stops earlier.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from privacy.accounting import epsilon, history_of
+from privacy.calibration import SchedulePlan, calibrate, sampling, steps_per_epoch
+from privacy.site_ledger import (PlanRecord, RoundRecord, SiteLedger, SiteLedgerState,
+                                 fedsynth_version, utc_timestamp)
+
+log = logging.getLogger(__name__)
+
+
+class BudgetExhausted(ValueError):
+    """A round refused because it would take the site past its cap. Names the spend and the cap."""
+
+    def __init__(self, *, ledger: Path, round: int, spent: float, would_be: float, cap: float,
+                 delta: float):
+        self.ledger, self.round, self.spent, self.would_be, self.cap, self.delta = (
+            Path(ledger), round, spent, would_be, cap, delta)
+        super().__init__(f"{ledger}: round {round} refused: epsilon would go from {spent:.4g} to "
+                         f"{would_be:.4g}, above the site's cap {cap:g} (delta {delta:g}); the budget "
+                         f"is spent - only the site's own privacy policy can raise its target_epsilon")
+
+
+class PlanMismatch(ValueError):
+    """This run's mechanism differs from the one the site's ledger fixed. One line: what and how to fix."""
+
+
+def _plan_record(plan: SchedulePlan, *, noise_multiplier: float, max_grad_norm: float,
+                 clipping: str) -> PlanRecord:
+    planned = epsilon([(noise_multiplier, plan.sample_rate, plan.total_steps)], plan.delta,
+                      plan.accountant)
+    return PlanRecord(target_epsilon=plan.target_epsilon, delta=plan.delta, accountant=plan.accountant,
+                      noise_multiplier=noise_multiplier, sample_rate=plan.sample_rate,
+                      num_patients=plan.num_patients, expected_batch_size=plan.expected_batch_size,
+                      local_epochs=plan.local_epochs, steps_per_round=plan.steps_per_round,
+                      planned_rounds=plan.planned_rounds, planned_epsilon=planned,
+                      max_grad_norm=float(max_grad_norm), clipping=clipping,
+                      timestamp=utc_timestamp(), fedsynth_version=fedsynth_version())
+
+
+def _mismatch(ledger: Path, stored: PlanRecord, plan: SchedulePlan) -> str | None:
+    if plan.accountant != stored.accountant:
+        return (f"{ledger}: the site's plan uses the {stored.accountant} accountant, this run asks for "
+                f"{plan.accountant}; set privacy.accountant: {stored.accountant}")
+    if plan.delta != stored.delta:
+        return (f"{ledger}: the site's plan accounts at delta={stored.delta:g}, this run asks for "
+                f"delta={plan.delta:g}; restore the site budget's delta")
+    if plan.sample_rate != stored.sample_rate:
+        return (f"{ledger}: the site's plan samples q={stored.sample_rate:.4g} "
+                f"({stored.expected_batch_size} of {stored.num_patients} patients), this run gives "
+                f"q={plan.sample_rate:.4g} ({plan.expected_batch_size} of {plan.num_patients}); sigma was "
+                f"calibrated for the first - restore privacy.expected_batch_size and the patient list "
+                f"(a changed cohort needs the privacy officer's decision)")
+    return None
+
+
+class SiteBudget:
+    """A site's plan and spend, read from (and committed to) its ledger."""
+
+    def __init__(self, ledger: SiteLedger | Path | str):
+        self.ledger = ledger if isinstance(ledger, SiteLedger) else SiteLedger(ledger)
+
+    @classmethod
+    def open(cls, ledger: SiteLedger | Path | str, plan: SchedulePlan, *, max_grad_norm: float,
+             clipping: str = "flat") -> "SiteBudget":
+        """The site's budget under ``plan`` (from this run's config and data).
+
+        Writes the first plan entry on a fresh ledger; refuses a changed mechanism
+        (:class:`PlanMismatch`); appends a plan entry when the cap, schedule or clipping changed.
+        """
+        budget = cls(ledger)
+        with budget.ledger.locked():
+            state = budget.ledger.state()
+            stored = state.first_plan
+            if stored is None:
+                budget.ledger.append(_plan_record(plan, noise_multiplier=plan.noise_multiplier,
+                                                  max_grad_norm=max_grad_norm, clipping=clipping))
+                log.info("%s: planned sigma=%.4g for q=%.4g, %d steps per round, %d rounds "
+                         "(epsilon <= %g at delta %g)", budget.ledger.path, plan.noise_multiplier,
+                         plan.sample_rate, plan.steps_per_round, plan.planned_rounds,
+                         plan.target_epsilon, plan.delta)
+                return budget
+            problem = _mismatch(budget.ledger.path, stored, plan)
+            if problem:
+                raise PlanMismatch(problem)
+            current = state.plan
+            changed = (plan.target_epsilon, plan.planned_rounds, plan.local_epochs,
+                       plan.steps_per_round, float(max_grad_norm), clipping) != (
+                current.target_epsilon, current.planned_rounds, current.local_epochs,
+                current.steps_per_round, current.max_grad_norm, current.clipping)
+            if changed:
+                budget.ledger.append(_plan_record(plan, noise_multiplier=stored.noise_multiplier,
+                                                  max_grad_norm=max_grad_norm, clipping=clipping))
+                log.info("%s: plan updated (cap %g -> %g, %d rounds of %d steps); sigma stays %.4g and "
+                         "the spend carries over", budget.ledger.path, current.target_epsilon,
+                         plan.target_epsilon, plan.planned_rounds, plan.steps_per_round,
+                         stored.noise_multiplier)
+        return budget
+
+    @property
+    def path(self) -> Path:
+        return self.ledger.path
+
+    def locked(self):
+        """Hold the ledger lock from the check to the commit of a round."""
+        return self.ledger.locked()
+
+    def state(self) -> SiteLedgerState:
+        return self.ledger.state()
+
+    def plan(self, state: SiteLedgerState | None = None) -> PlanRecord:
+        state = state or self.state()
+        if state.plan is None:
+            raise PlanMismatch(f"{self.path}: has no plan entry; open the budget with a plan first")
+        return state.plan
+
+    def spent(self, state: SiteLedgerState | None = None) -> float:
+        """Cumulative epsilon of the rounds in the ledger, replayed."""
+        state = state or self.state()
+        plan = self.plan(state)
+        return epsilon(history_of(state.rounds), plan.delta, plan.accountant)
+
+    def check(self, round: int, steps: int | None = None,
+              state: SiteLedgerState | None = None) -> float:
+        """Epsilon after one more round of ``steps`` (default: the plan's); raises
+        :class:`BudgetExhausted` if that would exceed the cap in force."""
+        state = state or self.state()
+        plan = self.plan(state)
+        steps = plan.steps_per_round if steps is None else steps
+        history = history_of(state.rounds) + [(plan.noise_multiplier, plan.sample_rate, steps)]
+        would_be = epsilon(history, plan.delta, plan.accountant)
+        if would_be > plan.target_epsilon:
+            raise BudgetExhausted(ledger=self.path, round=round, spent=self.spent(state),
+                                  would_be=would_be, cap=plan.target_epsilon, delta=plan.delta)
+        return would_be
+
+    def charge(self, round: int, *, model_hash_before: str, model_hash_after: str,
+               steps: int | None = None) -> RoundRecord:
+        """Commit one round (durably) after re-checking the cap under the ledger lock."""
+        with self.locked():
+            state = self.state()
+            plan = self.plan(state)
+            steps = plan.steps_per_round if steps is None else steps
+            epsilon_after = self.check(round, steps, state)
+            record = RoundRecord(round=int(round), noise_multiplier=plan.noise_multiplier,
+                                 sample_rate=plan.sample_rate, steps=int(steps),
+                                 accountant=plan.accountant, delta=plan.delta, epsilon=epsilon_after,
+                                 target_epsilon=plan.target_epsilon, num_patients=plan.num_patients,
+                                 model_hash_before=model_hash_before, model_hash_after=model_hash_after,
+                                 timestamp=utc_timestamp(), fedsynth_version=fedsynth_version())
+            self.ledger.append(record)
+        log.info("%s: round %d committed, epsilon %.4g of %g", self.path, round, epsilon_after,
+                 plan.target_epsilon)
+        return record
+
+
+def open_site_budget(ledger: SiteLedger | Path | str, *, target_epsilon: float, delta: float,
+                     num_patients: int, expected_batch_size: int, rounds: int, local_epochs: int,
+                     accountant: str, max_grad_norm: float, clipping: str = "flat",
+                     where: str = "") -> SiteBudget:
+    """The site's budget for this run's settings: calibrates sigma on a fresh ledger, otherwise
+    checks the settings against the stored plan (sigma is the stored one; nothing is recalibrated)."""
+    site_ledger = ledger if isinstance(ledger, SiteLedger) else SiteLedger(ledger)
+    stored = site_ledger.state().first_plan
+    if stored is None:
+        plan = calibrate(target_epsilon=target_epsilon, delta=delta, num_patients=num_patients,
+                         expected_batch_size=expected_batch_size, rounds=rounds,
+                         local_epochs=local_epochs, accountant=accountant, where=where)
+    else:
+        q = sampling(num_patients, expected_batch_size, where)
+        plan = SchedulePlan(target_epsilon=float(target_epsilon), delta=float(delta),
+                            accountant=accountant, noise_multiplier=stored.noise_multiplier,
+                            sample_rate=q, num_patients=int(num_patients),
+                            expected_batch_size=int(expected_batch_size),
+                            local_epochs=int(local_epochs),
+                            steps_per_round=int(local_epochs) * steps_per_epoch(q),
+                            planned_rounds=int(rounds))
+    return SiteBudget.open(site_ledger, plan, max_grad_norm=max_grad_norm, clipping=clipping)

@@ -1,0 +1,290 @@
+"""What crosses the wire between the consortium server and a site, defined once for both sides.
+
+Plain Python (no Flower import): ``client/`` builds its replies from these types and ``server/`` reads
+them, so the two never import each other. A Flower message is a ``RecordDict`` of named records; this
+module fixes the names, the kind of each record and the keys each may hold.
+
+A train instruction (server -> site) holds:
+
+- ``arrays`` (ArrayRecord): the global denoiser state;
+- ``autoencoder`` (ArrayRecord): the frozen, public autoencoder (trained on public data only);
+- ``config`` (ConfigRecord): :class:`RoundConfig`, flattened by :meth:`RoundConfig.to_record`.
+
+A train reply (site -> server) holds ONLY what the trust model lets leave a site
+(``shared/DESIGN.md``, rule 1):
+
+- ``arrays`` (ArrayRecord, ``ok`` replies only): the DP-SGD weights of the trained parameters;
+- ``accounting`` (MetricRecord): the patient count (public metadata) and accounting figures that
+  depend only on (N, q, sigma, steps) - see :data:`ACCOUNTING_KEYS`;
+- ``site`` (ConfigRecord): the status, the site id and the head of the site's ledger (a hash of the
+  site's accounting entries, so the consortium can detect a rolled-back ledger) - see
+  :data:`STATUS_KEYS`.
+
+No loss, gradient norm, timing or other statistic computed from private data is in the allow-list,
+and :func:`check_reply` refuses a reply that holds anything else. A refusal carries one of the fixed
+:class:`RefusalReason` codes, never an exception text (which could name files or values).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any, Collection, Mapping
+
+PROTOCOL_VERSION = 1
+
+# --- record names --------------------------------------------------------------------------------
+GLOBAL_WEIGHTS = "arrays"          # instruction: ArrayRecord, the global denoiser state
+FROZEN_AUTOENCODER = "autoencoder"  # instruction: ArrayRecord, the public autoencoder
+ROUND_CONFIG = "config"            # instruction: ConfigRecord, RoundConfig
+SITE_WEIGHTS = "arrays"            # reply: ArrayRecord, the released weights
+SITE_ACCOUNTING = "accounting"     # reply: MetricRecord, counts and accounting figures
+SITE_STATUS = "site"               # reply: ConfigRecord, status and ledger head
+
+# --- release gate (server -> site query, site -> server answer; types in privacy.gate) ----------
+GATE_MESSAGE_TYPE = "query.gate"   # Flower message type; the ClientApp registers @app.query("gate")
+GATE_CANDIDATES = "candidates"     # query: ArrayRecord {"views": (N, T, C, *S)}
+GATE_AUTOENCODER = "autoencoder"   # query, latent distance only: ArrayRecord, the public autoencoder
+GATE_CONFIG = "gate-config"        # query: ConfigRecord, privacy.gate.GateQuery
+GATE_PASSED = "gate-passed"        # answer ('ok' only): ArrayRecord {"passed": uint8 (N,)}
+GATE_ACCOUNTING = "gate-accounting"  # answer: MetricRecord, counts and DP-gate accounting figures
+GATE_STATUS = "gate-status"        # answer: ConfigRecord, status and reason codes, ledger head
+GATE_ACCOUNTING_KEYS = frozenset({"num-candidates", "num-passed", "epsilon-charged", "epsilon-gate",
+                                  "epsilon-total", "target-epsilon", "delta"})
+GATE_STATUS_KEYS = frozenset({"protocol", "status", "reason", "site-id", "query-id", "ledger-seq",
+                              "ledger-head", "replayed"})
+
+# FedAvg weighs each site's weights by this accounting key: the privacy unit is the patient.
+WEIGHT_KEY = "num-patients"
+
+ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
+REPLY_RECORDS: dict[str, str] = {SITE_WEIGHTS: ARRAYS, SITE_ACCOUNTING: METRICS, SITE_STATUS: CONFIG}
+
+# Numbers that depend only on N, q, sigma, steps and the site's own (non-data) cap.
+ACCOUNTING_KEYS = frozenset({
+    "round", WEIGHT_KEY, "epsilon", "epsilon-next", "target-epsilon", "delta", "noise-multiplier",
+    "sample-rate", "steps"})
+# Status fields: fixed codes, the site's public name, and hashes of its ledger and released weights.
+STATUS_KEYS = frozenset({
+    "protocol", "status", "reason", "site-id", "ledger-seq", "ledger-head", "weights-sha256",
+    "resumed"})
+
+
+class ProtocolViolation(ValueError):
+    """A message that does not follow this protocol. One line naming the record and key."""
+
+
+class ReplyStatus(str, Enum):
+    """How a site answered a train instruction. Every answer is a normal reply, never an error."""
+
+    OK = "ok"                            # trained, committed to the ledger, weights attached
+    BUDGET_EXHAUSTED = "budget-exhausted"  # the round would take the site past its own cap
+    REFUSED = "refused"                  # the site will not train; ``reason`` says why
+
+
+class RefusalReason(str, Enum):
+    """Fixed reason codes of a refusal (what leaves the site is the code, not the local details)."""
+
+    NONE = ""
+    LEDGER_ROLLBACK = "ledger-rollback"    # the ledger lacks an entry the consortium saw
+    ROLLBACK_ALARM = "rollback-alarm"      # a rollback was detected earlier; an officer must act
+    LEDGER_DAMAGED = "ledger-damaged"      # the site's own chain or head record check failed
+    PLAN_MISMATCH = "plan-mismatch"        # this run's mechanism differs from the ledger's plan
+    INVALID_BUDGET = "invalid-budget"      # no noise level fits the site's budget and data
+    PRIVACY_DISABLED = "privacy-disabled"  # the site never releases non-private weights
+    PROTOCOL_MISMATCH = "protocol-mismatch"  # the server speaks another protocol version
+    MODEL_MISMATCH = "model-mismatch"      # the received weights do not match their hashes
+    SITE_ERROR = "site-error"              # anything else; details stay in the site's log
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """The instruction of one round (server -> site): consortium settings, never site data.
+
+    ``privacy`` holds the consortium's DP-SGD settings (the fields of ``PrivacyConfig``); ``data`` the
+    preprocessing grid (``DataConfig`` fields); ``model`` the model section as a plain dict;
+    ``expected_heads`` maps each site id to the ``(seq, hash)`` of the newest entry of its ledger that
+    the consortium has seen: a site whose ledger does not hold that entry was rolled back.
+    """
+
+    server_round: int
+    planned_rounds: int
+    local_epochs: int
+    privacy: dict[str, Any]
+    data: dict[str, Any]
+    model: dict[str, Any]
+    attributes: list[str]
+    latent_scale_factor: float
+    autoencoder_sha256: str
+    global_sha256: str
+    expected_heads: dict[str, tuple[int, str]] = field(default_factory=dict)
+    protocol: int = PROTOCOL_VERSION
+
+    def to_record(self) -> dict[str, Any]:
+        """ConfigRecord content: scalars as is, nested values as canonical JSON strings."""
+        return {
+            "protocol": self.protocol, "server-round": self.server_round,
+            "planned-rounds": self.planned_rounds, "local-epochs": self.local_epochs,
+            "privacy": _json(self.privacy), "data": _json(self.data), "model": _json(self.model),
+            "attributes": _json(list(self.attributes)),
+            "latent-scale-factor": float(self.latent_scale_factor),
+            "autoencoder-sha256": self.autoencoder_sha256, "global-sha256": self.global_sha256,
+            "expected-heads": _json({k: [int(s), str(h)] for k, (s, h) in self.expected_heads.items()}),
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "RoundConfig":
+        """Parse :meth:`to_record` output; :class:`ProtocolViolation` names a missing or bad key."""
+        protocol = _get(record, "protocol", int)
+        if protocol != PROTOCOL_VERSION:
+            raise ProtocolViolation(f"config.protocol: the server speaks protocol {protocol}, this site "
+                                    f"{PROTOCOL_VERSION}; run the same fedsynth version at both ends")
+        heads = _parse_json(record, "expected-heads")
+        return cls(
+            server_round=_get(record, "server-round", int),
+            planned_rounds=_get(record, "planned-rounds", int),
+            local_epochs=_get(record, "local-epochs", int),
+            privacy=_parse_json(record, "privacy"), data=_parse_json(record, "data"),
+            model=_parse_json(record, "model"), attributes=list(_parse_json(record, "attributes")),
+            latent_scale_factor=float(_get(record, "latent-scale-factor", (int, float))),
+            autoencoder_sha256=_get(record, "autoencoder-sha256", str),
+            global_sha256=_get(record, "global-sha256", str),
+            expected_heads={str(k): (int(v[0]), str(v[1])) for k, v in heads.items()},
+            protocol=protocol)
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A site's answer to a train instruction, without the weights.
+
+    ``epsilon`` is the site's cumulative spend after this round (its current spend when it did not
+    train); ``epsilon_next`` the spend one more round at its plan would reach (0 when unknown). The
+    ledger head is ``(ledger_seq, ledger_head)``: the newest entry of the site's ledger, after the
+    commit of this round. ``weights_sha256`` is the hash of the attached weights (``""`` if none).
+    """
+
+    status: ReplyStatus
+    site_id: str
+    round: int
+    reason: RefusalReason = RefusalReason.NONE
+    num_patients: int = 0
+    epsilon: float = 0.0
+    epsilon_next: float = 0.0
+    target_epsilon: float = 0.0
+    delta: float = 0.0
+    noise_multiplier: float = 0.0
+    sample_rate: float = 0.0
+    steps: int = 0
+    ledger_seq: int = 0
+    ledger_head: str = ""
+    weights_sha256: str = ""
+    resumed: bool = False
+
+    def accounting(self) -> dict[str, int | float]:
+        """MetricRecord content (every key in :data:`ACCOUNTING_KEYS`)."""
+        return {"round": int(self.round), WEIGHT_KEY: int(self.num_patients),
+                "epsilon": float(self.epsilon), "epsilon-next": float(self.epsilon_next),
+                "target-epsilon": float(self.target_epsilon), "delta": float(self.delta),
+                "noise-multiplier": float(self.noise_multiplier),
+                "sample-rate": float(self.sample_rate), "steps": int(self.steps)}
+
+    def status_fields(self) -> dict[str, int | str | bool]:
+        """ConfigRecord content (every key in :data:`STATUS_KEYS`)."""
+        return {"protocol": PROTOCOL_VERSION, "status": self.status.value, "reason": self.reason.value,
+                "site-id": self.site_id, "ledger-seq": int(self.ledger_seq),
+                "ledger-head": self.ledger_head, "weights-sha256": self.weights_sha256,
+                "resumed": bool(self.resumed)}
+
+    @classmethod
+    def from_records(cls, accounting: Mapping[str, Any], status: Mapping[str, Any]) -> "TrainReply":
+        """Parse the two records of a reply (after :func:`check_reply`)."""
+        try:
+            reply_status = ReplyStatus(_get(status, "status", str))
+            reason = RefusalReason(_get(status, "reason", str))
+        except ValueError as err:
+            raise ProtocolViolation(f"site.status/reason: unknown code ({err})") from None
+        return cls(
+            status=reply_status, reason=reason, site_id=_get(status, "site-id", str),
+            round=int(_get(accounting, "round", (int, float))),
+            num_patients=int(_get(accounting, WEIGHT_KEY, (int, float))),
+            epsilon=float(_get(accounting, "epsilon", (int, float))),
+            epsilon_next=float(_get(accounting, "epsilon-next", (int, float))),
+            target_epsilon=float(_get(accounting, "target-epsilon", (int, float))),
+            delta=float(_get(accounting, "delta", (int, float))),
+            noise_multiplier=float(_get(accounting, "noise-multiplier", (int, float))),
+            sample_rate=float(_get(accounting, "sample-rate", (int, float))),
+            steps=int(_get(accounting, "steps", (int, float))),
+            ledger_seq=int(_get(status, "ledger-seq", int)),
+            ledger_head=_get(status, "ledger-head", str),
+            weights_sha256=_get(status, "weights-sha256", str),
+            resumed=bool(_get(status, "resumed", bool)))
+
+    def to_json(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["status"], values["reason"] = self.status.value, self.reason.value
+        return values
+
+
+def check_reply(records: Mapping[str, tuple[str, Mapping[str, Any]]],
+                weight_shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """Refuse a reply that holds anything outside the allow-list.
+
+    ``records`` maps each record name to ``(kind, content)``: kind ``"arrays"`` with content
+    ``{tensor name: shape}``, ``"metrics"`` or ``"config"`` with ``{key: value}``. ``weight_shapes``
+    (the global state's tensor shapes) bounds the weights: only those names, with those shapes.
+    Raises :class:`ProtocolViolation`.
+    """
+    for name, (kind, content) in records.items():
+        expected = REPLY_RECORDS.get(name)
+        if expected is None:
+            raise ProtocolViolation(f"reply record {name!r} is not allowed to leave a site "
+                                    f"(allowed: {sorted(REPLY_RECORDS)})")
+        if kind != expected:
+            raise ProtocolViolation(f"reply record {name!r} must be a {expected} record (got {kind})")
+    if SITE_ACCOUNTING not in records or SITE_STATUS not in records:
+        raise ProtocolViolation(f"a reply needs the {SITE_ACCOUNTING!r} and {SITE_STATUS!r} records")
+    for name, allowed in ((SITE_ACCOUNTING, ACCOUNTING_KEYS), (SITE_STATUS, STATUS_KEYS)):
+        keys = set(records[name][1])
+        if keys != allowed:
+            extra, missing = sorted(keys - allowed), sorted(allowed - keys)
+            raise ProtocolViolation(f"reply record {name!r}: keys not allowed {extra}, missing {missing}")
+    for key, value in records[SITE_ACCOUNTING][1].items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ProtocolViolation(f"accounting.{key}: must be a finite number (got {value!r})")
+    status = records[SITE_STATUS][1]
+    if status.get("status") == ReplyStatus.OK.value and SITE_WEIGHTS not in records:
+        raise ProtocolViolation("an 'ok' reply must carry the trained weights")
+    if status.get("status") != ReplyStatus.OK.value and SITE_WEIGHTS in records:
+        raise ProtocolViolation(f"a {status.get('status')!r} reply must not carry weights")
+    if SITE_WEIGHTS in records and weight_shapes is not None:
+        for tensor, shape in records[SITE_WEIGHTS][1].items():
+            if tensor not in weight_shapes:
+                raise ProtocolViolation(f"arrays.{tensor}: not a tensor of the global model")
+            if tuple(shape) != tuple(weight_shapes[tensor]):
+                raise ProtocolViolation(f"arrays.{tensor}: shape {tuple(shape)} differs from the global "
+                                        f"model's {tuple(weight_shapes[tensor])}")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _get(record: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in record:
+        raise ProtocolViolation(f"record key {key!r} is missing")
+    value = record[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        raise ProtocolViolation(f"record key {key!r} has a {type(value).__name__}, expected "
+                                f"{'/'.join(k.__name__ for k in kinds)}")
+    return value
+
+
+def _parse_json(record: Mapping[str, Any], key: str) -> Any:
+    text = _get(record, key, str)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise ProtocolViolation(f"record key {key!r} is not valid JSON") from None

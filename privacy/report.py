@@ -1,0 +1,256 @@
+"""The privacy officer's epsilon report for one site ledger (Markdown, JSON or HTML, plus a PNG plot).
+
+For every round: its steps, the cumulative epsilon the site recorded, that epsilon replayed with
+Opacus from the ledger, and an independent recomputation with Google's ``dp_accounting`` (RDP for an
+``rdp`` ledger, PLD for a ``prv`` ledger) with the stated tolerance. Then the remaining budget, and a
+plain statement of what the guarantee covers and what it does not.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from privacy.accounting import (INDEPENDENT_METHOD, INDEPENDENT_TOLERANCE, epsilon, history_of,
+                                independent_curve, independent_epsilon, merge_history)
+from privacy.ledger import LedgerError, verify_ledger
+from privacy.site_ledger import PlanRecord, RoundRecord, SiteLedger, utc_timestamp
+
+# Rounds to look ahead when counting how many more rounds of the current plan fit under the cap.
+_MAX_LOOKAHEAD_ROUNDS = 10_000
+
+
+def coverage_statement(plan: PlanRecord) -> tuple[list[str], list[str]]:
+    """What the site's (epsilon, delta) covers, and what it does not, in plain words."""
+    covers = [
+        "The model weights this site sent to the server in the rounds listed in this ledger, and "
+        "anything computed from them afterwards (post-processing, including the EMA of the weights, "
+        "aggregation by the server and synthetic images sampled from the model).",
+        "At the level of a patient: adding or removing all scans of any one patient changes the "
+        "distribution of those weights by at most the stated (epsilon, delta).",
+        f"Under the training that was run: Poisson sampling of patients at rate q = "
+        f"{plan.sample_rate:.4g}, each patient's gradient (over all its scans and noise draws) "
+        f"clipped to norm {plan.max_grad_norm:g} ({plan.clipping}), Gaussian noise with multiplier "
+        f"sigma = {plan.noise_multiplier:.4g}, composed over every DP-SGD step recorded here "
+        f"({plan.accountant.upper()} accountant).",
+    ]
+    not_covered = [
+        "Release-gate answers: the pass/fail of each candidate is computed from the site's private "
+        "scans and is not protected by this epsilon (see the release report's gate caveat).",
+        f"The number of patients (N = {plan.num_patients}) and the sample count: public metadata, "
+        "used to set q.",
+        "Anything outside the DP-SGD steps: a training loss or other statistic computed on private "
+        "data and shared, data preprocessing decisions, and training runs recorded in another ledger.",
+        "Hyper-parameter tuning on private data (choosing sigma, the clipping norm, learning rate or "
+        "schedule after looking at results on this site's data) spends privacy not accounted here.",
+        "Side channels of the implementation (timing, floating-point attacks on the noise: Opacus' "
+        "secure mode is off), and other sites' data, which their own ledgers account for.",
+        "Rounds missing from this file: the hash chain proves the entries were not altered, cut or "
+        "reordered, not that the file was never replaced as a whole; reconcile with the server's "
+        "consortium ledger.",
+    ]
+    return covers, not_covered
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    round: int
+    steps: int
+    noise_multiplier: float
+    sample_rate: float
+    epsilon: float
+    spend: float
+    replayed_epsilon: float
+    independent_epsilon: float
+    agrees: bool
+    timestamp: str
+    model_hash_after: str
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    ledger: str
+    generated: str
+    chain_intact: bool
+    entries: int
+    accountant: str
+    delta: float
+    cap: float
+    spent: float
+    remaining: float
+    rounds_remaining: int
+    plan: dict[str, Any]
+    independent_method: str
+    independent_total_rdp: float
+    independent_total_pld: float
+    tolerance: str
+    all_agree: bool
+    rows: list[ReportRow] = field(default_factory=list)
+    covers: list[str] = field(default_factory=list)
+    not_covered: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rounds_remaining(plan: PlanRecord, rounds: list[RoundRecord]) -> int:
+    """How many more rounds of the plan in force fit under its cap (bisection on the round count)."""
+    history = history_of(rounds)
+
+    def fits(extra: int) -> bool:
+        step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round * extra)
+        return epsilon(history + [step], plan.delta, plan.accountant) <= plan.target_epsilon
+
+    low, high = 0, 1
+    while fits(high):
+        low, high = high, high * 2
+        if high > _MAX_LOOKAHEAD_ROUNDS:
+            return _MAX_LOOKAHEAD_ROUNDS
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def build_report(ledger_path: Path | str) -> PrivacyReport:
+    """Read and verify a site ledger and recompute every figure. :class:`LedgerError` if it is
+    broken (an officer first runs ``fedsynth audit verify``) or holds no plan."""
+    path = Path(ledger_path)
+    verified = verify_ledger(path)
+    state = SiteLedger(path).state()
+    plan = state.plan
+    if plan is None:
+        raise LedgerError(f"{path}: holds no plan entry, so it is not a site privacy ledger; "
+                          f"pass the site's ledger (<data_dir>/.fedsynth/ledger.jsonl)")
+    method = INDEPENDENT_METHOD[plan.accountant]
+    tolerance = INDEPENDENT_TOLERANCE[plan.accountant]
+    independent = independent_curve([history_of([r]) for r in state.rounds], plan.delta, method)
+    rows, previous = [], 0.0
+    for i, record in enumerate(state.rounds):
+        replayed = epsilon(history_of(state.rounds[:i + 1]), record.delta, record.accountant)
+        rows.append(ReportRow(
+            round=record.round, steps=record.steps, noise_multiplier=record.noise_multiplier,
+            sample_rate=record.sample_rate, epsilon=record.epsilon, spend=record.epsilon - previous,
+            replayed_epsilon=replayed, independent_epsilon=independent[i],
+            agrees=replayed == record.epsilon and tolerance.agrees(record.epsilon, independent[i]),
+            timestamp=record.timestamp, model_hash_after=record.model_hash_after))
+        previous = record.epsilon
+    history = merge_history(history_of(state.rounds))
+    spent = epsilon(history, plan.delta, plan.accountant)
+    covers, not_covered = coverage_statement(plan)
+    return PrivacyReport(
+        ledger=str(path), generated=utc_timestamp(), chain_intact=verified.ok,
+        entries=len(verified.entries), accountant=plan.accountant, delta=plan.delta,
+        cap=plan.target_epsilon, spent=spent, remaining=max(0.0, plan.target_epsilon - spent),
+        rounds_remaining=_rounds_remaining(plan, state.rounds), plan=asdict(plan),
+        independent_method=method,
+        independent_total_rdp=independent_epsilon(history, plan.delta, "rdp"),
+        independent_total_pld=independent_epsilon(history, plan.delta, "pld"),
+        tolerance=tolerance.describe(), all_agree=all(row.agrees for row in rows),
+        rows=rows, covers=covers, not_covered=not_covered)
+
+
+def plot_png(report: PrivacyReport) -> bytes:
+    """Epsilon vs round (ledger, independent, cap) as PNG bytes (matplotlib, Agg backend)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(6, 3.6), dpi=100)
+    axes = figure.add_subplot()
+    rounds = [row.round for row in report.rows]
+    axes.plot(rounds, [row.epsilon for row in report.rows], "o-", label=f"ledger ({report.accountant})")
+    axes.plot(rounds, [row.independent_epsilon for row in report.rows], "x--",
+              label=f"independent ({report.independent_method}, dp_accounting)")
+    axes.axhline(report.cap, color="crimson", linestyle=":", label=f"cap {report.cap:g}")
+    axes.set_xlabel("round")
+    axes.set_ylabel(f"cumulative epsilon (delta {report.delta:g})")
+    axes.set_ylim(0, 1.1 * max([report.cap] + [row.epsilon for row in report.rows]))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _summary(report: PrivacyReport) -> list[tuple[str, str]]:
+    plan = report.plan
+    return [
+        ("Ledger", report.ledger),
+        ("Hash chain", f"intact ({report.entries} entries)" if report.chain_intact else "BROKEN"),
+        ("Accountant", f"{report.accountant} (Opacus)"),
+        ("Delta", f"{report.delta:g}"),
+        ("Cap (target epsilon)", f"{report.cap:g}"),
+        ("Spent", f"{report.spent:.4f}"),
+        ("Remaining", f"{report.remaining:.4f} (about {report.rounds_remaining} more rounds of "
+                      f"{plan['steps_per_round']} steps)"),
+        ("Noise multiplier sigma", f"{plan['noise_multiplier']:.4f}"),
+        ("Sampling", f"q = {plan['sample_rate']:.4g} ({plan['expected_batch_size']} of "
+                     f"{plan['num_patients']} patients per step, Poisson)"),
+        ("Clipping", f"{plan['clipping']}, per-patient norm C = {plan['max_grad_norm']:g}"),
+        ("Independent total", f"RDP {report.independent_total_rdp:.4f}, PLD "
+                              f"{report.independent_total_pld:.4f} (dp_accounting)"),
+        ("Agreement", ("all rounds agree" if report.all_agree else "DISAGREEMENT, see the table")
+         + f"; tolerance {report.tolerance}"),
+    ]
+
+
+_COLUMNS = ("round", "steps", "sigma", "q", "spend", "epsilon (ledger)", "epsilon (replayed)",
+            "epsilon (independent)", "agrees")
+
+
+def _cells(row: ReportRow) -> list[str]:
+    return [str(row.round), str(row.steps), f"{row.noise_multiplier:.4f}", f"{row.sample_rate:.4g}",
+            f"{row.spend:.4f}", f"{row.epsilon:.4f}", f"{row.replayed_epsilon:.4f}",
+            f"{row.independent_epsilon:.4f}", "yes" if row.agrees else "NO"]
+
+
+def render_markdown(report: PrivacyReport, plot_name: str | None = None) -> str:
+    lines = ["# Privacy report", "", f"Generated {report.generated}.", "",
+             "| | |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in _summary(report)]
+    lines += ["", "## Rounds", "", "| " + " | ".join(_COLUMNS) + " |",
+              "|" + "---|" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in report.rows]
+    if not report.rows:
+        lines.append("| (no round yet) |" + " |" * (len(_COLUMNS) - 1))
+    if plot_name:
+        lines += ["", f"![epsilon per round]({plot_name})"]
+    lines += ["", "## What the guarantee covers", ""] + [f"- {item}" for item in report.covers]
+    lines += ["", "## What it does not cover", ""] + [f"- {item}" for item in report.not_covered]
+    return "\n".join(lines) + "\n"
+
+
+def render_html(report: PrivacyReport, png: bytes | None = None) -> str:
+    esc = html.escape
+    parts = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>Privacy report</title>",
+             "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em}"
+             "</style></head><body>", "<h1>Privacy report</h1>",
+             f"<p>Generated {esc(report.generated)}.</p>", "<table>"]
+    parts += [f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in _summary(report)]
+    parts += ["</table>", "<h2>Rounds</h2>", "<table><tr>"
+              + "".join(f"<th>{esc(c)}</th>" for c in _COLUMNS) + "</tr>"]
+    parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in _cells(row)) + "</tr>"
+              for row in report.rows]
+    parts.append("</table>")
+    if png:
+        parts.append("<p><img alt='epsilon per round' src='data:image/png;base64,"
+                     + base64.b64encode(png).decode("ascii") + "'></p>")
+    for title, items in (("What the guarantee covers", report.covers),
+                         ("What it does not cover", report.not_covered)):
+        parts += [f"<h2>{esc(title)}</h2>", "<ul>"] + [f"<li>{esc(i)}</li>" for i in items] + ["</ul>"]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def render_json(report: PrivacyReport) -> str:
+    return json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,179 @@
+"""The site's privacy ledger: typed ``plan`` and ``round`` entries on the generic hash-chained ledger.
+
+- ``plan``: the noise calibration (sigma from the site's budget and the planned schedule) and the cap in
+  force. The first plan fixes sigma and the sampling; a later plan entry records a changed cap or
+  schedule length (see :mod:`privacy.budget`).
+- ``round``: one released set of DP-SGD weights: the mechanism (sigma, q, steps), the cumulative
+  epsilon after it, and the hashes of the weights the round started from and the weights it released.
+
+The round entries are the single source of truth for the spend: the accountant is rebuilt by
+replaying them (:func:`privacy.accounting.replay_accountant`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from privacy.ledger import Ledger, LedgerEntry, LedgerError
+
+R = TypeVar("R", bound="_Record")
+_FIELD_TYPES = {"float": float, "int": int, "str": str}
+
+
+def fedsynth_version() -> str:
+    """The installed fedsynth version (``models.version``), ``"0+unknown"`` from a bare tree."""
+    try:
+        from models.version import fedsynth_version as installed
+    except ImportError:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            return version("fedsynth")
+        except PackageNotFoundError:
+            return "0+unknown"
+    return installed()
+
+
+def utc_timestamp() -> str:
+    """ISO 8601 UTC time with seconds, e.g. ``2025-01-31T12:00:00Z``."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class _Record:
+    kind: ClassVar[str]
+
+    def to_payload(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_entry(cls: type[R], entry: LedgerEntry, path: Path | str = "ledger") -> R:
+        """The typed record of ``entry``; :class:`LedgerError` names the entry if fields are wrong."""
+        if entry.kind != cls.kind:
+            raise LedgerError(f"{path}: seq {entry.seq} is a {entry.kind!r} entry, not {cls.kind!r}")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        missing = sorted(set(names) - set(entry.payload))
+        unknown = sorted(set(entry.payload) - set(names))
+        if missing or unknown:
+            raise LedgerError(f"{path}: seq {entry.seq} ({cls.kind}) has missing fields {missing} and "
+                              f"unknown fields {unknown}; was it written by another fedsynth version?")
+        values = {}
+        for name, value in entry.payload.items():
+            expected = _FIELD_TYPES[str(names[name].type)]
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, expected) or isinstance(value, bool):
+                raise LedgerError(f"{path}: seq {entry.seq} ({cls.kind}) field {name} should be a "
+                                  f"{expected.__name__} (got {value!r})")
+            values[name] = value
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class PlanRecord(_Record):
+    """The calibrated schedule: ``noise_multiplier`` (sigma) gives at most ``target_epsilon`` at
+    ``delta`` after ``planned_rounds`` rounds of ``steps_per_round`` steps at ``sample_rate``
+    (q = expected_batch_size / num_patients)."""
+
+    kind: ClassVar[str] = "plan"
+    target_epsilon: float
+    delta: float
+    accountant: str
+    noise_multiplier: float
+    sample_rate: float
+    num_patients: int
+    expected_batch_size: int
+    local_epochs: int
+    steps_per_round: int
+    planned_rounds: int
+    planned_epsilon: float
+    max_grad_norm: float
+    clipping: str
+    timestamp: str
+    fedsynth_version: str
+
+
+@dataclass(frozen=True)
+class RoundRecord(_Record):
+    """One round whose weights left (or may leave) the site. ``epsilon`` is cumulative after it."""
+
+    kind: ClassVar[str] = "round"
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    accountant: str
+    delta: float
+    epsilon: float
+    target_epsilon: float
+    num_patients: int
+    model_hash_before: str
+    model_hash_after: str
+    timestamp: str
+    fedsynth_version: str
+
+
+@dataclass(frozen=True)
+class SiteLedgerState:
+    """A verified read of a site ledger: the plan in force (the latest plan entry) and the rounds."""
+
+    plans: list[PlanRecord]
+    rounds: list[RoundRecord]
+
+    @property
+    def plan(self) -> PlanRecord | None:
+        return self.plans[-1] if self.plans else None
+
+    @property
+    def first_plan(self) -> PlanRecord | None:
+        return self.plans[0] if self.plans else None
+
+
+class SiteLedger:
+    """Typed access to a site's ledger file (hash chain, fsync and lock from :class:`Ledger`)."""
+
+    KINDS: ClassVar[dict[str, type[_Record]]] = {PlanRecord.kind: PlanRecord, RoundRecord.kind: RoundRecord}
+
+    def __init__(self, path: Path | str):
+        self.ledger = Ledger(path)
+
+    @property
+    def path(self) -> Path:
+        return self.ledger.path
+
+    def locked(self):
+        """The ledger's exclusive lock (see :meth:`privacy.ledger.Ledger.locked`)."""
+        return self.ledger.locked()
+
+    def state(self) -> SiteLedgerState:
+        """Verify the chain and decode every entry; unknown kinds are refused."""
+        plans: list[PlanRecord] = []
+        rounds: list[RoundRecord] = []
+        for entry in self.ledger.entries():
+            record_type = self.KINDS.get(entry.kind)
+            if record_type is None:
+                raise LedgerError(f"{self.path}: seq {entry.seq} has kind {entry.kind!r}, which a site "
+                                  f"ledger does not hold (expected plan or round); is this the "
+                                  f"consortium ledger?")
+            record = record_type.from_entry(entry, self.path)
+            (plans if isinstance(record, PlanRecord) else rounds).append(record)
+        if rounds and not plans:
+            raise LedgerError(f"{self.path}: has round entries but no plan entry; restore the ledger")
+        return SiteLedgerState(plans, rounds)
+
+    def append(self, record: _Record) -> LedgerEntry:
+        """Append a typed record durably."""
+        return self.ledger.append(record.kind, record.to_payload())
+
+
+def read_site_ledger(path: Path | str) -> SiteLedgerState:
+    """The verified content of the site ledger at ``path``."""
+    path = Path(path)
+    if not path.exists():
+        raise LedgerError(f"{path}: no such ledger; check the path (a site's ledger defaults to "
+                          f"<data_dir>/.fedsynth/ledger.jsonl)")
+    return SiteLedger(path).state()
+

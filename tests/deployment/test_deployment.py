@@ -1,0 +1,128 @@
+"""A real deployment on loopback: flower-superlink, one flower-supernode per hospital, `flwr run`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from configs import load_config
+from experiments.deployment import (flwr_run_command, make_certificates, make_supernode_key,
+                                    run_config_argument)
+from experiments.federate import prepare_public_validation
+from privacy.site_ledger import read_site_ledger
+from server.consortium_ledger import ROUND, SITE_FAILURE, read_consortium_ledger
+from server.federation import federation_dir
+from server.reconcile import reconcile
+
+REPO = Path(__file__).resolve().parents[2]
+RUN_TIMEOUT = 600.0
+REFUSAL_TIMEOUT = 120.0
+
+
+def site_rounds(fed, site_id: str) -> list[int]:
+    path = fed.ledger(site_id)
+    return [r.round for r in read_site_ledger(path).rounds] if path.exists() else []
+
+
+def federation_state(fed) -> dict:
+    path = federation_dir(fed.run_dir) / "state.json"
+    return json.loads(path.read_text()) if path.exists() else {"round": 0}
+
+
+def consortium(fed):
+    return read_consortium_ledger(federation_dir(fed.run_dir) / "consortium_ledger.jsonl")
+
+
+def check_finished(fed, rounds: int, sites: list[str]) -> None:
+    state = federation_state(fed)
+    assert state["round"] == rounds and state["stop_reason"] == f"all {rounds} rounds done", state
+    view = consortium(fed)
+    assert view.completed_rounds() == list(range(1, rounds + 1))
+    for site_id in sites:
+        assert len(site_rounds(fed, site_id)) == len(set(site_rounds(fed, site_id)))
+        report = reconcile(fed.ledger(site_id), federation_dir(fed.run_dir) / "consortium_ledger.jsonl")
+        assert report.ok and report.site_id == site_id, report.lines()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_insecure_deployment_runs_two_rounds(deployment, new_federation):
+    fed = new_federation(sites=2, rounds=2, min_sites=2)
+    prepare_public_validation(load_config(fed.config_path), fed.run_dir)
+    deployment.start_superlink()
+    for site_id in fed.site_ids:
+        deployment.start_supernode(site_id, fed.site_yaml(site_id))
+    done = deployment.run_app(fed.config_path, fed.run_dir, fed.checkpoint, RUN_TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:]
+    check_finished(fed, 2, fed.site_ids)
+    assert all(site_rounds(fed, s) == [1, 2] for s in fed.site_ids)
+    assert (federation_dir(fed.run_dir) / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_tls_and_supernode_authentication_refuse_an_unregistered_supernode(deployment, new_federation,
+                                                                           tmp_path):
+    fed = new_federation(sites=2, rounds=2, min_sites=2)
+    certificates = make_certificates(tmp_path / "certs", ["localhost", "127.0.0.1"])
+    deployment.start_superlink(certificates)
+    keys = {name: make_supernode_key(tmp_path / "keys" / name) for name in [*fed.site_ids, "intruder"]}
+    for site_id in fed.site_ids:
+        registered = deployment.flwr(["supernode", "register", str(keys[site_id][1]), "fedsynth",
+                                      "--name", site_id])
+        assert registered.returncode == 0 and "registered" in registered.stdout, registered.stdout
+    for site_id in fed.site_ids:
+        deployment.start_supernode(site_id, fed.site_yaml(site_id), private_key=keys[site_id][0])
+    # A SuperNode with a valid TLS setup but an unregistered key, posing as a hospital.
+    intruder_yaml = tmp_path / "intruder.yaml"
+    entry = yaml.safe_load(fed.site_yaml("site_1").read_text())
+    entry.update(site_id="intruder", ledger=str(tmp_path / "intruder_ledger.jsonl"))
+    intruder_yaml.write_text(yaml.safe_dump(entry))
+    intruder = deployment.start_supernode("intruder", intruder_yaml, private_key=keys["intruder"][0],
+                                          extra=["--max-retries", "2"])
+    deadline = time.monotonic() + REFUSAL_TIMEOUT
+    while intruder.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert intruder.poll() not in (None, 0), deployment.processes.log("intruder")[-2000:]
+    assert "Failed to activate SuperNode" in deployment.processes.log("intruder")
+
+    done = deployment.run_app(fed.config_path, fed.run_dir, fed.checkpoint, RUN_TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:]
+    check_finished(fed, 2, fed.site_ids)
+    assert consortium(fed).site_ids() == ["site_0", "site_1"]
+    assert not (tmp_path / "intruder_ledger.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(deployment, new_federation):
+    fed = new_federation(sites=3, rounds=2, min_sites=2)
+    deployment.start_superlink()
+    for site_id in fed.site_ids:
+        deployment.start_supernode(site_id, fed.site_yaml(site_id))
+    run_config = run_config_argument(fed.config_path, fed.run_dir, fed.checkpoint)
+    run = deployment.processes.start("flwr-run", flwr_run_command(REPO, run_config))
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while federation_state(fed)["round"] < 1 and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert federation_state(fed)["round"] == 1, deployment.processes.log("flwr-run")[-3000:]
+    deployment.processes.kill("site_2", signal.SIGKILL)   # the SuperNode and its ClientApp, mid-round 2
+    while run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert run.poll() == 0, deployment.processes.log("flwr-run")[-3000:]
+
+    check_finished(fed, 2, fed.site_ids)
+    view = consortium(fed)
+    [round_two] = [e for e in view.effective(ROUND) if e.payload["round"] == 2]
+    assert round_two.payload["participants"] == ["site_0", "site_1"]
+    failures = [e.payload for e in view.effective(SITE_FAILURE)]
+    assert [f["round"] for f in failures] == [2]
+    assert site_rounds(fed, "site_0") == site_rounds(fed, "site_1") == [1, 2]
+    assert site_rounds(fed, "site_2")[:1] == [1]     # it may have committed round 2 before it died
+    mirrored = [r.round for r in view.site_reports("site_2")]
+    assert mirrored == [1]                            # ... but the consortium counted it once

@@ -1,0 +1,231 @@
+"""Pretraining on a tiny public cohort, resume, MLflow logging, the pretrain -> sample CLI path."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from configs import load_config
+from experiments.cli import main
+from experiments.pretrain import STATE_FILE, PretrainError, pretrain
+from models.checkpoint import load_checkpoint
+
+SIZE = 16
+SPACING = 12.0  # mm: a 192 mm field of view, like the demo cohort at 16^3
+
+
+def _phantom(rng: np.random.Generator, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A head-like phantom: white matter inside grey matter, a CSF core; intensity by tissue."""
+    grid = np.stack(np.meshgrid(*[np.arange(SIZE)] * 3, indexing="ij"), -1) - (SIZE - 1) / 2 - shift
+    radius = np.linalg.norm(grid * np.array([1.0, 0.85, 1.1]), axis=-1)
+    label = np.zeros((SIZE,) * 3, np.uint8)
+    label[radius < 6.5] = 2
+    label[radius < 4.5] = 3
+    label[radius < 1.8] = 1
+    intensity = np.array([0.0, 0.3, 0.6, 0.9])[label] + rng.normal(0, 0.03, label.shape)
+    return intensity.astype(np.float32), label
+
+
+def write_site(folder: Path, patients: int, seed: int) -> Path:
+    """A site-format folder: manifest.csv (patient_id,image,label,age,sex), images/, labels/."""
+    rng = np.random.default_rng(seed)
+    affine = np.diag([SPACING, SPACING, SPACING, 1.0])
+    affine[:3, 3] = -SPACING * (SIZE - 1) / 2
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    rows = []
+    for p in range(patients):
+        image, label = _phantom(rng, rng.uniform(-1, 1, 3))
+        name = f"p{p:02d}"
+        nib.save(nib.Nifti1Image(image, affine), str(folder / "images" / f"{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, affine), str(folder / "labels" / f"{name}_label.nii.gz"))
+        rows.append({"patient_id": name, "image": f"images/{name}.nii.gz",
+                     "label": f"labels/{name}_label.nii.gz", "age": str(30 + 5 * p),
+                     "sex": str(p % 2)})
+    with open(folder / "manifest.csv", "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def write_config(tmp_path: Path, public: Path, **pretrain_overrides) -> Path:
+    config = {
+        "seed": 3,
+        "data": {"public_dir": str(public), "shape": [SIZE] * 3, "spacing": [SPACING] * 3},
+        "model": {
+            "autoencoder": {"channels": [8, 8], "latent_channels": 2, "norm_num_groups": 4},
+            "unet": {"channels": [8, 16], "attention_levels": [False, True], "num_head_channels": 8,
+                     "norm_num_groups": 4},
+            "conditioning": {"mode": "concat", "attributes": ["age", "sex"], "dropout": 0.2},
+            "diffusion": {"train_timesteps": 20, "sampling_steps": 4},
+        },
+        "pretrain": {"autoencoder": {"epochs": 2, "batch_size": 3},
+                     "unet": {"epochs": 2, "batch_size": 3}, **pretrain_overrides},
+        "tracking": {"experiment": "pretrain-test"},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny 3D convolutions run fastest single-threaded on a shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def public(tmp_path: Path) -> Path:
+    return write_site(tmp_path / "public", patients=5, seed=0)
+
+
+def test_resume_continues_bit_exactly(tmp_path: Path, public: Path) -> None:
+    config = load_config(write_config(tmp_path, public))
+    straight = pretrain(config, tmp_path / "straight", tracking=False)
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def stop_after_first_unet_epoch(stage: str, epoch: int) -> None:
+        if stage == "unet" and epoch == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pretrain(config, tmp_path / "resumed", tracking=False,
+                 on_epoch_end=stop_after_first_unet_epoch)
+    assert (tmp_path / "resumed" / STATE_FILE).is_file()
+    assert not (tmp_path / "resumed" / "checkpoint.pt").exists()
+    with pytest.raises(PretrainError, match="--resume"):
+        pretrain(config, tmp_path / "resumed", tracking=False)
+    resumed = pretrain(config, tmp_path / "resumed", resume=True, tracking=False)
+    assert resumed.checkpoint.content_hash == straight.checkpoint.content_hash
+    assert resumed.checkpoint.metadata["unet_epochs"] == 2
+
+
+def test_resume_refuses_a_changed_config(tmp_path: Path, public: Path) -> None:
+    config = load_config(write_config(tmp_path, public))
+
+    def stop(stage: str, epoch: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(config, tmp_path / "run", tracking=False, on_epoch_end=stop)
+    changed = load_config(write_config(tmp_path, public, unet={"epochs": 2, "batch_size": 3,
+                                                              "learning_rate": 0.01}))
+    with pytest.raises(PretrainError, match="pretrain.unet.learning_rate"):
+        pretrain(changed, tmp_path / "run", resume=True, tracking=False)
+
+
+def test_disabled_pretraining_still_trains_the_autoencoder(tmp_path: Path, public: Path) -> None:
+    from models.autoencoder import build_autoencoder
+    from models.latent_unet import build_latent_unet
+
+    config = load_config(write_config(tmp_path, public, enabled=False))
+    result = pretrain(config, tmp_path / "run", tracking=False)
+    meta = result.checkpoint.metadata
+    assert meta["unet_pretrained"] is False
+    assert (meta["autoencoder_epochs"], meta["unet_epochs"]) == (2, 0)
+    stored = load_checkpoint(result.checkpoint_path)
+    torch.manual_seed(config.seed)
+    untrained_autoencoder = build_autoencoder(config.model.autoencoder).state_dict()
+    assert any(not torch.equal(v, untrained_autoencoder[k])
+               for k, v in stored.autoencoder_state.items())
+    torch.manual_seed(config.seed + 1)
+    untrained_unet = build_latent_unet(config.model, config.data.num_classes, 2).state_dict()
+    # The UNet keeps its initialisation; only the public attribute statistics are filled in.
+    changed = {k for k, v in stored.denoiser_state.items() if not torch.equal(v, untrained_unet[k])}
+    assert changed == {"unet.class_embedding.mean", "unet.class_embedding.std"}
+
+
+@pytest.mark.slow  # about 7 s alone, over 20 s on a busy CPU (MLflow's SQLite store setup)
+def test_pretrain_then_sample_cli_end_to_end(tmp_path: Path, public: Path, capsys) -> None:
+    from mlflow import MlflowClient
+
+    config = write_config(tmp_path, public)
+    run_dir = tmp_path / "run"
+    assert main(["pretrain", "--config", str(config), "--out", str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    checkpoint = run_dir / "checkpoint.pt"
+    assert checkpoint.is_file() and load_checkpoint(checkpoint).content_hash in printed
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("pretrain-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.conditioning.mode"] == "concat"
+    assert run.data.params["pretrain.unet.epochs"] == "2"
+    history = client.get_metric_history(run.info.run_id, "unet/loss")
+    assert [m.step for m in history] == [0, 1] and all(np.isfinite(m.value) for m in history)
+    assert len(client.get_metric_history(run.info.run_id, "autoencoder/l1")) == 2
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "previews")]
+    assert "previews/pretrain_samples.png" in artifacts
+    assert run.data.tags["checkpoint_sha256"] == load_checkpoint(checkpoint).content_hash
+
+    # Sampling from a site-format mask folder with a manifest (attributes taken from it).
+    out = tmp_path / "synthetic"
+    assert main(["sample", "--checkpoint", str(checkpoint), "--masks", str(public), "--num", "3",
+                 "--out", str(out), "--seed", "1", "--guidance", "2.0", "--batch-size", "2"]) == 0
+    from client.site_data import read_manifest
+    records = read_manifest(out)
+    assert [r.patient_id for r in records] == ["synth_0000", "synth_0001", "synth_0002"]
+    assert records[1].attributes["age"] == "35" and records[1].attributes["condition"] == "p01"
+    source = nib.load(str(public / "labels" / "p01_label.nii.gz"))
+    image, label = nib.load(str(records[1].image)), nib.load(str(records[1].label))
+    assert np.allclose(image.affine, source.affine) and np.allclose(label.affine, source.affine)
+    assert image.shape == (SIZE,) * 3 and np.isfinite(image.get_fdata()).all()
+    assert np.array_equal(label.get_fdata(), source.get_fdata())
+    assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A plain folder of label files (attributes: the public means); maps are cycled in name order.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("p00", "p01"):
+        source_label = public / "labels" / f"{name}_label.nii.gz"
+        (plain / f"{name}.nii.gz").write_bytes(source_label.read_bytes())
+    again = tmp_path / "again"
+    assert main(["sample", "--checkpoint", str(checkpoint), "--masks", str(plain), "--num", "3",
+                 "--out", str(again), "--seed", "1", "--batch-size", "2"]) == 0
+    records = read_manifest(again)
+    assert [r.attributes["condition"] for r in records] == ["p00", "p01", "p00"]
+    assert float(records[0].attributes["age"]) == pytest.approx(40.0)  # mean of 30..50
+
+
+def test_sample_cli_refuses_bad_input_with_one_line(tmp_path: Path, public: Path, capsys) -> None:
+    config = load_config(write_config(tmp_path, public, unet={"epochs": 1, "batch_size": 3},
+                                      autoencoder={"epochs": 1, "batch_size": 3}))
+    checkpoint = pretrain(config, tmp_path / "run", tracking=False).checkpoint_path
+
+    def error(argv: list[str]) -> str:
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1
+        return lines[0]
+
+    out = str(tmp_path / "out")
+    assert "not found" in error(["sample", "--checkpoint", str(tmp_path / "none.pt"),
+                                 "--masks", str(public), "--num", "1", "--out", out])
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(checkpoint.read_bytes()[:1000])
+    assert "truncated" in error(["sample", "--checkpoint", str(truncated), "--masks", str(public),
+                                 "--num", "1", "--out", out])
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), str(wrong / "small.nii.gz"))
+    assert "does not match" in error(["sample", "--checkpoint", str(checkpoint),
+                                      "--masks", str(wrong), "--num", "1", "--out", out])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--checkpoint", str(checkpoint), "--masks", str(public), "--num", "0",
+              "--out", out])
+    assert exit_info.value.code == 2
+    assert "must be > 0" in capsys.readouterr().err
+    assert not Path(out).exists()

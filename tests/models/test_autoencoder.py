@@ -1,0 +1,113 @@
+"""The first stage: KL and VQ autoencoders, their losses, and the local-weights perceptual loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from configs import AutoencoderConfig
+from models.autoencoder import (AutoencoderLoss, PerceptualWeightsError, build_autoencoder,
+                                build_discriminator, decode_latents, downsampling_factor,
+                                encode_latents, reconstruct)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny(kind: str) -> AutoencoderConfig:
+    return AutoencoderConfig(kind=kind, channels=[8, 8], latent_channels=2, norm_num_groups=4,
+                             num_embeddings=16)
+
+
+def blobs(batch: int, seed: int = 0) -> torch.Tensor:
+    """Smooth random volumes in [0, 1] (B, 1, 16, 16, 16)."""
+    noise = torch.rand(batch, 1, 4, 4, 4, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(noise, size=(16, 16, 16), mode="trilinear",
+                                           align_corners=False)
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_latent_grid_follows_the_downsampling(kind: str) -> None:
+    cfg = tiny(kind)
+    autoencoder = build_autoencoder(cfg).eval()
+    with torch.no_grad():
+        latents = encode_latents(autoencoder, blobs(2))
+        assert latents.shape == (2, 2, 8, 8, 8) and downsampling_factor(cfg) == 2
+        assert decode_latents(autoencoder, latents).shape == (2, 1, 16, 16, 16)
+        # Deterministic encoding (the KL posterior mean, the VQ codes).
+        assert torch.equal(latents, encode_latents(autoencoder, blobs(2)))
+
+
+def test_dict_config_builds_the_same_network() -> None:
+    torch.manual_seed(0)
+    a = build_autoencoder(tiny("kl"))
+    torch.manual_seed(0)
+    b = build_autoencoder({"kind": "kl", "channels": [8, 8], "latent_channels": 2,
+                           "num_res_blocks": 1, "attention_levels": [False, False],
+                           "norm_num_groups": 4, "num_embeddings": 16})
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_a_few_adversarial_steps_lower_the_reconstruction_loss(kind: str) -> None:
+    torch.manual_seed(0)
+    cfg = tiny(kind)
+    autoencoder, discriminator = build_autoencoder(cfg), build_discriminator(cfg, (16, 16, 16))
+    losses = AutoencoderLoss(adversarial_weight=0.01,
+                             regularisation_weight=1e-6 if kind == "kl" else 1.0)
+    g_opt = torch.optim.Adam(autoencoder.parameters(), lr=3e-3)
+    d_opt = torch.optim.Adam(discriminator.parameters(), lr=1e-3)
+    images, generator = blobs(2), torch.Generator().manual_seed(1)
+    first = None
+    for _ in range(12):
+        reconstruction, regularisation = reconstruct(autoencoder, images, generator)
+        loss, parts = losses.generator_loss(images, reconstruction, regularisation, discriminator)
+        first = parts["l1"] if first is None else first
+        g_opt.zero_grad()
+        loss.backward()
+        g_opt.step()
+        d_loss = losses.discriminator_loss(discriminator, images, reconstruction)
+        d_opt.zero_grad()
+        d_loss.backward()
+        d_opt.step()
+        assert {"l1", "regularisation", "adversarial"} <= set(parts) and torch.isfinite(d_loss)
+    assert parts["l1"] < 0.7 * first
+
+
+def _medicalnet_style_weights(path: Path) -> Path:
+    """A ResNet-10 state dict in MedicalNet's file layout (random values: nothing is downloaded)."""
+    from monai.networks.nets import resnet10
+
+    net = resnet10(spatial_dims=3, n_input_channels=1, feed_forward=False, shortcut_type="B",
+                   bias_downsample=False)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, path)
+    return path
+
+
+def test_perceptual_loss_loads_local_weights_and_is_differentiable(tmp_path: Path) -> None:
+    weights = _medicalnet_style_weights(tmp_path / "r10.pth")
+    losses = AutoencoderLoss(0.0, 1e-6, perceptual_weights=weights)
+    images = blobs(1)
+    reconstruction = blobs(1, seed=3).requires_grad_()
+    loss, parts = losses.generator_loss(images, reconstruction, torch.tensor(0.0), None)
+    loss.backward()
+    assert parts["perceptual"] > 0 and reconstruction.grad.abs().sum() > 0
+    same, _ = losses.generator_loss(images, images, torch.tensor(0.0), None)
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+    assert all(not p.requires_grad for p in losses.perceptual.parameters())
+
+
+def test_perceptual_weights_that_do_not_fit_are_refused(tmp_path: Path) -> None:
+    torch.save({"state_dict": {"module.fc.weight": torch.zeros(2, 2)}}, tmp_path / "bad.pth")
+    with pytest.raises(PerceptualWeightsError, match="not a MedicalNet"):
+        AutoencoderLoss(0.0, 1e-6, perceptual_weights=tmp_path / "bad.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    with pytest.raises(PerceptualWeightsError, match="cannot read"):
+        AutoencoderLoss(0.0, 1e-6, perceptual_weights=tmp_path / "junk.pth")

@@ -1,0 +1,157 @@
+"""Calibration, accounting replay and budget enforcement (no training: the budget logic alone)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from privacy.accounting import (INDEPENDENT_TOLERANCE, epsilon, history_of, independent_epsilon,
+                                replay_accountant)
+from privacy.budget import BudgetExhausted, PlanMismatch, SiteBudget
+from privacy.calibration import CalibrationError, SchedulePlan, calibrate
+from privacy.site_ledger import SiteLedger
+
+HASH = "0" * 64
+
+
+def _plan(sigma: float = 1.2, patients: int = 20, batch: int = 4, steps: int = 5, rounds: int = 4,
+          cap: float = 5.0, delta: float = 1e-3, accountant: str = "rdp") -> SchedulePlan:
+    return SchedulePlan(target_epsilon=cap, delta=delta, accountant=accountant, noise_multiplier=sigma,
+                        sample_rate=batch / patients, num_patients=patients, expected_batch_size=batch,
+                        local_epochs=1, steps_per_round=steps, planned_rounds=rounds)
+
+
+def _charge(budget: SiteBudget, number: int):
+    return budget.charge(number, model_hash_before=HASH, model_hash_after=HASH)
+
+
+def test_calibration_uses_opacus_for_the_whole_schedule():
+    plan = calibrate(target_epsilon=4.0, delta=1e-3, num_patients=40, expected_batch_size=8,
+                     rounds=3, local_epochs=2)
+    assert plan.sample_rate == 8 / 40 and plan.steps_per_round == 2 * 5
+    expected = get_noise_multiplier(target_epsilon=4.0, target_delta=1e-3, sample_rate=0.2, steps=30,
+                                    accountant="rdp", epsilon_tolerance=0.01)
+    assert plan.noise_multiplier == expected
+    curve = plan.epsilon_curve()
+    assert curve == sorted(curve) and 4.0 - 0.01 <= curve[-1] <= 4.0
+
+
+@pytest.mark.parametrize("delta", [1 / 40, 0.1])
+def test_delta_at_least_one_over_n_is_refused(delta):
+    with pytest.raises(CalibrationError, match=r"must be below 1/N = 1/40") as caught:
+        calibrate(target_epsilon=4.0, delta=delta, num_patients=40, expected_batch_size=8, rounds=3,
+                  local_epochs=1)
+    assert "\n" not in str(caught.value)
+
+
+def test_batch_larger_than_cohort_is_refused():
+    with pytest.raises(CalibrationError, match="expected_batch_size=12"):
+        calibrate(target_epsilon=4.0, delta=1e-5, num_patients=10, expected_batch_size=12, rounds=1,
+                  local_epochs=1)
+
+
+def test_ledger_replay_equals_opacus_stepping_and_the_independent_accountant(tmp_path: Path):
+    budget = SiteBudget.open(tmp_path / "ledger.jsonl", _plan(cap=50.0), max_grad_norm=1.0)
+    stepped = RDPAccountant()
+    for number in range(1, 4):
+        _charge(budget, number)
+        for _ in range(5):  # what Opacus' optimizer hook does on every step
+            stepped.step(noise_multiplier=1.2, sample_rate=0.2)
+    rounds = budget.state().rounds
+    replayed = replay_accountant(rounds, "rdp", create_accountant("rdp"))
+    assert replayed.history == stepped.history == [(1.2, 0.2, 15)]
+    assert replayed.get_epsilon(1e-3) == stepped.get_epsilon(1e-3) == rounds[-1].epsilon
+    independent = independent_epsilon(history_of(rounds), 1e-3, "rdp")
+    assert INDEPENDENT_TOLERANCE["rdp"].agrees(rounds[-1].epsilon, independent)
+
+
+def test_prv_ledger_agrees_with_independent_pld():
+    history = [(1.1, 0.2, 40)]
+    assert INDEPENDENT_TOLERANCE["prv"].agrees(epsilon(history, 1e-5, "prv"),
+                                               independent_epsilon(history, 1e-5, "pld"))
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sigma=st.floats(0.6, 4.0), patients=st.integers(5, 60), batch_fraction=st.floats(0.05, 0.5),
+       steps=st.integers(1, 6), cap=st.floats(0.2, 12.0), attempts=st.integers(1, 8),
+       delta_exponent=st.integers(2, 6))
+def test_no_sequence_of_rounds_ends_above_the_cap(sigma, patients, batch_fraction, steps, cap,
+                                                  attempts, delta_exponent):
+    batch = max(1, int(batch_fraction * patients))
+    delta = min(10.0 ** -delta_exponent, 0.5 / patients)
+    plan = _plan(sigma=sigma, patients=patients, batch=batch, steps=steps, rounds=attempts, cap=cap,
+                 delta=delta)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "ledger.jsonl"
+        budget = SiteBudget.open(path, plan, max_grad_norm=1.0)
+        refused_at = None
+        for number in range(1, attempts + 1):
+            would_be = epsilon(history_of(budget.state().rounds) + [(sigma, plan.sample_rate, steps)],
+                               delta, "rdp")
+            before = path.read_bytes()
+            try:
+                record = _charge(budget, number)
+            except BudgetExhausted as refusal:
+                refused_at = number
+                assert would_be > cap and refusal.would_be == would_be and refusal.cap == cap
+                assert path.read_bytes() == before  # nothing committed
+                break
+            assert would_be <= cap and record.epsilon == would_be
+        # A fresh process (new objects) sees the same spend, and never above the cap.
+        spent = SiteBudget(path).spent()
+        assert spent <= cap
+        if refused_at is not None:
+            with pytest.raises(BudgetExhausted):
+                _charge(SiteBudget(path), refused_at)
+
+
+def test_restart_and_new_config_do_not_reset_the_spend(tmp_path: Path):
+    path = tmp_path / "ledger.jsonl"
+    budget = SiteBudget.open(path, _plan(cap=3.0, rounds=10), max_grad_norm=1.0)
+    spent = []
+    with pytest.raises(BudgetExhausted) as refusal:
+        for number in range(1, 100):
+            spent.append(_charge(budget, number).epsilon)
+    assert "above the site's cap 3" in str(refusal.value)
+    # New process, new config with a planned schedule restarted at round 1: the spend is still there.
+    reopened = SiteBudget.open(path, _plan(cap=3.0, rounds=2), max_grad_norm=1.0)
+    assert reopened.spent() == spent[-1]
+    with pytest.raises(BudgetExhausted):
+        _charge(reopened, 1)
+    # The site raises its own cap: the spend carries over, a plan entry records the change.
+    raised = SiteBudget.open(path, _plan(cap=6.0, rounds=10), max_grad_norm=1.0)
+    record = _charge(raised, len(spent) + 1)
+    assert record.epsilon > spent[-1] and record.target_epsilon == 6.0
+    state = raised.state()
+    assert [(p.target_epsilon, p.planned_rounds) for p in state.plans] == [(3.0, 10), (3.0, 2), (6.0, 10)]
+    assert state.plans[1].noise_multiplier == state.plans[0].noise_multiplier
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(batch=5), "samples q=0.2"),
+    (dict(patients=25), "samples q=0.2"),
+    (dict(delta=1e-4), "delta=0.001"),
+    (dict(accountant="prv"), "rdp accountant"),
+])
+def test_changed_mechanism_is_refused(tmp_path: Path, change, match):
+    path = tmp_path / "ledger.jsonl"
+    SiteBudget.open(path, _plan(), max_grad_norm=1.0)
+    with pytest.raises(PlanMismatch, match=match):
+        SiteBudget.open(path, _plan(**change), max_grad_norm=1.0)
+    assert len(SiteLedger(path).state().plans) == 1
+
+
+def test_new_calibration_keeps_the_first_sigma(tmp_path: Path):
+    path = tmp_path / "ledger.jsonl"
+    SiteBudget.open(path, _plan(sigma=1.2), max_grad_norm=1.0)
+    budget = SiteBudget.open(path, _plan(sigma=0.7, cap=8.0), max_grad_norm=0.5)
+    record = _charge(budget, 1)
+    assert record.noise_multiplier == 1.2
+    assert budget.plan().max_grad_norm == 0.5
