@@ -48,7 +48,8 @@ def resolve_site(context: Context, defaults: Mapping[str, Any]) -> SiteConfig:
         partition = int(node_config[PARTITION_KEY])
         if not 0 <= partition < len(sites):
             raise SiteConfigMissing(f"{run_config[CONFIG_PATH_KEY]}: federation.sites has {len(sites)} "
-                                    f"entries, simulation node {partition} has none; list one site per node")
+                                    f"entries, simulation node {partition} has none; list one site "
+                                    f"per node")
         return sites[partition]
     raise SiteConfigMissing("this SuperNode has no site config; start it with "
                             "--node-config 'site-config=\"/path/to/site.yaml\"'")
@@ -106,6 +107,11 @@ def make_client_app(config_path: str | None = None) -> ClientApp:
     @client_app.train()
     def train(message: Message, context: Context) -> Message:
         return handle_train(message, context, defaults)
+
+    @client_app.query("gate")  # privacy.protocol.GATE_MESSAGE_TYPE: the release gate (client.gate)
+    def gate(message: Message, context: Context) -> Message:
+        from client.gate import answer_gate_message
+        return Message(answer_gate_message(resolve_site(context, defaults), message.content), reply_to=message)
 
     return client_app
 

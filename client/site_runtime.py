@@ -17,8 +17,8 @@ The round, in order (nothing here imports Flower; :mod:`client.client_app` only 
    the ledger before it returns the weights (write-ahead), and resends the committed weights instead
    of charging again when the same round is asked twice with the same starting weights.
 5. Reply. Only the trained parameters, the patient count, the accounting figures and the ledger head
-   leave (:class:`privacy.protocol.TrainReply`). Timing and loss values stay in the site's local
-   activity log (``<ledger>.activity.jsonl``).
+   leave (:class:`privacy.protocol.TrainReply`). No training loss is computed for the reply; the
+   round's compute time stays in the site's local activity log (``<ledger>.activity.jsonl``).
 """
 
 from __future__ import annotations
@@ -122,7 +122,8 @@ def data_config(round_config: RoundConfig) -> DataConfig:
 
 @torch.no_grad()
 def encode_site(site: SiteConfig, data: DataConfig, attributes: Sequence[str],
-                autoencoder: torch.nn.Module, latent_scale_factor: float, batch_size: int = 4) -> EncodedSite:
+                autoencoder: torch.nn.Module, latent_scale_factor: float,
+                batch_size: int = 4) -> EncodedSite:
     """Load the site's scans and encode them with the frozen autoencoder (no gradients, eval mode)."""
     dataset = load_site(site.data_dir, data, site.manifest, attributes)
     autoencoder.eval()

@@ -112,6 +112,8 @@ class DiffusionConfig:
     train_timesteps: int = _f(1000, gt=0)
     beta_schedule: Literal["linear_beta", "scaled_linear_beta"] = "scaled_linear_beta"
     sampling_steps: int = _f(50, gt=0)
+    # What the UNet predicts: the noise, or the velocity (learns the map-to-image mapping faster).
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
 
     def validate(self):
         if self.sampling_steps > self.train_timesteps:

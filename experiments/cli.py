@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "experiments.commands.report",
     "experiments.commands.federate",
     "experiments.commands.deploy",
+    "experiments.commands.release",
     "experiments.commands.benchmark",
 ]
 
@@ -52,6 +53,11 @@ USER_ERRORS = [
     ("server.round_checkpoint", "StateError"),
     ("server.public_validation", "ValidationSetError"),
     ("experiments.deployment", "DeployError"),
+    ("server.reconcile", "ReconcileError"),
+    ("privacy.rollback_guard", "AlarmNotResolved"),
+    ("server.release", "ReleaseError"),
+    ("privacy.gate", "GateError"),
+    ("client.memorization", "MemorizationAuditError"),
 ]
 
 log = logging.getLogger("fedsynth")

@@ -58,7 +58,7 @@ def simulate(config_path: Path, run_dir: Path | None = None, *, checkpoint: Path
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # hospitals' machines do not phone home
     from client.client_app import make_client_app
     from flwr.simulation import run_simulation
-    from server.federation import FederationError, FederationSettings
+    from server.federation import FederationError, FederationSettings, preflight
     from server.server_app import default_run_dir, make_server_app
 
     config_path = Path(config_path).resolve()
@@ -70,6 +70,7 @@ def simulate(config_path: Path, run_dir: Path | None = None, *, checkpoint: Path
     settings = FederationSettings(config=config, run_dir=run_dir,
                                   checkpoint=Path(checkpoint) if checkpoint else run_dir / "checkpoint.pt",
                                   resume=resume, tracking=tracking, config_file=config_path)
+    preflight(settings)   # fail fast, before Ray starts
     prepare_public_validation(config, run_dir)
     results: list = []
     run_simulation(server_app=make_server_app(settings, results.append),

@@ -1,6 +1,6 @@
 """Noise schedules, the per-sample training loss, guided DDIM sampling, and the two-stage model.
 
-Training is DDPM (epsilon prediction) on scaled latents; sampling is DDIM with classifier-free
+Training is DDPM (epsilon or v prediction) on scaled latents; sampling is DDIM with classifier-free
 guidance. Every random draw takes an explicit ``torch.Generator``, so a seed fixes the result.
 """
 
@@ -32,17 +32,26 @@ def _diffusion_cfg(cfg: Any) -> Any:
     return _field(cfg, "diffusion") if has("diffusion") else cfg
 
 
+def prediction_type(cfg: Any) -> str:
+    """``epsilon`` or ``v_prediction`` (configs written before the field existed: epsilon)."""
+    cfg = _diffusion_cfg(cfg)
+    if isinstance(cfg, Mapping):
+        return str(cfg.get("prediction_type", "epsilon"))
+    return str(getattr(cfg, "prediction_type", "epsilon"))
+
+
 def _schedule_args(cfg: Any) -> dict:
     cfg = _diffusion_cfg(cfg)
     schedule = _field(cfg, "beta_schedule")
     start, end = _BETAS[schedule]
     # Latents are not bounded to [-1, 1]: no clipping of the predicted sample.
     return dict(num_train_timesteps=int(_field(cfg, "train_timesteps")), schedule=schedule,
-                beta_start=start, beta_end=end, clip_sample=False)
+                beta_start=start, beta_end=end, clip_sample=False,
+                prediction_type=prediction_type(cfg))
 
 
 def build_scheduler(cfg: Any) -> DDPMScheduler:
-    """The training (forward-process) scheduler: DDPM, epsilon prediction."""
+    """The training (forward-process) scheduler: DDPM with the configured prediction target."""
     return DDPMScheduler(**_schedule_args(cfg))
 
 
@@ -60,7 +69,10 @@ def diffusion_loss(denoiser: nn.Module, scheduler: DDPMScheduler, latents: torch
                    generator: torch.Generator | None = None, condition_dropout: float = 0.0,
                    noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None
                    ) -> torch.Tensor:
-    """PER-SAMPLE epsilon-prediction loss (B,): the DP-SGD interface.
+    """PER-SAMPLE diffusion loss (B,): the DP-SGD interface.
+
+    The mean squared error between the denoiser's output and the scheduler's target: the noise
+    (``epsilon``) or the velocity sqrt(a) * noise - sqrt(1 - a) * latents (``v_prediction``).
 
     latents (B, Cz, d, h, w), already scaled; label_onehot (B, C, D, H, W) at image or latent
     resolution; attributes (B, A) or None. Noise, timesteps and the condition-dropout mask are
@@ -77,13 +89,17 @@ def diffusion_loss(denoiser: nn.Module, scheduler: DDPMScheduler, latents: torch
     keep = draw_condition_mask(batch, condition_dropout, generator, latents.device)
     noisy = scheduler.add_noise(original_samples=latents, noise=noise, timesteps=timesteps)
     prediction = denoiser(noisy, timesteps, label_onehot, attributes, keep)
-    return (prediction - noise).pow(2).flatten(1).mean(dim=1)
+    target = noise
+    if scheduler.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    return (prediction - target).pow(2).flatten(1).mean(dim=1)
 
 
-def guided_noise(denoiser: nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
-                 label_onehot: torch.Tensor, attributes: torch.Tensor | None,
-                 guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance: eps_null + g * (eps_cond - eps_null), both from one batched pass.
+def guided_prediction(denoiser: nn.Module, latents: torch.Tensor, timestep: torch.Tensor,
+                      label_onehot: torch.Tensor, attributes: torch.Tensor | None,
+                      guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance on the model output (noise or velocity, both linear in it):
+    out_null + g * (out_cond - out_null), both from one batched pass.
 
     g = 1 is the plain conditional model (one pass); g = 0 the unconditional one.
     """
@@ -117,8 +133,8 @@ def sample_latents(denoiser: nn.Module, sampler: DDIMScheduler, noise: torch.Ten
     latents = noise
     for t in tqdm(sampler.timesteps, desc="sampling", unit="step",
                   disable=None if progress else True, leave=False):
-        eps = guided_noise(denoiser, latents, t, label_onehot, attributes, guidance_scale)
-        latents, _ = sampler.step(eps, int(t), latents)
+        output = guided_prediction(denoiser, latents, t, label_onehot, attributes, guidance_scale)
+        latents, _ = sampler.step(output, int(t), latents)
     return latents
 
 

@@ -241,7 +241,14 @@ def backward_per_patient(module: AbstractGradSampleModule, optimizer: DPOptimize
     ``batch`` holds R rows; ``patient_of_row`` (R,) maps rows to patients 0..num_patients-1. Returns
     the detached per-row losses (R,).
     """
-    losses = loss_fn(module, batch)
+    try:
+        losses = loss_fn(module, batch)
+    except RuntimeError as err:
+        if "BackwardHookFunction" in str(err) and "inplace" in str(err):
+            raise DPSetupError("the model changes a layer's output in place (e.g. ReLU(inplace=True) or "
+                               "x.add_()), which breaks Opacus' per-sample gradient hooks; use the "
+                               "out-of-place operation") from None
+        raise
     rows = len(patient_of_row)
     if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (rows,):
         shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__

@@ -6,13 +6,21 @@ comparing it with a threshold. Everything here is plain torch/numpy (no Flower):
 
 Distance spaces (``release.distance``)
 --------------------------------------
-- ``nrmse`` (default): normalised RMSE in image space, ``||x - s||_2 / ||s||_2`` with ``s`` the
-  site's scan (so it reads as "the error is that fraction of the scan's own signal"; scale-free).
+- ``latent`` (default): relative L2 distance ``||E(x) - E(s)||_2 / ||E(s)||_2`` between embeddings
+  by the frozen PUBLIC encoder ``E`` (the autoencoder's posterior mean times the latent scale
+  factor, (Cz, d, h, w)). The encoder never saw private data, so the embedding is a fixed, public
+  feature map; it is 8x (or more) smaller than the image, and it smooths away voxel noise.
+- ``nrmse``: normalised RMSE in image space, ``||x - s||_2 / ||s||_2`` with ``s`` the site's scan
+  (the error as a fraction of the scan's own signal; scale-free, no model involved).
 - ``ssim``: ``1 - SSIM(x, s)`` in image space, MONAI's :class:`~monai.metrics.SSIMMetric`
-  (Gaussian window, data range 1: site images are normalised to [0, 1]).
-- ``latent``: the same relative L2 distance between embeddings by the frozen PUBLIC encoder
-  (the autoencoder's posterior mean times the latent scale factor, (Cz, d, h, w)). The encoder never
-  saw private data, so the embedding is a fixed, public feature map.
+  (Gaussian window, data range 1: site images are normalised to [0, 1]). The most noise-robust of
+  the three but one 3D convolution per pair: use it for small releases.
+
+Why ``latent`` by default (measured on the demo cohort at 16^3, 8 patients, a public autoencoder
+trained briefly): planted copies with Gaussian noise (sigma 0.02) land at 0.018 of the scan's latent
+norm against a nearest OTHER patient at 0.17 or more (a 10x margin); in ``nrmse`` the same copies land
+at 0.06 against 0.22 (3.6x), in ``ssim`` at 0.004 against 0.08 (20x). Exact and shifted copies
+land at 0 in every space once the shift tolerance below is on.
 
 Shift tolerance (``release.max_shift``)
 ---------------------------------------

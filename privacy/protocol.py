@@ -31,7 +31,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any, Collection, Mapping
+from typing import Any, Mapping
 
 PROTOCOL_VERSION = 1
 

@@ -59,7 +59,8 @@ class ConsortiumView:
 
     def effective(self, kind: str | None = None) -> list[LedgerEntry]:
         """Entries that are not superseded (of ``kind`` if given), in order."""
-        return [e for e in self.entries if e.seq not in self.superseded and (kind is None or e.kind == kind)]
+        return [e for e in self.entries
+                if e.seq not in self.superseded and (kind is None or e.kind == kind)]
 
     def site_reports(self, site_id: str | None = None) -> list[SiteReport]:
         """Every ``site-round`` entry (superseded ones flagged), of one site if given."""
@@ -90,7 +91,8 @@ class ConsortiumView:
 
     def completed_rounds(self) -> list[int]:
         """Rounds closed as ``aggregated`` (not superseded), in order."""
-        return [int(e.payload["round"]) for e in self.effective(ROUND) if e.payload["status"] == "aggregated"]
+        return [int(e.payload["round"]) for e in self.effective(ROUND)
+                if e.payload["status"] == "aggregated"]
 
     def latest_epsilon(self) -> dict[str, float]:
         """Per site, the largest cumulative epsilon it reported (a spend only grows)."""
@@ -171,5 +173,6 @@ def read_consortium_ledger(path: Path | str) -> ConsortiumView:
     """The verified content of the consortium ledger at ``path``."""
     path = Path(path)
     if not path.exists():
-        raise LedgerError(f"{path}: no such consortium ledger; it is RUN_DIR/federation/consortium_ledger.jsonl")
+        raise LedgerError(f"{path}: no such consortium ledger; the server writes it to "
+                          f"RUN_DIR/federation/consortium_ledger.jsonl")
     return ConsortiumLedger(path).view()

@@ -195,16 +195,22 @@ def round_config_for(config: Config, base: Checkpoint, strategy: BudgetAwareFedA
     return RoundConfig(
         server_round=server_round, planned_rounds=config.federation.rounds,
         local_epochs=config.federation.local_epochs, privacy=config_to_dict(config.privacy),
-        data={"shape": list(data.shape), "spacing": list(data.spacing), "label_names": list(data.label_names),
+        data={"shape": list(data.shape), "spacing": list(data.spacing),
+              "label_names": list(data.label_names),
               "intensity_percentiles": list(config.data.intensity_percentiles)},
         model=base.model_config, attributes=list(data.attributes),
         latent_scale_factor=base.latent_scale_factor, autoencoder_sha256=autoencoder_sha256,
         global_sha256=weights_hash(global_state), expected_heads=strategy.expected_heads())
 
 
-def _missing_nodes(strategy: BudgetAwareFedAvg, messages: list[Message], replies: list[Message]) -> list[int]:
+def _missing_nodes(strategy: BudgetAwareFedAvg, messages: list[Message],
+                   replies: list[Message]) -> list[int]:
     answered = {strategy.reply_node(reply) for reply in replies}
     return [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]
+
+
+def _describe(reply) -> str:
+    return reply.status.value + (f" ({reply.reason.value})" if reply.reason.value else "")
 
 
 def _record_replies(ledger: ConsortiumLedger, outcome: RoundReplies) -> None:
@@ -248,20 +254,19 @@ def _epsilon_report(strategy: BudgetAwareFedAvg) -> dict[str, Any]:
                     "sites' own ledgers are authoritative - reconcile with 'fedsynth audit reconcile'"}
 
 
-def run_federation(grid: Grid, settings: FederationSettings,
-                   on_round: Callable[[RoundSummary], None] | None = None) -> FederationResult:
-    """Run (or resume) the federation over ``grid``; see the module docstring."""
-    config = settings.config
+def preflight(settings: FederationSettings) -> tuple[FederationState | None, Checkpoint]:
+    """Check that the federation can start (or resume) before any site is contacted.
+
+    Returns the saved state (None for a new federation) and the checkpoint to start from; raises
+    :class:`FederationError` (one line) otherwise.
+    """
     folder = federation_dir(settings.run_dir)
     state = load_state(folder)
     if state is not None and not settings.resume:
         raise FederationError(f"{folder / 'state.json'}: a federation already ran in this run folder; pass "
                               f"--resume to continue it or choose another run folder (--out)")
-    if settings.resume and state is None:
-        log.info("%s: nothing to resume; starting a new federation", folder)
     if state is not None:
-        _check_resume(state, config, folder)
-    folder.mkdir(parents=True, exist_ok=True)
+        _check_resume(state, settings.config, folder)
     start_path = folder / state.checkpoint if state else Path(settings.checkpoint)
     try:
         base = load_checkpoint(start_path)
@@ -269,6 +274,18 @@ def run_federation(grid: Grid, settings: FederationSettings,
         raise FederationError(f"{err}") from None
     if state is not None and base.content_hash != state.checkpoint_sha256:
         raise FederationError(f"{start_path}: its hash differs from the one in state.json; restore it")
+    return state, base
+
+
+def run_federation(grid: Grid, settings: FederationSettings,
+                   on_round: Callable[[RoundSummary], None] | None = None) -> FederationResult:
+    """Run (or resume) the federation over ``grid``; see the module docstring."""
+    config = settings.config
+    folder = federation_dir(settings.run_dir)
+    state, base = preflight(settings)
+    if settings.resume and state is None:
+        log.info("%s: nothing to resume; starting a new federation", folder)
+    folder.mkdir(parents=True, exist_ok=True)
     ledger = _open_ledger(folder, state)
     if state is None:
         ledger.record_start(config_sha256=config_sha256(config), checkpoint_sha256=base.content_hash,
@@ -308,9 +325,9 @@ def run_federation(grid: Grid, settings: FederationSettings,
             messages = list(strategy.configure_train(server_round, arrays,
                                                      ConfigRecord(round_config.to_record()), grid))
             if not messages:
-                excluded = strategy.exclusions()
+                excluded = "; ".join(f"{k}: {v}" for k, v in strategy.exclusions().items())
                 stop_reason = (f"fewer than federation.min_sites={config.federation.min_sites} sites can "
-                               f"still train ({'; '.join(f'{k}: {v}' for k, v in excluded.items()) or 'none connected'})")
+                               f"still train ({excluded or 'none connected'})")
                 break
             replies = list(grid.send_and_receive(messages, timeout=timeout))
             aggregated, _ = strategy.aggregate_train(server_round, replies)
@@ -325,8 +342,7 @@ def run_federation(grid: Grid, settings: FederationSettings,
             _record_replies(ledger, outcome)
             summary = RoundSummary(
                 server_round, outcome.participants,
-                {reply.site_id: reply.status.value + (f" ({reply.reason.value})" if reply.reason.value else "")
-                 for _, reply in outcome.declined},
+                {reply.site_id: _describe(reply) for _, reply in outcome.declined},
                 [site or f"node {node}" for node, site, _ in outcome.failed], 0.0, sent, received)
             if aggregated is None:
                 # Short because sites failed (they might have trained): an error. Short because the
@@ -350,7 +366,8 @@ def run_federation(grid: Grid, settings: FederationSettings,
             for name, tensor in aggregated.to_torch_state_dict().items():
                 global_state[name] = tensor.to(global_state[name].dtype)
             wall = time.perf_counter() - started
-            entry = ledger.record_round(server_round, status="aggregated", participants=outcome.participants,
+            entry = ledger.record_round(server_round, status="aggregated",
+                                        participants=outcome.participants,
                                         global_sha256=weights_hash(global_state), wall_seconds=wall)
             checkpoint = save_round(folder, server_round, base, global_state,
                                     {"initial_checkpoint_sha256": initial_sha256,
@@ -376,8 +393,8 @@ def run_federation(grid: Grid, settings: FederationSettings,
             summaries.append(summary)
             tracker.metrics(metrics, step=server_round)
             tracker.artifact(folder / "previews" / f"round_{server_round:04d}.png", "previews")
-            log.info("round %d: %d site(s) trained (%s) in %.1fs%s", server_round, len(summary.participants),
-                     ", ".join(summary.participants), wall,
+            log.info("round %d: %d site(s) trained (%s) in %.1fs%s", server_round,
+                     len(summary.participants), ", ".join(summary.participants), wall,
                      f"; public validation loss {metrics['val/diffusion_loss']:.4f}"
                      if "val/diffusion_loss" in metrics else "")
             if on_round is not None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from privacy.ledger import LedgerEntry, LedgerError, verify_ledger
-from privacy.rollback_guard import pending_alarm
+from privacy.rollback_guard import AlarmNotResolved, clear_alarm, pending_alarm
 from server.consortium_ledger import SiteReport, read_consortium_ledger
 
 ROLLBACK, DIVERGENCE, DAMAGED = "rollback", "divergence", "damaged"
@@ -134,3 +134,14 @@ def reconcile(site_ledger: Path | str, consortium_ledger: Path | str,
     if alarm is not None:
         report.notes.append(f"a rollback alarm is pending at the site: {alarm.describe()}")
     return report
+
+
+def clear_rollback_alarm(site_ledger: Path | str, report: ReconcileReport, officer: str) -> Path:
+    """The privacy officer's action on a site that detected a rollback: once ``report`` (this site
+    ledger reconciled with the consortium's) is consistent again, archive the site's alarm so it
+    trains again. Returns the archived alarm file; :class:`AlarmNotResolved` otherwise."""
+    if not report.ok:
+        raise AlarmNotResolved(f"{site_ledger}: does not reconcile with the consortium ledger yet; "
+                               f"restore it from a trusted copy before clearing the alarm")
+    entries = verify_ledger(site_ledger).entries
+    return clear_alarm(site_ledger, entries, officer=officer)

@@ -182,7 +182,8 @@ class BudgetAwareFedAvg(FedAvg):
                                      f"{reply.target_epsilon:g}; one more round would reach "
                                      f"{reply.epsilon_next:.4g}")
         elif reply.status is ReplyStatus.BUDGET_EXHAUSTED:
-            standing.excluded = f"budget exhausted (epsilon {reply.epsilon:.4g} of {reply.target_epsilon:g})"
+            standing.excluded = (f"budget exhausted (epsilon {reply.epsilon:.4g} of "
+                                 f"{reply.target_epsilon:g})")
         elif reply.reason in _STICKY_REFUSALS:
             standing.excluded = f"refused: {reply.reason.value}"
 

@@ -24,6 +24,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verify.add_argument("--ledger", type=Path, required=True, metavar="LEDGER",
                         help="a ledger file (JSON lines), e.g. <site data_dir>/.fedsynth/ledger.jsonl")
     verify.set_defaults(handler=_verify)
+    reconcile = actions.add_parser(
+        "reconcile", help="compare a site's ledger with the consortium's mirror of it",
+        description="Check every spend the consortium ledger recorded for the site against the "
+                    "site's own ledger. Exit 1 naming any ROLLBACK (the site ledger is shorter than "
+                    "what the consortium saw) or DIVERGENCE (a different entry or epsilon there), 0 "
+                    "when they agree, 2 if a file cannot be read. With --clear-alarm --officer NAME, "
+                    "then clear the site's rollback alarm (only once the ledgers agree).")
+    reconcile.add_argument("--site-ledger", type=Path, required=True, metavar="LEDGER",
+                           help="the site's ledger, e.g. <site data_dir>/.fedsynth/ledger.jsonl")
+    reconcile.add_argument("--consortium-ledger", type=Path, required=True, metavar="LEDGER",
+                           help="RUN_DIR/federation/consortium_ledger.jsonl")
+    reconcile.add_argument("--site", metavar="SITE_ID", help="the site's id (default: inferred)")
+    reconcile.add_argument("--clear-alarm", action="store_true",
+                           help="clear the site's rollback alarm once the ledgers agree")
+    reconcile.add_argument("--officer", metavar="NAME", default="",
+                           help="the privacy officer clearing the alarm (recorded with it)")
+    reconcile.set_defaults(handler=_reconcile)
+    from experiments.commands.release import add_memorization_action
+    add_memorization_action(actions)
     parser.set_defaults(handler=lambda args: _usage(parser))
 
 
@@ -45,3 +64,14 @@ def _verify(args: argparse.Namespace) -> int:
     print(f"{args.ledger}: BROKEN at {result.problem.describe()}")
     print(f"  the {len(result.entries)} entries before it are intact ({summary})")
     return 1
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    from server.reconcile import clear_rollback_alarm, reconcile
+
+    report = reconcile(args.site_ledger, args.consortium_ledger, args.site)
+    print("\n".join(report.lines()))
+    if args.clear_alarm:
+        archived = clear_rollback_alarm(args.site_ledger, report, args.officer)
+        print(f"rollback alarm cleared by {args.officer}; archived as {archived}")
+    return 0 if report.ok else 1

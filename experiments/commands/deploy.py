@@ -16,8 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "validation set. Then print, step by step, the flower-superlink, flwr supernode "
                     "register, flower-supernode and flwr run commands. In production each hospital "
                     "makes its own key and keeps the private half.")
-    parser.add_argument("--config", type=Path, required=True, metavar="CONFIG", help="experiment YAML config")
-    parser.add_argument("--out", type=Path, required=True, metavar="OUT", help="folder for certificates, keys, commands")
+    parser.add_argument("--config", type=Path, required=True, metavar="CONFIG",
+                        help="experiment YAML config")
+    parser.add_argument("--out", type=Path, required=True, metavar="OUT",
+                        help="folder for certificates, keys and the commands")
     parser.add_argument("--host", action="append", metavar="NAME",
                         help="the SuperLink's host name or IP as the sites reach it (repeatable; "
                              "default: localhost and 127.0.0.1)")
@@ -25,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--insecure", action="store_true",
                         help="no TLS and no SuperNode authentication (a local trial only)")
     parser.add_argument("--run-dir", type=Path, metavar="RUN_DIR",
-                        help="the server's run folder (default: the config's run_dir, else ./runs/<config name>)")
+                        help="the server's run folder (default: the config's run_dir, "
+                             "else ./runs/<config name>)")
     parser.add_argument("--checkpoint", type=Path, metavar="FILE",
                         help="pretrained checkpoint (default: RUN_DIR/checkpoint.pt)")
     parser.set_defaults(handler=run)
@@ -71,13 +74,15 @@ def run(args: argparse.Namespace) -> int:
             private, public = make_supernode_key(folder)
             registrations.append(shell(["flwr", "supernode", "register", str(public), CONNECTION,
                                         "--name", site.site_id], env))
-        site_lines += [f"# {site.site_id}: copy {folder} (and {certificates.ca if certificates else 'nothing'}) "
-                       f"to the hospital; the private key never leaves it",
+        extra = f" and {certificates.ca}" if certificates else ""
+        site_lines += [f"# {site.site_id}: copy {folder}{extra} to the hospital; in production the "
+                       f"hospital makes its own key and only the public half leaves it",
                        shell(supernode_command(address, site_yaml, SUPERNODE_FIRST_PORT + index,
                                                None if certificates is None else certificates.ca,
                                                private))]
     if registrations:
-        steps += ["# 2. Register each hospital's SuperNode public key (only these may connect)"] + registrations
+        steps += ["# 2. Register each hospital's SuperNode public key (only these may connect)"]
+        steps += registrations
     steps += ["# 3. Each hospital starts its SuperNode with its own site config"]
     steps += site_lines or ["flower-supernode --superlink " + address + " --root-certificates ca.crt "
                             "--auth-supernode-private-key supernode --node-config "

@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "(state.json, per-round checkpoints, consortium_ledger.jsonl, checkpoint.pt, "
                     "epsilon_by_site.json, previews) and logs to MLflow. --resume continues from the "
                     "last finished round. For a real deployment see `fedsynth deploy`.")
-    parser.add_argument("--config", type=Path, required=True, metavar="CONFIG", help="experiment YAML config")
+    parser.add_argument("--config", type=Path, required=True, metavar="CONFIG",
+                        help="experiment YAML config")
     parser.add_argument("--out", type=Path, metavar="RUN_DIR",
                         help="run folder (default: the config's run_dir, else ./runs/<config name>)")
     parser.add_argument("--checkpoint", type=Path, metavar="FILE",

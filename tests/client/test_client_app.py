@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from client.client_app import make_client_app
 from configs import load_config
@@ -214,3 +214,17 @@ def test_site_own_cap_wins_over_the_consortium_default(fed):
                 privacy={"target_epsilon": 50.0})
     accounting = dict(reply.content["accounting"])
     assert accounting["target-epsilon"] == 2.0 and accounting["epsilon"] <= 2.0
+
+
+def test_a_site_never_releases_non_private_weights(fed):
+    reply = ask(fed, 1, privacy={"enabled": False})
+    assert status(reply)["status"] == "refused"
+    assert status(reply)["reason"] == RefusalReason.PRIVACY_DISABLED.value
+    assert "arrays" not in reply.content and not fed.ledger("site_0").exists()
+
+
+def test_a_supernode_without_site_config_fails_with_the_fix():
+    grid = LoopbackGrid(make_client_app(), [{}])
+    message = Message(RecordDict({}), dst_node_id=next(iter(grid.get_node_ids())), message_type="train")
+    reply = grid.deliver(message)
+    assert reply.has_error() and "--node-config 'site-config=" in reply.error.reason

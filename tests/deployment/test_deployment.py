@@ -44,9 +44,12 @@ def check_finished(fed, rounds: int, sites: list[str]) -> None:
     view = consortium(fed)
     assert view.completed_rounds() == list(range(1, rounds + 1))
     for site_id in sites:
+        if not fed.ledger(site_id).exists():
+            continue
         assert len(site_rounds(fed, site_id)) == len(set(site_rounds(fed, site_id)))
-        report = reconcile(fed.ledger(site_id), federation_dir(fed.run_dir) / "consortium_ledger.jsonl")
-        assert report.ok and report.site_id == site_id, report.lines()
+        report = reconcile(fed.ledger(site_id), federation_dir(fed.run_dir) / "consortium_ledger.jsonl",
+                           site_id)
+        assert report.ok, report.lines()
 
 
 @pytest.mark.slow
@@ -101,28 +104,30 @@ def test_tls_and_supernode_authentication_refuse_an_unregistered_supernode(deplo
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(deployment, new_federation):
-    fed = new_federation(sites=3, rounds=2, min_sites=2)
+    fed = new_federation(sites=3, rounds=1, min_sites=2)
     deployment.start_superlink()
     for site_id in fed.site_ids:
         deployment.start_supernode(site_id, fed.site_yaml(site_id))
     run_config = run_config_argument(fed.config_path, fed.run_dir, fed.checkpoint)
     run = deployment.processes.start("flwr-run", flwr_run_command(REPO, run_config))
+    ledger = federation_dir(fed.run_dir) / "consortium_ledger.jsonl"
     deadline = time.monotonic() + RUN_TIMEOUT
-    while federation_state(fed)["round"] < 1 and run.poll() is None and time.monotonic() < deadline:
+    # The consortium ledger's first entry is written just before round 1's messages are sent.
+    while not ledger.exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert federation_state(fed)["round"] == 1, deployment.processes.log("flwr-run")[-3000:]
-    deployment.processes.kill("site_2", signal.SIGKILL)   # the SuperNode and its ClientApp, mid-round 2
+    assert ledger.exists(), deployment.processes.log("flwr-run")[-3000:]
+    time.sleep(1.0)
+    deployment.processes.kill("site_2", signal.SIGKILL)   # the SuperNode and its ClientApp, mid-round
     while run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     assert run.poll() == 0, deployment.processes.log("flwr-run")[-3000:]
 
-    check_finished(fed, 2, fed.site_ids)
+    check_finished(fed, 1, fed.site_ids)
     view = consortium(fed)
-    [round_two] = [e for e in view.effective(ROUND) if e.payload["round"] == 2]
-    assert round_two.payload["participants"] == ["site_0", "site_1"]
+    [round_one] = view.effective(ROUND)
+    assert round_one.payload["participants"] == ["site_0", "site_1"]
     failures = [e.payload for e in view.effective(SITE_FAILURE)]
-    assert [f["round"] for f in failures] == [2]
-    assert site_rounds(fed, "site_0") == site_rounds(fed, "site_1") == [1, 2]
-    assert site_rounds(fed, "site_2")[:1] == [1]     # it may have committed round 2 before it died
-    mirrored = [r.round for r in view.site_reports("site_2")]
-    assert mirrored == [1]                            # ... but the consortium counted it once
+    assert [f["round"] for f in failures] == [1]
+    assert site_rounds(fed, "site_0") == site_rounds(fed, "site_1") == [1]
+    assert site_rounds(fed, "site_2") in ([], [1])   # it may have committed before it died ...
+    assert view.site_reports("site_2") == []         # ... but nothing of it was counted

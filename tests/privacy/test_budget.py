@@ -13,7 +13,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from privacy.accounting import (INDEPENDENT_TOLERANCE, epsilon, history_of, independent_epsilon,
                                 replay_accountant)
-from privacy.budget import BudgetExhausted, PlanMismatch, SiteBudget
+from privacy.budget import BudgetExhausted, PlanMismatch, SiteBudget, open_site_budget
 from privacy.calibration import CalibrationError, SchedulePlan, calibrate
 from privacy.site_ledger import SiteLedger
 
@@ -155,3 +155,17 @@ def test_new_calibration_keeps_the_first_sigma(tmp_path: Path):
     record = _charge(budget, 1)
     assert record.noise_multiplier == 1.2
     assert budget.plan().max_grad_norm == 0.5
+
+
+def test_open_site_budget_calibrates_once(tmp_path: Path):
+    settings = dict(delta=1e-3, num_patients=20, expected_batch_size=4, rounds=3, local_epochs=1,
+                    accountant="rdp", max_grad_norm=1.0)
+    first = open_site_budget(tmp_path / "ledger.jsonl", target_epsilon=4.0, **settings)
+    sigma = calibrate(target_epsilon=4.0, delta=1e-3, num_patients=20, expected_batch_size=4, rounds=3,
+                      local_epochs=1).noise_multiplier
+    assert first.plan().noise_multiplier == sigma
+    again = open_site_budget(tmp_path / "ledger.jsonl", target_epsilon=6.0, **settings)
+    assert again.plan().noise_multiplier == sigma and again.plan().target_epsilon == 6.0
+    with pytest.raises(PlanMismatch, match="q=0.2"):
+        open_site_budget(tmp_path / "ledger.jsonl", target_epsilon=6.0,
+                         **{**settings, "num_patients": 25})

@@ -105,6 +105,7 @@ def per_row_reference(model: nn.Module, batch: dict) -> list[list[torch.Tensor]]
     return rows
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 @pytest.mark.parametrize("mode, conv", [("hooks", "grouped"), ("hooks", "unfold"), ("functorch", "grouped")])
 def test_per_sample_gradients_match_autograd(mode, conv):
     model, batch = tiny_unet(), stack(scan_items(3))
@@ -306,6 +307,15 @@ def test_privatising_twice_is_refused_and_hooks_are_removed_after_a_round(tmp_pa
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())
     trainer.run_round(2)
+
+
+def test_in_place_change_of_a_hooked_output_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 1))
+    module, optimizer = privatise(model, DPSettings(), 1.0)
+    with pytest.raises(DPSetupError, match="in place"):
+        backward_per_patient(module, optimizer, lambda m, b: m(b).sum(dim=1), torch.randn(3, 4),
+                             torch.arange(3), 3, "hooks")
+    release(module, optimizer)
 
 
 def test_failed_round_commits_nothing_and_restores_the_weights(tmp_path: Path):

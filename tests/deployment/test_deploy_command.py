@@ -1,0 +1,65 @@
+"""`fedsynth deploy`: certificates, SuperNode keys, the Flower CLI connection and the printed steps."""
+
+from __future__ import annotations
+
+import stat
+import tomllib
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from experiments.cli import main
+from server.federation import federation_dir
+
+
+def test_deploy_writes_certificates_keys_and_the_commands(new_federation, tmp_path, capsys):
+    fed = new_federation(sites=2)
+    out = tmp_path / "deploy"
+    assert main(["deploy", "--config", str(fed.config_path), "--out", str(out), "--port", "9443"]) == 0
+    printed = capsys.readouterr().out
+
+    ca = x509.load_pem_x509_certificate((out / "certs" / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((out / "certs" / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in names.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    for secret in (out / "certs" / "ca.key", out / "certs" / "server.key"):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    for site_id in fed.site_ids:
+        folder = out / "supernodes" / site_id
+        key = serialization.load_ssh_private_key((folder / "supernode").read_bytes(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        assert (folder / "supernode.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+        assert f"site_id: {site_id}" in (folder / "site.yaml").read_text()
+        assert f"flwr supernode register {folder / 'supernode.pub'} fedsynth" in printed
+        assert f"--auth-supernode-private-key {folder / 'supernode'}" in printed
+        assert f"site-config=\"{(folder / 'site.yaml').resolve()}\"" in printed
+
+    connection = tomllib.loads((out / "flwr" / "config.toml").read_text())["superlink"]
+    assert connection["default"] == "fedsynth"
+    assert connection["fedsynth"] == {"address": "localhost:9443",
+                                      "root-certificates": str((out / "certs" / "ca.crt").resolve())}
+    assert "--enable-supernode-auth" in printed and "--ssl-certfile" in printed
+    assert "flwr run" in printed and f"config-path=\"{fed.config_path}\"" in printed
+    assert "resume=true" in printed
+    assert (out / "commands.txt").read_text().strip() in printed
+    assert (federation_dir(fed.run_dir) / "public_validation.pt").exists()
+
+
+def test_insecure_deploy_has_no_certificates(new_federation, tmp_path, capsys):
+    fed = new_federation(sites=1)
+    out = tmp_path / "deploy"
+    assert main(["deploy", "--config", str(fed.config_path), "--out", str(out), "--insecure"]) == 0
+    printed = capsys.readouterr().out
+    assert not (out / "certs").exists() and not (out / "supernodes" / "site_0" / "supernode").exists()
+    assert tomllib.loads((out / "flwr" / "config.toml").read_text())["superlink"]["fedsynth"]["insecure"]
+    assert "--insecure" in printed and "register" not in printed
+
+
+def test_deploy_refuses_a_bad_port(new_federation, tmp_path, capsys):
+    fed = new_federation(sites=1)
+    assert main(["deploy", "--config", str(fed.config_path), "--out", str(tmp_path / "d"),
+                 "--port", "70000"]) == 2
+    assert "--port 70000" in capsys.readouterr().err
