@@ -2,17 +2,18 @@
 
 For a query (:class:`privacy.gate.GateQuery`) and its candidates' views, the site
 
-1. checks the candidates (and, for the latent distance, the public autoencoder) against the hashes
-   in the query;
-2. answers a query it already answered (same query id, same candidates) with the SAME answer from its
-   gate log, without computing or charging anything again (a resumed release re-sends its last query);
-3. loads its scans with :func:`client.site_data.load_site` on the consortium grid (cached in memory),
-   embeds them with the received public encoder when the distance is ``latent``;
+1. checks the candidates (and, for the latent distance, the public autoencoder) against the
+   hashes in the query;
+2. answers a query it already answered (same query id, same candidates) with the SAME answer from
+   its gate log, without computing or charging anything again (a resumed release re-sends its
+   last query);
+3. loads its scans with :func:`client.site_data.load_site` on the consortium grid (cached in
+   memory), and embeds them with the received public encoder when the distance is ``latent``;
 4. sets its threshold: the fixed value, or calibrated on its own data (a low percentile of the
    nearest-neighbour distances between scans of DIFFERENT patients, see :mod:`privacy.gate`);
-5. measures each candidate's distance to its nearest scan (shift-tolerant) and passes it when that
-   distance is at or above the threshold - or, with the DP gate, charges the site ledger first
-   (refusing past the cap) and answers with AboveThreshold (:mod:`privacy.dp_gate`);
+5. measures each candidate's distance to its nearest scan (shift-tolerant) and passes it when
+   that distance is at or above the threshold - or, with the DP gate, charges the site ledger
+   first (refusing past the cap) and answers with AboveThreshold (:mod:`privacy.dp_gate`);
 6. writes the EXACT distances, the nearest patient and the threshold to its local gate log
    (``gate_log.jsonl`` next to its ledger; never sent), and returns only the pass/fail array, the
    counts, and accounting figures from its own ledger (:class:`privacy.gate.GateAnswer`).
@@ -37,12 +38,13 @@ import torch
 from client.site_data import SiteDataError, load_site
 from configs.schema import DataConfig, SiteConfig
 from models.autoencoder import build_autoencoder
-from privacy.dp_gate import (GateBudgetExhausted, charge_gate, closeness, above_threshold,
+from privacy.dp_gate import (GateBudgetExhausted, above_threshold, charge_gate, closeness,
                              noise_generator, site_spend)
 from privacy.durable import fsync_directory
-from privacy.gate import (IMAGE_DISTANCES, NO_SHIFT, GateAnswer, GateError, GateQuery, GateRefusal,
-                          GateStatus, between_patient_distances, calibrated_threshold, decide,
-                          latent_views, nearest_scans, summary, translations, views_of)
+from privacy.gate import (IMAGE_DISTANCES, NO_SHIFT, GateAnswer, GateError, GateQuery,
+                          GateRefusal, GateStatus, between_patient_distances,
+                          calibrated_threshold, decide, latent_views, nearest_scans, summary,
+                          translations, views_of)
 from privacy.ledger import Ledger, LedgerError
 from privacy.outbox import weights_hash
 from privacy.rollback_guard import pending_alarm
@@ -114,54 +116,61 @@ def data_config_of(data: Mapping[str, Any]) -> DataConfig:
                       intensity_percentiles=tuple(float(p) for p in data["intensity_percentiles"]))
 
 
+def _site_key(site: SiteConfig, data: Mapping[str, Any]) -> tuple:
+    return str(Path(site.data_dir).resolve()), site.manifest, json.dumps(data, sort_keys=True)
+
+
 def load_scans(site: SiteConfig, data: Mapping[str, Any]) -> SiteScans:
     """The site's scans preprocessed to the query's grid (cached per site and grid)."""
-    key = (str(Path(site.data_dir).resolve()), site.manifest, json.dumps(data, sort_keys=True))
+    key = _site_key(site, data)
     if key in _scans:
         _scans.move_to_end(key)
         return _scans[key]
     dataset = load_site(site.data_dir, data_config_of(data), site.manifest)
     items = [dataset[i] for i in range(len(dataset))]
     scans = SiteScans(torch.stack([item["image"].float() for item in items]),
-                      [item["patient_id"] for item in items], [r.image.name for r in dataset.records])
+                      [item["patient_id"] for item in items],
+                      [record.image.name for record in dataset.records])
     return _remember(_scans, key, scans)
 
 
 def _reference(site: SiteConfig, query: GateQuery, scans: SiteScans,
                autoencoder: torch.nn.Module | None) -> GateReference:
-    key = (str(Path(site.data_dir).resolve()), site.manifest, json.dumps(query.data, sort_keys=True),
-           query.distance, query.autoencoder_sha256, query.latent_scale_factor, query.max_shift,
+    key = (*_site_key(site, query.data), query.distance, query.autoencoder_sha256,
+           query.latent_scale_factor, query.max_shift,
            json.dumps(query.threshold.to_json(), sort_keys=True))
     if key in _references:
         _references.move_to_end(key)
         return _references[key]
     shifts = translations(query.max_shift)
+    calibrated = query.threshold.policy == "calibrated"
     if query.distance in IMAGE_DISTANCES:
-        bank, offsets = scans.images, shifts
-        queries = views_of(scans.images)
+        bank, offsets, queries = scans.images, shifts, views_of(scans.images)
     else:
-        bank = latent_views(autoencoder, scans.images, query.latent_scale_factor)[:, 0]
-        offsets = NO_SHIFT
-        queries = latent_views(autoencoder, scans.images, query.latent_scale_factor, shifts) \
-            if query.threshold.policy == "calibrated" else None
+        scale = query.latent_scale_factor
+        bank, offsets = latent_views(autoencoder, scans.images, scale)[:, 0], NO_SHIFT
+        queries = latent_views(autoencoder, scans.images, scale, shifts) if calibrated else None
     calibration: dict[str, float] = {}
-    if query.threshold.policy == "fixed":
+    if not calibrated:
         threshold = float(query.threshold.value)
     else:
         if len(set(scans.patients)) < 2:
             raise _Refusal(GateRefusal.TOO_FEW_PATIENTS)
         distances = between_patient_distances(queries, bank, scans.patients, query.distance,
-                                              offsets=offsets, chunk_size=query.chunk_size, progress=True)
+                                              offsets=offsets, chunk_size=query.chunk_size,
+                                              progress=True)
         threshold = calibrated_threshold(distances, query.threshold.percentile)
         calibration = summary(distances)
     return _remember(_references, key, GateReference(bank, offsets, threshold, calibration))
 
 
-def _autoencoder(query: GateQuery, state: Mapping[str, torch.Tensor] | None) -> torch.nn.Module | None:
+def _autoencoder(query: GateQuery, state: Mapping[str, torch.Tensor] | None
+                 ) -> torch.nn.Module | None:
     if query.distance in IMAGE_DISTANCES:
         return None
     if state is None or weights_hash(state) != query.autoencoder_sha256:
-        log.error("gate query %s: the autoencoder does not match its hash in the query", query.query_id)
+        log.error("gate query %s: the autoencoder does not match its hash in the query",
+                  query.query_id)
         raise _Refusal(GateRefusal.MODEL_MISMATCH)
     autoencoder = build_autoencoder(query.autoencoder)
     autoencoder.load_state_dict(dict(state))
@@ -169,7 +178,7 @@ def _autoencoder(query: GateQuery, state: Mapping[str, torch.Tensor] | None) -> 
 
 
 def _previous_answer(path: Path, query: GateQuery) -> GateOutcome | None:
-    """The answer this site already gave to the same query (id and candidates), from its gate log."""
+    """The answer this site already gave to the same query (id and candidates), from its log."""
     if not path.exists():
         return None
     found = None
@@ -179,24 +188,18 @@ def _previous_answer(path: Path, query: GateQuery) -> GateOutcome | None:
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash: that query was never answered
-            if entry.get("query_id") == query.query_id and \
-                    entry.get("candidates_sha256") == query.candidates_sha256 and "answer" in entry:
+            if entry.get("query_id") == query.query_id and "answer" in entry and \
+                    entry.get("candidates_sha256") == query.candidates_sha256:
                 found = entry
     if found is None:
         return None
-    answer = found["answer"]
-    replay = GateAnswer(status=GateStatus(answer["status"]), site_id=answer["site_id"],
-                        query_id=answer["query_id"], reason=GateRefusal(answer["reason"]),
-                        num_candidates=answer["num_candidates"], num_passed=answer["num_passed"],
-                        epsilon_charged=answer["epsilon_charged"], epsilon_gate=answer["epsilon_gate"],
-                        epsilon_total=answer["epsilon_total"], target_epsilon=answer["target_epsilon"],
-                        delta=answer["delta"], ledger_seq=answer["ledger_seq"],
-                        ledger_head=answer["ledger_head"], replayed=True)
-    return GateOutcome(replay, np.asarray(found["passed"], dtype=bool))
+    answer = {**found["answer"], "replayed": True}
+    answer["status"], answer["reason"] = GateStatus(answer["status"]), GateRefusal(answer["reason"])
+    return GateOutcome(GateAnswer(**answer), np.asarray(found["passed"], dtype=bool))
 
 
 def _append_log(path: Path, entry: Mapping[str, Any]) -> None:
-    """One JSON line, appended with a single write and fsync'd (a crash leaves at most a cut line)."""
+    """One JSON line, appended with one write and fsync'd (a crash leaves at most a cut line)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     created = not path.exists()
     line = (json.dumps(entry, sort_keys=True, allow_nan=False) + "\n").encode()
@@ -226,9 +229,16 @@ def _ledger_figures(site: SiteConfig, query: GateQuery) -> dict[str, Any]:
         entries = Ledger(site.ledger_path).entries() if Path(site.ledger_path).exists() else []
     except (LedgerError, ValueError):
         return {}
-    head = (entries[-1].seq, entries[-1].hash) if entries else (0, "")
+    seq, head = (entries[-1].seq, entries[-1].hash) if entries else (0, "")
     return {"epsilon_gate": spend.gate, "epsilon_total": spend.total, "target_epsilon": spend.cap,
-            "delta": spend.delta, "ledger_seq": head[0], "ledger_head": head[1]}
+            "delta": spend.delta, "ledger_seq": seq, "ledger_head": head}
+
+
+def _refused(site: SiteConfig, query: GateQuery, reason: GateRefusal,
+             status: GateStatus = GateStatus.REFUSED, **figures: Any) -> GateOutcome:
+    return GateOutcome(GateAnswer(status=status, reason=reason, site_id=site.site_id,
+                                  query_id=query.query_id, num_candidates=query.num_candidates,
+                                  **figures), None)
 
 
 def _check_dp_ledger(site: SiteConfig, query: GateQuery) -> None:
@@ -245,8 +255,10 @@ def _check_dp_ledger(site: SiteConfig, query: GateQuery) -> None:
 
 
 def _answer(site: SiteConfig, query: GateQuery, views: torch.Tensor,
-            autoencoder_state: Mapping[str, torch.Tensor] | None) -> tuple[GateOutcome, dict[str, Any]]:
-    if views.shape[0] != query.num_candidates or weights_hash({"views": views}) != query.candidates_sha256:
+            autoencoder_state: Mapping[str, torch.Tensor] | None
+            ) -> tuple[GateOutcome, dict[str, Any]]:
+    if views.shape[0] != query.num_candidates or \
+            weights_hash({"views": views}) != query.candidates_sha256:
         log.error("%s: gate query %s: the candidates do not match the query's count or hash",
                   site.site_id, query.query_id)
         raise _Refusal(GateRefusal.MODEL_MISMATCH)
@@ -254,8 +266,9 @@ def _answer(site: SiteConfig, query: GateQuery, views: torch.Tensor,
     scans = load_scans(site, query.data)
     reference = _reference(site, query, scans, autoencoder)
     try:
-        nearest = nearest_scans(views.float(), reference.bank, query.distance, offsets=reference.offsets,
-                                chunk_size=query.chunk_size, progress=True)
+        nearest = nearest_scans(views.float(), reference.bank, query.distance,
+                                offsets=reference.offsets, chunk_size=query.chunk_size,
+                                progress=True)
     except GateError as err:
         log.error("%s: gate query %s: %s", site.site_id, query.query_id, err)
         raise _Refusal(GateRefusal.PROTOCOL_MISMATCH) from None
@@ -265,35 +278,37 @@ def _answer(site: SiteConfig, query: GateQuery, views: torch.Tensor,
         _check_dp_ledger(site, query)
         cap, delta = _budget_defaults(site, query)
         try:
-            charged = charge_gate(site.ledger_path, query_id=query.query_id, epsilon=query.dp_epsilon,
-                                  num_candidates=query.num_candidates,
+            charged = charge_gate(site.ledger_path, query_id=query.query_id,
+                                  epsilon=query.dp_epsilon, num_candidates=query.num_candidates,
                                   threshold_policy=query.threshold.policy,
                                   candidates_sha256=query.candidates_sha256, default_cap=cap,
                                   default_delta=delta)
         except GateBudgetExhausted as err:
             log.warning("%s: %s", site.site_id, err)
             raise _Refusal(GateRefusal.NONE, GateStatus.BUDGET_EXHAUSTED) from None
-        passed = above_threshold(closeness(nearest.distance, reference.threshold), query.dp_epsilon,
-                                 noise_generator())
+        passed = above_threshold(closeness(nearest.distance, reference.threshold),
+                                 query.dp_epsilon, noise_generator())
     answer = GateAnswer(status=GateStatus.OK, site_id=site.site_id, query_id=query.query_id,
                         num_candidates=query.num_candidates, num_passed=int(passed.sum()),
-                        epsilon_charged=charged.epsilon if charged else 0.0, **_ledger_figures(site, query))
-    details = {
-        "threshold_value": reference.threshold, "calibration": reference.calibration,
-        "candidates": [{"distance": float(d), "nearest_patient": scans.patients[i] if i >= 0 else None,
-                        "nearest_scan": scans.names[i] if i >= 0 else None, "offset": list(o),
-                        "passed_exact": bool(e), "passed": bool(p)}
-                       for d, i, o, e, p in zip(nearest.distance, nearest.index, nearest.offset, exact, passed)],
-    }
+                        epsilon_charged=charged.epsilon if charged else 0.0,
+                        **_ledger_figures(site, query))
+    candidates = []
+    for d, i, o, e, p in zip(nearest.distance, nearest.index, nearest.offset, exact, passed):
+        candidates.append({"distance": float(d), "offset": list(o), "passed_exact": bool(e),
+                           "passed": bool(p),
+                           "nearest_patient": scans.patients[i] if i >= 0 else None,
+                           "nearest_scan": scans.names[i] if i >= 0 else None})
+    details = {"threshold_value": reference.threshold, "calibration": reference.calibration,
+               "candidates": candidates}
     return GateOutcome(answer, passed), details
 
 
 def answer_gate_query(site: SiteConfig, query: GateQuery, views: torch.Tensor,
                       autoencoder_state: Mapping[str, torch.Tensor] | None = None) -> GateOutcome:
-    """Answer one gate query. Never raises: every outcome is a :class:`GateAnswer` (see module doc).
+    """Answer one gate query. Never raises: every outcome is a :class:`GateAnswer`.
 
     views: (N, T, C, *S) candidate views (images (N, 1, 1, D, H, W) for ``nrmse``/``ssim``,
-    embeddings of T translates for ``latent``).
+    embeddings of T translates for ``latent``). See the module docstring for the steps.
     """
     started = time.perf_counter()
     log_path = gate_log_path(site)
@@ -310,22 +325,18 @@ def answer_gate_query(site: SiteConfig, query: GateQuery, views: torch.Tensor,
     try:
         outcome, details = _answer(site, query, views, autoencoder_state)
     except _Refusal as refusal:
-        outcome = GateOutcome(GateAnswer(status=refusal.status, reason=refusal.reason, site_id=site.site_id,
-                                         query_id=query.query_id, num_candidates=query.num_candidates,
-                                         **_ledger_figures(site, query)), None)
+        outcome = _refused(site, query, refusal.reason, refusal.status,
+                           **_ledger_figures(site, query))
     except SiteDataError as err:
         log.error("%s: refusing gate query %s: %s", site.site_id, query.query_id, err)
-        outcome = GateOutcome(GateAnswer(status=GateStatus.REFUSED, reason=GateRefusal.SITE_ERROR,
-                                         site_id=site.site_id, query_id=query.query_id,
-                                         num_candidates=query.num_candidates), None)
+        outcome = _refused(site, query, GateRefusal.SITE_ERROR)
     except Exception:  # noqa: BLE001 - the details stay in the site's log, never in the answer
         log.exception("%s: gate query %s failed", site.site_id, query.query_id)
-        outcome = GateOutcome(GateAnswer(status=GateStatus.REFUSED, reason=GateRefusal.SITE_ERROR,
-                                         site_id=site.site_id, query_id=query.query_id,
-                                         num_candidates=query.num_candidates), None)
+        outcome = _refused(site, query, GateRefusal.SITE_ERROR)
     entry = {"timestamp": utc_timestamp(), "query_id": query.query_id,
              "candidates_sha256": query.candidates_sha256, "model_sha256": query.model_sha256,
-             "distance": query.distance, "max_shift": query.max_shift, "threshold": query.threshold.to_json(),
+             "distance": query.distance, "max_shift": query.max_shift,
+             "threshold": query.threshold.to_json(),
              "dp_gate": {"enabled": query.dp_enabled, "epsilon": query.dp_epsilon},
              "seconds": time.perf_counter() - started, **details}
     if outcome.passed is not None:
@@ -337,9 +348,7 @@ def answer_gate_query(site: SiteConfig, query: GateQuery, views: torch.Tensor,
     except OSError as err:
         # An answer the site cannot log is not given: the log is the site's record of what it said.
         log.error("%s: cannot write the gate log %s (%s); refusing", site.site_id, log_path, err)
-        return GateOutcome(GateAnswer(status=GateStatus.REFUSED, reason=GateRefusal.SITE_ERROR,
-                                      site_id=site.site_id, query_id=query.query_id,
-                                      num_candidates=query.num_candidates), None)
+        return _refused(site, query, GateRefusal.SITE_ERROR)
     log.info("%s: gate query %s: %s, %d of %d candidates passed", site.site_id, query.query_id,
              outcome.answer.status.value, outcome.answer.num_passed, query.num_candidates)
     return outcome
@@ -351,25 +360,29 @@ def answer_gate_message(site: SiteConfig, content: Any) -> Any:
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
     from privacy.gate import check_gate_reply
-    from privacy.protocol import (ARRAYS, CONFIG, GATE_ACCOUNTING, GATE_AUTOENCODER, GATE_CANDIDATES,
-                                  GATE_CONFIG, GATE_PASSED, GATE_STATUS, METRICS, ProtocolViolation)
+    from privacy.protocol import (ARRAYS, CONFIG, GATE_ACCOUNTING, GATE_AUTOENCODER,
+                                  GATE_CANDIDATES, GATE_CONFIG, GATE_PASSED, GATE_STATUS, METRICS,
+                                  ProtocolViolation)
 
     try:
         query = GateQuery.from_record(dict(content[GATE_CONFIG]))
         views = content[GATE_CANDIDATES].to_torch_state_dict()["views"]
-        autoencoder = content[GATE_AUTOENCODER].to_torch_state_dict() if GATE_AUTOENCODER in content else None
+        autoencoder = content[GATE_AUTOENCODER].to_torch_state_dict() \
+            if GATE_AUTOENCODER in content else None
         outcome = answer_gate_query(site, query, views, autoencoder)
         num_candidates = query.num_candidates
     except (ProtocolViolation, KeyError) as err:
         log.error("%s: refusing a malformed gate query: %s", site.site_id, err)
         config = content.get(GATE_CONFIG, {}) if hasattr(content, "get") else {}
-        query_id = config.get("query-id", "") if hasattr(config, "get") else ""
-        outcome = GateOutcome(GateAnswer(status=GateStatus.REFUSED, reason=GateRefusal.PROTOCOL_MISMATCH,
-                                         site_id=site.site_id, query_id=str(query_id)), None)
+        query_id = str(config.get("query-id", "")) if hasattr(config, "get") else ""
+        outcome = GateOutcome(GateAnswer(status=GateStatus.REFUSED, site_id=site.site_id,
+                                         reason=GateRefusal.PROTOCOL_MISMATCH, query_id=query_id),
+                              None)
         num_candidates = 0
     answer = outcome.answer
     layout: dict[str, tuple[str, Mapping[str, Any]]] = {
-        GATE_ACCOUNTING: (METRICS, answer.accounting()), GATE_STATUS: (CONFIG, answer.status_fields())}
+        GATE_ACCOUNTING: (METRICS, answer.accounting()),
+        GATE_STATUS: (CONFIG, answer.status_fields())}
     records: dict[str, Any] = {GATE_ACCOUNTING: MetricRecord(answer.accounting()),
                                GATE_STATUS: ConfigRecord(answer.status_fields())}
     if outcome.passed is not None:

@@ -11,7 +11,8 @@ Rules (the site is the authority on its own budget):
   for that sampling, and a changed delta or accountant would silently change what "epsilon" means.
 - A site may change its cap (``target_epsilon``), the planned number of rounds, the local epochs or
   the clipping norm: a new ``plan`` entry records the change and the spend carries over. Sigma stays
-  the first plan's, so a raised cap allows more rounds at the same noise, a lowered one stops earlier.
+  the first plan's, so a raised cap allows more rounds at the same noise, a lowered one stops
+  earlier.
 """
 
 from __future__ import annotations
@@ -35,20 +36,23 @@ class BudgetExhausted(ValueError):
         self.ledger, self.round, self.spent, self.would_be, self.cap, self.delta = (
             Path(ledger), round, spent, would_be, cap, delta)
         super().__init__(f"{ledger}: round {round} refused: epsilon would go from {spent:.4g} to "
-                         f"{would_be:.4g}, above the site's cap {cap:g} (delta {delta:g}); the budget "
-                         f"is spent - only the site's own privacy policy can raise its target_epsilon")
+                         f"{would_be:.4g}, above the site's cap {cap:g} (delta {delta:g}); the "
+                         f"budget is spent - only the site's own privacy policy can raise its "
+                         f"target_epsilon")
 
 
 class PlanMismatch(ValueError):
-    """This run's mechanism differs from the one the site's ledger fixed. One line: what and how to fix."""
+    """This run's mechanism differs from the one the site's ledger fixed. One line: what, and the
+    fix."""
 
 
 def _plan_record(plan: SchedulePlan, *, noise_multiplier: float, max_grad_norm: float,
                  clipping: str) -> PlanRecord:
     planned = epsilon([(noise_multiplier, plan.sample_rate, plan.total_steps)], plan.delta,
                       plan.accountant)
-    return PlanRecord(target_epsilon=plan.target_epsilon, delta=plan.delta, accountant=plan.accountant,
-                      noise_multiplier=noise_multiplier, sample_rate=plan.sample_rate,
+    return PlanRecord(target_epsilon=plan.target_epsilon, delta=plan.delta,
+                      accountant=plan.accountant, noise_multiplier=noise_multiplier,
+                      sample_rate=plan.sample_rate,
                       num_patients=plan.num_patients, expected_batch_size=plan.expected_batch_size,
                       local_epochs=plan.local_epochs, steps_per_round=plan.steps_per_round,
                       planned_rounds=plan.planned_rounds, planned_epsilon=planned,
@@ -58,17 +62,17 @@ def _plan_record(plan: SchedulePlan, *, noise_multiplier: float, max_grad_norm: 
 
 def _mismatch(ledger: Path, stored: PlanRecord, plan: SchedulePlan) -> str | None:
     if plan.accountant != stored.accountant:
-        return (f"{ledger}: the site's plan uses the {stored.accountant} accountant, this run asks for "
-                f"{plan.accountant}; set privacy.accountant: {stored.accountant}")
+        return (f"{ledger}: the site's plan uses the {stored.accountant} accountant, this run asks "
+                f"for {plan.accountant}; set privacy.accountant: {stored.accountant}")
     if plan.delta != stored.delta:
         return (f"{ledger}: the site's plan accounts at delta={stored.delta:g}, this run asks for "
                 f"delta={plan.delta:g}; restore the site budget's delta")
     if plan.sample_rate != stored.sample_rate:
         return (f"{ledger}: the site's plan samples q={stored.sample_rate:.4g} "
                 f"({stored.expected_batch_size} of {stored.num_patients} patients), this run gives "
-                f"q={plan.sample_rate:.4g} ({plan.expected_batch_size} of {plan.num_patients}); sigma was "
-                f"calibrated for the first - restore privacy.expected_batch_size and the patient list "
-                f"(a changed cohort needs the privacy officer's decision)")
+                f"q={plan.sample_rate:.4g} ({plan.expected_batch_size} of {plan.num_patients}); "
+                f"sigma was calibrated for the first - restore privacy.expected_batch_size and the "
+                f"patient list (a changed cohort needs the privacy officer's decision)")
     return None
 
 
@@ -109,8 +113,8 @@ class SiteBudget:
             if changed:
                 budget.ledger.append(_plan_record(plan, noise_multiplier=stored.noise_multiplier,
                                                   max_grad_norm=max_grad_norm, clipping=clipping))
-                log.info("%s: plan updated (cap %g -> %g, %d rounds of %d steps); sigma stays %.4g and "
-                         "the spend carries over", budget.ledger.path, current.target_epsilon,
+                log.info("%s: plan updated (cap %g -> %g, %d rounds of %d steps); sigma stays %.4g "
+                         "and the spend carries over", budget.ledger.path, current.target_epsilon,
                          plan.target_epsilon, plan.planned_rounds, plan.steps_per_round,
                          stored.noise_multiplier)
         return budget
@@ -160,12 +164,13 @@ class SiteBudget:
             plan = self.plan(state)
             steps = plan.steps_per_round if steps is None else steps
             epsilon_after = self.check(round, steps, state)
-            record = RoundRecord(round=int(round), noise_multiplier=plan.noise_multiplier,
-                                 sample_rate=plan.sample_rate, steps=int(steps),
-                                 accountant=plan.accountant, delta=plan.delta, epsilon=epsilon_after,
-                                 target_epsilon=plan.target_epsilon, num_patients=plan.num_patients,
-                                 model_hash_before=model_hash_before, model_hash_after=model_hash_after,
-                                 timestamp=utc_timestamp(), fedsynth_version=fedsynth_version())
+            record = RoundRecord(
+                round=int(round), noise_multiplier=plan.noise_multiplier,
+                sample_rate=plan.sample_rate, steps=int(steps), accountant=plan.accountant,
+                delta=plan.delta, epsilon=epsilon_after, target_epsilon=plan.target_epsilon,
+                num_patients=plan.num_patients, model_hash_before=model_hash_before,
+                model_hash_after=model_hash_after, timestamp=utc_timestamp(),
+                fedsynth_version=fedsynth_version())
             self.ledger.append(record)
         log.info("%s: round %d committed, epsilon %.4g of %g", self.path, round, epsilon_after,
                  plan.target_epsilon)
@@ -177,7 +182,7 @@ def open_site_budget(ledger: SiteLedger | Path | str, *, target_epsilon: float, 
                      accountant: str, max_grad_norm: float, clipping: str = "flat",
                      where: str = "") -> SiteBudget:
     """The site's budget for this run's settings: calibrates sigma on a fresh ledger, otherwise
-    checks the settings against the stored plan (sigma is the stored one; nothing is recalibrated)."""
+    checks the settings against the stored plan (sigma is the stored one, not recalibrated)."""
     site_ledger = ledger if isinstance(ledger, SiteLedger) else SiteLedger(ledger)
     stored = site_ledger.state().first_plan
     if stored is None:

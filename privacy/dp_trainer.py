@@ -3,40 +3,40 @@
 The model is trained through ``loss_fn(model, batch) -> Tensor (R,)``, one loss per row of the batch
 (``models.diffusion.diffusion_loss`` has this contract). The privacy unit is the patient:
 
-1. Opacus' ``DPDataLoader`` Poisson-samples PATIENT indices at rate q = B/N (B the expected batch size
-   in patients, N the site's patients). ``BatchMemoryManager`` splits a logical batch into physical
-   ones at patient boundaries, so a patient's rows are never split.
+1. Opacus' ``DPDataLoader`` Poisson-samples PATIENT indices at rate q = B/N (B the expected batch
+   size in patients, N the site's patients). ``BatchMemoryManager`` splits a logical batch into
+   physical ones at patient boundaries, so a patient's rows are never split.
 2. Each sampled patient expands to all its scans, each repeated ``noise_multiplicity`` times (DPDM:
    K noise/timestep draws per scan; ``loss_fn`` draws the noise, so each copy gets its own).
 3. After the backward pass, each parameter's per-row gradients (``p.grad_sample``, rows = scans x K)
-   are averaged per patient (:func:`reduce_grad_samples_by_patient`): the per-patient gradient is the
-   gradient of the patient's mean loss. Only then does Opacus' ``DPOptimizer`` clip (each patient to
-   norm C), sum, add N(0, sigma^2 C^2) and divide by B.
+   are averaged per patient (:func:`reduce_grad_samples_by_patient`): the per-patient gradient is
+   the gradient of the patient's mean loss. Only then does Opacus' ``DPOptimizer`` clip (each
+   patient to norm C), sum, add N(0, sigma^2 C^2) and divide by B.
 
 Multiplicity, the trainable subset and the EMA change none of q, sigma or the step count, so the
 accounted epsilon is the same (tested). Steps per round are ``local_epochs x int(1/q)``.
 
-Write-ahead commit (:meth:`DPTrainer.run_round`): the budget is checked BEFORE training (epsilon as if
-the round were already composed; :class:`~privacy.budget.BudgetExhausted` otherwise, so nothing is
-trained past the cap). The round is committed to the ledger AFTER training and BEFORE the weights are
-returned, so the entry can name the exact weights it releases (hash before and after) and nothing can
-leave uncounted: ``run_round`` returns weights only after the append was fsync'd. The privacy cost is
-incurred when weights are released; a crash during training releases nothing. A crash after the
-commit counts the round: the restarted site resends the committed weights from the outbox (same
-round, same starting weights) instead of training and charging again. The model is trained in place;
-if anything fails before the commit, it is put back to the weights the round started from, so no
-uncommitted weights stay in it.
+Write-ahead commit (:meth:`DPTrainer.run_round`): the budget is checked BEFORE training (epsilon as
+if the round were already composed; :class:`~privacy.budget.BudgetExhausted` otherwise, so nothing
+is trained past the cap). The round is committed to the ledger AFTER training and BEFORE the weights
+are returned, so the entry can name the exact weights it releases (hash before and after) and
+nothing can leave uncounted: ``run_round`` returns weights only after the append was fsync'd. The
+privacy cost is incurred when weights are released; a crash during training releases nothing. A
+crash after the commit counts the round: the restarted site resends the committed weights from the
+outbox (same round, same starting weights) instead of training and charging again. The model is
+trained in place; if anything fails before the commit, it is put back to the weights the round
+started from, so no uncommitted weights stay in it.
 
 The accountant of the engine (``engine.accountant``) is restored from the ledger with
-``load_state_dict``; Opacus' own step hook steps it during the round, and before the commit its history
-must equal the ledger's plus this round, or the round is abandoned.
+``load_state_dict``; Opacus' own step hook steps it during the round, and before the commit its
+history must equal the ledger's plus this round, or the round is abandoned.
 
-Opacus pitfalls handled here: a model already wrapped or hooked by Opacus is refused (privatising twice
-stacks hooks) and the hooks are removed after each round; ghost clipping gets one loss per row through
-``DPTensorFastGradientClipping`` and is only allowed when every patient has exactly one row (it clips
-rows, and cannot average a patient's rows first). Opacus' ``secure_mode`` needs torchcsprng, which is
-not installed; noise comes from a ``torch.Generator`` seeded from the OS entropy pool unless a seed is
-given (tests).
+Opacus pitfalls handled here: a model already wrapped or hooked by Opacus is refused (privatising
+twice stacks hooks) and the hooks are removed after each round; ghost clipping gets one loss per row
+through ``DPTensorFastGradientClipping`` and is only allowed when every patient has exactly one row
+(it clips rows, and cannot average a patient's rows first). Opacus' ``secure_mode`` needs
+torchcsprng, which is not installed; noise comes from a ``torch.Generator`` seeded from the OS
+entropy pool unless a seed is given (tests).
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ class AccountingMismatch(RuntimeError):
 class DPSettings:
     """DP-SGD settings (the fields of ``configs.schema.PrivacyConfig`` that training uses).
 
-    ``max_physical_batch_size`` counts rows (scans x noise_multiplicity) per forward pass; a physical
-    batch holds whole patients, at least one.
+    ``max_physical_batch_size`` counts rows (scans x noise_multiplicity) per forward pass; a
+    physical batch holds whole patients, at least one.
     """
 
     max_grad_norm: float = 1.0
@@ -131,8 +131,9 @@ def check_not_privatised(model: nn.Module) -> None:
     if isinstance(model, AbstractGradSampleModule) or any(
             hasattr(module, "autograd_grad_sample_hooks") for module in model.modules()) or any(
             hasattr(p, "grad_sample") for p in model.parameters()):
-        raise DPSetupError(f"{type(model).__name__} is already wrapped or hooked by Opacus; pass the plain "
-                           f"nn.Module (privatising it twice would stack hooks and double gradients)")
+        raise DPSetupError(f"{type(model).__name__} is already wrapped or hooked by Opacus; pass "
+                           f"the plain nn.Module (privatising it twice would stack hooks and "
+                           f"double gradients)")
 
 
 def per_layer_norms(max_grad_norm: float, num_parameters: int) -> list[float]:
@@ -141,32 +142,37 @@ def per_layer_norms(max_grad_norm: float, num_parameters: int) -> list[float]:
 
 
 def privatise(model: nn.Module, settings: DPSettings, noise_multiplier: float, *,
-              expected_batch_size: int | None = None, noise_generator: torch.Generator | None = None,
-              optimizer_factory: OptimizerFactory | None = None) -> tuple[AbstractGradSampleModule, DPOptimizer]:
+              expected_batch_size: int | None = None,
+              noise_generator: torch.Generator | None = None,
+              optimizer_factory: OptimizerFactory | None = None
+              ) -> tuple[AbstractGradSampleModule, DPOptimizer]:
     """Wrap ``model`` for per-sample gradients and build the DP optimizer over its trainable params.
 
-    Per-sample gradients are of the SUM of the row losses (``loss_reduction="sum"`` in the module), so
-    a row's ``grad_sample`` is the gradient of its own loss; the optimizer divides the noisy clipped
-    sum by ``expected_batch_size`` (patients). Freeze parameters (``requires_grad``) before calling.
+    Per-sample gradients are of the SUM of the row losses (``loss_reduction="sum"`` in the module),
+    so a row's ``grad_sample`` is the gradient of its own loss; the optimizer divides the noisy
+    clipped sum by ``expected_batch_size`` (patients). Freeze parameters (``requires_grad``) before
+    calling.
     """
     check_not_privatised(model)
     mode = settings.grad_sample_mode
     if mode not in ("hooks", "functorch", "ew", "ghost"):
         raise DPSetupError(f"grad_sample_mode must be hooks, functorch, ew or ghost (got {mode!r})")
     if mode == "ghost" and settings.clipping != "flat":
-        raise DPSetupError("grad_sample_mode 'ghost' supports only flat clipping; set clipping: flat")
+        raise DPSetupError("grad_sample_mode 'ghost' supports only flat clipping; "
+                           "set clipping: flat")
     try:
         ModuleValidator.validate(model, strict=True)  # what PrivacyEngine.make_private checks
     except UnsupportedModuleError as err:
         raise DPSetupError(f"{type(model).__name__} has layers Opacus cannot clip per sample "
-                           f"({str(err).strip().splitlines()[-1]}); replace them (e.g. BatchNorm by "
-                           f"GroupNorm)") from None
+                           f"({str(err).strip().splitlines()[-1]}); replace them (e.g. BatchNorm "
+                           f"by GroupNorm)") from None
     use_conv3d_grad_sampler(settings.conv_grad_sampler)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise DPSetupError(f"{type(model).__name__} has no trainable parameter; check 'trainable'")
     extra = {"max_grad_norm": settings.max_grad_norm} if mode == "ghost" else {}
-    module = prepare_module(model, grad_sample_mode=mode, batch_first=True, loss_reduction="sum", **extra)
+    module = prepare_module(model, grad_sample_mode=mode, batch_first=True, loss_reduction="sum",
+                            **extra)
     module.forbid_grad_accumulation()
     base = optimizer_factory(params) if optimizer_factory else torch.optim.Adam(
         params, lr=settings.learning_rate)
@@ -174,9 +180,10 @@ def privatise(model: nn.Module, settings: DPSettings, noise_multiplier: float, *
         if settings.clipping == "per_layer" else settings.max_grad_norm
     optimizer_class = get_optimizer_class(clipping=settings.clipping, distributed=False,
                                           grad_sample_mode=mode)
-    optimizer = optimizer_class(base, noise_multiplier=noise_multiplier, max_grad_norm=bound,
-                                expected_batch_size=expected_batch_size or settings.expected_batch_size,
-                                loss_reduction="mean", generator=noise_generator)
+    optimizer = optimizer_class(
+        base, noise_multiplier=noise_multiplier, max_grad_norm=bound,
+        expected_batch_size=expected_batch_size or settings.expected_batch_size,
+        loss_reduction="mean", generator=noise_generator)
     return module, optimizer
 
 
@@ -193,8 +200,8 @@ def expand_patients(patient_indices: Sequence[int], patient_rows: Sequence[Seque
                     multiplicity: int) -> tuple[list[int], torch.Tensor]:
     """Rows for the sampled patients: each patient's scans, each repeated ``multiplicity`` times.
 
-    Returns the scan dataset index of every row and ``patient_of_row`` (R,) long, the position of the
-    row's patient in ``patient_indices``.
+    Returns the scan dataset index of every row and ``patient_of_row`` (R,) long, the position of
+    the row's patient in ``patient_indices``.
     """
     rows: list[int] = []
     owners: list[int] = []
@@ -207,7 +214,7 @@ def expand_patients(patient_indices: Sequence[int], patient_rows: Sequence[Seque
 
 def reduce_grad_samples_by_patient(params: Sequence[nn.Parameter], patient_of_row: torch.Tensor,
                                    num_patients: int) -> None:
-    """Replace each ``p.grad_sample`` (R, *p.shape) by the per-patient mean (num_patients, *p.shape).
+    """Replace each ``p.grad_sample`` (R, *p.shape) by its per-patient mean (P, *p.shape).
 
     Must run after ``backward`` and before the DP optimizer clips. A trainable parameter the forward
     pass did not use has a zero gradient for every patient.
@@ -228,7 +235,8 @@ def reduce_grad_samples_by_patient(params: Sequence[nn.Parameter], patient_of_ro
         owners = patient_of_row.to(samples.device)
         if counts is None or counts.device != samples.device:
             counts = torch.bincount(owners, minlength=num_patients).clamp_min(1).to(samples.dtype)
-        summed = torch.zeros((num_patients, *samples.shape[1:]), device=samples.device, dtype=samples.dtype)
+        summed = torch.zeros((num_patients, *samples.shape[1:]), device=samples.device,
+                             dtype=samples.dtype)
         summed.index_add_(0, owners, samples)
         p.grad_sample = summed / counts.view(-1, *([1] * (samples.dim() - 1)))
 
@@ -236,7 +244,7 @@ def reduce_grad_samples_by_patient(params: Sequence[nn.Parameter], patient_of_ro
 def backward_per_patient(module: AbstractGradSampleModule, optimizer: DPOptimizer, loss_fn: LossFn,
                          batch: Any, patient_of_row: torch.Tensor, num_patients: int,
                          mode: GradSampleMode) -> torch.Tensor:
-    """Forward and backward one physical batch; leaves per-patient gradients for ``optimizer.step()``.
+    """Forward and backward one physical batch; leaves per-patient gradients for the optimizer.
 
     ``batch`` holds R rows; ``patient_of_row`` (R,) maps rows to patients 0..num_patients-1. Returns
     the detached per-row losses (R,).
@@ -245,9 +253,9 @@ def backward_per_patient(module: AbstractGradSampleModule, optimizer: DPOptimize
         losses = loss_fn(module, batch)
     except RuntimeError as err:
         if "BackwardHookFunction" in str(err) and "inplace" in str(err):
-            raise DPSetupError("the model changes a layer's output in place (e.g. ReLU(inplace=True) or "
-                               "x.add_()), which breaks Opacus' per-sample gradient hooks; use the "
-                               "out-of-place operation") from None
+            raise DPSetupError("the model changes a layer's output in place (e.g. "
+                               "ReLU(inplace=True) or x.add_()), which breaks Opacus' per-sample "
+                               "gradient hooks; use the out-of-place operation") from None
         raise
     rows = len(patient_of_row)
     if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (rows,):
@@ -315,7 +323,7 @@ class _StepLimit:
 
     def __call__(self, optimizer: DPOptimizer) -> None:
         if self.steps >= self.limit:
-            raise AccountingMismatch(f"a {self.steps + 1}th step in a round planned with {self.limit}")
+            raise AccountingMismatch(f"step {self.steps + 1} in a round planned with {self.limit}")
         self.steps += 1
         self.accountant_hook(optimizer)
 
@@ -329,9 +337,9 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
 class DPTrainer:
     """DP-SGD rounds of one site under its ledger-backed budget.
 
-    ``scans`` is the site's scan-level dataset (items are collated with ``default_collate`` and given
-    to ``loss_fn``); ``patients`` maps each patient id to its scans' indices in ``scans`` (e.g.
-    ``client.site_data.SiteDataset.patients``).
+    ``scans`` is the site's scan-level dataset (items are collated with ``default_collate`` and
+    given to ``loss_fn``); ``patients`` maps each patient id to its scans' indices in ``scans``
+    (e.g. ``client.site_data.SiteDataset.patients``).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, scans: Dataset,
@@ -339,14 +347,16 @@ class DPTrainer:
                  seed: int | None = None, optimizer_factory: OptimizerFactory | None = None):
         check_not_privatised(model)
         if settings.noise_multiplicity < 1:
-            raise DPSetupError(f"noise_multiplicity must be >= 1 (got {settings.noise_multiplicity})")
+            raise DPSetupError(f"noise_multiplicity must be >= 1 "
+                               f"(got {settings.noise_multiplicity})")
         self.patient_rows = [list(rows) for rows in patients.values()]
         if not self.patient_rows or any(not rows for rows in self.patient_rows):
-            raise DPSetupError("every patient needs at least one scan, and the site at least one patient")
+            raise DPSetupError("every patient needs at least one scan, and the site at least one "
+                               "patient")
         if settings.grad_sample_mode == "ghost" and (
                 settings.noise_multiplicity != 1 or any(len(r) != 1 for r in self.patient_rows)):
-            raise DPSetupError("grad_sample_mode 'ghost' clips rows, so it needs one scan per patient and "
-                               "noise_multiplicity 1; use hooks or functorch")
+            raise DPSetupError("grad_sample_mode 'ghost' clips rows, so it needs one scan per "
+                               "patient and noise_multiplicity 1; use hooks or functorch")
         self.model = model
         self.loss_fn = loss_fn
         self.scans = scans
@@ -359,7 +369,8 @@ class DPTrainer:
         widest = max(len(rows) for rows in self.patient_rows) * settings.noise_multiplicity
         self.physical_patients = max(1, settings.max_physical_batch_size // widest)
         # The PrivacyEngine accountant of the last completed round: restored from the ledger, then
-        # stepped by Opacus during the round (equal to the ledger's replay, checked before the commit).
+        # stepped by Opacus during the round (equal to the ledger's replay, checked before the
+        # commit).
         self.accountant: IAccountant | None = None
 
     @property
@@ -369,13 +380,13 @@ class DPTrainer:
     def _check_plan(self, plan: PlanRecord) -> None:
         if plan.num_patients != self.num_patients or \
                 plan.expected_batch_size != self.settings.expected_batch_size:
-            raise PlanMismatch(f"{self.budget.path}: the plan samples {plan.expected_batch_size} of "
-                               f"{plan.num_patients} patients, the trainer has "
-                               f"{self.settings.expected_batch_size} of {self.num_patients}; open the "
-                               f"budget with a plan built from this site's data and settings")
+            raise PlanMismatch(f"{self.budget.path}: the plan samples {plan.expected_batch_size} "
+                               f"of {plan.num_patients} patients, the trainer has "
+                               f"{self.settings.expected_batch_size} of {self.num_patients}; open "
+                               f"the budget with a plan built from this site's data and settings")
 
     def run_round(self, round: int) -> RoundResult:
-        """Check the budget, train one round, commit it, then return its weights (see module doc)."""
+        """Check the budget, train one round, commit it, then return its weights (module doc)."""
         before = weights_hash(self.model.state_dict())
         with self.budget.locked():
             state = self.budget.state()
@@ -385,15 +396,18 @@ class DPTrainer:
             if resent is not None:
                 return resent
             self.budget.check(round, plan.steps_per_round, state)
-            start = {name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()}
+            start = {name: tensor.detach().clone()
+                     for name, tensor in self.model.state_dict().items()}
             try:
                 weights = self._train(round, plan, state)
                 after = weights_hash(weights)
-                write_outbox(outbox_path(self.budget.path), OutboxItem(round, before, after, weights))
+                write_outbox(outbox_path(self.budget.path),
+                             OutboxItem(round, before, after, weights))
                 record = self.budget.charge(round, model_hash_before=before, model_hash_after=after,
                                             steps=plan.steps_per_round)
             except BaseException:
-                # Uncommitted weights must not be sendable: the model goes back to the round's start.
+                # Uncommitted weights must not be sendable: the model goes back to the round's
+                # start.
                 self.model.load_state_dict(start)
                 raise
         return RoundResult(round, weights, record, resumed=False)
@@ -404,15 +418,17 @@ class DPTrainer:
             return None
         item = read_outbox(outbox_path(self.budget.path))
         if item is None or item.round != round or item.model_hash_after != last.model_hash_after:
-            log.warning("%s: round %d is committed but its weights are not in the outbox; training it "
-                        "again and charging it as a new release", self.budget.path, round)
+            log.warning("%s: round %d is committed but its weights are not in the outbox; "
+                        "training it again and charging it as a new release", self.budget.path,
+                        round)
             return None
         self.model.load_state_dict(item.weights)
         log.info("%s: round %d was already committed; resending its weights (not charged again)",
                  self.budget.path, round)
         return RoundResult(round, item.weights, last, resumed=True)
 
-    def _train(self, round: int, plan: PlanRecord, state: SiteLedgerState) -> dict[str, torch.Tensor]:
+    def _train(self, round: int, plan: PlanRecord,
+               state: SiteLedgerState) -> dict[str, torch.Tensor]:
         settings, model = self.settings, self.model
         was_training = model.training
         flags = apply_trainable(model, settings.trainable)
@@ -429,26 +445,15 @@ class DPTrainer:
                                           expected_batch_size=plan.expected_batch_size,
                                           noise_generator=self.noise_generator,
                                           optimizer_factory=self.optimizer_factory)
-            limit = _StepLimit(plan.steps_per_round,
-                               engine.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
+            accountant_hook = engine.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate)
+            limit = _StepLimit(plan.steps_per_round, accountant_hook)
             optimizer.attach_step_hook(limit)
             loader = DPDataLoader(_PatientIndices(self.num_patients), sample_rate=plan.sample_rate,
                                   generator=self.sampling_generator)
-            device = next(model.parameters()).device
             with tqdm(total=plan.steps_per_round, desc=f"round {round} DP-SGD", disable=None,
                       leave=False) as progress:
                 for _ in range(plan.local_epochs):
-                    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=self.physical_patients,
-                                            optimizer=optimizer) as physical_batches:
-                        for (patient_indices,) in physical_batches:
-                            self._physical_step(module, optimizer, patient_indices.tolist(), device)
-                            steps = limit.steps
-                            optimizer.step()
-                            optimizer.zero_grad(set_to_none=True)
-                            if limit.steps != steps:
-                                progress.update(1)
-                                if ema is not None:
-                                    ema.update_parameters(model)
+                    self._epoch(module, optimizer, loader, limit, ema, progress)
             self._check_accounting(engine, state, plan, limit.steps)
             self.accountant = engine.accountant
         finally:
@@ -461,6 +466,22 @@ class DPTrainer:
                 for target, averaged in zip(model.parameters(), ema.module.parameters()):
                     target.copy_(averaged)
         return {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+
+    def _epoch(self, module: AbstractGradSampleModule, optimizer: DPOptimizer, loader: DPDataLoader,
+               limit: _StepLimit, ema: AveragedModel | None, progress: tqdm) -> None:
+        """One epoch of Poisson-sampled logical batches, in physical batches of whole patients."""
+        device = next(self.model.parameters()).device
+        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=self.physical_patients,
+                                optimizer=optimizer) as physical_batches:
+            for (patient_indices,) in physical_batches:
+                self._physical_step(module, optimizer, patient_indices.tolist(), device)
+                steps = limit.steps
+                optimizer.step()  # clips and accumulates; noise and update at a logical batch's end
+                optimizer.zero_grad(set_to_none=True)
+                if limit.steps != steps:
+                    progress.update(1)
+                    if ema is not None:
+                        ema.update_parameters(self.model)
 
     def _physical_step(self, module: AbstractGradSampleModule, optimizer: DPOptimizer,
                        patient_indices: list[int], device: torch.device) -> None:
@@ -480,5 +501,5 @@ class DPTrainer:
                                  [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)])
         observed = merge_history(engine.accountant.history)
         if steps != plan.steps_per_round or observed != expected:
-            raise AccountingMismatch(f"{self.budget.path}: Opacus counted {observed} but the ledger "
-                                     f"would hold {expected}; the round is not committed")
+            raise AccountingMismatch(f"{self.budget.path}: Opacus counted {observed} but the "
+                                     f"ledger would hold {expected}; the round is not committed")

@@ -9,7 +9,8 @@ Distance spaces (``release.distance``)
 - ``latent`` (default): relative L2 distance ``||E(x) - E(s)||_2 / ||E(s)||_2`` between embeddings
   by the frozen PUBLIC encoder ``E`` (the autoencoder's posterior mean times the latent scale
   factor, (Cz, d, h, w)). The encoder never saw private data, so the embedding is a fixed, public
-  feature map; it is 8x (or more) smaller than the image, and it smooths away voxel noise.
+  feature map; it is smaller than the image (2.7x for the demo's 3 channels at half resolution,
+  more with deeper autoencoders), and it smooths away voxel noise.
 - ``nrmse``: normalised RMSE in image space, ``||x - s||_2 / ||s||_2`` with ``s`` the site's scan
   (the error as a fraction of the scan's own signal; scale-free, no model involved).
 - ``ssim``: ``1 - SSIM(x, s)`` in image space, MONAI's :class:`~monai.metrics.SSIMMetric`
@@ -17,14 +18,14 @@ Distance spaces (``release.distance``)
   the three but one 3D convolution per pair: use it for small releases.
 
 Why ``latent`` by default (measured on the demo cohort at 16^3, 8 patients, a public autoencoder
-trained briefly): planted copies with Gaussian noise (sigma 0.02) land at 0.018 of the scan's latent
-norm against a nearest OTHER patient at 0.17 or more (a 10x margin); in ``nrmse`` the same copies land
-at 0.06 against 0.22 (3.6x), in ``ssim`` at 0.004 against 0.08 (20x). Exact and shifted copies
-land at 0 in every space once the shift tolerance below is on.
+trained briefly): planted copies with Gaussian noise (sigma 0.02) land at 0.018 of the scan's
+latent norm against a nearest OTHER patient at 0.17 or more (a 10x margin); in ``nrmse`` the same
+copies land at 0.06 against 0.22 (3.6x), in ``ssim`` at 0.004 against 0.08 (20x, but ~100x the
+cost). Exact and shifted copies land at 0 in every space once the shift tolerance below is on.
 
 Shift tolerance (``release.max_shift``)
 ---------------------------------------
-A copy moved by a voxel is still a copy, but a plain voxel-wise distance calls it far: at 6 mm
+A copy moved by a voxel is still a copy, but a plain voxel-wise distance calls it far: at 6-12 mm
 voxels a one-voxel shift of a brain costs more than the difference between two registered
 patients. So each candidate is compared under every integer translation of up to ``max_shift``
 voxels per axis ((2k+1)^3 offsets, circular :func:`torch.roll`), and its distance is the minimum.
@@ -46,8 +47,8 @@ A candidate PASSES a site when its nearest-scan distance is at or above the thre
 (:func:`decide`); the server keeps only candidates that pass every site.
 
 Memory stays bounded: candidates and scans are processed in blocks of ``chunk_size`` volumes each
-(relative L2 via one ``torch.cdist`` per block) and SSIM in batches of ``chunk_size`` pairs; only
-the running minimum per candidate is kept.
+(relative L2 via one ``torch.cdist`` per block, in float64) and SSIM in batches of ``chunk_size``
+pairs; only the running minimum per candidate is kept.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ from tqdm.auto import tqdm
 
 from models.autoencoder import encode_latents
 from privacy.protocol import (ARRAYS, CONFIG, GATE_ACCOUNTING, GATE_ACCOUNTING_KEYS, GATE_PASSED,
-                              GATE_STATUS, GATE_STATUS_KEYS, METRICS, PROTOCOL_VERSION, ProtocolViolation)
+                              GATE_STATUS, GATE_STATUS_KEYS, METRICS, PROTOCOL_VERSION,
+                              ProtocolViolation)
 
 Distance = Literal["latent", "nrmse", "ssim"]
 DISTANCES: tuple[str, ...] = ("latent", "nrmse", "ssim")
@@ -84,7 +86,7 @@ class GateError(ValueError):
 
 @dataclass(frozen=True)
 class ThresholdPolicy:
-    """How a site sets its threshold: ``fixed`` at ``value``, or ``calibrated`` at ``percentile``."""
+    """How a site sets its threshold: ``fixed`` at ``value``, or ``calibrated`` at a percentile."""
 
     policy: str = "calibrated"
     value: float | None = None
@@ -92,8 +94,10 @@ class ThresholdPolicy:
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
-            raise GateError(f"threshold policy must be one of {', '.join(POLICIES)} (got {self.policy!r})")
-        if self.policy == "fixed" and (self.value is None or not math.isfinite(self.value) or self.value < 0):
+            raise GateError(f"threshold policy must be one of {', '.join(POLICIES)} "
+                            f"(got {self.policy!r})")
+        if self.policy == "fixed" and (self.value is None or not math.isfinite(self.value)
+                                       or self.value < 0):
             raise GateError(f"a fixed threshold needs a finite value >= 0 (got {self.value!r}); "
                             f"set release.threshold.value")
         if not 0 < self.percentile < 100:
@@ -102,8 +106,8 @@ class ThresholdPolicy:
     @classmethod
     def from_config(cls, threshold: Any) -> "ThresholdPolicy":
         """From a ``ThresholdConfig``-like object (policy, value, percentile)."""
-        value = threshold.value
-        return cls(str(threshold.policy), None if value is None else float(value), float(threshold.percentile))
+        value = None if threshold.value is None else float(threshold.value)
+        return cls(str(threshold.policy), value, float(threshold.percentile))
 
     def describe(self) -> str:
         if self.policy == "fixed":
@@ -127,12 +131,13 @@ class NearestScans:
 
 def check_distance(distance: str) -> str:
     if distance not in DISTANCES:
-        raise GateError(f"release.distance must be one of {', '.join(DISTANCES)} (got {distance!r})")
+        raise GateError(f"release.distance must be one of {', '.join(DISTANCES)} "
+                        f"(got {distance!r})")
     return distance
 
 
 def translations(max_shift: int) -> tuple[Offset, ...]:
-    """Every integer offset with ``|o_i| <= max_shift`` per axis, (0, 0, 0) first: (2k+1)^3 offsets."""
+    """Every integer offset with ``|o_i| <= max_shift`` per axis, (0, 0, 0) first: (2k+1)^3."""
     if max_shift < 0:
         raise GateError(f"max_shift must be >= 0 (got {max_shift})")
     span = range(-max_shift, max_shift + 1)
@@ -159,35 +164,40 @@ def latent_views(autoencoder: torch.nn.Module, images: torch.Tensor, latent_scal
                  offsets: Sequence[Offset] = NO_SHIFT, batch_size: int = 8) -> torch.Tensor:
     """Embeddings of every translate of every image by the frozen public encoder.
 
-    images (N, 1, D, H, W) -> (N, T, Cz, d, h, w), T = len(offsets), scaled by ``latent_scale_factor``
-    (the posterior mean for KL, the quantised embedding for VQ: :func:`models.autoencoder.encode_latents`).
+    images (N, 1, D, H, W) -> (N, T, Cz, d, h, w), T = len(offsets), scaled by
+    ``latent_scale_factor`` (the posterior mean for KL, the quantised embedding for VQ:
+    :func:`models.autoencoder.encode_latents`).
     """
     autoencoder.eval()
     device = next(autoencoder.parameters()).device
     per_offset = []
     for offset in offsets:
-        latents = [encode_latents(autoencoder, shifted(images[i:i + batch_size], offset).to(device)).cpu()
-                   for i in range(0, images.shape[0], batch_size)]
+        latents = []
+        for start in range(0, images.shape[0], batch_size):
+            batch = shifted(images[start:start + batch_size], offset).to(device)
+            latents.append(encode_latents(autoencoder, batch).cpu())
         per_offset.append(torch.cat(latents) * float(latent_scale_factor))
     return torch.stack(per_offset, dim=1)
 
 
-def _relative_l2(queries: torch.Tensor, bank: torch.Tensor, bank_norm: torch.Tensor) -> torch.Tensor:
-    """(a, F) x (b, F) -> (a, b): ``||q - s|| / ||s||`` in float64 (one cdist, matrix-product form)."""
+def _relative_l2(queries: torch.Tensor, bank: torch.Tensor,
+                 bank_norm: torch.Tensor) -> torch.Tensor:
+    """(a, F) x (b, F) -> (a, b): ``||q - s|| / ||s||`` in float64 (cdist, matrix-product form)."""
     distances = torch.cdist(queries[None], bank[None], compute_mode="use_mm_for_euclid_dist")[0]
     return distances / bank_norm.clamp_min(torch.finfo(torch.float64).tiny)[None]
 
 
 class _SSIMDistance:
-    """``1 - SSIM`` of every (query, scan) pair of two blocks, ``chunk_size`` pairs per MONAI call."""
+    """``1 - SSIM`` of every (query, scan) pair of two blocks, ``chunk_size`` pairs per call."""
 
     def __init__(self, spatial: Sequence[int], chunk_size: int):
         window = min(_SSIM_WINDOW, min(spatial))
         window -= 1 - window % 2  # odd
         if window < 3:
-            raise GateError(f"SSIM needs volumes of at least 3 voxels per side (got {list(spatial)}); "
-                            f"use release.distance: nrmse")
-        self.metric = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=window, reduction="none")
+            raise GateError(f"SSIM needs volumes of at least 3 voxels per side "
+                            f"(got {list(spatial)}); use release.distance: nrmse")
+        self.metric = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=window,
+                                 reduction="none")
         self.chunk_size = chunk_size
 
     def __call__(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
@@ -197,7 +207,8 @@ class _SSIMDistance:
         values = []
         for start in range(0, a * b, self.chunk_size):
             rows = slice(start, start + self.chunk_size)
-            ssim = self.metric(y_pred=queries[pairs_q[rows]].float(), y=bank[pairs_s[rows]].float())
+            ssim = self.metric(y_pred=queries[pairs_q[rows]].float(),
+                               y=bank[pairs_s[rows]].float())
             values.append(torch.as_tensor(ssim).reshape(-1).to(torch.float64))
             self.metric.reset()
         return (1.0 - torch.cat(values)).reshape(a, b)
@@ -206,19 +217,21 @@ class _SSIMDistance:
 def nearest_scans(candidates: torch.Tensor, bank: torch.Tensor, distance: str, *,
                   offsets: Sequence[Offset] = NO_SHIFT, chunk_size: int = 64,
                   candidate_groups: Sequence[int] | None = None,
-                  bank_groups: Sequence[int] | None = None, progress: bool = False) -> NearestScans:
+                  bank_groups: Sequence[int] | None = None,
+                  progress: bool = False) -> NearestScans:
     """For each candidate, the distance to its nearest scan in ``bank``.
 
-    candidates: views (N, T, C, *S) - the minimum is taken over the T views (latent translates) and
-    over ``offsets`` (circular translations applied to every view, image space);
+    candidates: views (N, T, C, *S) - the minimum is taken over the T views (latent translates)
+    and over ``offsets`` (circular translations applied to every view, image space);
     bank: (R, C, *S), the site's scans (or their embeddings).
     ``candidate_groups`` (N,) and ``bank_groups`` (R,): pairs in the same group are skipped (the
-    calibration's "a different patient"). Blocks of at most ``chunk_size`` candidates and scans.
+    calibration's "a different patient"). Blocks of at most ``chunk_size`` views and scans.
     """
     check_distance(distance)
     if candidates.ndim < 3 or candidates.shape[2:] != bank.shape[1:]:
+        expected = ", ".join(map(str, bank.shape[1:]))
         raise GateError(f"candidate views {tuple(candidates.shape)} do not match the site's scans "
-                        f"{tuple(bank.shape)}: expected (N, T, {', '.join(map(str, bank.shape[1:]))})")
+                        f"{tuple(bank.shape)}: expected (N, T, {expected})")
     if chunk_size <= 0:
         raise GateError(f"chunk_size must be > 0 (got {chunk_size})")
     n, views = candidates.shape[:2]
@@ -228,28 +241,29 @@ def nearest_scans(candidates: torch.Tensor, bank: torch.Tensor, distance: str, *
     best_offset = [NO_SHIFT[0]] * n
     if n == 0 or bank.shape[0] == 0:
         return NearestScans(best.cpu().numpy(), best_index.cpu().numpy(), best_offset)
-    groups_q = None if candidate_groups is None else torch.as_tensor(list(candidate_groups), device=device)
-    groups_b = None if bank_groups is None else torch.as_tensor(list(bank_groups), device=device)
+    grouped = candidate_groups is not None and bank_groups is not None
+    if grouped:
+        groups_q = torch.as_tensor(list(candidate_groups), device=device)
+        groups_b = torch.as_tensor(list(bank_groups), device=device)
     ssim = _SSIMDistance(bank.shape[2:], chunk_size) if distance == "ssim" else None
     flat_bank = bank.reshape(bank.shape[0], -1).to(torch.float64)
     bank_norm = flat_bank.norm(dim=1)
-    query_rows = max(1, chunk_size // views)  # candidates per block, so a block holds <= chunk_size views
+    query_rows = max(1, chunk_size // views)  # candidates per block: <= chunk_size views in it
     blocks = [(offset, q0, b0) for offset in offsets for q0 in range(0, n, query_rows)
               for b0 in range(0, bank.shape[0], chunk_size)]
     for offset, q0, b0 in tqdm(blocks, desc="gate distances", unit="block",
                                disable=None if progress else True, leave=False):
         q1, b1 = min(q0 + query_rows, n), min(b0 + chunk_size, bank.shape[0])
-        block = shifted(candidates[q0:q1].to(device), offset)             # (q, T, C, *S)
+        block = shifted(candidates[q0:q1].to(device), offset)            # (q, T, C, *S)
         flat = block.reshape((q1 - q0) * views, *block.shape[2:])
         if ssim is None:
-            d = _relative_l2(flat.reshape(flat.shape[0], -1).to(torch.float64), flat_bank[b0:b1],
-                             bank_norm[b0:b1])
+            flat = flat.reshape(flat.shape[0], -1).to(torch.float64)
+            d = _relative_l2(flat, flat_bank[b0:b1], bank_norm[b0:b1])
         else:
             d = ssim(flat, bank[b0:b1])
-        d = d.reshape(q1 - q0, views, b1 - b0).amin(dim=1)                 # best view per pair
-        if groups_q is not None and groups_b is not None:
-            same = groups_q[q0:q1, None] == groups_b[None, b0:b1]
-            d = d.masked_fill(same, math.inf)
+        d = d.reshape(q1 - q0, views, b1 - b0).amin(dim=1)                # best view per pair
+        if grouped:
+            d = d.masked_fill(groups_q[q0:q1, None] == groups_b[None, b0:b1], math.inf)
         value, where = d.min(dim=1)
         better = value < best[q0:q1]
         best[q0:q1] = torch.where(better, value, best[q0:q1])
@@ -264,12 +278,14 @@ def between_patient_distances(views: torch.Tensor, bank: torch.Tensor, patients:
                               chunk_size: int = 64, progress: bool = False) -> np.ndarray:
     """For every scan, the distance to the nearest scan of a DIFFERENT patient: float64 (M,).
 
-    views (M, T, C, *S) are the scans as queries (their translates in latent space), bank (M, C, *S)
-    the same scans as references, ``patients`` (M,) their patient ids. Needs two patients or more.
+    views (M, T, C, *S) are the scans as queries (their translates in latent space), bank
+    (M, C, *S) the same scans as references, ``patients`` (M,) their patient ids. Needs two
+    patients or more.
     """
     if len(set(patients)) < 2:
         raise GateError(f"calibrating a threshold needs scans of at least 2 patients (got "
-                        f"{len(set(patients))}); add patients or use release.threshold.policy: fixed")
+                        f"{len(set(patients))}); add patients or use "
+                        f"release.threshold.policy: fixed")
     codes = {pid: i for i, pid in enumerate(dict.fromkeys(patients))}
     groups = [codes[p] for p in patients]
     return nearest_scans(views, bank, distance, offsets=offsets, chunk_size=chunk_size,
@@ -281,13 +297,13 @@ def calibrated_threshold(distances: np.ndarray, percentile: float) -> float:
     distances = np.asarray(distances, dtype=np.float64)
     distances = distances[np.isfinite(distances)]
     if distances.size == 0:
-        raise GateError("no between-patient distance to calibrate on; the site needs scans of at least "
-                        "2 patients")
+        raise GateError("no between-patient distance to calibrate on; the site needs scans of "
+                        "at least 2 patients")
     return float(np.percentile(distances, percentile))
 
 
 def decide(distances: np.ndarray, threshold: float) -> np.ndarray:
-    """Pass (True) where a candidate's nearest-scan distance is at or above ``threshold``: bool (N,)."""
+    """Pass (True) where a candidate's nearest-scan distance is at or above ``threshold``."""
     return np.asarray(distances, dtype=np.float64) >= float(threshold)
 
 
@@ -320,7 +336,7 @@ class GateRefusal(str, Enum):
     LEDGER_DAMAGED = "ledger-damaged"      # DP gate: the site's ledger failed its chain check
     ROLLBACK_ALARM = "rollback-alarm"      # DP gate: a ledger rollback alarm is pending
     PROTOCOL_MISMATCH = "protocol-mismatch"  # malformed query or another protocol version
-    MODEL_MISMATCH = "model-mismatch"      # the candidates or autoencoder do not match their hashes
+    MODEL_MISMATCH = "model-mismatch"      # candidates or autoencoder do not match their hashes
     SITE_ERROR = "site-error"              # anything else
 
 
@@ -346,13 +362,16 @@ def _json_field(record: Mapping[str, Any], key: str) -> Any:
         raise ProtocolViolation(f"gate record key {key!r} is not valid JSON") from None
 
 
+_NUMBER = (int, float)
+
+
 @dataclass(frozen=True)
 class GateQuery:
     """A gate query (server -> site), sent with the candidates' views.
 
     ``data`` is the consortium grid (shape, spacing, label_names, intensity_percentiles) the site
-    preprocesses its scans to; ``autoencoder`` (latent distance only) the public autoencoder's config
-    section, whose weights travel in the query's ``autoencoder`` ArrayRecord with hash
+    preprocesses its scans to; ``autoencoder`` (latent distance only) the public autoencoder's
+    config section, whose weights travel in the query's ``autoencoder`` ArrayRecord with hash
     ``autoencoder_sha256``. ``candidates_sha256`` is :func:`privacy.outbox.weights_hash` of
     ``{"views": views}``. ``default_target_epsilon``/``default_delta``: the consortium's default
     budget, used by a site that sets none and never trained (DP gate only).
@@ -384,46 +403,50 @@ class GateQuery:
                 "candidates-sha256": self.candidates_sha256, "data": _json(self.data),
                 "model-sha256": self.model_sha256, "autoencoder": _json(self.autoencoder),
                 "autoencoder-sha256": self.autoencoder_sha256,
-                "latent-scale-factor": float(self.latent_scale_factor), "dp-enabled": bool(self.dp_enabled),
-                "dp-epsilon": float(self.dp_epsilon),
+                "latent-scale-factor": float(self.latent_scale_factor),
+                "dp-enabled": bool(self.dp_enabled), "dp-epsilon": float(self.dp_epsilon),
                 "default-target-epsilon": float(self.default_target_epsilon),
                 "default-delta": float(self.default_delta)}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "GateQuery":
-        """Parse :meth:`to_record` output; :class:`ProtocolViolation` names a missing or bad key."""
+        """Parse :meth:`to_record` output; :class:`ProtocolViolation` names a missing/bad key."""
         protocol = _field(record, "protocol", int)
         if protocol != PROTOCOL_VERSION:
-            raise ProtocolViolation(f"gate-config.protocol: the server speaks protocol {protocol}, this site "
-                                    f"{PROTOCOL_VERSION}; run the same fedsynth version at both ends")
-        number = (int, float)
+            raise ProtocolViolation(f"gate-config.protocol: the server speaks protocol {protocol}, "
+                                    f"this site {PROTOCOL_VERSION}; run the same fedsynth version "
+                                    f"at both ends")
         threshold = _json_field(record, "threshold")
         try:
-            policy = ThresholdPolicy(str(threshold["policy"]), threshold["value"], float(threshold["percentile"]))
+            policy = ThresholdPolicy(str(threshold["policy"]), threshold["value"],
+                                     float(threshold["percentile"]))
             distance = check_distance(_field(record, "distance", str))
         except (GateError, KeyError, TypeError) as err:
             raise ProtocolViolation(f"gate-config: bad distance or threshold ({err})") from None
-        return cls(query_id=_field(record, "query-id", str), distance=distance, threshold=policy,
-                   max_shift=_field(record, "max-shift", int), chunk_size=_field(record, "chunk-size", int),
-                   num_candidates=_field(record, "num-candidates", int),
-                   candidates_sha256=_field(record, "candidates-sha256", str),
-                   data=_json_field(record, "data"), model_sha256=_field(record, "model-sha256", str),
-                   autoencoder=_json_field(record, "autoencoder"),
-                   autoencoder_sha256=_field(record, "autoencoder-sha256", str),
-                   latent_scale_factor=float(_field(record, "latent-scale-factor", number)),
-                   dp_enabled=_field(record, "dp-enabled", bool),
-                   dp_epsilon=float(_field(record, "dp-epsilon", number)),
-                   default_target_epsilon=float(_field(record, "default-target-epsilon", number)),
-                   default_delta=float(_field(record, "default-delta", number)), protocol=protocol)
+        return cls(
+            query_id=_field(record, "query-id", str), distance=distance, threshold=policy,
+            max_shift=_field(record, "max-shift", int),
+            chunk_size=_field(record, "chunk-size", int),
+            num_candidates=_field(record, "num-candidates", int),
+            candidates_sha256=_field(record, "candidates-sha256", str),
+            data=_json_field(record, "data"), model_sha256=_field(record, "model-sha256", str),
+            autoencoder=_json_field(record, "autoencoder"),
+            autoencoder_sha256=_field(record, "autoencoder-sha256", str),
+            latent_scale_factor=float(_field(record, "latent-scale-factor", _NUMBER)),
+            dp_enabled=_field(record, "dp-enabled", bool),
+            dp_epsilon=float(_field(record, "dp-epsilon", _NUMBER)),
+            default_target_epsilon=float(_field(record, "default-target-epsilon", _NUMBER)),
+            default_delta=float(_field(record, "default-delta", _NUMBER)), protocol=protocol)
 
 
 @dataclass(frozen=True)
 class GateAnswer:
-    """A site's answer without the pass/fail array: status, counts and DP-gate accounting figures.
+    """A site's answer without the pass/fail array: status, counts, DP-gate accounting figures.
 
     Nothing here depends on the scans except the count of passes (which the pass/fail array gives
-    anyway): no distance, no threshold, no statistic of the data. ``epsilon_*`` are accounting figures
-    (0 without the DP gate): this query's charge, the site's gate total, and DP-SGD + gate total.
+    anyway): no distance, no threshold, no statistic of the data. ``epsilon_*`` are accounting
+    figures of the site's own ledger: this query's DP-gate charge (0 without the DP gate), the
+    site's DP-gate total, and its DP-SGD + DP-gate total.
     """
 
     status: GateStatus
@@ -444,15 +467,17 @@ class GateAnswer:
     def accounting(self) -> dict[str, int | float]:
         """MetricRecord content (every key in :data:`privacy.protocol.GATE_ACCOUNTING_KEYS`)."""
         return {"num-candidates": int(self.num_candidates), "num-passed": int(self.num_passed),
-                "epsilon-charged": float(self.epsilon_charged), "epsilon-gate": float(self.epsilon_gate),
-                "epsilon-total": float(self.epsilon_total), "target-epsilon": float(self.target_epsilon),
-                "delta": float(self.delta)}
+                "epsilon-charged": float(self.epsilon_charged),
+                "epsilon-gate": float(self.epsilon_gate),
+                "epsilon-total": float(self.epsilon_total),
+                "target-epsilon": float(self.target_epsilon), "delta": float(self.delta)}
 
     def status_fields(self) -> dict[str, int | str | bool]:
         """ConfigRecord content (every key in :data:`privacy.protocol.GATE_STATUS_KEYS`)."""
-        return {"protocol": PROTOCOL_VERSION, "status": self.status.value, "reason": self.reason.value,
-                "site-id": self.site_id, "query-id": self.query_id, "ledger-seq": int(self.ledger_seq),
-                "ledger-head": self.ledger_head, "replayed": bool(self.replayed)}
+        return {"protocol": PROTOCOL_VERSION, "status": self.status.value,
+                "reason": self.reason.value, "site-id": self.site_id, "query-id": self.query_id,
+                "ledger-seq": int(self.ledger_seq), "ledger-head": self.ledger_head,
+                "replayed": bool(self.replayed)}
 
     @classmethod
     def from_records(cls, accounting: Mapping[str, Any], status: Mapping[str, Any]) -> "GateAnswer":
@@ -462,16 +487,15 @@ class GateAnswer:
             reason = GateRefusal(_field(status, "reason", str))
         except ValueError as err:
             raise ProtocolViolation(f"gate-status.status/reason: unknown code ({err})") from None
-        number = (int, float)
         return cls(status=gate_status, reason=reason, site_id=_field(status, "site-id", str),
                    query_id=_field(status, "query-id", str),
-                   num_candidates=int(_field(accounting, "num-candidates", number)),
-                   num_passed=int(_field(accounting, "num-passed", number)),
-                   epsilon_charged=float(_field(accounting, "epsilon-charged", number)),
-                   epsilon_gate=float(_field(accounting, "epsilon-gate", number)),
-                   epsilon_total=float(_field(accounting, "epsilon-total", number)),
-                   target_epsilon=float(_field(accounting, "target-epsilon", number)),
-                   delta=float(_field(accounting, "delta", number)),
+                   num_candidates=int(_field(accounting, "num-candidates", _NUMBER)),
+                   num_passed=int(_field(accounting, "num-passed", _NUMBER)),
+                   epsilon_charged=float(_field(accounting, "epsilon-charged", _NUMBER)),
+                   epsilon_gate=float(_field(accounting, "epsilon-gate", _NUMBER)),
+                   epsilon_total=float(_field(accounting, "epsilon-total", _NUMBER)),
+                   target_epsilon=float(_field(accounting, "target-epsilon", _NUMBER)),
+                   delta=float(_field(accounting, "delta", _NUMBER)),
                    ledger_seq=int(_field(status, "ledger-seq", int)),
                    ledger_head=_field(status, "ledger-head", str),
                    replayed=bool(_field(status, "replayed", bool)))
@@ -482,15 +506,17 @@ class GateAnswer:
         return values
 
 
-GATE_REPLY_RECORDS: dict[str, str] = {GATE_PASSED: ARRAYS, GATE_ACCOUNTING: METRICS, GATE_STATUS: CONFIG}
+GATE_REPLY_RECORDS: dict[str, str] = {GATE_PASSED: ARRAYS, GATE_ACCOUNTING: METRICS,
+                                      GATE_STATUS: CONFIG}
 
 
-def check_gate_reply(records: Mapping[str, tuple[str, Mapping[str, Any]]], num_candidates: int) -> None:
+def check_gate_reply(records: Mapping[str, tuple[str, Mapping[str, Any]]],
+                     num_candidates: int) -> None:
     """Refuse a gate answer that holds anything outside the allow-list.
 
     ``records`` maps each record name to ``(kind, content)``: ``"arrays"`` with ``{name: shape}``,
-    ``"metrics"``/``"config"`` with ``{key: value}``. Allowed: the pass/fail array (``passed``, shape
-    ``(num_candidates,)``, 'ok' answers only), the counts and accounting figures of
+    ``"metrics"``/``"config"`` with ``{key: value}``. Allowed: the pass/fail array (``passed``,
+    shape ``(num_candidates,)``, 'ok' answers only), the counts and accounting figures of
     :data:`~privacy.protocol.GATE_ACCOUNTING_KEYS` and the codes of
     :data:`~privacy.protocol.GATE_STATUS_KEYS`. Raises :class:`ProtocolViolation`.
     """
@@ -500,20 +526,24 @@ def check_gate_reply(records: Mapping[str, tuple[str, Mapping[str, Any]]], num_c
             raise ProtocolViolation(f"gate answer record {name!r} is not allowed to leave a site "
                                     f"(allowed: {sorted(GATE_REPLY_RECORDS)})")
         if kind != expected:
-            raise ProtocolViolation(f"gate answer record {name!r} must be a {expected} record (got {kind})")
+            raise ProtocolViolation(f"gate answer record {name!r} must be a {expected} record "
+                                    f"(got {kind})")
     if GATE_ACCOUNTING not in records or GATE_STATUS not in records:
-        raise ProtocolViolation(f"a gate answer needs the {GATE_ACCOUNTING!r} and {GATE_STATUS!r} records")
+        raise ProtocolViolation(f"a gate answer needs the {GATE_ACCOUNTING!r} and "
+                                f"{GATE_STATUS!r} records")
     for name, allowed in ((GATE_ACCOUNTING, GATE_ACCOUNTING_KEYS), (GATE_STATUS, GATE_STATUS_KEYS)):
         keys = set(records[name][1])
         if keys != allowed:
-            raise ProtocolViolation(f"gate answer record {name!r}: keys not allowed {sorted(keys - allowed)}, "
-                                    f"missing {sorted(allowed - keys)}")
+            raise ProtocolViolation(f"gate answer record {name!r}: keys not allowed "
+                                    f"{sorted(keys - allowed)}, missing {sorted(allowed - keys)}")
     for key, value in records[GATE_ACCOUNTING][1].items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ProtocolViolation(f"gate-accounting.{key}: must be a finite number (got {value!r})")
+        if isinstance(value, bool) or not isinstance(value, _NUMBER) or not math.isfinite(value):
+            raise ProtocolViolation(f"gate-accounting.{key}: must be a finite number "
+                                    f"(got {value!r})")
     ok = records[GATE_STATUS][1].get("status") == GateStatus.OK.value
     if ok != (GATE_PASSED in records):
-        raise ProtocolViolation("an 'ok' gate answer must carry the pass/fail array, any other must not")
+        raise ProtocolViolation("an 'ok' gate answer must carry the pass/fail array, any other "
+                                "must not")
     if ok:
         arrays = dict(records[GATE_PASSED][1])
         if set(arrays) != {"passed"} or tuple(arrays["passed"]) != (int(num_candidates),):

@@ -40,10 +40,12 @@ def grouped_conv_grad_sample(layer: nn.Conv3d, activations: list[torch.Tensor],
     if layer.weight.requires_grad:
         spatial = inputs.dim() - 2
         weight = layer.weight.detach().repeat(batch, *([1] * (layer.weight.dim() - 1)))
+        # Grouped convolution, one group per (sample, conv group): output mask = weight only.
         _, weight_grad, _ = torch.ops.aten.convolution_backward(
-            backprops.reshape(1, -1, *backprops.shape[2:]), inputs.reshape(1, -1, *inputs.shape[2:]),
-            weight, None, list(layer.stride), list(layer.padding), list(layer.dilation), False,
-            [0] * spatial, batch * layer.groups, [False, True, False])
+            backprops.reshape(1, -1, *backprops.shape[2:]),
+            inputs.reshape(1, -1, *inputs.shape[2:]), weight, None, list(layer.stride),
+            list(layer.padding), list(layer.dilation), False, [0] * spatial, batch * layer.groups,
+            [False, True, False])
         grads[layer.weight] = weight_grad.view(batch, *layer.weight.shape)
     if layer.bias is not None and layer.bias.requires_grad:
         grads[layer.bias] = backprops.flatten(2).sum(2)

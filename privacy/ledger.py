@@ -51,8 +51,9 @@ class LedgerIntegrityError(LedgerError):
     def __init__(self, path: Path, problem: "LedgerProblem"):
         self.path = Path(path)
         self.problem = problem
-        super().__init__(f"{path}: {problem.describe()}; the ledger was altered or cut - keep the file "
-                         f"as evidence, run 'fedsynth audit verify' and restore it from a trusted copy")
+        super().__init__(f"{path}: {problem.describe()}; the ledger was altered or cut - keep the "
+                         f"file as evidence, run 'fedsynth audit verify' and restore it from a "
+                         f"trusted copy")
 
 
 def canonical_bytes(value: Any) -> bytes:
@@ -116,12 +117,14 @@ def _parse_line(raw: bytes, line: int, expected_seq: int,
         return None, LedgerProblem(line, None, "not valid JSON (a cut or edited line)")
     if not isinstance(obj, dict) or set(obj) != _ENTRY_KEYS:
         found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        return None, LedgerProblem(line, None, f"expected the fields {sorted(_ENTRY_KEYS)}, found {found}")
+        return None, LedgerProblem(line, None,
+                                   f"expected the fields {sorted(_ENTRY_KEYS)}, found {found}")
     seq = obj["seq"]
     if not isinstance(seq, int) or isinstance(seq, bool):
         return None, LedgerProblem(line, None, f"seq must be an integer (got {seq!r})")
     if not isinstance(obj["kind"], str) or not obj["kind"] or not isinstance(obj["payload"], dict):
-        return None, LedgerProblem(line, seq, "kind must be a non-empty string and payload an object")
+        return None, LedgerProblem(line, seq,
+                                   "kind must be a non-empty string and payload an object")
     if not all(isinstance(obj[k], str) and _HEX64.fullmatch(obj[k]) for k in ("hash", "prev_hash")):
         return None, LedgerProblem(line, seq, "hash and prev_hash must be 64 lowercase hex digits")
     try:
@@ -138,7 +141,8 @@ def _parse_line(raw: bytes, line: int, expected_seq: int,
                                               "(an entry before it was changed, removed or moved)")
     recomputed = entry_hash(seq, obj["kind"], obj["prev_hash"], obj["payload"])
     if recomputed != obj["hash"]:
-        return None, LedgerProblem(line, seq, "its content does not match its hash (a value was edited)")
+        return None, LedgerProblem(line, seq,
+                                   "its content does not match its hash (a value was edited)")
     return LedgerEntry(seq, obj["kind"], obj["prev_hash"], obj["hash"], obj["payload"]), None
 
 
@@ -149,12 +153,13 @@ def _head_problem(head_path: Path, entries: list[LedgerEntry]) -> LedgerProblem 
         head = json.loads(head_path.read_bytes().decode("ascii"))
         head_seq, head_hash = int(head["seq"]), str(head["hash"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return LedgerProblem(len(entries) + 1, None, f"the head record {head_path.name} is unreadable")
+        return LedgerProblem(len(entries) + 1, None,
+                             f"the head record {head_path.name} is unreadable")
     last = entries[-1].seq if entries else 0
     if head_seq > last:
-        return LedgerProblem(last + 1, last + 1, f"missing: the file ends at seq {last} but its head "
-                                                 f"record names seq {head_seq} (entries were cut from "
-                                                 f"the end)")
+        return LedgerProblem(last + 1, last + 1,
+                             f"missing: the file ends at seq {last} but its head record names seq "
+                             f"{head_seq} (entries were cut from the end)")
     if head_seq >= 1 and entries[head_seq - 1].hash != head_hash:
         return LedgerProblem(head_seq, head_seq, "its hash differs from the one in the head record")
     return None
@@ -169,7 +174,8 @@ def verify_ledger(path: Path | str) -> VerifyResult:
         raise LedgerError(f"{path}: no such ledger; check the path (a site's ledger defaults to "
                           f"<data_dir>/.fedsynth/ledger.jsonl)") from None
     except OSError as err:
-        raise LedgerError(f"{path}: cannot be read ({err.strerror}); check its permissions") from None
+        raise LedgerError(f"{path}: cannot be read ({err.strerror}); check its "
+                          f"permissions") from None
     entries: list[LedgerEntry] = []
     lines = data.split(b"\n")
     complete, tail = lines[:-1], lines[-1]
@@ -256,7 +262,8 @@ class Ledger:
             entries = self.entries()
             seq = len(entries) + 1
             prev_hash = entries[-1].hash if entries else GENESIS_HASH
-            entry = LedgerEntry(seq, kind, prev_hash, entry_hash(seq, kind, prev_hash, payload), payload)
+            digest = entry_hash(seq, kind, prev_hash, payload)
+            entry = LedgerEntry(seq, kind, prev_hash, digest, payload)
             line = canonical_bytes(entry.to_json()) + b"\n"
             created = not self.path.exists()
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,8 @@ def write_outbox(path: Path, item: OutboxItem) -> None:
 
 
 def read_outbox(path: Path) -> OutboxItem | None:
-    """The outbox content, or None if it is missing, unreadable or its weights do not match their hash."""
+    """The outbox content; None if it is missing, unreadable, or its weights do not match their
+    hash."""
     path = Path(path)
     if not path.exists():
         return None

@@ -1,9 +1,9 @@
-"""The privacy officer's epsilon report for one site ledger (Markdown, JSON or HTML, plus a PNG plot).
+"""The privacy officer's epsilon report for one site ledger (Markdown, JSON or HTML; PNG plot).
 
 For every round: its steps, the cumulative epsilon the site recorded, that epsilon replayed with
 Opacus from the ledger, and an independent recomputation with Google's ``dp_accounting`` (RDP for an
-``rdp`` ledger, PLD for a ``prv`` ledger) with the stated tolerance. Then the remaining budget, and a
-plain statement of what the guarantee covers and what it does not.
+``rdp`` ledger, PLD for a ``prv`` ledger) with the stated tolerance. Then the remaining budget, and
+a plain statement of what the guarantee covers and what it does not.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ _MAX_LOOKAHEAD_ROUNDS = 10_000
 def coverage_statement(plan: PlanRecord) -> tuple[list[str], list[str]]:
     """What the site's (epsilon, delta) covers, and what it does not, in plain words."""
     covers = [
-        "The model weights this site sent to the server in the rounds listed in this ledger, and "
-        "anything computed from them afterwards (post-processing, including the EMA of the weights, "
-        "aggregation by the server and synthetic images sampled from the model).",
+        "The model weights this site sent to the server in the rounds listed in this ledger, "
+        "and anything computed from them afterwards (post-processing, including the EMA of the "
+        "weights, aggregation by the server and synthetic images sampled from the model).",
         "At the level of a patient: adding or removing all scans of any one patient changes the "
         "distribution of those weights by at most the stated (epsilon, delta).",
         f"Under the training that was run: Poisson sampling of patients at rate q = "
@@ -44,10 +44,12 @@ def coverage_statement(plan: PlanRecord) -> tuple[list[str], list[str]]:
         "scans and is not protected by this epsilon (see the release report's gate caveat).",
         f"The number of patients (N = {plan.num_patients}) and the sample count: public metadata, "
         "used to set q.",
-        "Anything outside the DP-SGD steps: a training loss or other statistic computed on private "
-        "data and shared, data preprocessing decisions, and training runs recorded in another ledger.",
-        "Hyper-parameter tuning on private data (choosing sigma, the clipping norm, learning rate or "
-        "schedule after looking at results on this site's data) spends privacy not accounted here.",
+        "Anything outside the DP-SGD steps: a training loss or other statistic computed on "
+        "private data and shared, data preprocessing decisions, and training runs recorded in "
+        "another ledger.",
+        "Hyper-parameter tuning on private data (choosing sigma, the clipping norm, learning rate "
+        "or schedule after looking at results on this site's data) spends privacy not accounted "
+        "here.",
         "Side channels of the implementation (timing, floating-point attacks on the noise: Opacus' "
         "secure mode is off), and other sites' data, which their own ledgers account for.",
         "Rounds missing from this file: the hash chain proves the entries were not altered, cut or "
@@ -99,7 +101,7 @@ class PrivacyReport:
 
 
 def _rounds_remaining(plan: PlanRecord, rounds: list[RoundRecord]) -> int:
-    """How many more rounds of the plan in force fit under its cap (bisection on the round count)."""
+    """How many more rounds of the plan in force fit under its cap (bisection on the count)."""
     history = history_of(rounds)
 
     def fits(extra: int) -> bool:
@@ -165,7 +167,8 @@ def plot_png(report: PrivacyReport) -> bytes:
     figure = Figure(figsize=(6, 3.6), dpi=100)
     axes = figure.add_subplot()
     rounds = [row.round for row in report.rows]
-    axes.plot(rounds, [row.epsilon for row in report.rows], "o-", label=f"ledger ({report.accountant})")
+    axes.plot(rounds, [row.epsilon for row in report.rows], "o-",
+              label=f"ledger ({report.accountant})")
     axes.plot(rounds, [row.independent_epsilon for row in report.rows], "x--",
               label=f"independent ({report.independent_method}, dp_accounting)")
     axes.axhline(report.cap, color="crimson", linestyle=":", label=f"cap {report.cap:g}")
@@ -247,7 +250,8 @@ def render_html(report: PrivacyReport, png: bytes | None = None) -> str:
                      + base64.b64encode(png).decode("ascii") + "'></p>")
     for title, items in (("What the guarantee covers", report.covers),
                          ("What it does not cover", report.not_covered)):
-        parts += [f"<h2>{esc(title)}</h2>", "<ul>"] + [f"<li>{esc(i)}</li>" for i in items] + ["</ul>"]
+        parts += [f"<h2>{esc(title)}</h2>", "<ul>"]
+        parts += [f"<li>{esc(item)}</li>" for item in items] + ["</ul>"]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 

@@ -1,10 +1,11 @@
-"""The site's privacy ledger: typed ``plan`` and ``round`` entries on the generic hash-chained ledger.
+"""The site's privacy ledger: typed ``plan`` and ``round`` entries on the generic ledger.
 
-- ``plan``: the noise calibration (sigma from the site's budget and the planned schedule) and the cap in
-  force. The first plan fixes sigma and the sampling; a later plan entry records a changed cap or
-  schedule length (see :mod:`privacy.budget`).
+- ``plan``: the noise calibration (sigma from the site's budget and the planned schedule) and the
+  cap in force. The first plan fixes sigma and the sampling; a later plan entry records a changed
+  cap or schedule length (see :mod:`privacy.budget`).
 - ``round``: one released set of DP-SGD weights: the mechanism (sigma, q, steps), the cumulative
-  epsilon after it, and the hashes of the weights the round started from and the weights it released.
+  epsilon after it, and the hashes of the weights the round started from and the weights it
+  released.
 
 The round entries are the single source of truth for the spend: the accountant is rebuilt by
 replaying them (:func:`privacy.accounting.replay_accountant`).
@@ -51,15 +52,18 @@ class _Record:
 
     @classmethod
     def from_entry(cls: type[R], entry: LedgerEntry, path: Path | str = "ledger") -> R:
-        """The typed record of ``entry``; :class:`LedgerError` names the entry if fields are wrong."""
+        """The typed record of ``entry``; :class:`LedgerError` names the entry if a field is
+        wrong."""
         if entry.kind != cls.kind:
-            raise LedgerError(f"{path}: seq {entry.seq} is a {entry.kind!r} entry, not {cls.kind!r}")
+            raise LedgerError(f"{path}: seq {entry.seq} is a {entry.kind!r} entry, "
+                              f"not {cls.kind!r}")
         names = {f.name: f for f in dataclasses.fields(cls)}
         missing = sorted(set(names) - set(entry.payload))
         unknown = sorted(set(entry.payload) - set(names))
         if missing or unknown:
-            raise LedgerError(f"{path}: seq {entry.seq} ({cls.kind}) has missing fields {missing} and "
-                              f"unknown fields {unknown}; was it written by another fedsynth version?")
+            raise LedgerError(f"{path}: seq {entry.seq} ({cls.kind}) has missing fields {missing} "
+                              f"and unknown fields {unknown}; was it written by another fedsynth "
+                              f"version?")
         values = {}
         for name, value in entry.payload.items():
             expected = _FIELD_TYPES[str(names[name].type)]
@@ -118,7 +122,7 @@ class RoundRecord(_Record):
 
 @dataclass(frozen=True)
 class SiteLedgerState:
-    """A verified read of a site ledger: the plan in force (the latest plan entry) and the rounds."""
+    """A verified read of a site ledger: the plans (the latest is in force) and the rounds."""
 
     plans: list[PlanRecord]
     rounds: list[RoundRecord]
@@ -135,7 +139,8 @@ class SiteLedgerState:
 class SiteLedger:
     """Typed access to a site's ledger file (hash chain, fsync and lock from :class:`Ledger`)."""
 
-    KINDS: ClassVar[dict[str, type[_Record]]] = {PlanRecord.kind: PlanRecord, RoundRecord.kind: RoundRecord}
+    KINDS: ClassVar[dict[str, type[_Record]]] = {PlanRecord.kind: PlanRecord,
+                                                 RoundRecord.kind: RoundRecord}
 
     def __init__(self, path: Path | str):
         self.ledger = Ledger(path)
@@ -155,13 +160,14 @@ class SiteLedger:
         for entry in self.ledger.entries():
             record_type = self.KINDS.get(entry.kind)
             if record_type is None:
-                raise LedgerError(f"{self.path}: seq {entry.seq} has kind {entry.kind!r}, which a site "
-                                  f"ledger does not hold (expected plan or round); is this the "
-                                  f"consortium ledger?")
+                raise LedgerError(f"{self.path}: seq {entry.seq} has kind {entry.kind!r}, which a "
+                                  f"site ledger does not hold (expected plan or round); is this "
+                                  f"the consortium ledger?")
             record = record_type.from_entry(entry, self.path)
             (plans if isinstance(record, PlanRecord) else rounds).append(record)
         if rounds and not plans:
-            raise LedgerError(f"{self.path}: has round entries but no plan entry; restore the ledger")
+            raise LedgerError(f"{self.path}: has round entries but no plan entry; restore the "
+                              f"ledger")
         return SiteLedgerState(plans, rounds)
 
     def append(self, record: _Record) -> LedgerEntry:

@@ -7,8 +7,8 @@ noise in total and cheaper per-sample gradients.
 
 For a fedsynth :class:`models.latent_unet.LatentDenoiser` the selection is the model's own
 (:func:`models.latent_unet.attention_and_conditioning_parameters`: attention blocks, the attribute
-embedding, SPADE's modulation convolutions and, in concat mode, the input convolution that first sees
-the map). For any other module: every parameter of an attention module (MONAI's SABlock,
+embedding, SPADE's modulation convolutions and, in concat mode, the input convolution that first
+sees the map). For any other module: every parameter of an attention module (MONAI's SABlock,
 SpatialAttentionBlock, CrossAttentionBlock, TransformerBlock and the diffusion UNet's transformer
 blocks, ``nn.MultiheadAttention``), of a module named ``class_embedding`` and of SPADE blocks.
 """
@@ -46,7 +46,7 @@ def _generic_selection(model: nn.Module) -> set[str]:
 
 
 def trainable_parameter_names(model: nn.Module, subset: Subset) -> list[str]:
-    """Names (as in ``model.named_parameters()``) of the parameters ``subset`` trains, in model order."""
+    """Names (as in ``model.named_parameters()``) of the parameters ``subset`` trains, in order."""
     names = [name for name, _ in model.named_parameters()]
     if subset == "all":
         return names
@@ -63,8 +63,8 @@ def trainable_parameter_names(model: nn.Module, subset: Subset) -> list[str]:
         chosen = _generic_selection(model)
     selected = [name for name in names if name in chosen]
     if not selected:
-        raise ValueError(f"trainable 'attention_conditioning' found no attention or conditioning layer "
-                         f"in {type(model).__name__}; use trainable: all")
+        raise ValueError(f"trainable 'attention_conditioning' found no attention or conditioning "
+                         f"layer in {type(model).__name__}; use trainable: all")
     return selected
 
 

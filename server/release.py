@@ -1,4 +1,4 @@
-"""The release: sample candidates from the final global model, gate them at every site, write the passes.
+"""The release: sample candidates from the final global model, gate them at every site, write.
 
 One release fills ``num`` numbered *slots* (``synth_0000`` ...). Rounds repeat until every slot is
 released or has used ``release.max_attempts`` candidates:
@@ -6,28 +6,28 @@ released or has used ``release.max_attempts`` candidates:
 1. **Generate.** Each pending slot gets its candidate for its current attempt, drawn from a seed
    fixed by ``(seed, slot, attempt)`` alone: a PUBLIC map (the public cohort's label map, randomly
    deformed by MONAI's ``Rand3DElastic`` when ``release.deform_masks``), attributes drawn from
-   ``release.attribute_ranges`` (an attribute without a range keeps the public scan's value), and
-   the initial latent noise; then guided DDIM and decoding. A round takes at most
+   ``release.attribute_ranges`` (an attribute without a range keeps the public scan's value),
+   and the initial latent noise; then guided DDIM and decoding. A round takes at most
    ``release.chunk_size`` slots. The round's candidates are cached to disk BEFORE they are sent.
-2. **Gate.** One Flower query message (``query.gate``) per site: the candidate volumes (or, for the
-   ``latent`` distance, the embeddings of every translate by the frozen public encoder, plus the
-   encoder itself so the site can embed its scans) and a :class:`privacy.gate.GateQuery`. Every site
-   answers pass/fail per candidate (:mod:`client.gate`); only that and counts come back.
+2. **Gate.** One Flower query message (``query.gate``) per site: the candidate volumes (or, for
+   the ``latent`` distance, the embeddings of every translate by the frozen public encoder, plus
+   the encoder itself so the site can embed its scans) and a :class:`privacy.gate.GateQuery`.
+   Every site answers pass/fail per candidate (:mod:`client.gate`); only that and counts return.
 3. **Decide.** A candidate is released only if EVERY site passed it. A rejected slot moves to its
    next attempt (a new seed, so a new candidate); a slot out of attempts stays empty. Every
    rejection is counted, per site. The decision is written to the state file before any file.
 4. **Write.** Released samples are written atomically, one file per slot name, from the cache.
 
-Resume. ``release_state.json`` (replaced atomically) records each round's stage (``generated`` ->
-``decided`` -> ``written``). A rerun with the same ``--out`` continues: a round cut after its
+Resume. ``release_state.json`` (replaced atomically) records each round's stage (``generated``
+-> ``decided`` -> ``written``). A rerun with the same ``--out`` continues: a round cut after its
 decision writes its files from the cache (no new gate query); a round cut before its decision
 re-sends the SAME query (same id, same candidates), which every site answers from its gate log
-without computing or charging again. Slot names fix file names, so nothing is duplicated; decisions
-precede writes, so nothing is lost.
+without computing or charging again. Slot names fix file names, so nothing is duplicated;
+decisions precede writes, so nothing is lost.
 
 Outputs in ``--out``: ``images/``, ``labels/``, ``manifest.csv`` (site format, per-sample gate
-results), ``preview.png``, ``release_report.json`` + ``.md`` (:mod:`server.release_report`) and the
-state file.
+results), ``preview.png``, ``release_report.json`` + ``.md`` (:mod:`server.release_report`) and
+the state file.
 
 The gate round is :func:`gate_round` over a Flower ``Grid``: the same code runs in simulation
 (:func:`make_release_app` with ``flwr.simulation.run_simulation``) and in deployment.
@@ -76,8 +76,9 @@ MANIFEST_FILE = "manifest.csv"
 PREVIEW_FILE = "preview.png"
 _STATE_FORMAT = "fedsynth-release-state/1"
 _PREVIEW_LIMIT = 8
-# The public maps' deformation: a smooth field (4-6 voxel smoothness, about one voxel of displacement
-# whatever the grid size) plus up to ~3 degrees of rotation, 3 % scaling and one voxel of translation.
+# The public maps' deformation: a smooth field (4-6 voxel smoothness, about one voxel of
+# displacement whatever the grid size) plus up to ~3 degrees of rotation, 3 % scaling and one
+# voxel of translation.
 _ELASTIC = dict(sigma_range=(4.0, 6.0), magnitude_range=(100.0, 200.0), rotate_range=(0.05,) * 3,
                 scale_range=(0.03,) * 3, translate_range=(1.0,) * 3)
 
@@ -87,8 +88,8 @@ class ReleaseError(ValueError):
 
 
 class ReleaseHalted(RuntimeError):
-    """A gate round could not be completed (a site failed, refused or did not answer). The state is
-    kept: fix the site and run the same command again to resume."""
+    """A gate round could not be completed (a site failed, refused or did not answer). The state
+    is kept: fix the site and run the same command again to resume."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,8 @@ class ReleasePlan:
     @property
     def settings(self) -> dict[str, Any]:
         """What defines the release (a resume must match it)."""
-        return {"num": self.num, "seed": self.config.seed, "model_sha256": self.checkpoint.content_hash,
+        return {"num": self.num, "seed": self.config.seed,
+                "model_sha256": self.checkpoint.content_hash,
                 "release": config_to_dict(self.config.release)}
 
 
@@ -157,18 +159,40 @@ class ReleaseResult:
     report_markdown: Path
 
 
-# --- inputs ------------------------------------------------------------------------------------
+# --- inputs --------------------------------------------------------------------------------------
 
 def check_num(num: Any) -> int:
     """The number of samples to release; :class:`ReleaseError` unless a whole number > 0."""
     if isinstance(num, bool) or not isinstance(num, int) or num <= 0:
-        raise ReleaseError(f"--num: must be a whole number > 0 (got {num!r}); ask for at least one sample")
+        raise ReleaseError(f"--num: must be a whole number > 0 (got {num!r}); ask for at least "
+                           f"one sample")
     return num
 
 
-def prepare_release(config: Config, checkpoint: Path | Checkpoint, maps: PublicMaps, num: int, out: Path,
-                    *, checkpoint_path: Path | None = None, run_dir: Path | None = None,
-                    batch_size: int = 4) -> ReleasePlan:
+def _check_maps(maps: PublicMaps, checkpoint: Checkpoint) -> None:
+    grid, labels = checkpoint.data, maps.labels
+    if labels.ndim != 4 or tuple(labels.shape[1:]) != tuple(grid.shape):
+        raise ReleaseError(f"public maps: grid {list(labels.shape[1:])} differs from the "
+                           f"checkpoint's {list(grid.shape)}; set data.shape to "
+                           f"{list(grid.shape)} (the grid the model was trained on) or pass the "
+                           f"checkpoint trained on this grid")
+    if labels.shape[0] == 0:
+        raise ReleaseError("public maps: none given; data.public_dir must list at least one scan")
+    if labels.min() < 0 or labels.max() >= grid.num_classes:
+        raise ReleaseError(f"public maps: label values span [{int(labels.min())}, "
+                           f"{int(labels.max())}] but the model knows {grid.num_classes} classes; "
+                           f"relabel the maps")
+    count = labels.shape[0]
+    if tuple(maps.affines.shape) != (count, 4, 4) or len(maps.names) != count or \
+            tuple(maps.attributes.shape) != (count, len(grid.attributes)):
+        raise ReleaseError(f"public maps: need one affine (4x4), one name and "
+                           f"{len(grid.attributes)} attribute value(s) {list(grid.attributes)} "
+                           f"per map")
+
+
+def prepare_release(config: Config, checkpoint: Path | Checkpoint, maps: PublicMaps, num: int,
+                    out: Path, *, checkpoint_path: Path | None = None,
+                    run_dir: Path | None = None, batch_size: int = 4) -> ReleasePlan:
     """Validate everything before any site is contacted; :class:`ReleaseError` (one line) if not."""
     check_num(num)
     if isinstance(checkpoint, Checkpoint):
@@ -179,35 +203,22 @@ def prepare_release(config: Config, checkpoint: Path | Checkpoint, maps: PublicM
             model = load_checkpoint(path)
         except CheckpointError as err:
             raise ReleaseError(str(err)) from None
-    grid = model.data
-    labels = maps.labels
-    if labels.ndim != 4 or tuple(labels.shape[1:]) != tuple(grid.shape):
-        raise ReleaseError(f"public maps: grid {list(labels.shape[1:])} differs from the checkpoint's "
-                           f"{list(grid.shape)}; set data.shape to {list(grid.shape)} (the grid the model was "
-                           f"trained on) or pass the checkpoint trained on this grid")
-    if labels.shape[0] == 0:
-        raise ReleaseError("public maps: none given; data.public_dir must list at least one scan")
-    if labels.min() < 0 or labels.max() >= grid.num_classes:
-        raise ReleaseError(f"public maps: label values span [{int(labels.min())}, {int(labels.max())}] but the "
-                           f"model knows {grid.num_classes} classes; relabel the maps")
-    if tuple(maps.affines.shape) != (labels.shape[0], 4, 4) or maps.attributes.shape[0] != labels.shape[0] or \
-            maps.attributes.shape[1] != len(grid.attributes) or len(maps.names) != labels.shape[0]:
-        raise ReleaseError(f"public maps: need one affine (4x4), one name and {len(grid.attributes)} attribute "
-                           f"value(s) {list(grid.attributes)} per map")
-    extra = sorted(set(config.release.attribute_ranges) - set(grid.attributes))
+    _check_maps(maps, model)
+    extra = sorted(set(config.release.attribute_ranges) - set(model.data.attributes))
     if extra:
-        log.warning("release.attribute_ranges names %s, which the model is not conditioned on; ignored", extra)
+        log.warning("release.attribute_ranges names %s, which the model is not conditioned on; "
+                    "ignored", extra)
     if batch_size <= 0:
-        raise ReleaseError(f"batch size must be > 0 (got {batch_size})")
-    sites = tuple(s.site_id for s in config.federation.sites)
+        raise ReleaseError(f"--batch-size: must be > 0 (got {batch_size})")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ReleaseError(f"{out}: exists and is not a folder; choose a new output folder")
     if out.exists() and any(out.iterdir()) and not (out / STATE_FILE).exists():
-        raise ReleaseError(f"{out}: folder is not empty and holds no {STATE_FILE}; choose a new output "
-                           f"folder (or the folder of the release to resume)")
-    plan = ReleasePlan(config=config, checkpoint_path=path, checkpoint=model, maps=maps, num=num, out=out,
-                       sites=sites, run_dir=run_dir, batch_size=batch_size,
+        raise ReleaseError(f"{out}: folder is not empty and holds no {STATE_FILE}; choose a new "
+                           f"output folder (or the folder of the release to resume)")
+    plan = ReleasePlan(config=config, checkpoint_path=path, checkpoint=model, maps=maps, num=num,
+                       out=out, sites=tuple(s.site_id for s in config.federation.sites),
+                       run_dir=run_dir, batch_size=batch_size,
                        timeout=config.federation.round_timeout)
     state = _read_state(out)
     if state is not None:
@@ -217,18 +228,20 @@ def prepare_release(config: Config, checkpoint: Path | Checkpoint, maps: PublicM
 
 def _check_resume(state: Mapping[str, Any], plan: ReleasePlan) -> None:
     stored, current = state["settings"], plan.settings
+    where = plan.out / STATE_FILE
     for key in ("model_sha256", "num", "seed"):
         if stored[key] != current[key]:
-            raise ReleaseError(f"{plan.out / STATE_FILE}: the release there used {key} {stored[key]}, this one "
-                               f"{current[key]}; resume with the same settings or choose a new --out")
+            raise ReleaseError(f"{where}: the release there used {key} {stored[key]}, this one "
+                               f"{current[key]}; resume with the same settings or choose a new "
+                               f"--out")
     if stored["release"] != current["release"]:
-        changed = sorted(k for k in set(stored["release"]) | set(current["release"])
-                         if stored["release"].get(k) != current["release"].get(k))
-        raise ReleaseError(f"{plan.out / STATE_FILE}: release.{changed[0]} differs from the release being "
+        keys = set(stored["release"]) | set(current["release"])
+        changed = sorted(k for k in keys if stored["release"].get(k) != current["release"].get(k))
+        raise ReleaseError(f"{where}: release.{changed[0]} differs from the release being "
                            f"resumed; restore it or choose a new --out")
 
 
-# --- candidates --------------------------------------------------------------------------------
+# --- candidates ----------------------------------------------------------------------------------
 
 def slot_seed(seed: int, slot: int, attempt: int) -> int:
     """A 63-bit seed fixed by (release seed, slot, attempt) alone."""
@@ -238,14 +251,15 @@ def slot_seed(seed: int, slot: int, attempt: int) -> int:
 
 def _integer_attribute(low: float, high: float, public: np.ndarray) -> bool:
     values = public[np.isfinite(public)]
-    return float(low).is_integer() and float(high).is_integer() and bool(np.all(values == np.round(values)))
+    return float(low).is_integer() and float(high).is_integer() and \
+        bool(np.all(values == np.round(values)))
 
 
 def draw_condition(plan: ReleasePlan, slot: int, attempt: int) -> Condition:
     """The map, deformation, attributes and noise seed of one (slot, attempt).
 
-    An attribute whose range bounds and public values are all whole numbers (e.g. sex 0/1) is drawn
-    as a whole number; others uniformly in [low, high].
+    An attribute whose range bounds and public values are all whole numbers (e.g. sex 0/1) is
+    drawn as a whole number; others uniformly in [low, high].
     """
     rng = np.random.default_rng(slot_seed(plan.config.seed, slot, attempt))
     k = int(rng.integers(plan.maps.labels.shape[0]))
@@ -265,7 +279,7 @@ def draw_condition(plan: ReleasePlan, slot: int, attempt: int) -> Condition:
 
 
 def deformed_map(labels: torch.Tensor, seed: int | None) -> torch.Tensor:
-    """A label map (D, H, W) uint8, randomly deformed (nearest neighbour, so classes stay classes)."""
+    """A label map (D, H, W) uint8, randomly deformed (nearest neighbour: classes stay classes)."""
     if seed is None:
         return labels.clone()
     transform = Rand3DElastic(prob=1.0, mode="nearest", padding_mode="zeros", **_ELASTIC)
@@ -279,37 +293,41 @@ def generate(model: torch.nn.Module, plan: ReleasePlan, conditions: Sequence[Con
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates for ``conditions``: images (B, 1, D, H, W) and their maps (B, D, H, W) uint8.
 
-    Each candidate depends on its own condition only (per-candidate noise, deterministic DDIM), not
-    on the batch it is generated in.
+    Each candidate depends on its own condition only (per-candidate noise, deterministic DDIM),
+    not on the batch it is generated in.
     """
     grid = plan.checkpoint.data
-    labels = torch.stack([deformed_map(plan.maps.labels[c.map_index], c.deform_seed) for c in conditions])
+    labels = torch.stack([deformed_map(plan.maps.labels[c.map_index], c.deform_seed)
+                          for c in conditions])
     latent_shape = model.latent_shape(grid.shape)
     images = []
     for start in range(0, len(conditions), plan.batch_size):
         batch = conditions[start:start + plan.batch_size]
-        noise = torch.cat([initial_noise(1, latent_shape, torch.Generator().manual_seed(c.noise_seed))
+        noise = torch.cat([initial_noise(1, latent_shape,
+                                         torch.Generator().manual_seed(c.noise_seed))
                            for c in batch])
-        onehot = torch.nn.functional.one_hot(labels[start:start + len(batch)].long(), grid.num_classes)
-        onehot = onehot.permute(0, 4, 1, 2, 3).float()
+        onehot = torch.nn.functional.one_hot(labels[start:start + len(batch)].long(),
+                                             grid.num_classes).permute(0, 4, 1, 2, 3).float()
         attributes = torch.tensor([c.attributes for c in batch], dtype=torch.float32) \
             if grid.attributes else None
-        latents = sample_latents(model.denoiser, build_sampler(model.model_cfg), noise, onehot, attributes,
-                                 steps=sampling_steps(model.model_cfg), guidance_scale=model.guidance_scale,
-                                 progress=False)
+        latents = sample_latents(model.denoiser, build_sampler(model.model_cfg), noise, onehot,
+                                 attributes, steps=sampling_steps(model.model_cfg),
+                                 guidance_scale=model.guidance_scale, progress=False)
         images.append(model.decode(latents))
     return torch.cat(images), labels
 
 
-def candidate_views(model: torch.nn.Module, images: torch.Tensor, distance: str, max_shift: int) -> torch.Tensor:
+def candidate_views(model: torch.nn.Module, images: torch.Tensor, distance: str,
+                    max_shift: int) -> torch.Tensor:
     """What the sites receive: images (N, 1, 1, D, H, W) for image distances; for ``latent`` the
     public encoder's embeddings of every translate (N, T, Cz, d, h, w)."""
     if distance in IMAGE_DISTANCES:
         return views_of(images).contiguous()
-    return latent_views(model.autoencoder, images, model.latent_scale_factor, translations(max_shift)).contiguous()
+    return latent_views(model.autoencoder, images, model.latent_scale_factor,
+                        translations(max_shift)).contiguous()
 
 
-# --- the gate round over a Flower Grid ---------------------------------------------------------
+# --- the gate round over a Flower Grid -----------------------------------------------------------
 
 def gate_query(plan: ReleasePlan, query_id: str, views: torch.Tensor) -> GateQuery:
     release, base = plan.config.release, plan.checkpoint
@@ -318,14 +336,17 @@ def gate_query(plan: ReleasePlan, query_id: str, views: torch.Tensor) -> GateQue
             "label_names": list(base.data.label_names),
             "intensity_percentiles": list(plan.config.data.intensity_percentiles)}
     return GateQuery(
-        query_id=query_id, distance=release.distance, threshold=ThresholdPolicy.from_config(release.threshold),
-        max_shift=release.max_shift, chunk_size=release.chunk_size, num_candidates=int(views.shape[0]),
-        candidates_sha256=weights_hash({"views": views}), data=data, model_sha256=base.content_hash,
+        query_id=query_id, distance=release.distance,
+        threshold=ThresholdPolicy.from_config(release.threshold), max_shift=release.max_shift,
+        chunk_size=release.chunk_size, num_candidates=int(views.shape[0]),
+        candidates_sha256=weights_hash({"views": views}), data=data,
+        model_sha256=base.content_hash,
         autoencoder=dict(base.model_config["autoencoder"]) if latent else {},
         autoencoder_sha256=weights_hash(base.autoencoder_state) if latent else "",
         latent_scale_factor=base.latent_scale_factor, dp_enabled=release.dp_gate.enabled,
         dp_epsilon=release.dp_gate.epsilon if release.dp_gate.enabled else 0.0,
-        default_target_epsilon=plan.config.privacy.target_epsilon, default_delta=plan.config.privacy.delta)
+        default_target_epsilon=plan.config.privacy.target_epsilon,
+        default_delta=plan.config.privacy.delta)
 
 
 def _layout(content: RecordDict) -> dict[str, tuple[str, Mapping[str, Any]]]:
@@ -340,23 +361,25 @@ def _layout(content: RecordDict) -> dict[str, tuple[str, Mapping[str, Any]]]:
 
 
 def gate_round(grid: Grid, nodes: Sequence[int], query: GateQuery, views: torch.Tensor,
-               autoencoder_state: Mapping[str, torch.Tensor] | None, timeout: float) -> GateRoundResult:
-    """Send one gate query to every node and collect the answers (checked against the allow-list)."""
+               autoencoder_state: Mapping[str, torch.Tensor] | None,
+               timeout: float) -> GateRoundResult:
+    """Send one gate query to every node; collect the answers (checked against the allow-list)."""
     messages = []
     for node in nodes:
         records: dict[str, Any] = {GATE_CONFIG: ConfigRecord(query.to_record()),
                                    GATE_CANDIDATES: ArrayRecord(torch_state_dict={"views": views})}
         if autoencoder_state is not None:
             records[GATE_AUTOENCODER] = ArrayRecord(torch_state_dict=dict(autoencoder_state))
-        messages.append(Message(RecordDict(records), dst_node_id=int(node), message_type=GATE_MESSAGE_TYPE))
+        messages.append(Message(RecordDict(records), dst_node_id=int(node),
+                                message_type=GATE_MESSAGE_TYPE))
     result = GateRoundResult()
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
     answered = set()
-    for reply in replies:
+    for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         answered.add(node)
         if reply.has_error():
-            result.failed.append((node, f"error reply ({reply.error.reason.splitlines()[0][:200]})"))
+            reason = reply.error.reason.splitlines()[0][:200] if reply.error.reason else "?"
+            result.failed.append((node, f"error reply ({reason})"))
             continue
         try:
             layout = _layout(reply.content)
@@ -366,20 +389,19 @@ def gate_round(grid: Grid, nodes: Sequence[int], query: GateQuery, views: torch.
             result.failed.append((node, f"protocol violation: {err}"))
             continue
         if answer.query_id != query.query_id or answer.site_id in result.answers:
-            result.failed.append((node, f"answer for query {answer.query_id!r} from site {answer.site_id!r} "
-                                        f"does not fit this round"))
+            result.failed.append((node, f"answer for query {answer.query_id!r} from site "
+                                        f"{answer.site_id!r} does not fit this round"))
             continue
         result.answers[answer.site_id] = answer
         if answer.status == GateStatus.OK:
-            passed = reply.content[GATE_PASSED]["passed"].numpy().astype(bool)
-            result.passed[answer.site_id] = passed
+            result.passed[answer.site_id] = reply.content[GATE_PASSED]["passed"].numpy() != 0
     for node in nodes:
         if node not in answered:
             result.failed.append((node, f"no answer within {timeout:g}s"))
     return result
 
 
-# --- state -------------------------------------------------------------------------------------
+# --- state ---------------------------------------------------------------------------------------
 
 def _read_state(out: Path) -> dict[str, Any] | None:
     path = Path(out) / STATE_FILE
@@ -391,7 +413,8 @@ def _read_state(out: Path) -> dict[str, Any] | None:
             raise ValueError("unknown format")
         return state
     except (ValueError, OSError) as err:
-        raise ReleaseError(f"{path}: unreadable release state ({err}); restore it or choose a new --out") from None
+        raise ReleaseError(f"{path}: unreadable release state ({err}); restore it or choose a new "
+                           f"--out") from None
 
 
 def _write_state(out: Path, state: Mapping[str, Any]) -> None:
@@ -399,11 +422,11 @@ def _write_state(out: Path, state: Mapping[str, Any]) -> None:
 
 
 def _new_state(plan: ReleasePlan) -> dict[str, Any]:
-    return {"format": _STATE_FORMAT, "release_id": uuid.uuid4().hex[:16], "settings": plan.settings,
-            "checkpoint": str(plan.checkpoint_path), "sites": list(plan.sites), "rounds": [],
-            "slots": [{"slot": i, "status": "pending", "attempts": 0, "rejections": {}, "history": []}
-                      for i in range(plan.num)],
-            "gate": {}}
+    slots = [{"slot": i, "status": "pending", "attempts": 0, "rejections": {}, "history": []}
+             for i in range(plan.num)]
+    return {"format": _STATE_FORMAT, "release_id": uuid.uuid4().hex[:16],
+            "settings": plan.settings, "checkpoint": str(plan.checkpoint_path),
+            "sites": list(plan.sites), "rounds": [], "slots": slots, "gate": {}}
 
 
 def _cache_path(out: Path, round_number: int) -> Path:
@@ -414,7 +437,7 @@ def sample_name(slot: int) -> str:
     return f"synth_{slot:04d}"
 
 
-# --- the release loop --------------------------------------------------------------------------
+# --- the release loop ----------------------------------------------------------------------------
 
 def _required_sites(plan: ReleasePlan) -> int:
     return max(plan.config.federation.min_sites, len(plan.sites))
@@ -422,18 +445,23 @@ def _required_sites(plan: ReleasePlan) -> int:
 
 def _check_answers(plan: ReleasePlan, result: GateRoundResult, round_number: int) -> None:
     problems = [f"node {node}: {why}" for node, why in result.failed]
-    problems += [f"{site}: {answer.status.value}" + (f" ({answer.reason.value})" if answer.reason.value else "")
-                 for site, answer in result.answers.items() if answer.status != GateStatus.OK]
+    for site, answer in result.answers.items():
+        if answer.status != GateStatus.OK:
+            reason = f" ({answer.reason.value})" if answer.reason.value else ""
+            problems.append(f"{site}: {answer.status.value}{reason}")
     missing = sorted(set(plan.sites) - set(result.answers))
-    problems += [f"{site}: no answer" for site in missing if not any(p.startswith(site) for p in problems)]
+    if missing:
+        problems.append(f"no answer from {', '.join(missing)}")
     if len(result.passed) < _required_sites(plan):
         problems.append(f"{len(result.passed)} site(s) answered, {_required_sites(plan)} needed")
     if problems:
-        raise ReleaseHalted(f"gate round {round_number}: {'; '.join(problems)}; every site must gate every "
-                            f"candidate - fix the site(s) and run the same command again to resume")
+        raise ReleaseHalted(f"gate round {round_number}: {'; '.join(problems)}; every site must "
+                            f"gate every candidate - fix the site(s) and run the same command "
+                            f"again to resume")
 
 
-def _decide(state: dict[str, Any], record: dict[str, Any], result: GateRoundResult, max_attempts: int) -> None:
+def _decide(state: dict[str, Any], record: dict[str, Any], result: GateRoundResult,
+            max_attempts: int) -> None:
     """Apply one round's answers to the slots (in place)."""
     for position, (slot_id, attempt) in enumerate(zip(record["slots"], record["attempts"])):
         slot = state["slots"][slot_id]
@@ -442,15 +470,16 @@ def _decide(state: dict[str, Any], record: dict[str, Any], result: GateRoundResu
         if all(verdicts.values()):
             slot["status"] = "released"
             slot["released_attempt"] = attempt
-        else:
-            for site, ok in verdicts.items():
-                if not ok:
-                    slot["rejections"][site] = slot["rejections"].get(site, 0) + 1
-            slot["attempts"] = attempt + 1
-            if slot["attempts"] >= max_attempts:
-                slot["status"] = "exhausted"
+            continue
+        for site, ok in verdicts.items():
+            if not ok:
+                slot["rejections"][site] = slot["rejections"].get(site, 0) + 1
+        slot["attempts"] = attempt + 1
+        if slot["attempts"] >= max_attempts:
+            slot["status"] = "exhausted"
     for site, answer in result.answers.items():
-        gate = state["gate"].setdefault(site, {"queries": 0, "epsilon_charged": 0.0, "passed": 0, "failed": 0})
+        gate = state["gate"].setdefault(site, {"queries": 0, "epsilon_charged": 0.0, "passed": 0,
+                                               "failed": 0})
         gate["queries"] += 1
         gate["epsilon_charged"] += answer.epsilon_charged
         gate["passed"] += answer.num_passed
@@ -463,28 +492,32 @@ def _write_samples(plan: ReleasePlan, state: Mapping[str, Any], record: Mapping[
                    cache: Mapping[str, Any]) -> None:
     for position, slot_id in enumerate(record["slots"]):
         slot = state["slots"][slot_id]
-        if slot["status"] != "released" or slot.get("released_attempt") != record["attempts"][position]:
+        if slot["status"] != "released" or \
+                slot.get("released_attempt") != record["attempts"][position]:
             continue
-        name = sample_name(slot_id)
-        affine = plan.maps.affines[cache["map_index"][position]].numpy()
-        write_volume(plan.out / "images" / f"{name}.nii.gz", cache["images"][position, 0].numpy(), affine)
-        write_volume(plan.out / "labels" / f"{name}_label.nii.gz", cache["labels"][position].numpy(), affine,
-                     dtype=np.uint8)
-        slot["map"] = plan.maps.names[cache["map_index"][position]]
+        name, k = sample_name(slot_id), cache["map_index"][position]
+        affine = plan.maps.affines[k].numpy()
+        write_volume(plan.out / "images" / f"{name}.nii.gz", cache["images"][position, 0].numpy(),
+                     affine)
+        write_volume(plan.out / "labels" / f"{name}_label.nii.gz",
+                     cache["labels"][position].numpy(), affine, dtype=np.uint8)
+        slot["map"] = plan.maps.names[k]
         slot["attributes"] = [float(v) for v in cache["attributes"][position]]
 
 
-def _run_round(grid: Grid, nodes: Sequence[int], plan: ReleasePlan, state: dict[str, Any], record: dict[str, Any],
-               cache: Mapping[str, Any], autoencoder_state: Mapping[str, torch.Tensor] | None) -> None:
-    out, release = plan.out, plan.config.release
+def _run_round(grid: Grid, nodes: Sequence[int], plan: ReleasePlan, state: dict[str, Any],
+               record: dict[str, Any], cache: Mapping[str, Any],
+               autoencoder_state: Mapping[str, torch.Tensor] | None) -> None:
+    out = plan.out
     if record["stage"] == "generated":
         query = gate_query(plan, record["query_id"], cache["views"])
         if query.candidates_sha256 != record["candidates_sha256"]:
-            raise ReleaseError(f"{_cache_path(out, record['round'])}: cached candidates do not match the state "
-                               f"file; restore the release folder or choose a new --out")
+            raise ReleaseError(f"{_cache_path(out, record['round'])}: cached candidates do not "
+                               f"match the state file; restore the release folder or choose a "
+                               f"new --out")
         result = gate_round(grid, nodes, query, cache["views"], autoencoder_state, plan.timeout)
         _check_answers(plan, result, record["round"])
-        _decide(state, record, result, release.max_attempts)
+        _decide(state, record, result, plan.config.release.max_attempts)
         record["stage"] = "decided"
         _write_state(out, state)
     if record["stage"] == "decided":
@@ -494,7 +527,8 @@ def _run_round(grid: Grid, nodes: Sequence[int], plan: ReleasePlan, state: dict[
     _cache_path(out, record["round"]).unlink(missing_ok=True)
 
 
-def _new_round(model: torch.nn.Module, plan: ReleasePlan, state: dict[str, Any]) -> tuple[dict, dict] | None:
+def _new_round(model: torch.nn.Module, plan: ReleasePlan, state: dict[str, Any]
+               ) -> tuple[dict, dict] | None:
     release = plan.config.release
     pending = [s for s in state["slots"] if s["status"] == "pending"][:release.chunk_size]
     if not pending:
@@ -506,10 +540,10 @@ def _new_round(model: torch.nn.Module, plan: ReleasePlan, state: dict[str, Any])
     views = candidate_views(model, images, release.distance, release.max_shift)
     log.info("release round %d: %d candidate(s) generated in %.1fs", number, len(pending),
              time.perf_counter() - started)
+    attributes = torch.tensor([c.attributes for c in conditions], dtype=torch.float64)
     cache = {"images": images, "labels": labels, "views": views,
              "map_index": [c.map_index for c in conditions],
-             "attributes": torch.tensor([c.attributes for c in conditions], dtype=torch.float64).reshape(
-                 len(conditions), -1)}
+             "attributes": attributes.reshape(len(conditions), -1)}
     atomic_torch_save(cache, _cache_path(plan.out, number))
     record = {"round": number, "query_id": f"{state['release_id']}-{number:04d}",
               "slots": [s["slot"] for s in pending], "attempts": [s["attempts"] for s in pending],
@@ -519,8 +553,22 @@ def _new_round(model: torch.nn.Module, plan: ReleasePlan, state: dict[str, Any])
     return record, cache
 
 
-def run_release(grid: Grid, plan: ReleasePlan, on_round: Callable[[Mapping[str, Any]], None] | None = None
-                ) -> ReleaseResult:
+def _load_cache(out: Path, record: Mapping[str, Any]) -> dict[str, Any]:
+    path = _cache_path(out, record["round"])
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable cache is the same problem
+        raise ReleaseError(f"{path}: the candidates of an unfinished round cannot be read "
+                           f"({type(err).__name__}); restore the release folder or choose a new "
+                           f"--out") from None
+
+
+def _decided(state: Mapping[str, Any]) -> int:
+    return sum(s["status"] != "pending" for s in state["slots"])
+
+
+def run_release(grid: Grid, plan: ReleasePlan,
+                on_round: Callable[[Mapping[str, Any]], None] | None = None) -> ReleaseResult:
     """Run (or resume) the release of ``plan`` over ``grid``; see the module docstring.
 
     Raises :class:`ReleaseHalted` when a site fails, refuses or does not answer (resume later).
@@ -535,35 +583,30 @@ def run_release(grid: Grid, plan: ReleasePlan, on_round: Callable[[Mapping[str, 
         _write_state(out, state)
     else:
         _check_resume(state, plan)
-        log.info("%s: resuming the release (%d of %d slots decided)", out,
-                 sum(s["status"] != "pending" for s in state["slots"]), plan.num)
+        log.info("%s: resuming the release (%d of %d slots decided)", out, _decided(state),
+                 plan.num)
     model = plan.checkpoint.build_model()
     latent = plan.config.release.distance not in IMAGE_DISTANCES
     autoencoder_state = plan.checkpoint.autoencoder_state if latent else None
     nodes: list[int] | None = None
     progress = tqdm(total=plan.num, desc="releasing", unit="slot", disable=None,
-                    initial=sum(s["status"] != "pending" for s in state["slots"]))
+                    initial=_decided(state))
     try:
         while True:
             unfinished = [r for r in state["rounds"] if r["stage"] != "written"]
             if unfinished:
-                record = unfinished[0]
-                try:
-                    cache = torch.load(_cache_path(out, record["round"]), map_location="cpu", weights_only=True)
-                except Exception as err:  # noqa: BLE001 - any unreadable cache is the same problem
-                    raise ReleaseError(f"{_cache_path(out, record['round'])}: the candidates of an unfinished "
-                                       f"round cannot be read ({type(err).__name__}); restore the release "
-                                       f"folder or choose a new --out") from None
+                record, cache = unfinished[0], _load_cache(out, unfinished[0])
             else:
                 created = _new_round(model, plan, state)
                 if created is None:
                     break
                 record, cache = created
             if record["stage"] == "generated" and nodes is None:
-                nodes = wait_for_nodes(grid, _required_sites(plan), _required_sites(plan), plan.timeout)
-            before = sum(s["status"] != "pending" for s in state["slots"])
+                required = _required_sites(plan)
+                nodes = wait_for_nodes(grid, required, required, plan.timeout)
+            before = _decided(state)
             _run_round(grid, nodes or [], plan, state, record, cache, autoencoder_state)
-            progress.update(sum(s["status"] != "pending" for s in state["slots"]) - before)
+            progress.update(_decided(state) - before)
             if on_round is not None:
                 on_round(record)
     finally:
@@ -580,7 +623,7 @@ def run_release(grid: Grid, plan: ReleasePlan, on_round: Callable[[Mapping[str, 
                          counts["exhausted"], out, manifest, report_json, report_markdown)
 
 
-# --- outputs -----------------------------------------------------------------------------------
+# --- outputs -------------------------------------------------------------------------------------
 
 def released_slots(state: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [s for s in state["slots"] if s["status"] == "released"]
@@ -590,7 +633,8 @@ def write_manifest(plan: ReleasePlan, state: Mapping[str, Any]) -> Path:
     """``manifest.csv``: one row per released sample (site format, readable by ``read_manifest``)
     with its attributes, condition map, the attempt that passed, and each site's gate result."""
     sites = sorted(state["gate"]) or list(plan.sites)
-    columns = ["patient_id", "image", "label", *plan.checkpoint.data.attributes, "condition", "attempt",
+    attributes = plan.checkpoint.data.attributes
+    columns = ["patient_id", "image", "label", *attributes, "condition", "attempt",
                "rejected_attempts", *[f"gate_{site}" for site in sites]]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
@@ -600,10 +644,11 @@ def write_manifest(plan: ReleasePlan, state: Mapping[str, Any]) -> Path:
         verdicts = slot["history"][-1]["passed"]
         writer.writerow({"patient_id": name, "image": f"images/{name}.nii.gz",
                          "label": f"labels/{name}_label.nii.gz",
-                         **{a: f"{v:g}" for a, v in zip(plan.checkpoint.data.attributes, slot["attributes"])},
+                         **{a: f"{v:g}" for a, v in zip(attributes, slot["attributes"])},
                          "condition": slot["map"], "attempt": slot["released_attempt"] + 1,
                          "rejected_attempts": slot["released_attempt"],
-                         **{f"gate_{site}": "pass" if verdicts.get(site) else "fail" for site in sites}})
+                         **{f"gate_{site}": "pass" if verdicts.get(site) else "fail"
+                            for site in sites}})
     path = plan.out / MANIFEST_FILE
     atomic_write_bytes(path, buffer.getvalue().encode())
     return path
@@ -620,13 +665,14 @@ def write_preview(plan: ReleasePlan, state: Mapping[str, Any]) -> Path | None:
     for slot in chosen:
         name = sample_name(slot["slot"])
         images.append(np.asarray(nib.load(str(plan.out / "images" / f"{name}.nii.gz")).dataobj))
-        labels.append(np.asarray(nib.load(str(plan.out / "labels" / f"{name}_label.nii.gz")).dataobj))
+        labels.append(np.asarray(
+            nib.load(str(plan.out / "labels" / f"{name}_label.nii.gz")).dataobj))
         titles.append(name)
     return save_preview(plan.out / PREVIEW_FILE, images, labels, titles,
                         num_classes=plan.checkpoint.data.num_classes)
 
 
-# --- Flower ServerApp --------------------------------------------------------------------------
+# --- Flower ServerApp ----------------------------------------------------------------------------
 
 def make_release_app(plan: ReleasePlan, on_result: Callable[[ReleaseResult], None] | None = None,
                      on_error: Callable[[BaseException], None] | None = None) -> ServerApp:

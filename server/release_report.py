@@ -1,4 +1,4 @@
-"""The release report (``release_report.json`` + ``release_report.md``): what the privacy officer signs.
+"""The release report (``release_report.json`` + ``.md``): what the privacy officer signs.
 
 It states the model released from (content hash), how the gate decided (distance space, shift
 tolerance, threshold policy, DP gate), what happened (candidates, passes and rejections per site,
@@ -6,11 +6,12 @@ empty slots), the epsilon each site has spent, and the gate's caveat in plain wo
 
 Epsilon per site, from the most authoritative source available to the server:
 
-1. the site's own ledger, when its file is readable from here (a simulation on one machine): DP-SGD
-   rounds replayed with Opacus plus DP-gate charges (:func:`privacy.dp_gate.site_spend`);
-2. else the accounting figures of the site's last gate answer, which the site computed from its own
-   ledger (accounting figures only, allowed to leave the site);
-3. else the consortium ledger's mirror of the site's DP-SGD spend, plus this release's DP-gate charges.
+1. the site's own ledger, when its file is readable from here (a simulation on one machine):
+   DP-SGD rounds replayed with Opacus plus DP-gate charges (:func:`privacy.dp_gate.site_spend`);
+2. else the accounting figures of the site's last gate answer, which the site computed from its
+   own ledger (accounting figures only, allowed to leave the site);
+3. else the consortium ledger's mirror of the site's DP-SGD spend, plus this release's DP-gate
+   charges.
 
 The consortium ledger's figure is shown next to it as a cross-check whenever it exists.
 """
@@ -22,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from privacy.durable import atomic_write_bytes
 from privacy.dp_gate import CLOSENESS_THRESHOLD, MECHANISM, site_spend
+from privacy.durable import atomic_write_bytes
 from privacy.gate import ThresholdPolicy
 from privacy.ledger import LedgerError
 from privacy.site_ledger import utc_timestamp
@@ -71,29 +72,31 @@ class ReleaseReport:
 def caveats(dp_enabled: bool, dp_epsilon: float, policy: str) -> list[str]:
     """The gate's privacy caveat, in plain words."""
     lines = [
-        "The gate's answers are computed from each site's PRIVATE scans and are outside the DP-SGD "
-        "guarantee: the DP-SGD epsilon covers the model weights (and anything sampled from them), not "
-        "which candidates were released or rejected. Which samples appear in this release was decided "
-        "with private data.",
+        "The gate's answers are computed from each site's PRIVATE scans and are outside the "
+        "DP-SGD guarantee: the DP-SGD epsilon covers the model weights (and anything sampled from "
+        "them), not which candidates were released or rejected. Which samples appear in this "
+        "release was decided with private data.",
         "A rejection says that some site holds a scan close to that candidate. Only pass/fail per "
-        "candidate and counts left the sites; the exact distances, thresholds and nearest patients stay "
-        "in each site's local gate log (gate_log.jsonl next to its ledger).",
+        "candidate and counts left the sites; the exact distances, thresholds and nearest "
+        "patients stay in each site's local gate log (gate_log.jsonl next to its ledger).",
     ]
     if dp_enabled:
         lines.append(
-            f"The DP gate was on: each gate query was answered with {MECHANISM} (sparse vector, noisy "
-            f"threshold on closeness = clip(1 - distance / threshold, 0, 1), test level "
-            f"{CLOSENESS_THRESHOLD:g}) at epsilon {dp_epsilon:g} per query, charged to every site's ledger and "
-            f"included in the totals above (basic composition with the DP-SGD epsilon).")
+            f"The DP gate was on: each gate query was answered with {MECHANISM} (sparse vector, "
+            f"noisy threshold on closeness = clip(1 - distance / threshold, 0, 1), test level "
+            f"{CLOSENESS_THRESHOLD:g}) at epsilon {dp_epsilon:g} per query, charged to every "
+            f"site's ledger and included in the totals above (basic composition with the DP-SGD "
+            f"epsilon).")
         if policy == "calibrated":
             lines.append(
-                "The threshold was calibrated at each site from its own scans; the DP gate's epsilon "
-                "covers the answers GIVEN that threshold, not the calibration itself. Only a fixed "
-                "threshold makes the gate's answers differentially private end to end.")
+                "The threshold was calibrated at each site from its own scans; the DP gate's "
+                "epsilon covers the answers GIVEN that threshold, not the calibration itself. "
+                "Only a fixed threshold makes the gate's answers differentially private end to "
+                "end.")
     else:
         lines.append("The DP gate was off: the gate's answers are not covered by any epsilon.")
-    lines.append("The gate is a heuristic defence against copies (nearest-neighbour distance with a "
-                 "shift tolerance), not a proof that no sample reveals a patient.")
+    lines.append("The gate is a heuristic defence against copies (nearest-neighbour distance "
+                 "with a shift tolerance), not a proof that no sample reveals a patient.")
     return lines
 
 
@@ -112,101 +115,103 @@ def _consortium_epsilons(run_dir: Path | None) -> dict[str, float]:
         return {}
 
 
+def _site_row(plan: Any, site_id: str, gate: Mapping[str, Any],
+              consortium: Mapping[str, float]) -> SiteSpendRow:
+    config = plan.config
+    counts = dict(gate_queries=int(gate.get("queries", 0)), passed=int(gate.get("passed", 0)),
+                  failed=int(gate.get("failed", 0)),
+                  consortium_dp_sgd_epsilon=consortium.get(site_id))
+    site = next((s for s in config.federation.sites if s.site_id == site_id), None)
+    budget = config.site_budget(site) if site is not None else None
+    if site is not None and Path(site.ledger_path).exists():
+        try:
+            spend = site_spend(site.ledger_path, default_cap=budget.target_epsilon,
+                               default_delta=budget.delta)
+        except (LedgerError, ValueError) as err:
+            return SiteSpendRow(site_id, None, None, None, None, None,
+                                f"site ledger unreadable ({str(err)[:120]})", **counts)
+        return SiteSpendRow(site_id, spend.dp_sgd, spend.gate, spend.total, spend.delta,
+                            spend.cap, f"site ledger {site.ledger_path}", **counts)
+    answer = gate.get("last_answer")
+    if answer and answer.get("target_epsilon", 0) > 0:
+        total, gate_total = float(answer["epsilon_total"]), float(answer["epsilon_gate"])
+        return SiteSpendRow(site_id, total - gate_total, gate_total, total,
+                            float(answer["delta"]), float(answer["target_epsilon"]),
+                            "the site's gate answer (accounting figures from its own ledger)",
+                            **counts)
+    if site_id in consortium:
+        charged = float(gate.get("epsilon_charged", 0.0))
+        return SiteSpendRow(site_id, consortium[site_id], charged, consortium[site_id] + charged,
+                            budget.delta if budget else None,
+                            budget.target_epsilon if budget else None,
+                            "consortium ledger (DP-SGD) + this release's gate charges", **counts)
+    return SiteSpendRow(site_id, None, None, None, None, None, "no ledger available", **counts)
+
+
 def site_rows(plan: Any, state: Mapping[str, Any]) -> list[SiteSpendRow]:
     """Per site: its spend (see the module docstring for the sources) and its gate counts."""
-    config = plan.config
     consortium = _consortium_epsilons(plan.run_dir)
-    configured = {s.site_id: s for s in config.federation.sites}
-    rows = []
-    for site_id in sorted(set(plan.sites) | set(state["gate"])):
-        gate = state["gate"].get(site_id, {})
-        counts = dict(gate_queries=int(gate.get("queries", 0)), passed=int(gate.get("passed", 0)),
-                      failed=int(gate.get("failed", 0)),
-                      consortium_dp_sgd_epsilon=consortium.get(site_id))
-        site = configured.get(site_id)
-        if site is not None and Path(site.ledger_path).exists():
-            budget = config.site_budget(site)
-            try:
-                spend = site_spend(site.ledger_path, default_cap=budget.target_epsilon,
-                                   default_delta=budget.delta)
-            except (LedgerError, ValueError) as err:
-                rows.append(SiteSpendRow(site_id, None, None, None, None, None,
-                                         f"site ledger unreadable ({str(err)[:120]})", **counts))
-                continue
-            rows.append(SiteSpendRow(site_id, spend.dp_sgd, spend.gate, spend.total, spend.delta, spend.cap,
-                                     f"site ledger {site.ledger_path}", **counts))
-            continue
-        answer = gate.get("last_answer")
-        if answer and answer.get("target_epsilon", 0) > 0:
-            total, gate_total = float(answer["epsilon_total"]), float(answer["epsilon_gate"])
-            rows.append(SiteSpendRow(site_id, total - gate_total, gate_total, total, float(answer["delta"]),
-                                     float(answer["target_epsilon"]),
-                                     "the site's gate answer (accounting figures from its own ledger)", **counts))
-            continue
-        if site_id in consortium:
-            charged = float(gate.get("epsilon_charged", 0.0))
-            rows.append(SiteSpendRow(site_id, consortium[site_id], charged, consortium[site_id] + charged,
-                                     config.site_budget(site).delta if site else None,
-                                     config.site_budget(site).target_epsilon if site else None,
-                                     "consortium ledger (DP-SGD) + this release's gate charges", **counts))
-            continue
-        rows.append(SiteSpendRow(site_id, None, None, None, None, None, "no ledger available", **counts))
-    return rows
+    return [_site_row(plan, site_id, state["gate"].get(site_id, {}), consortium)
+            for site_id in sorted(set(plan.sites) | set(state["gate"]))]
 
 
 def release_counts(plan: Any, state: Mapping[str, Any]) -> dict[str, int]:
     slots = state["slots"]
-    candidates = sum(len(r["slots"]) for r in state["rounds"] if r["stage"] in ("decided", "written"))
+    gated = [r for r in state["rounds"] if r["stage"] in ("decided", "written")]
+    candidates = sum(len(r["slots"]) for r in gated)
     released = sum(s["status"] == "released" for s in slots)
-    per_site = {site: int(g.get("failed", 0)) for site, g in state["gate"].items()}
-    return {"requested": int(plan.num), "released": int(released), "candidates": int(candidates),
-            "rejections": int(candidates - released),
+    per_site = {f"failed_at_{site}": int(g.get("failed", 0))
+                for site, g in sorted(state["gate"].items())}
+    return {"requested": int(plan.num), "released": int(released),
+            "candidates": int(candidates), "rejections": int(candidates - released),
             "exhausted": int(sum(s["status"] == "exhausted" for s in slots)),
-            "gate_rounds": int(sum(r["stage"] in ("decided", "written") for r in state["rounds"])),
-            **{f"failed_at_{site}": n for site, n in sorted(per_site.items())}}
+            "gate_rounds": len(gated), **per_site}
 
 
 def build_release_report(plan: Any, state: Mapping[str, Any]) -> ReleaseReport:
-    """The report of a release (``plan``: :class:`server.release.ReleasePlan`, ``state``: its state)."""
+    """The report of a release (``plan``: a :class:`server.release.ReleasePlan`; its state)."""
     release = plan.config.release
     policy = ThresholdPolicy.from_config(release.threshold)
     return ReleaseReport(
         generated=utc_timestamp(), out=str(plan.out), checkpoint=str(plan.checkpoint_path),
-        model_sha256=plan.checkpoint.content_hash, distance=release.distance, max_shift=release.max_shift,
-        threshold=policy.to_json(), threshold_description=policy.describe(),
+        model_sha256=plan.checkpoint.content_hash, distance=release.distance,
+        max_shift=release.max_shift, threshold=policy.to_json(),
+        threshold_description=policy.describe(),
         dp_gate={"enabled": release.dp_gate.enabled, "epsilon_per_query": release.dp_gate.epsilon,
                  "mechanism": MECHANISM if release.dp_gate.enabled else None},
         counts=release_counts(plan, state), sites=site_rows(plan, state),
         caveats=caveats(release.dp_gate.enabled, release.dp_gate.epsilon, policy.policy))
 
 
-def _number(value: float | None) -> str:
-    return "unknown" if value is None else f"{value:.4f}"
+def _number(value: float | None, spec: str = ".4f") -> str:
+    return "unknown" if value is None else format(value, spec)
 
 
 def render_markdown(report: ReleaseReport) -> str:
-    counts = report.counts
+    counts, dp = report.counts, report.dp_gate
+    dp_text = f"on, {dp['mechanism']}, epsilon {dp['epsilon_per_query']:g} per query" \
+        if dp["enabled"] else "off"
     lines = ["# Release report", "", f"Generated {report.generated}.", "", "| | |", "|---|---|",
              f"| Output | {report.out} |", f"| Model (sha256) | `{report.model_sha256}` |",
              f"| Checkpoint | {report.checkpoint} |",
-             f"| Distance | {report.distance} (shift tolerance {report.max_shift} voxel(s) per axis) |",
-             f"| Threshold | {report.threshold_description} |",
-             "| DP gate | " + (f"on, {report.dp_gate['mechanism']}, epsilon {report.dp_gate['epsilon_per_query']:g} "
-                               f"per query" if report.dp_gate["enabled"] else "off") + " |",
+             f"| Distance | {report.distance} (shift tolerance {report.max_shift} voxel(s) "
+             f"per axis) |",
+             f"| Threshold | {report.threshold_description} |", f"| DP gate | {dp_text} |",
              f"| Requested | {counts['requested']} |", f"| Released | {counts['released']} |",
-             f"| Candidates gated | {counts['candidates']} in {counts['gate_rounds']} gate round(s) |",
+             f"| Candidates gated | {counts['candidates']} in {counts['gate_rounds']} gate "
+             f"round(s) |",
              f"| Rejections | {counts['rejections']} |",
              f"| Slots left empty (out of attempts) | {counts['exhausted']} |",
              "", "## Sites", "",
-             "| site | epsilon DP-SGD | epsilon DP gate | epsilon total | delta | cap | consortium ledger "
-             "(DP-SGD) | gate queries | passed | failed | source |",
+             "| site | epsilon DP-SGD | epsilon DP gate | epsilon total | delta | cap | "
+             "consortium ledger (DP-SGD) | gate queries | passed | failed | source |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report.sites:
-        lines.append(f"| {row.site_id} | {_number(row.dp_sgd_epsilon)} | {_number(row.gate_epsilon)} | "
-                     f"{_number(row.total_epsilon)} | {'unknown' if row.delta is None else f'{row.delta:g}'} | "
-                     f"{'unknown' if row.cap is None else f'{row.cap:g}'} | "
-                     f"{_number(row.consortium_dp_sgd_epsilon)} | {row.gate_queries} | {row.passed} | "
-                     f"{row.failed} | {row.source} |")
+        lines.append(
+            f"| {row.site_id} | {_number(row.dp_sgd_epsilon)} | {_number(row.gate_epsilon)} | "
+            f"{_number(row.total_epsilon)} | {_number(row.delta, 'g')} | {_number(row.cap, 'g')} "
+            f"| {_number(row.consortium_dp_sgd_epsilon)} | {row.gate_queries} | {row.passed} | "
+            f"{row.failed} | {row.source} |")
     lines += ["", "## The gate's privacy caveat", ""] + [f"- {line}" for line in report.caveats]
     return "\n".join(lines) + "\n"
 
@@ -215,6 +220,7 @@ def write_release_report(folder: Path, report: ReleaseReport) -> tuple[Path, Pat
     """Write both files atomically; returns (json path, markdown path)."""
     folder = Path(folder)
     json_path, markdown_path = folder / REPORT_JSON, folder / REPORT_MARKDOWN
-    atomic_write_bytes(json_path, (json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n").encode())
+    text = json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(json_path, text.encode())
     atomic_write_bytes(markdown_path, render_markdown(report).encode())
     return json_path, markdown_path

@@ -40,6 +40,7 @@ NUM_CLASSES = 4
 MODES = [("hooks", "unfold"), ("hooks", "grouped"), ("functorch", "grouped"), ("ew", "grouped"),
          ("ghost", "grouped")]
 SUBSETS = ["all", "attention_conditioning"]
+_SUMMARY = ("mode", "conv", "ratio", "ratio_median", "dp_s", "nondp_s")
 
 
 def _sync(device) -> None:
@@ -59,7 +60,8 @@ def _peak_memory_mb(device) -> float:
 
 def _pretrained_like(model):
     """Perturb every weight: MONAI zero-initialises the output and attention projections, so at
-    initialisation only the last layer has a gradient; fine-tuning starts from pretrained weights."""
+    initialisation only the last layer has a gradient; fine-tuning starts from pretrained
+    weights."""
     import torch
 
     with torch.no_grad():
@@ -100,7 +102,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     settings = DPSettings(grad_sample_mode=spec["mode"], conv_grad_sampler=spec["conv"],
                           expected_batch_size=batch, max_physical_batch_size=spec["physical"])
     plain_optimizer = torch.optim.Adam([p for p in plain.parameters() if p.requires_grad], lr=1e-4)
-    module, optimizer = privatise(private, settings, noise_multiplier=1.0, expected_batch_size=batch)
+    module, optimizer = privatise(private, settings, noise_multiplier=1.0,
+                                  expected_batch_size=batch)
     patient_of_row = torch.arange(batch)
     result: dict[str, Any] = {**spec, "device": str(device),
                               "trainable_parameters": sum(p.numel() for p in optimizer.params)}
@@ -184,11 +187,12 @@ def _check(spec, plain, module, optimizer, loss_fn) -> dict[str, Any]:
         what = "per-sample gradient norms"
     else:
         losses.sum().backward()
-        # Relative to the row's whole gradient: some parameters (attention key biases) have an exactly
-        # zero gradient, computed as ~1e-10 either way.
+        # Relative to the row's whole gradient: some parameters (attention key biases) have an
+        # exactly zero gradient, computed as ~1e-10 either way.
         error = max((torch.sqrt(sum((p.grad_sample[row] - reference[row][j]).pow(2).sum()
                                     for j, p in enumerate(optimizer.params))) /
-                     torch.sqrt(sum(g.pow(2).sum() for g in reference[row]))).item() for row in (0, 1))
+                     torch.sqrt(sum(g.pow(2).sum() for g in reference[row]))).item()
+                    for row in (0, 1))
         what = "per-sample gradients"
     optimizer.zero_grad(set_to_none=True)
     return {"compared": what, "max_relative_error": error, "correct": error < 1e-3}
@@ -226,8 +230,8 @@ def run(quick: bool) -> dict[str, Any]:
     one = measure if quick else _in_subprocess
     results = [_guarded(one, spec) for spec in tqdm(specs, desc="dp_step", disable=None)]
     usable = [r for r in results if "error" not in r and r["check"]["correct"]]
-    fastest = {subset: min((r for r in usable if r["trainable"] == subset), key=lambda r: r["ratio"],
-                           default=None) for subset in SUBSETS}
+    fastest = {subset: min((r for r in usable if r["trainable"] == subset),
+                           key=lambda r: r["ratio"], default=None) for subset in SUBSETS}
     variants = []
     if not quick and fastest["all"] is not None:
         best = {k: fastest["all"][k] for k in (*base, "mode", "conv", "trainable")}
@@ -235,8 +239,7 @@ def run(quick: bool) -> dict[str, Any]:
                     _in_subprocess({**best, "physical": best["batch"] // 2, "check": False})]
     return {"quick": quick, "latent_size": base["size"], "batch": base["batch"],
             "results": results, "variants": variants,
-            "fastest_correct": {subset: (None if r is None else
-                                         {k: r[k] for k in ("mode", "conv", "ratio", "dp_s", "nondp_s")})
+            "fastest_correct": {subset: (None if r is None else {k: r[k] for k in _SUMMARY})
                                 for subset, r in fastest.items()}}
 
 
@@ -244,7 +247,8 @@ def _table(results: list[dict[str, Any]]) -> str:
     lines = [f"{'mode':<10}{'conv':<9}{'trainable':<24}{'thr':>4}{'phys':>5}{'non-DP s':>10}"
              f"{'DP s':>9}{'ratio':>7}{'median':>8}{'vs full':>8}{'peak MB':>9}  check"]
     for r in results:
-        head = f"{r['mode']:<10}{r['conv']:<9}{r['trainable']:<24}{r['threads']:>4}{r['physical']:>5}"
+        head = (f"{r['mode']:<10}{r['conv']:<9}{r['trainable']:<24}{r['threads']:>4}"
+                f"{r['physical']:>5}")
         if "error" in r:
             lines.append(f"{head}  failed: {r['error'][:70]}")
             continue

@@ -1,7 +1,7 @@
 """``fedsynth audit verify``: check a ledger's hash chain (site or consortium ledger).
 
-Exit 0 when every entry is intact; 1 naming the first bad entry (line, seq and what is wrong) when an
-entry was edited, deleted, inserted, moved or cut; 2 when the file cannot be read.
+Exit 0 when every entry is intact; 1 naming the first bad entry (line, seq and what is wrong) when
+an entry was edited, deleted, inserted, moved or cut; 2 when the file cannot be read.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "the end of the file with the ledger's head record. Exit 0 if intact, 1 naming "
                     "the first bad entry, 2 if the file cannot be read.")
     verify.add_argument("--ledger", type=Path, required=True, metavar="LEDGER",
-                        help="a ledger file (JSON lines), e.g. <site data_dir>/.fedsynth/ledger.jsonl")
+                        help="a ledger file (JSON lines), e.g. "
+                             "<site data_dir>/.fedsynth/ledger.jsonl")
     verify.set_defaults(handler=_verify)
     reconcile = actions.add_parser(
         "reconcile", help="compare a site's ledger with the consortium's mirror of it",

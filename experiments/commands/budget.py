@@ -1,9 +1,9 @@
 """``fedsynth budget plan``: each site's noise and epsilon schedule, before anything runs.
 
-For every site of ``federation.sites``: N = the distinct patients of its manifest (or ``--patients``),
-q = expected_batch_size / N, sigma calibrated to the site's own budget over ``federation.rounds`` x
-``federation.local_epochs`` epochs, and the cumulative epsilon after each round. Nothing is written;
-the site writes the same plan to its ledger when it first trains.
+For every site of ``federation.sites``: N = the distinct patients of its manifest (or
+``--patients``), q = expected_batch_size / N, sigma calibrated to the site's own budget over
+``federation.rounds`` x ``federation.local_epochs`` epochs, and the cumulative epsilon after each
+round. Nothing is written; the site writes the same plan to its ledger when it first trains.
 """
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan = actions.add_parser(
         "plan", help="print each site's sigma and epsilon after each round",
         description="For each site of the config: the noise multiplier sigma calibrated to the "
-                    "site's budget (target_epsilon, delta) over the planned rounds, the sample rate "
-                    "q = B/N over patients, and the cumulative epsilon after each round. N is the "
-                    "number of distinct patient_id in the site's manifest unless --patients is given.")
-    plan.add_argument("--config", type=Path, required=True, metavar="CONFIG", help="experiment config")
+                    "site's budget (target_epsilon, delta) over the planned rounds, the sample "
+                    "rate q = B/N over patients, and the cumulative epsilon after each round. N is "
+                    "the number of distinct patient_id in the site's manifest unless --patients is "
+                    "given.")
+    plan.add_argument("--config", type=Path, required=True, metavar="CONFIG",
+                      help="experiment config")
     plan.add_argument("--patients", action="append", default=[], metavar="[SITE=]N",
-                      help="patients at a site (SITE=N, repeatable) or at every site (N), instead of "
-                           "counting its manifest; with a config without sites, plans one site of N")
+                      help="patients at a site (SITE=N, repeatable) or at every site (N), "
+                           "instead of counting its manifest; with a config without sites, plans "
+                           "one site of N")
     plan.set_defaults(handler=_plan)
     parser.set_defaults(handler=lambda args: _usage(parser))
 

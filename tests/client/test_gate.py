@@ -1,4 +1,4 @@
-"""The site's side of the release gate (client.gate): answers, the local gate log, replays, refusals, DP.
+"""The site's side of the release gate (client.gate): answers, gate log, replays, refusals, DP.
 
 The site is one demo-cohort site at 16^3 (registered brains, a few of them with a follow-up scan).
 """
@@ -19,16 +19,18 @@ from configs import AutoencoderConfig, SiteBudgetConfig, SiteConfig, config_to_d
 from experiments.cohort import generate_cohort
 from models.autoencoder import build_autoencoder
 from privacy.dp_gate import GATE_KIND, gate_charges
-from privacy.gate import (GateQuery, GateRefusal, GateStatus, ThresholdPolicy, latent_views, translations,
-                          views_of)
+from privacy.gate import (GateQuery, GateRefusal, GateStatus, ThresholdPolicy, latent_views,
+                          translations, views_of)
 from privacy.ledger import verify_ledger
 from privacy.outbox import weights_hash
-from privacy.protocol import (GATE_ACCOUNTING, GATE_ACCOUNTING_KEYS, GATE_AUTOENCODER, GATE_CANDIDATES,
-                              GATE_CONFIG, GATE_PASSED, GATE_STATUS, GATE_STATUS_KEYS)
+from privacy.protocol import (GATE_ACCOUNTING, GATE_ACCOUNTING_KEYS, GATE_AUTOENCODER,
+                              GATE_CANDIDATES, GATE_CONFIG, GATE_PASSED, GATE_STATUS,
+                              GATE_STATUS_KEYS)
 
 SIZE = 16
 DATA = {"shape": [SIZE] * 3, "spacing": [192 / SIZE] * 3,
-        "label_names": ["background", "csf", "grey_matter", "white_matter"], "intensity_percentiles": [0.5, 99.5]}
+        "label_names": ["background", "csf", "grey_matter", "white_matter"],
+        "intensity_percentiles": [0.5, 99.5]}
 
 
 @pytest.fixture(autouse=True)
@@ -48,22 +50,27 @@ def cohort(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def site(cohort: Path, tmp_path: Path) -> SiteConfig:
-    return SiteConfig(site_id="site_0", data_dir=cohort / "site_0", ledger=tmp_path / "state" / "ledger.jsonl")
+    return SiteConfig(site_id="site_0", data_dir=cohort / "site_0",
+                      ledger=tmp_path / "state" / "ledger.jsonl")
 
 
 def candidates(site: SiteConfig) -> torch.Tensor:
-    """Three planted copies (exact, rolled by a voxel, noised) then three unrelated volumes: (6, 1, D, H, W)."""
+    """Three planted copies (exact, rolled by a voxel, noised) then three unrelated volumes:
+    (6, 1, D, H, W)."""
     images = load_scans(site, DATA).images
     generator = torch.Generator().manual_seed(5)
-    planted = [images[0], torch.roll(images[1], 1, dims=3), images[2] + 0.02 * torch.randn(images[2].shape,
-                                                                                           generator=generator)]
-    return torch.cat([torch.stack(planted), torch.rand((3, 1, SIZE, SIZE, SIZE), generator=generator)])
+    noise = 0.02 * torch.randn(images[2].shape, generator=generator)
+    planted = [images[0], torch.roll(images[1], 1, dims=3), images[2] + noise]
+    unrelated = torch.rand((3, 1, SIZE, SIZE, SIZE), generator=generator)
+    return torch.cat([torch.stack(planted), unrelated])
 
 
 def query_for(views: torch.Tensor, query_id: str = "rel-0001", **overrides) -> GateQuery:
-    fields = dict(query_id=query_id, distance="nrmse", threshold=ThresholdPolicy("calibrated", None, 5.0),
-                  max_shift=1, chunk_size=8, num_candidates=int(views.shape[0]),
-                  candidates_sha256=weights_hash({"views": views}), data=DATA, model_sha256="0" * 64)
+    fields = dict(query_id=query_id, distance="nrmse",
+                  threshold=ThresholdPolicy("calibrated", None, 5.0), max_shift=1, chunk_size=8,
+                  num_candidates=int(views.shape[0]),
+                  candidates_sha256=weights_hash({"views": views}), data=DATA,
+                  model_sha256="0" * 64)
     fields.update(overrides)
     return GateQuery(**fields)
 
@@ -93,8 +100,9 @@ def test_only_pass_fail_and_counts_leave_the_site(site: SiteConfig) -> None:
     # The exact distances and the threshold are in the site's own log, and nowhere in the reply.
     entry = log_entries(site)[-1]
     secrets = [c["distance"] for c in entry["candidates"]] + [entry["threshold_value"]]
-    sent = [v for v in reply[GATE_ACCOUNTING].values()] + list(reply[GATE_STATUS].values())
-    assert not any(isinstance(v, float) and v > 0 and any(np.isclose(v, s) for s in secrets) for v in sent)
+    sent = list(reply[GATE_ACCOUNTING].values()) + list(reply[GATE_STATUS].values())
+    assert not any(isinstance(v, float) and v > 0 and any(np.isclose(v, s) for s in secrets)
+                   for v in sent)
     assert entry["threshold_value"] > 0 and entry["calibration"]["n"] >= 5
     assert all(c["distance"] < entry["threshold_value"] for c in entry["candidates"][:3])
     assert entry["candidates"][0]["nearest_patient"] == load_scans(site, DATA).patients[0]
@@ -118,19 +126,18 @@ def test_latent_gate_embeds_the_site_scans_with_the_sent_encoder(site: SiteConfi
     encoder = build_autoencoder(config)
     state = {k: v.clone() for k, v in encoder.state_dict().items()}
     views = latent_views(encoder, candidates(site), 0.8, translations(1))
-    query = query_for(views, distance="latent", autoencoder=config_to_dict(config),
-                      autoencoder_sha256=weights_hash(state), latent_scale_factor=0.8)
-    outcome = answer_gate_query(site, query, views, state)
+    latent = dict(distance="latent", autoencoder=config_to_dict(config),
+                  autoencoder_sha256=weights_hash(state), latent_scale_factor=0.8)
+    outcome = answer_gate_query(site, query_for(views, **latent), views, state)
     assert outcome.answer.status == GateStatus.OK
     assert outcome.passed.tolist() == [False, False, False, True, True, True]
     tampered = {**state, next(iter(state)): next(iter(state.values())) + 1}
-    refused = answer_gate_query(site, query_for(views, "rel-0003", distance="latent",
-                                                autoencoder=config_to_dict(config),
-                                                autoencoder_sha256=weights_hash(state)), views, tampered)
+    refused = answer_gate_query(site, query_for(views, "rel-0003", **latent), views, tampered)
     assert refused.answer.reason == GateRefusal.MODEL_MISMATCH and refused.passed is None
 
 
-def test_a_site_with_one_patient_cannot_calibrate(site: SiteConfig, cohort: Path, tmp_path: Path) -> None:
+def test_a_site_with_one_patient_cannot_calibrate(site: SiteConfig, cohort: Path,
+                                                  tmp_path: Path) -> None:
     single = tmp_path / "single"
     single.mkdir()
     rows = list(csv.DictReader((cohort / "site_0" / "manifest.csv").open()))
@@ -144,11 +151,14 @@ def test_a_site_with_one_patient_cannot_calibrate(site: SiteConfig, cohort: Path
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(first)
-    lonely = SiteConfig(site_id="lonely", data_dir=single, ledger=tmp_path / "lonely" / "ledger.jsonl")
+    lonely = SiteConfig(site_id="lonely", data_dir=single,
+                        ledger=tmp_path / "lonely" / "ledger.jsonl")
     views = views_of(candidates(site))
     refused = answer_gate_query(lonely, query_for(views), views)
-    assert refused.answer.status == GateStatus.REFUSED and refused.answer.reason == GateRefusal.TOO_FEW_PATIENTS
-    fixed = answer_gate_query(lonely, query_for(views, "rel-0009", threshold=ThresholdPolicy("fixed", 0.05)), views)
+    assert refused.answer.status == GateStatus.REFUSED
+    assert refused.answer.reason == GateRefusal.TOO_FEW_PATIENTS
+    fixed_query = query_for(views, "rel-0009", threshold=ThresholdPolicy("fixed", 0.05))
+    fixed = answer_gate_query(lonely, fixed_query, views)
     assert fixed.answer.status == GateStatus.OK and not fixed.passed[0]
 
 
@@ -158,14 +168,16 @@ def test_tampered_candidates_are_refused(site: SiteConfig) -> None:
     outcome = answer_gate_query(site, query, views + 1e-3)
     assert outcome.answer.reason == GateRefusal.MODEL_MISMATCH and outcome.passed is None
     reply = answer_gate_message(site, RecordDict({GATE_CONFIG: ConfigRecord({"protocol": 1})}))
-    assert reply[GATE_STATUS]["reason"] == GateRefusal.PROTOCOL_MISMATCH.value and GATE_PASSED not in reply
+    assert reply[GATE_STATUS]["reason"] == GateRefusal.PROTOCOL_MISMATCH.value
+    assert GATE_PASSED not in reply
 
 
 def test_dp_gate_charges_the_site_ledger_and_refuses_past_the_cap(site: SiteConfig) -> None:
     budgeted = SiteConfig(site_id=site.site_id, data_dir=site.data_dir, ledger=site.ledger,
                           budget=SiteBudgetConfig(target_epsilon=1.5, delta=1e-5))
     views = views_of(candidates(site))
-    query = query_for(views, dp_enabled=True, dp_epsilon=1.0, threshold=ThresholdPolicy("fixed", 0.1))
+    dp = dict(dp_enabled=True, dp_epsilon=1.0, threshold=ThresholdPolicy("fixed", 0.1))
+    query = query_for(views, **dp)
     first = answer_gate_query(budgeted, query, views)
     assert first.answer.status == GateStatus.OK and first.answer.epsilon_charged == 1.0
     assert first.answer.epsilon_gate == 1.0 and first.answer.epsilon_total == 1.0
@@ -175,8 +187,7 @@ def test_dp_gate_charges_the_site_ledger_and_refuses_past_the_cap(site: SiteConf
     entries = verify_ledger(budgeted.ledger_path).entries
     assert [e.kind for e in entries] == [GATE_KIND]
     assert (first.answer.ledger_seq, first.answer.ledger_head) == (1, entries[-1].hash)
-    second = answer_gate_query(budgeted, query_for(views, "rel-0002", dp_enabled=True, dp_epsilon=1.0,
-                                                   threshold=ThresholdPolicy("fixed", 0.1)), views)
+    second = answer_gate_query(budgeted, query_for(views, "rel-0002", **dp), views)
     assert second.answer.status == GateStatus.BUDGET_EXHAUSTED and second.passed is None
     assert len(gate_charges(budgeted.ledger_path)) == 1
     replay = answer_gate_query(budgeted, query, views)

@@ -21,14 +21,15 @@ def write_site(folder: Path, patients: dict[str, int]) -> Path:
     folder.mkdir(parents=True)
     lines = ["patient_id,image,label"]
     for pid, scans in patients.items():
-        lines += [f"{pid},images/{pid}_{i}.nii.gz,labels/{pid}_{i}_label.nii.gz" for i in range(scans)]
+        lines += [f"{pid},images/{pid}_{i}.nii.gz,labels/{pid}_{i}_label.nii.gz"
+                  for i in range(scans)]
     (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
     return folder
 
 
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
-    write_site(tmp_path / "site_a", {f"a{i}": 1 + i % 2 for i in range(20)})  # 20 patients, 30 scans
+    write_site(tmp_path / "site_a", {f"a{i}": 1 + i % 2 for i in range(20)})  # 30 scans
     write_site(tmp_path / "site_b", {f"b{i}": 1 for i in range(25)})
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump({
@@ -45,13 +46,14 @@ def _site_block(out: str, site: str) -> str:
     return out.split(f"site {site}:")[1].split("\nsite ")[0]
 
 
-def test_budget_plan_counts_patients_and_prints_each_round(config: Path, capsys):
-    assert cli.main(["budget", "plan", "--config", str(config)]) == 0
+def test_budget_plan_prints_each_sites_sigma_and_rounds(config: Path, capsys):
+    # site_a's patients come from --patients, site_b's from its manifest (25 distinct patient_id).
+    assert cli.main(["budget", "plan", "--config", str(config), "--patients", "site_a=50"]) == 0
     out = capsys.readouterr().out
     site_a = _site_block(out, "site_a")
-    plan = calibrate(target_epsilon=6.0, delta=1e-3, num_patients=20, expected_batch_size=5, rounds=3,
-                     local_epochs=1)
-    assert "N=20 patients" in site_a and f"sigma={plan.noise_multiplier:.4f}" in site_a
+    plan = calibrate(target_epsilon=6.0, delta=1e-3, num_patients=50, expected_batch_size=5,
+                     rounds=3, local_epochs=1)
+    assert "N=50 patients, q=0.1" in site_a and f"sigma={plan.noise_multiplier:.4f}" in site_a
     rows = re.findall(r"^\s+(\d+)\s+([0-9.]+)$", site_a, flags=re.M)
     assert [int(r) for r, _ in rows] == [1, 2, 3]
     assert [float(e) for _, e in rows] == [round(e, 4) for e in plan.epsilon_curve()]
@@ -60,11 +62,12 @@ def test_budget_plan_counts_patients_and_prints_each_round(config: Path, capsys)
     assert "N=25 patients" in site_b and "budget epsilon 2 at delta 0.001" in site_b
 
 
-def test_budget_plan_patient_override(config: Path, capsys):
-    assert cli.main(["budget", "plan", "--config", str(config), "--patients", "site_a=50"]) == 0
-    out = capsys.readouterr().out
-    assert "N=50 patients, q=0.1" in _site_block(out, "site_a")
-    assert "N=25 patients" in _site_block(out, "site_b")
+def test_manifest_patients_are_distinct_patient_ids(config: Path):
+    from configs import load_config
+    from experiments.commands.budget import _count_patients
+
+    sites = load_config(config, check_paths=False).federation.sites
+    assert [_count_patients(site) for site in sites] == [20, 25]  # site_a: 20 patients, 30 scans
 
 
 def test_budget_plan_refuses_delta_not_below_one_over_n(config: Path, capsys):
@@ -100,7 +103,8 @@ def test_audit_verify_intact(ledger: Path, capsys):
 
 def _edit(path):
     lines = _lines(path)
-    lines[2] = re.sub(rb'"steps":(\d+)', lambda m: b'"steps":' + str(int(m[1]) + 1).encode(), lines[2])
+    lines[2] = re.sub(rb'"steps":(\d+)', lambda m: b'"steps":' + str(int(m[1]) + 1).encode(),
+                      lines[2])
     _rewrite(path, lines)
 
 

@@ -1,9 +1,9 @@
 """The release gate's distances, calibration and wire types (privacy.gate).
 
-Planted copies of real-looking scans (the demo cohort at 16^3: registered brains that differ by a few
-millimetres) must be caught in every distance space: exact copies, copies rolled by one voxel and
-copies with a little Gaussian noise. A one-voxel roll is farther from its source than two registered
-patients are from each other, so this also checks that the shift tolerance is what catches it.
+Planted copies of real-looking scans (the demo cohort at 16^3: registered brains that differ by a
+few millimetres) must be caught in every distance space: exact copies, copies rolled by one voxel
+and copies with a little Gaussian noise. A one-voxel roll is farther from its source than two
+registered patients are from each other, so this also checks that the shift tolerance catches it.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def test_nearest_matches_brute_force_and_ignores_chunking(distance: str) -> None
     offsets = translations(1)
     expected = brute_force(candidates.numpy(), scans.numpy(), distance, offsets)
     for chunk in (1, 4, 64):
-        found = nearest_scans(views_of(candidates), scans, distance, offsets=offsets, chunk_size=chunk)
+        found = nearest_scans(views_of(candidates), scans, distance, offsets=offsets,
+                              chunk_size=chunk)
         np.testing.assert_allclose(found.distance, expected, rtol=1e-5, atol=1e-6)
     found = nearest_scans(views_of(candidates), scans, distance, offsets=offsets)
     assert found.index[1] == 2 and found.offset[1] == (0, -1, 0) and found.distance[1] < 1e-6
@@ -113,7 +114,8 @@ def test_between_patient_distances_skip_the_same_patient() -> None:
 def test_threshold_is_the_percentile_and_a_pass_is_at_or_above_it() -> None:
     distances = np.array([0.4, 0.1, 0.3, 0.2, np.inf])
     assert calibrated_threshold(distances, 50) == pytest.approx(0.25)
-    assert calibrated_threshold(distances, 5) == pytest.approx(np.percentile([0.1, 0.2, 0.3, 0.4], 5))
+    expected = np.percentile([0.1, 0.2, 0.3, 0.4], 5)
+    assert calibrated_threshold(distances, 5) == pytest.approx(expected)
     assert decide(np.array([0.1, 0.25, 0.3]), 0.25).tolist() == [False, True, True]
     with pytest.raises(GateError):
         ThresholdPolicy("fixed", None)
@@ -125,7 +127,8 @@ def test_threshold_is_the_percentile_and_a_pass_is_at_or_above_it() -> None:
 def test_planted_copies_fail_in_image_space(site_scans, distance: str) -> None:
     images, patients = site_scans
     offsets = translations(1)
-    calibration = between_patient_distances(views_of(images), images, patients, distance, offsets=offsets)
+    calibration = between_patient_distances(views_of(images), images, patients, distance,
+                                            offsets=offsets)
     threshold = calibrated_threshold(calibration, 5.0)
     assert threshold > 0
     for kind, copies in planted(images).items():
@@ -139,11 +142,12 @@ def test_planted_copies_fail_in_image_space(site_scans, distance: str) -> None:
 def test_planted_copies_fail_in_latent_space(site_scans) -> None:
     images, patients = site_scans
     torch.manual_seed(0)
-    encoder = build_autoencoder(AutoencoderConfig(channels=[8, 8], latent_channels=2, norm_num_groups=4))
+    encoder = build_autoencoder(AutoencoderConfig(channels=[8, 8], latent_channels=2,
+                                                  norm_num_groups=4))
     offsets = translations(1)
     bank = latent_views(encoder, images, 1.3)[:, 0]
-    calibration = between_patient_distances(latent_views(encoder, images, 1.3, offsets), bank, patients,
-                                            "latent")
+    calibration = between_patient_distances(latent_views(encoder, images, 1.3, offsets), bank,
+                                            patients, "latent")
     threshold = calibrated_threshold(calibration, 5.0)
     for kind, copies in planted(images).items():
         views = latent_views(encoder, copies, 1.3, offsets)
@@ -156,9 +160,11 @@ def test_distinct_volumes_pass(site_scans) -> None:
     images, patients = site_scans
     offsets = translations(1)
     threshold = calibrated_threshold(
-        between_patient_distances(views_of(images), images, patients, "nrmse", offsets=offsets), 5.0)
+        between_patient_distances(views_of(images), images, patients, "nrmse", offsets=offsets),
+        5.0)
     others = torch.rand((4, 1, SIZE, SIZE, SIZE), generator=torch.Generator().manual_seed(4))
-    assert decide(nearest_scans(views_of(others), images, "nrmse", offsets=offsets).distance, threshold).all()
+    found = nearest_scans(views_of(others), images, "nrmse", offsets=offsets)
+    assert decide(found.distance, threshold).all()
 
 
 def test_mismatched_views_are_refused(site_scans) -> None:
@@ -170,10 +176,12 @@ def test_mismatched_views_are_refused(site_scans) -> None:
 
 
 def test_query_round_trips_through_its_record() -> None:
-    query = GateQuery(query_id="r1-0001", distance="latent", threshold=ThresholdPolicy("fixed", 0.2),
-                      max_shift=1, chunk_size=16, num_candidates=3, candidates_sha256="ab" * 32,
-                      data={"shape": [16, 16, 16]}, model_sha256="cd" * 32, autoencoder={"kind": "kl"},
-                      autoencoder_sha256="ef" * 32, latent_scale_factor=0.9, dp_enabled=True, dp_epsilon=0.5)
+    query = GateQuery(query_id="r1-0001", distance="latent",
+                      threshold=ThresholdPolicy("fixed", 0.2), max_shift=1, chunk_size=16,
+                      num_candidates=3, candidates_sha256="ab" * 32, data={"shape": [16, 16, 16]},
+                      model_sha256="cd" * 32, autoencoder={"kind": "kl"},
+                      autoencoder_sha256="ef" * 32, latent_scale_factor=0.9, dp_enabled=True,
+                      dp_epsilon=0.5)
     assert GateQuery.from_record(query.to_record()) == query
     record = query.to_record()
     record["protocol"] = 99
@@ -182,17 +190,21 @@ def test_query_round_trips_through_its_record() -> None:
 
 
 def test_answer_allow_list_refuses_distances_and_extra_keys() -> None:
-    answer = GateAnswer(status=GateStatus.OK, site_id="site_0", query_id="q", num_candidates=3, num_passed=2)
-    layout = {GATE_PASSED: ("arrays", {"passed": (3,)}), GATE_ACCOUNTING: ("metrics", answer.accounting()),
+    answer = GateAnswer(status=GateStatus.OK, site_id="site_0", query_id="q", num_candidates=3,
+                        num_passed=2)
+    layout = {GATE_PASSED: ("arrays", {"passed": (3,)}),
+              GATE_ACCOUNTING: ("metrics", answer.accounting()),
               GATE_STATUS: ("config", answer.status_fields())}
     check_gate_reply(layout, 3)
     assert GateAnswer.from_records(answer.accounting(), answer.status_fields()) == answer
     with pytest.raises(ProtocolViolation, match="exactly one array"):
-        check_gate_reply({**layout, GATE_PASSED: ("arrays", {"passed": (3,), "distances": (3,)})}, 3)
+        check_gate_reply({**layout, GATE_PASSED: ("arrays", {"passed": (3,), "d": (3,)})}, 3)
     with pytest.raises(ProtocolViolation, match="not allowed to leave"):
         check_gate_reply({**layout, "distances": ("arrays", {"d": (3,)})}, 3)
     with pytest.raises(ProtocolViolation, match="keys not allowed"):
-        check_gate_reply({**layout, GATE_ACCOUNTING: ("metrics", {**answer.accounting(), "min-distance": 0.1})}, 3)
-    refused = GateAnswer(status=GateStatus.REFUSED, reason=GateRefusal.SITE_ERROR, site_id="s", query_id="q")
+        leaky = {**answer.accounting(), "min-distance": 0.1}
+        check_gate_reply({**layout, GATE_ACCOUNTING: ("metrics", leaky)}, 3)
+    refused = GateAnswer(status=GateStatus.REFUSED, reason=GateRefusal.SITE_ERROR, site_id="s",
+                         query_id="q")
     with pytest.raises(ProtocolViolation, match="must not"):
         check_gate_reply({**layout, GATE_STATUS: ("config", refused.status_fields())}, 3)

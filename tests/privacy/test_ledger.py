@@ -1,4 +1,4 @@
-"""The hash-chained ledger: durable appends, typed site entries, and every kind of tampering caught."""
+"""The hash-chained ledger: durable appends, typed site entries, every kind of tampering caught."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from privacy.ledger import (GENESIS_HASH, Ledger, LedgerError, LedgerIntegrityError, canonical_bytes,
-                            entry_hash, verify_ledger)
+from privacy.ledger import (GENESIS_HASH, Ledger, LedgerError, LedgerIntegrityError,
+                            canonical_bytes, entry_hash, verify_ledger)
 from privacy.site_ledger import PlanRecord, RoundRecord, SiteLedger
 
 
 def _round(number: int, epsilon: float) -> RoundRecord:
-    return RoundRecord(round=number, noise_multiplier=1.25, sample_rate=0.2, steps=5, accountant="rdp",
-                       delta=1e-5, epsilon=epsilon, target_epsilon=10.0, num_patients=40,
+    return RoundRecord(round=number, noise_multiplier=1.25, sample_rate=0.2, steps=5,
+                       accountant="rdp", delta=1e-5, epsilon=epsilon, target_epsilon=10.0,
+                       num_patients=40,
                        model_hash_before="a" * 64, model_hash_after="b" * 64,
                        timestamp="2025-01-01T00:00:00Z", fedsynth_version="0.1.0")
 

@@ -42,14 +42,15 @@ def test_report_recomputes_every_round(ledger: Path):
     assert sum(row.spend for row in report.rows) == pytest.approx(rounds[-1].epsilon)
     assert report.spent == rounds[-1].epsilon and report.cap == 3.5
     assert report.remaining == pytest.approx(3.5 - report.spent)
-    # The report's look-ahead agrees with enforcement: that many more rounds fit, the next is refused.
+    # The report's look-ahead agrees with enforcement: that many more rounds fit, the next is
+    # refused.
     assert report.rounds_remaining == 1  # 3 rounds: 2.88, a 4th: 3.30, a 5th: 3.68 > 3.5
     budget = SiteBudget(ledger)
     for number in range(4, 4 + report.rounds_remaining):
         budget.charge(number, model_hash_before=HASH, model_hash_after=HASH)
     with pytest.raises(BudgetExhausted):
         budget.check(4 + report.rounds_remaining)
-    assert report.independent_total_pld < report.independent_total_rdp  # PLD is the tighter analysis
+    assert report.independent_total_pld < report.independent_total_rdp  # PLD is tighter
 
 
 def test_scope_statement_names_what_is_not_covered(ledger: Path):
@@ -57,7 +58,8 @@ def test_scope_statement_names_what_is_not_covered(ledger: Path):
     covered, not_covered = " ".join(report.covers), " ".join(report.not_covered)
     assert "weights this site sent" in covered and "patient" in covered
     assert "q = 0.2" in covered and "norm 0.5" in covered
-    for phrase in ("Release-gate answers", "N = 40", "Hyper-parameter tuning", "outside the DP-SGD"):
+    for phrase in ("Release-gate answers", "N = 40", "Hyper-parameter tuning",
+                   "outside the DP-SGD"):
         assert phrase in not_covered
 
 
@@ -75,8 +77,8 @@ def test_formats_and_plot(ledger: Path):
 
 
 def test_a_wrong_figure_with_a_valid_hash_is_flagged(ledger: Path):
-    # A writer that records a wrong epsilon (bug or forgery) keeps the chain valid; the recomputation
-    # catches it.
+    # A writer that records a wrong epsilon (bug or forgery) keeps the chain valid; the
+    # recomputation catches it.
     site = SiteLedger(ledger)
     last = site.state().rounds[-1]
     site.append(dataclasses.replace(last, round=4, epsilon=last.epsilon + 0.05))

@@ -1,8 +1,9 @@
-"""The release (server.release): gating, resampling, resume, bad inputs, and a real Flower simulation.
+"""The release (server.release): gating, resampling, resume, bad inputs, a real Flower simulation.
 
-Two demo-cohort sites at 16^3 answer gate queries through the real ClientApp (``client.client_app``):
-in-process through a minimal ``Grid`` for the fast tests, and through ``flwr.simulation`` (Ray) in the
-slow one. Planted copies of the sites' scans are slipped in among the model's candidates.
+Two demo-cohort sites at 16^3 answer gate queries through the real ClientApp
+(``client.client_app``): in-process through ``experiments.loopback.LoopbackGrid`` for the fast
+tests, and through ``flwr.simulation`` (Ray) in the slow one. Planted copies of the sites' scans
+are slipped in among the model's candidates.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from experiments.cohort import generate_cohort
 from experiments.commands.release import load_public_maps
 from experiments.loopback import LoopbackGrid
 from models.autoencoder import build_autoencoder
-from models.checkpoint import DataGrid, save_checkpoint
+from models.checkpoint import DataGrid, load_checkpoint, save_checkpoint
 from models.latent_unet import build_latent_unet
 from privacy.protocol import GATE_ACCOUNTING_KEYS, GATE_PASSED, GATE_STATUS_KEYS
-from server.release import (CACHE_DIR, STATE_FILE, PublicMaps, ReleaseError, prepare_release, run_release,
-                            sample_name, slot_seed)
+from server.release import (CACHE_DIR, STATE_FILE, PublicMaps, ReleaseError, prepare_release,
+                            run_release, sample_name, slot_seed)
 
 SIZE, SPACING = 16, 12.0
 LABELS = ("background", "csf", "grey_matter", "white_matter")
@@ -47,11 +48,12 @@ def one_thread():
 
 
 class InProcessGrid(LoopbackGrid):
-    """Every site as an in-process node (``experiments.loopback``), recording replies; the
-    ``fail_on_call``-th exchange raises as if the link dropped."""
+    """Every site as an in-process node, recording replies; the ``fail_on_call``-th exchange
+    raises as if the link dropped."""
 
     def __init__(self, client_app, num_nodes: int, fail_on_call: int | None = None):
-        super().__init__(client_app, [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)])
+        nodes = [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
+        super().__init__(client_app, nodes)
         self.calls, self.fail_on_call = 0, fail_on_call
         self.replies: list[Message] = []
 
@@ -66,20 +68,23 @@ class InProcessGrid(LoopbackGrid):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    """A cohort (public + 2 sites), a tiny untrained checkpoint and an experiment config."""
+    """A cohort (public + 2 sites), a tiny untrained checkpoint and the model section."""
     root = tmp_path_factory.mktemp("release")
     generate_cohort(root / "cohort", sites=2, patients=5, size=SIZE, seed=7, public_patients=3)
     model = ModelConfig(
         autoencoder=AutoencoderConfig(channels=[8, 8], latent_channels=2, norm_num_groups=4),
-        unet=UNetConfig(channels=[8, 16], attention_levels=[False, True], num_head_channels=8, norm_num_groups=4),
+        unet=UNetConfig(channels=[8, 16], attention_levels=[False, True], num_head_channels=8,
+                        norm_num_groups=4),
         conditioning=ConditioningConfig(mode="concat", attributes=["age", "sex"]),
         diffusion=DiffusionConfig(train_timesteps=20, sampling_steps=3))
     torch.manual_seed(0)
     denoiser = build_latent_unet(model, len(LABELS), 2)
-    denoiser.attribute_embedding.set_statistics(torch.tensor([55.0, 0.5]), torch.tensor([20.0, 0.5]))
+    denoiser.attribute_embedding.set_statistics(torch.tensor([55.0, 0.5]),
+                                                torch.tensor([20.0, 0.5]))
     checkpoint = root / "checkpoint.pt"
     save_checkpoint(checkpoint, autoencoder=build_autoencoder(model.autoencoder), denoiser=denoiser,
-                    model_config=config_to_dict(model), data=DataGrid((SIZE,) * 3, (SPACING,) * 3, LABELS, ("age", "sex")),
+                    model_config=config_to_dict(model),
+                    data=DataGrid((SIZE,) * 3, (SPACING,) * 3, LABELS, ("age", "sex")),
                     latent_scale_factor=1.0)
     return {"root": root, "checkpoint": checkpoint, "model": config_to_dict(model)}
 
@@ -87,13 +92,14 @@ def world(tmp_path_factory) -> dict:
 def write_config(world: dict, folder: Path, **release) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     cohort = world["root"] / "cohort"
+    sites = [{"site_id": f"site_{i}", "data_dir": str(cohort / f"site_{i}"),
+              "ledger": str(folder / f"state_{i}" / "ledger.jsonl")} for i in range(2)]
     config = {
         "seed": 5, "run_dir": str(folder / "run"),
-        "data": {"public_dir": str(cohort / "public"), "shape": [SIZE] * 3, "spacing": [SPACING] * 3},
+        "data": {"public_dir": str(cohort / "public"), "shape": [SIZE] * 3,
+                 "spacing": [SPACING] * 3},
         "model": world["model"],
-        "federation": {"min_sites": 2, "round_timeout": 60,
-                       "sites": [{"site_id": f"site_{i}", "data_dir": str(cohort / f"site_{i}"),
-                                  "ledger": str(folder / f"state_{i}" / "ledger.jsonl")} for i in range(2)]},
+        "federation": {"min_sites": 2, "round_timeout": 60, "sites": sites},
         "release": {"distance": "nrmse", "max_attempts": 3, "chunk_size": 4,
                     "attribute_ranges": {"age": [20, 90], "sex": [0, 1]}, **release},
     }
@@ -104,7 +110,6 @@ def write_config(world: dict, folder: Path, **release) -> Path:
 
 def plan_for(world: dict, config_path: Path, out: Path, num: int):
     config = load_config(config_path)
-    from models.checkpoint import load_checkpoint
     checkpoint = load_checkpoint(world["checkpoint"])
     return prepare_release(config, checkpoint, load_public_maps(config, checkpoint.data), num, out,
                            checkpoint_path=world["checkpoint"])
@@ -121,8 +126,9 @@ def site_images(config_path: Path) -> dict[str, tuple[np.ndarray, list[str]]]:
 
 
 # Planted copies, by (slot, attempt): (site, scan index, kind). Slot 3 is a copy at every attempt.
-PLANTS = {(0, 0): ("site_0", 0, "exact"), (1, 0): ("site_1", 2, "rolled"), (2, 0): ("site_0", 1, "noised"),
-          (2, 1): ("site_1", 0, "exact"), (3, 0): ("site_1", 1, "exact"), (3, 1): ("site_0", 3, "rolled"),
+PLANTS = {(0, 0): ("site_0", 0, "exact"), (1, 0): ("site_1", 2, "rolled"),
+          (2, 0): ("site_0", 1, "noised"), (2, 1): ("site_1", 0, "exact"),
+          (3, 0): ("site_1", 1, "exact"), (3, 1): ("site_0", 3, "rolled"),
           (3, 2): ("site_1", 3, "noised")}
 
 
@@ -146,7 +152,8 @@ def plant(monkeypatch, scans: dict, seed: int) -> None:
                 if kind == "rolled":
                     copy = torch.roll(copy, 1, dims=2)
                 if kind == "noised":
-                    copy = copy + 0.02 * torch.randn(copy.shape, generator=torch.Generator().manual_seed(seed))
+                    generator = torch.Generator().manual_seed(seed)
+                    copy = copy + 0.02 * torch.randn(copy.shape, generator=generator)
                 images[i] = copy
         return images, labels
 
@@ -154,11 +161,13 @@ def plant(monkeypatch, scans: dict, seed: int) -> None:
     monkeypatch.setattr(release_module, "generate", generate)
 
 
-def brute_force_nearest(candidate: np.ndarray, scans: np.ndarray, exclude: np.ndarray | None = None) -> float:
+def brute_force_nearest(candidate: np.ndarray, scans: np.ndarray,
+                        exclude: np.ndarray | None = None) -> float:
     """nrmse to the nearest scan under every one-voxel circular shift, float64, pair by pair."""
     best = np.inf
     for shift in np.ndindex(3, 3, 3):
-        moved = np.roll(candidate.astype(np.float64), tuple(s - 1 for s in shift), axis=(-3, -2, -1))
+        offset = tuple(s - 1 for s in shift)
+        moved = np.roll(candidate.astype(np.float64), offset, axis=(-3, -2, -1))
         for j, scan in enumerate(scans.astype(np.float64)):
             if exclude is None or not exclude[j]:
                 best = min(best, np.linalg.norm(moved - scan) / np.linalg.norm(scan))
@@ -175,12 +184,18 @@ def output_files(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
 
 
-def test_copies_are_rejected_and_every_release_clears_every_threshold(world, tmp_path, monkeypatch) -> None:
+def read_image(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def test_copies_are_rejected_and_every_release_clears_every_threshold(world, tmp_path,
+                                                                      monkeypatch) -> None:
     config_path = write_config(world, tmp_path)
     scans = site_images(config_path)
     plant(monkeypatch, scans, seed=1)
     grid = InProcessGrid(make_client_app(str(config_path)), 2)
-    result = run_release(grid, plan_for(world, config_path, tmp_path / "out", 5))
+    plan = plan_for(world, config_path, tmp_path / "out", 5)
+    result = run_release(grid, plan)
 
     assert (result.requested, result.released, result.exhausted) == (5, 4, 1)
     assert result.candidates == 5 + 6 and result.rejections == 7
@@ -193,10 +208,11 @@ def test_copies_are_rejected_and_every_release_clears_every_threshold(world, tmp
     for site, (images, patients) in scans.items():
         threshold = independent_threshold(images, patients)
         for row in rows:
-            released = np.asarray(nib.load(str(tmp_path / "out" / row["image"])).dataobj)
+            released = read_image(tmp_path / "out" / row["image"])
             for copy in images:
                 assert not np.allclose(released, copy, atol=0.05)
-            assert brute_force_nearest(released, images) >= threshold - 1e-9, (site, row["patient_id"])
+            nearest = brute_force_nearest(released, images)
+            assert nearest >= threshold - 1e-9, (site, row["patient_id"])
 
     # On the wire: every answer holds a pass/fail array and counts, nothing else.
     for reply in grid.replies:
@@ -207,10 +223,11 @@ def test_copies_are_rejected_and_every_release_clears_every_threshold(world, tmp
         assert set(reply.content["gate-status"].keys()) == GATE_STATUS_KEYS
 
     report = json.loads((tmp_path / "out" / "release_report.json").read_text())
-    assert report["counts"]["rejections"] == 7 and report["counts"]["released"] == 4
-    assert report["counts"]["failed_at_site_0"] + report["counts"]["failed_at_site_1"] >= 7
+    counts = report["counts"]
+    assert counts["rejections"] == 7 and counts["released"] == 4
+    assert counts["failed_at_site_0"] + counts["failed_at_site_1"] >= 7
     assert report["distance"] == "nrmse" and report["threshold"]["policy"] == "calibrated"
-    assert report["model_sha256"] == plan_for(world, config_path, tmp_path / "out", 5).checkpoint.content_hash
+    assert report["model_sha256"] == plan.checkpoint.content_hash
     assert any("outside the DP-SGD guarantee" in line for line in report["caveats"])
     assert [s["site_id"] for s in report["sites"]] == ["site_0", "site_1"]
     markdown = (tmp_path / "out" / "release_report.md").read_text()
@@ -219,14 +236,16 @@ def test_copies_are_rejected_and_every_release_clears_every_threshold(world, tmp
     assert not (tmp_path / "out" / CACHE_DIR).exists()
 
 
-def test_interrupted_releases_resume_without_duplicates_or_losses(world, tmp_path, monkeypatch) -> None:
+def test_interrupted_releases_resume_without_duplicates_or_losses(world, tmp_path,
+                                                                  monkeypatch) -> None:
     config_path = write_config(world, tmp_path / "cfg")
     scans = site_images(config_path)
     plant(monkeypatch, scans, seed=2)
     app = make_client_app(str(config_path))
-    reference = run_release(InProcessGrid(app, 2), plan_for(world, config_path, tmp_path / "reference", 6))
+    reference = run_release(InProcessGrid(app, 2),
+                            plan_for(world, config_path, tmp_path / "reference", 6))
 
-    # 1. Killed while writing the samples of the first round.
+    # 1. Killed while writing the samples of a round.
     out = tmp_path / "cut-while-writing"
     real_write, calls = release_module.write_volume, []
 
@@ -244,7 +263,7 @@ def test_interrupted_releases_resume_without_duplicates_or_losses(world, tmp_pat
     assert state["rounds"][-1]["stage"] == "decided"     # cut between its decision and its files
     resumed = run_release(InProcessGrid(app, 2), plan_for(world, config_path, out, 6))
 
-    # 2. The link drops during the second gate round (after the candidates were cached and sent).
+    # 2. The link drops during the second gate round (after its candidates were cached).
     out2 = tmp_path / "cut-while-gating"
     with pytest.raises(ConnectionError):
         run_release(InProcessGrid(app, 2, fail_on_call=2), plan_for(world, config_path, out2, 6))
@@ -259,20 +278,18 @@ def test_interrupted_releases_resume_without_duplicates_or_losses(world, tmp_pat
         rows = list(csv.DictReader((result.out / "manifest.csv").open()))
         assert len({r["patient_id"] for r in rows}) == len(rows) == reference.released
         for row in rows:
-            np.testing.assert_allclose(np.asarray(nib.load(str(result.out / row["image"])).dataobj),
-                                       np.asarray(nib.load(str(reference.out / row["image"])).dataobj), atol=1e-5)
+            np.testing.assert_allclose(read_image(result.out / row["image"]),
+                                       read_image(reference.out / row["image"]), atol=1e-5)
     # The re-sent round was answered from the sites' gate logs: one answer per query id per site.
-    config = load_config(config_path)
-    for site in config.federation.sites:
-        answered = [json.loads(line) for line in (site.ledger_path.parent / "gate_log.jsonl").read_text().splitlines()]
-        ids = [entry["query_id"] for entry in answered]
+    for site in load_config(config_path).federation.sites:
+        log = (site.ledger_path.parent / "gate_log.jsonl").read_text().splitlines()
+        ids = [json.loads(line)["query_id"] for line in log]
         assert len(ids) == len(set(ids))
 
 
 def test_bad_inputs_get_one_line_each(world, tmp_path) -> None:
     config_path = write_config(world, tmp_path)
     config = load_config(config_path)
-    from models.checkpoint import load_checkpoint
     checkpoint = load_checkpoint(world["checkpoint"])
     maps = load_public_maps(config, checkpoint.data)
     for num in (0, -3):
@@ -286,8 +303,10 @@ def test_bad_inputs_get_one_line_each(world, tmp_path) -> None:
     with pytest.raises(ReleaseError, match="unreadable or truncated") as caught:
         prepare_release(config, corrupt, maps, 2, tmp_path / "out")
     assert "\n" not in str(caught.value)
-    small = PublicMaps(maps.labels[:, :8, :8, :8].contiguous(), maps.affines, maps.attributes, maps.names)
-    with pytest.raises(ReleaseError, match=r"grid \[8, 8, 8\] differs from the checkpoint's \[16, 16, 16\]"):
+    small = PublicMaps(maps.labels[:, :8, :8, :8].contiguous(), maps.affines, maps.attributes,
+                       maps.names)
+    with pytest.raises(ReleaseError,
+                       match=r"grid \[8, 8, 8\] differs from the checkpoint's \[16, 16, 16\]"):
         prepare_release(config, checkpoint, small, 2, tmp_path / "out")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("x")
@@ -297,7 +316,8 @@ def test_bad_inputs_get_one_line_each(world, tmp_path) -> None:
 
 def test_cli_reports_bad_inputs_in_one_line(world, tmp_path, capsys) -> None:
     config_path = write_config(world, tmp_path)
-    cases = [(["--num", "0", "--checkpoint", str(world["checkpoint"])], "--num: must be a whole number > 0"),
+    checkpoint = str(world["checkpoint"])
+    cases = [(["--num", "0", "--checkpoint", checkpoint], "--num: must be a whole number > 0"),
              (["--num", "2", "--checkpoint", str(tmp_path / "nope.pt")], "checkpoint not found"),
              (["--num", "2"], "checkpoint not found")]   # default: RUN_DIR/federation/checkpoint.pt
     wrong_grid = yaml.safe_load(config_path.read_text())
@@ -309,7 +329,7 @@ def test_cli_reports_bad_inputs_in_one_line(world, tmp_path, capsys) -> None:
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
     code = main(["release", "--config", str(wrong_path), "--out", str(tmp_path / "o"), "--num", "2",
-                 "--checkpoint", str(world["checkpoint"])])
+                 "--checkpoint", checkpoint])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "differs from the checkpoint's" in err, err
     assert not (tmp_path / "o").exists()
@@ -335,6 +355,7 @@ def test_release_through_a_flower_simulation(world, tmp_path, capsys) -> None:
     assert len(rows) == report["counts"]["released"] and report["distance"] == "latent"
     assert report["counts"]["candidates"] >= 3
     for site in load_config(config_path).federation.sites:
-        log = [json.loads(line) for line in (site.ledger_path.parent / "gate_log.jsonl").read_text().splitlines()]
+        lines = (site.ledger_path.parent / "gate_log.jsonl").read_text().splitlines()
+        log = [json.loads(line) for line in lines]
         assert log and all("answer" in entry for entry in log)
         assert sum(len(entry["candidates"]) for entry in log) == report["counts"]["candidates"]
