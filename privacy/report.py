@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,7 @@ class PrivacyReport:
     independent_total_pld: float
     tolerance: str
     all_agree: bool
+    other_entries: dict[str, int] = field(default_factory=dict)
     rows: list[ReportRow] = field(default_factory=list)
     covers: list[str] = field(default_factory=list)
     not_covered: list[str] = field(default_factory=list)
@@ -154,6 +156,7 @@ def build_report(ledger_path: Path | str) -> PrivacyReport:
         independent_total_rdp=independent_epsilon(history, plan.delta, "rdp"),
         independent_total_pld=independent_epsilon(history, plan.delta, "pld"),
         tolerance=tolerance.describe(), all_agree=all(row.agrees for row in rows),
+        other_entries=dict(Counter(entry.kind for entry in state.other)),
         rows=rows, covers=covers, not_covered=not_covered)
 
 
@@ -203,7 +206,9 @@ def _summary(report: PrivacyReport) -> list[tuple[str, str]]:
                               f"{report.independent_total_pld:.4f} (dp_accounting)"),
         ("Agreement", ("all rounds agree" if report.all_agree else "DISAGREEMENT, see the table")
          + f"; tolerance {report.tolerance}"),
-    ]
+    ] + ([("Other entries", ", ".join(f"{n} {kind}" for kind, n in report.other_entries.items())
+           + ": not DP-SGD, not in the epsilon above (see the release report)")]
+         if report.other_entries else [])
 
 
 _COLUMNS = ("round", "steps", "sigma", "q", "spend", "epsilon (ledger)", "epsilon (replayed)",

@@ -14,7 +14,7 @@ replaying them (:func:`privacy.accounting.replay_accountant`).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -122,10 +122,13 @@ class RoundRecord(_Record):
 
 @dataclass(frozen=True)
 class SiteLedgerState:
-    """A verified read of a site ledger: the plans (the latest is in force) and the rounds."""
+    """A verified read of a site ledger: the plans (the latest is in force), the DP-SGD rounds, and
+    the entries of other kinds the site ledger may hold (e.g. ``dp-gate`` charges of
+    :mod:`privacy.dp_gate`), which DP-SGD accounting leaves to their own modules."""
 
     plans: list[PlanRecord]
     rounds: list[RoundRecord]
+    other: list[LedgerEntry] = field(default_factory=list)
 
     @property
     def plan(self) -> PlanRecord | None:
@@ -154,21 +157,21 @@ class SiteLedger:
         return self.ledger.locked()
 
     def state(self) -> SiteLedgerState:
-        """Verify the chain and decode every entry; unknown kinds are refused."""
+        """Verify the chain and decode the plan and round entries (other kinds kept as they are)."""
         plans: list[PlanRecord] = []
         rounds: list[RoundRecord] = []
+        other: list[LedgerEntry] = []
         for entry in self.ledger.entries():
             record_type = self.KINDS.get(entry.kind)
             if record_type is None:
-                raise LedgerError(f"{self.path}: seq {entry.seq} has kind {entry.kind!r}, which a "
-                                  f"site ledger does not hold (expected plan or round); is this "
-                                  f"the consortium ledger?")
+                other.append(entry)
+                continue
             record = record_type.from_entry(entry, self.path)
             (plans if isinstance(record, PlanRecord) else rounds).append(record)
         if rounds and not plans:
             raise LedgerError(f"{self.path}: has round entries but no plan entry; restore the "
                               f"ledger")
-        return SiteLedgerState(plans, rounds)
+        return SiteLedgerState(plans, rounds, other)
 
     def append(self, record: _Record) -> LedgerEntry:
         """Append a typed record durably."""

@@ -12,6 +12,7 @@ from privacy.accounting import INDEPENDENT_TOLERANCE
 from privacy.budget import BudgetExhausted, SiteBudget
 from privacy.calibration import SchedulePlan
 from privacy.report import build_report, plot_png, render_html, render_json, render_markdown
+from privacy.ledger import Ledger, LedgerError
 from privacy.site_ledger import SiteLedger
 
 HASH = "0" * 64
@@ -74,6 +75,20 @@ def test_formats_and_plot(ledger: Path):
     assert "data:image/png;base64," in page and "What it does not cover" in page
     data = json.loads(render_json(report))
     assert data["rows"][2]["epsilon"] == report.rows[2].epsilon and data["all_agree"] is True
+
+
+def test_other_privacy_events_are_listed_apart(ledger: Path):
+    Ledger(ledger).append("dp-gate", {"epsilon": 0.5})
+    report = build_report(ledger)
+    assert report.other_entries == {"dp-gate": 1} and len(report.rows) == 3
+    assert "1 dp-gate: not DP-SGD" in render_markdown(report)
+
+
+def test_a_ledger_without_a_plan_is_not_reported(tmp_path: Path):
+    consortium = Ledger(tmp_path / "consortium.jsonl")
+    consortium.append("mirror", {"site": "site_0", "round": 1})
+    with pytest.raises(LedgerError, match="holds no plan entry"):
+        build_report(consortium.path)
 
 
 def test_a_wrong_figure_with_a_valid_hash_is_flagged(ledger: Path):
