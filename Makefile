@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fedsynth demo --out runs/demo
+	$(VENV)/bin/fedsynth demo --config configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -111,7 +111,8 @@ def make_client_app(config_path: str | None = None) -> ClientApp:
     @client_app.query("gate")  # privacy.protocol.GATE_MESSAGE_TYPE: the release gate (client.gate)
     def gate(message: Message, context: Context) -> Message:
         from client.gate import answer_gate_message
-        return Message(answer_gate_message(resolve_site(context, defaults), message.content), reply_to=message)
+        answer = answer_gate_message(resolve_site(context, defaults), message.content)
+        return Message(answer, reply_to=message)
 
     return client_app
 

@@ -18,6 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 # One module per command group, in the order ``fedsynth --help`` lists them.
 COMMAND_MODULES = [
+    "experiments.commands.demo",
     "experiments.commands.config",
     "experiments.commands.cohort",
     "experiments.commands.data",
@@ -36,6 +37,7 @@ COMMAND_MODULES = [
 # Exceptions that mean "the user's input is wrong": printed as one line, exit 2.
 USER_ERRORS = [
     ("configs.loader", "ConfigError"),
+    ("experiments.demo", "DemoError"),
     ("client.site_data", "SiteDataError"),
     ("models.checkpoint", "CheckpointError"),
     ("models.volume_io", "VolumeError"),

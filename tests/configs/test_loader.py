@@ -146,3 +146,11 @@ def test_flatten_gives_dotted_string_params():
     flat = flatten_config(config_from_dict({}, check_paths=False))
     assert flat["privacy.target_epsilon"] == "10.0"
     assert flat["model.unet.channels"] == "[32, 64, 64]"
+
+
+def test_default_yaml_documents_the_schema_defaults():
+    """configs/default.yaml must say exactly what the code does when a key is left out."""
+    from configs import config_to_dict
+    documented = config_to_dict(load_config(REPO / "configs" / "default.yaml", check_paths=False))
+    actual = config_to_dict(config_from_dict({}, check_paths=False))
+    assert documented == actual

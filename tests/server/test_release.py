@@ -31,9 +31,10 @@ from experiments.loopback import LoopbackGrid
 from models.autoencoder import build_autoencoder
 from models.checkpoint import DataGrid, load_checkpoint, save_checkpoint
 from models.latent_unet import build_latent_unet
+from privacy.dp_gate import gate_charges
 from privacy.protocol import GATE_ACCOUNTING_KEYS, GATE_PASSED, GATE_STATUS_KEYS
-from server.release import (CACHE_DIR, STATE_FILE, PublicMaps, ReleaseError, prepare_release,
-                            run_release, sample_name, slot_seed)
+from server.release import (CACHE_DIR, STATE_FILE, PublicMaps, ReleaseError, ReleaseHalted,
+                            prepare_release, run_release, sample_name, slot_seed)
 
 SIZE, SPACING = 16, 12.0
 LABELS = ("background", "csf", "grey_matter", "white_matter")
@@ -333,6 +334,40 @@ def test_cli_reports_bad_inputs_in_one_line(world, tmp_path, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "differs from the checkpoint's" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_dp_gate_charges_every_site_ledger_and_the_report_counts_it(world, tmp_path) -> None:
+    config_path = write_config(world, tmp_path, max_attempts=2,
+                               dp_gate={"enabled": True, "epsilon": 2.0})
+    raw = yaml.safe_load(config_path.read_text())
+    for site in raw["federation"]["sites"]:
+        site["budget"] = {"target_epsilon": 9.0, "delta": 1e-5}
+    config_path.write_text(yaml.safe_dump(raw))
+    app = make_client_app(str(config_path))
+    result = run_release(InProcessGrid(app, 2), plan_for(world, config_path, tmp_path / "out", 3))
+    state = json.loads((tmp_path / "out" / STATE_FILE).read_text())
+    rounds = len(state["rounds"])
+    report = json.loads(result.report_json.read_text())
+    for site, row in zip(load_config(config_path).federation.sites, report["sites"]):
+        charges = gate_charges(site.ledger_path)
+        assert [c.query_id for c in charges] == [r["query_id"] for r in state["rounds"]]
+        assert row["gate_epsilon"] == pytest.approx(2.0 * rounds)
+        assert row["total_epsilon"] == pytest.approx(2.0 * rounds)   # no DP-SGD round here
+        assert row["source"].startswith("site ledger") and row["cap"] == 9.0
+    assert any("above-threshold" in line for line in report["caveats"])
+
+    # A site whose cap cannot take one more query refuses; the release halts and can resume.
+    raw["federation"]["sites"][1]["budget"] = {"target_epsilon": 1.0, "delta": 1e-5}
+    poor = tmp_path / "poor"
+    poor.mkdir()
+    (poor / "config.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ReleaseHalted, match="site_1: budget-exhausted"):
+        run_release(InProcessGrid(make_client_app(str(poor / "config.yaml")), 2),
+                    plan_for(world, poor / "config.yaml", tmp_path / "out2", 2))
+    # Same ledger files as the first release: the refusing site wrote nothing new.
+    assert len(gate_charges(load_config(config_path).federation.sites[1].ledger_path)) == rounds
+    assert json.loads((tmp_path / "out2" / STATE_FILE).read_text())["rounds"][0]["stage"] == \
+        "generated"
 
 
 def test_slot_seeds_are_fixed_by_slot_and_attempt() -> None:

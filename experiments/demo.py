@@ -1,0 +1,190 @@
+"""``fedsynth demo``: the whole mission on one machine, stage by stage.
+
+cohort -> data check -> public pretraining -> federated DP fine-tuning (Flower simulation)
+-> gated release -> quality evaluation -> summary. Every stage writes under the config's
+``run_dir`` and is reused when run again: a finished stage is skipped, an interrupted one
+resumes. Quality is measured against the PUBLIC cohort: the operator never sees site scans.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from configs import Config, load_config
+
+log = logging.getLogger(__name__)
+
+RELEASE_DIR = "release"
+EVALUATION_FILE = "evaluation.json"
+
+
+class DemoError(ValueError):
+    """The demo config does not describe a layout the demo can build."""
+
+
+@dataclass
+class DemoSummary:
+    run_dir: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)
+    epsilon: dict[str, float] = field(default_factory=dict)
+    caps: dict[str, float] = field(default_factory=dict)
+    release: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
+    paths: dict[str, Path] = field(default_factory=dict)
+    tracking_uri: str = ""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    done: Callable[[], bool]
+    run: Callable[[], None]
+
+
+def _cohort_dir(config: Config) -> Path:
+    """The demo cohort's folder: public_dir's parent, which must also hold every site."""
+    if config.data.public_dir is None or not config.federation.sites:
+        raise DemoError("the demo config needs data.public_dir and federation.sites "
+                        "(see configs/demo.yaml)")
+    root = Path(config.data.public_dir).parent
+    for i, site in enumerate(config.federation.sites):
+        if Path(site.data_dir) != root / f"site_{i}":
+            raise DemoError(f"federation.sites[{i}].data_dir: the demo writes site {i} to "
+                            f"{root / f'site_{i}'}; point data_dir there (got {site.data_dir})")
+    return root
+
+
+def run_demo(config_path: Path, *, patients: int = 40, public_patients: int = 40,
+             seg_steps: int = 150, echo: Callable[[str], None] = print) -> DemoSummary:
+    """Run (or continue) every stage of the demo described by ``config_path``."""
+    from client.site_data import check_site
+    from experiments.cohort import generate_cohort
+    from server.federation import FINAL_CHECKPOINT, federation_dir
+    from server.server_app import default_run_dir
+    from server.tracking import resolve_tracking_uri
+
+    config_path = Path(config_path).resolve()
+    config = load_config(config_path, check_paths=False)
+    cohort_dir = _cohort_dir(config)
+    run_dir = default_run_dir(config_path, config.run_dir)
+    summary = DemoSummary(run_dir=run_dir, tracking_uri=resolve_tracking_uri(config.tracking, run_dir))
+    pretrained = run_dir / "checkpoint.pt"
+    fed_dir = federation_dir(run_dir)
+    release_dir = run_dir / RELEASE_DIR
+    evaluation = run_dir / EVALUATION_FILE
+
+    def cohort() -> None:
+        generate_cohort(cohort_dir, sites=len(config.federation.sites), patients=patients,
+                        size=config.data.shape[0], seed=config.seed,
+                        public_patients=public_patients)
+
+    def data_check() -> None:
+        for folder in [Path(config.data.public_dir)] + [s.data_dir for s in config.federation.sites]:
+            report = check_site(folder, config.data, config.data.manifest,
+                                config.model.conditioning.attributes)
+            if report.problems:
+                raise DemoError(f"{folder}: {len(report.problems)} problem(s), first: "
+                                f"{report.problems[0]}; run `fedsynth data check {folder}`")
+            echo(f"      {folder.name}: {len(report.records)} scans ok")
+
+    def pretrain() -> None:
+        from experiments.pretrain import STATE_FILE, pretrain as train
+        train(load_config(config_path), run_dir, resume=(run_dir / STATE_FILE).exists())
+
+    def federate() -> None:
+        from experiments.federate import simulate
+        from server.round_checkpoint import STATE_FILE
+        simulate(config_path, run_dir, resume=(fed_dir / STATE_FILE).exists())
+
+    def release() -> None:
+        from experiments.commands.release import load_public_maps, simulate_release
+        from models.checkpoint import load_checkpoint
+        from server.release import prepare_release
+        checkpoint_path = fed_dir / FINAL_CHECKPOINT
+        checkpoint = load_checkpoint(checkpoint_path)
+        full = load_config(config_path)
+        plan = prepare_release(full, checkpoint, load_public_maps(full, checkpoint.data),
+                               full.release.num_samples, release_dir,
+                               checkpoint_path=checkpoint_path, run_dir=run_dir)
+        simulate_release(config_path, plan)
+
+    def evaluate() -> None:
+        from experiments.evaluate import evaluate_folders, write_json_atomic
+        result = evaluate_folders(Path(config.data.public_dir), release_dir, config.data,
+                                  seg_steps=seg_steps, seed=config.seed)
+        write_json_atomic(evaluation, result.to_json_dict())
+
+    stages = [
+        Stage("demo cohort (public + sites)", lambda: (cohort_dir / "cohort.json").exists(), cohort),
+        Stage("data check", lambda: False, data_check),
+        Stage("public pretraining", pretrained.exists, pretrain),
+        Stage("federated DP fine-tuning", (fed_dir / FINAL_CHECKPOINT).exists, federate),
+        Stage("gated release", (release_dir / "release_report.json").exists, release),
+        Stage("quality evaluation", evaluation.exists, evaluate),
+    ]
+    for number, stage in enumerate(stages, 1):
+        header = f"[{number}/{len(stages)}] {stage.name}"
+        if stage.done():
+            echo(f"{header}: done before, reused")
+            summary.reused.append(stage.name)
+            continue
+        echo(f"{header} ...")
+        start = time.perf_counter()
+        stage.run()
+        summary.seconds[stage.name] = time.perf_counter() - start
+        echo(f"{header}: {summary.seconds[stage.name]:.0f} s")
+
+    _collect(summary, config, fed_dir, release_dir, evaluation)
+    return summary
+
+
+def _collect(summary: DemoSummary, config: Config, fed_dir: Path, release_dir: Path,
+             evaluation: Path) -> None:
+    """Read the figures of the summary back from what the stages wrote."""
+    from privacy.report import build_report
+
+    for site in config.federation.sites:
+        if site.ledger_path.exists():
+            report = build_report(site.ledger_path)
+            summary.epsilon[site.site_id] = report.spent
+            summary.caps[site.site_id] = report.cap
+            summary.paths[f"ledger {site.site_id}"] = site.ledger_path
+    report_json = release_dir / "release_report.json"
+    if report_json.exists():
+        summary.release = json.loads(report_json.read_text())
+    if evaluation.exists():
+        summary.quality = json.loads(evaluation.read_text()).get("metrics", {})
+    summary.paths.update({
+        "synthetic NIfTI": release_dir / "images",
+        "release report": release_dir / "release_report.md",
+        "preview": release_dir / "preview.png",
+        "epsilon reports": fed_dir / "reports",
+        "consortium ledger": fed_dir / "consortium_ledger.jsonl",
+        "quality": evaluation,
+    })
+
+
+def format_summary(summary: DemoSummary) -> str:
+    lines = ["", "fedsynth demo: done", ""]
+    if summary.seconds:
+        total = sum(summary.seconds.values())
+        lines.append(f"time        {total:.0f} s this run"
+                     + (f" (reused: {', '.join(summary.reused)})" if summary.reused else ""))
+    for site, spent in summary.epsilon.items():
+        lines.append(f"epsilon     {site}: {spent:.3f} of {summary.caps[site]:g}")
+    counts = summary.release.get("counts", {})
+    if counts:
+        lines.append("gate        " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    for name in ("rf_fid", "mmd", "ms_ssim_diversity", "dice_ratio"):
+        if name in summary.quality and summary.quality[name] is not None:
+            lines.append(f"quality     {name} {summary.quality[name]:.4g}")
+    for name, path in summary.paths.items():
+        lines.append(f"{name:<20}{path}")
+    lines.append(f"MLflow UI   mlflow ui --backend-store-uri {summary.tracking_uri}")
+    return "\n".join(lines)
