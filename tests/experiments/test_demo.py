@@ -1,0 +1,79 @@
+"""``fedsynth demo`` end to end on a tiny config: every stage, then a rerun that reuses them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from experiments.demo import DemoError, format_summary, run_demo
+from experiments.tiny_federation import SIZE, SPACING, tiny_model_section
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_demo_config(folder: Path) -> Path:
+    cohort = folder / "cohort"
+    data = {
+        "seed": 0, "run_dir": "run",
+        "data": {"public_dir": "cohort/public", "shape": [SIZE] * 3, "spacing": [SPACING] * 3},
+        "model": tiny_model_section(["age", "sex"]),
+        "pretrain": {"autoencoder": {"epochs": 1, "batch_size": 2},
+                     "unet": {"epochs": 1, "batch_size": 4}},
+        "federation": {"rounds": 1, "min_sites": 2, "sites": [
+            {"site_id": f"site_{k}", "data_dir": str(cohort / f"site_{k}"),
+             "budget": {"target_epsilon": 10.0, "delta": 1e-3}} for k in range(2)]},
+        "privacy": {"expected_batch_size": 4, "max_physical_batch_size": 8},
+        "release": {"num_samples": 2, "max_attempts": 1,
+                    "attribute_ranges": {"age": [20, 90], "sex": [0, 1]}},
+        "tracking": {"experiment": "demo-test"},
+    }
+    path = folder / "demo.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_demo_runs_every_stage_then_reuses_them(tmp_path):
+    config = tiny_demo_config(tmp_path)
+    lines: list[str] = []
+    summary = run_demo(config, patients=4, public_patients=4, seg_steps=4, echo=lines.append)
+
+    assert not summary.reused
+    assert set(summary.seconds) == {"demo cohort (public + sites)", "data check",
+                                    "public pretraining", "federated DP fine-tuning",
+                                    "gated release", "quality evaluation"}
+    assert set(summary.epsilon) == {"site_0", "site_1"}
+    for site, spent in summary.epsilon.items():
+        assert 0 < spent <= summary.caps[site]
+        assert summary.paths[f"ledger {site}"].exists()
+    assert summary.release["counts"]["requested"] == 2
+    assert "rf_fid" in summary.quality
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    assert (tmp_path / "run" / "federation" / "checkpoint.pt").exists()
+    assert (tmp_path / "run" / "release" / "release_report.md").exists()
+    text = format_summary(summary)
+    assert "mlflow ui --backend-store-uri sqlite:///" in text
+    assert "epsilon     site_0:" in text
+
+    again = run_demo(config, patients=4, public_patients=4, seg_steps=4, echo=lines.append)
+    assert set(again.reused) == set(summary.seconds) - {"data check"}
+    assert again.epsilon == summary.epsilon  # nothing was trained or charged twice
+
+
+def test_demo_refuses_a_site_outside_the_cohort(tmp_path):
+    config = tiny_demo_config(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["federation"]["sites"][1]["data_dir"] = str(tmp_path / "elsewhere")
+    config.write_text(yaml.safe_dump(data))
+    with pytest.raises(DemoError, match=r"federation.sites\[1\].data_dir: the demo writes site 1"):
+        run_demo(config, echo=lambda _: None)
