@@ -68,7 +68,8 @@ from tqdm.auto import tqdm
 from models.autoencoder import encode_latents
 from privacy.protocol import (ARRAYS, CONFIG, GATE_ACCOUNTING, GATE_ACCOUNTING_KEYS, GATE_PASSED,
                               GATE_STATUS, GATE_STATUS_KEYS, METRICS, PROTOCOL_VERSION,
-                              ProtocolViolation)
+                              ProtocolViolation, compact_json, record_field,
+                              record_json_field)
 
 Distance = Literal["latent", "nrmse", "ssim"]
 DISTANCES: tuple[str, ...] = ("latent", "nrmse", "ssim")
@@ -340,28 +341,6 @@ class GateRefusal(str, Enum):
     SITE_ERROR = "site-error"              # anything else
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-
-def _field(record: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    if key not in record:
-        raise ProtocolViolation(f"gate record key {key!r} is missing")
-    value = record[key]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-        raise ProtocolViolation(f"gate record key {key!r} has a {type(value).__name__}, expected "
-                                f"{'/'.join(k.__name__ for k in kinds)}")
-    return value
-
-
-def _json_field(record: Mapping[str, Any], key: str) -> Any:
-    try:
-        return json.loads(_field(record, key, str))
-    except json.JSONDecodeError:
-        raise ProtocolViolation(f"gate record key {key!r} is not valid JSON") from None
-
-
 _NUMBER = (int, float)
 
 
@@ -398,10 +377,10 @@ class GateQuery:
     def to_record(self) -> dict[str, Any]:
         """ConfigRecord content: scalars as is, nested values as canonical JSON strings."""
         return {"protocol": self.protocol, "query-id": self.query_id, "distance": self.distance,
-                "threshold": _json(self.threshold.to_json()), "max-shift": int(self.max_shift),
+                "threshold": compact_json(self.threshold.to_json()), "max-shift": int(self.max_shift),
                 "chunk-size": int(self.chunk_size), "num-candidates": int(self.num_candidates),
-                "candidates-sha256": self.candidates_sha256, "data": _json(self.data),
-                "model-sha256": self.model_sha256, "autoencoder": _json(self.autoencoder),
+                "candidates-sha256": self.candidates_sha256, "data": compact_json(self.data),
+                "model-sha256": self.model_sha256, "autoencoder": compact_json(self.autoencoder),
                 "autoencoder-sha256": self.autoencoder_sha256,
                 "latent-scale-factor": float(self.latent_scale_factor),
                 "dp-enabled": bool(self.dp_enabled), "dp-epsilon": float(self.dp_epsilon),
@@ -411,32 +390,32 @@ class GateQuery:
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "GateQuery":
         """Parse :meth:`to_record` output; :class:`ProtocolViolation` names a missing/bad key."""
-        protocol = _field(record, "protocol", int)
+        protocol = record_field(record, "protocol", int)
         if protocol != PROTOCOL_VERSION:
             raise ProtocolViolation(f"gate-config.protocol: the server speaks protocol {protocol}, "
                                     f"this site {PROTOCOL_VERSION}; run the same fedsynth version "
                                     f"at both ends")
-        threshold = _json_field(record, "threshold")
+        threshold = record_json_field(record, "threshold")
         try:
             policy = ThresholdPolicy(str(threshold["policy"]), threshold["value"],
                                      float(threshold["percentile"]))
-            distance = check_distance(_field(record, "distance", str))
+            distance = check_distance(record_field(record, "distance", str))
         except (GateError, KeyError, TypeError) as err:
             raise ProtocolViolation(f"gate-config: bad distance or threshold ({err})") from None
         return cls(
-            query_id=_field(record, "query-id", str), distance=distance, threshold=policy,
-            max_shift=_field(record, "max-shift", int),
-            chunk_size=_field(record, "chunk-size", int),
-            num_candidates=_field(record, "num-candidates", int),
-            candidates_sha256=_field(record, "candidates-sha256", str),
-            data=_json_field(record, "data"), model_sha256=_field(record, "model-sha256", str),
-            autoencoder=_json_field(record, "autoencoder"),
-            autoencoder_sha256=_field(record, "autoencoder-sha256", str),
-            latent_scale_factor=float(_field(record, "latent-scale-factor", _NUMBER)),
-            dp_enabled=_field(record, "dp-enabled", bool),
-            dp_epsilon=float(_field(record, "dp-epsilon", _NUMBER)),
-            default_target_epsilon=float(_field(record, "default-target-epsilon", _NUMBER)),
-            default_delta=float(_field(record, "default-delta", _NUMBER)), protocol=protocol)
+            query_id=record_field(record, "query-id", str), distance=distance, threshold=policy,
+            max_shift=record_field(record, "max-shift", int),
+            chunk_size=record_field(record, "chunk-size", int),
+            num_candidates=record_field(record, "num-candidates", int),
+            candidates_sha256=record_field(record, "candidates-sha256", str),
+            data=record_json_field(record, "data"), model_sha256=record_field(record, "model-sha256", str),
+            autoencoder=record_json_field(record, "autoencoder"),
+            autoencoder_sha256=record_field(record, "autoencoder-sha256", str),
+            latent_scale_factor=float(record_field(record, "latent-scale-factor", _NUMBER)),
+            dp_enabled=record_field(record, "dp-enabled", bool),
+            dp_epsilon=float(record_field(record, "dp-epsilon", _NUMBER)),
+            default_target_epsilon=float(record_field(record, "default-target-epsilon", _NUMBER)),
+            default_delta=float(record_field(record, "default-delta", _NUMBER)), protocol=protocol)
 
 
 @dataclass(frozen=True)
@@ -483,22 +462,22 @@ class GateAnswer:
     def from_records(cls, accounting: Mapping[str, Any], status: Mapping[str, Any]) -> "GateAnswer":
         """Parse the two records of an answer (after :func:`check_gate_reply`)."""
         try:
-            gate_status = GateStatus(_field(status, "status", str))
-            reason = GateRefusal(_field(status, "reason", str))
+            gate_status = GateStatus(record_field(status, "status", str))
+            reason = GateRefusal(record_field(status, "reason", str))
         except ValueError as err:
             raise ProtocolViolation(f"gate-status.status/reason: unknown code ({err})") from None
-        return cls(status=gate_status, reason=reason, site_id=_field(status, "site-id", str),
-                   query_id=_field(status, "query-id", str),
-                   num_candidates=int(_field(accounting, "num-candidates", _NUMBER)),
-                   num_passed=int(_field(accounting, "num-passed", _NUMBER)),
-                   epsilon_charged=float(_field(accounting, "epsilon-charged", _NUMBER)),
-                   epsilon_gate=float(_field(accounting, "epsilon-gate", _NUMBER)),
-                   epsilon_total=float(_field(accounting, "epsilon-total", _NUMBER)),
-                   target_epsilon=float(_field(accounting, "target-epsilon", _NUMBER)),
-                   delta=float(_field(accounting, "delta", _NUMBER)),
-                   ledger_seq=int(_field(status, "ledger-seq", int)),
-                   ledger_head=_field(status, "ledger-head", str),
-                   replayed=bool(_field(status, "replayed", bool)))
+        return cls(status=gate_status, reason=reason, site_id=record_field(status, "site-id", str),
+                   query_id=record_field(status, "query-id", str),
+                   num_candidates=int(record_field(accounting, "num-candidates", _NUMBER)),
+                   num_passed=int(record_field(accounting, "num-passed", _NUMBER)),
+                   epsilon_charged=float(record_field(accounting, "epsilon-charged", _NUMBER)),
+                   epsilon_gate=float(record_field(accounting, "epsilon-gate", _NUMBER)),
+                   epsilon_total=float(record_field(accounting, "epsilon-total", _NUMBER)),
+                   target_epsilon=float(record_field(accounting, "target-epsilon", _NUMBER)),
+                   delta=float(record_field(accounting, "delta", _NUMBER)),
+                   ledger_seq=int(record_field(status, "ledger-seq", int)),
+                   ledger_head=record_field(status, "ledger-head", str),
+                   replayed=bool(record_field(status, "replayed", bool)))
 
     def to_json(self) -> dict[str, Any]:
         values = asdict(self)

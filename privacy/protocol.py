@@ -127,30 +127,30 @@ class RoundConfig:
         return {
             "protocol": self.protocol, "server-round": self.server_round,
             "planned-rounds": self.planned_rounds, "local-epochs": self.local_epochs,
-            "privacy": _json(self.privacy), "data": _json(self.data), "model": _json(self.model),
-            "attributes": _json(list(self.attributes)),
+            "privacy": compact_json(self.privacy), "data": compact_json(self.data), "model": compact_json(self.model),
+            "attributes": compact_json(list(self.attributes)),
             "latent-scale-factor": float(self.latent_scale_factor),
             "autoencoder-sha256": self.autoencoder_sha256, "global-sha256": self.global_sha256,
-            "expected-heads": _json({k: [int(s), str(h)] for k, (s, h) in self.expected_heads.items()}),
+            "expected-heads": compact_json({k: [int(s), str(h)] for k, (s, h) in self.expected_heads.items()}),
         }
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "RoundConfig":
         """Parse :meth:`to_record` output; :class:`ProtocolViolation` names a missing or bad key."""
-        protocol = _get(record, "protocol", int)
+        protocol = record_field(record, "protocol", int)
         if protocol != PROTOCOL_VERSION:
             raise ProtocolViolation(f"config.protocol: the server speaks protocol {protocol}, this site "
                                     f"{PROTOCOL_VERSION}; run the same fedsynth version at both ends")
-        heads = _parse_json(record, "expected-heads")
+        heads = record_json_field(record, "expected-heads")
         return cls(
-            server_round=_get(record, "server-round", int),
-            planned_rounds=_get(record, "planned-rounds", int),
-            local_epochs=_get(record, "local-epochs", int),
-            privacy=_parse_json(record, "privacy"), data=_parse_json(record, "data"),
-            model=_parse_json(record, "model"), attributes=list(_parse_json(record, "attributes")),
-            latent_scale_factor=float(_get(record, "latent-scale-factor", (int, float))),
-            autoencoder_sha256=_get(record, "autoencoder-sha256", str),
-            global_sha256=_get(record, "global-sha256", str),
+            server_round=record_field(record, "server-round", int),
+            planned_rounds=record_field(record, "planned-rounds", int),
+            local_epochs=record_field(record, "local-epochs", int),
+            privacy=record_json_field(record, "privacy"), data=record_json_field(record, "data"),
+            model=record_json_field(record, "model"), attributes=list(record_json_field(record, "attributes")),
+            latent_scale_factor=float(record_field(record, "latent-scale-factor", (int, float))),
+            autoencoder_sha256=record_field(record, "autoencoder-sha256", str),
+            global_sha256=record_field(record, "global-sha256", str),
             expected_heads={str(k): (int(v[0]), str(v[1])) for k, v in heads.items()},
             protocol=protocol)
 
@@ -201,25 +201,25 @@ class TrainReply:
     def from_records(cls, accounting: Mapping[str, Any], status: Mapping[str, Any]) -> "TrainReply":
         """Parse the two records of a reply (after :func:`check_reply`)."""
         try:
-            reply_status = ReplyStatus(_get(status, "status", str))
-            reason = RefusalReason(_get(status, "reason", str))
+            reply_status = ReplyStatus(record_field(status, "status", str))
+            reason = RefusalReason(record_field(status, "reason", str))
         except ValueError as err:
             raise ProtocolViolation(f"site.status/reason: unknown code ({err})") from None
         return cls(
-            status=reply_status, reason=reason, site_id=_get(status, "site-id", str),
-            round=int(_get(accounting, "round", (int, float))),
-            num_patients=int(_get(accounting, WEIGHT_KEY, (int, float))),
-            epsilon=float(_get(accounting, "epsilon", (int, float))),
-            epsilon_next=float(_get(accounting, "epsilon-next", (int, float))),
-            target_epsilon=float(_get(accounting, "target-epsilon", (int, float))),
-            delta=float(_get(accounting, "delta", (int, float))),
-            noise_multiplier=float(_get(accounting, "noise-multiplier", (int, float))),
-            sample_rate=float(_get(accounting, "sample-rate", (int, float))),
-            steps=int(_get(accounting, "steps", (int, float))),
-            ledger_seq=int(_get(status, "ledger-seq", int)),
-            ledger_head=_get(status, "ledger-head", str),
-            weights_sha256=_get(status, "weights-sha256", str),
-            resumed=bool(_get(status, "resumed", bool)))
+            status=reply_status, reason=reason, site_id=record_field(status, "site-id", str),
+            round=int(record_field(accounting, "round", (int, float))),
+            num_patients=int(record_field(accounting, WEIGHT_KEY, (int, float))),
+            epsilon=float(record_field(accounting, "epsilon", (int, float))),
+            epsilon_next=float(record_field(accounting, "epsilon-next", (int, float))),
+            target_epsilon=float(record_field(accounting, "target-epsilon", (int, float))),
+            delta=float(record_field(accounting, "delta", (int, float))),
+            noise_multiplier=float(record_field(accounting, "noise-multiplier", (int, float))),
+            sample_rate=float(record_field(accounting, "sample-rate", (int, float))),
+            steps=int(record_field(accounting, "steps", (int, float))),
+            ledger_seq=int(record_field(status, "ledger-seq", int)),
+            ledger_head=record_field(status, "ledger-head", str),
+            weights_sha256=record_field(status, "weights-sha256", str),
+            resumed=bool(record_field(status, "resumed", bool)))
 
     def to_json(self) -> dict[str, Any]:
         values = asdict(self)
@@ -267,11 +267,11 @@ def check_reply(records: Mapping[str, tuple[str, Mapping[str, Any]]],
                                         f"model's {tuple(weight_shapes[tensor])}")
 
 
-def _json(value: Any) -> str:
+def compact_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def _get(record: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+def record_field(record: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     if key not in record:
         raise ProtocolViolation(f"record key {key!r} is missing")
     value = record[key]
@@ -282,8 +282,8 @@ def _get(record: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> 
     return value
 
 
-def _parse_json(record: Mapping[str, Any], key: str) -> Any:
-    text = _get(record, key, str)
+def record_json_field(record: Mapping[str, Any], key: str) -> Any:
+    text = record_field(record, key, str)
     try:
         return json.loads(text)
     except json.JSONDecodeError:
