@@ -54,7 +54,6 @@ pairs; only the running minimum per candidate is kept.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from enum import Enum
