@@ -38,6 +38,7 @@ COMMAND_MODULES = [
 USER_ERRORS = [
     ("configs.loader", "ConfigError"),
     ("experiments.demo", "DemoError"),
+    ("server.tracking", "TrackingError"),
     ("client.site_data", "SiteDataError"),
     ("models.checkpoint", "CheckpointError"),
     ("models.volume_io", "VolumeError"),

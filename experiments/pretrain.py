@@ -37,6 +37,7 @@ from models.conditioning import label_map_to_latent_grid
 from models.diffusion import LatentDiffusion, build_scheduler, diffusion_loss
 from models.latent_unet import build_latent_unet
 from models.previews import save_preview
+from server.tracking import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -107,65 +108,6 @@ def _batches(count: int, batch_size: int, generator: torch.Generator) -> list[to
 def _run_definition(config: Config) -> dict[str, str]:
     return {k: v for k, v in flatten_config(config).items()
             if k == "seed" or k.startswith(_RUN_DEFINING)}
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
-
-
-class _Tracker:
-    """Optional MLflow logging (``tracking=False`` for quick runs); marks failed runs as such."""
-
-    def __init__(self, config: Config, run_dir: Path, enabled: bool, run_id: str | None):
-        self.run = None
-        if not enabled:
-            return
-        from server.tracking import TrackedRun, open_tracking
-        try:
-            client, experiment_id = open_tracking(config.tracking, run_dir)
-        except Exception as err:  # noqa: BLE001 - any store problem is a bad tracking setting
-            raise PretrainError(f"tracking.uri: cannot open the MLflow store ({_first_line(err)}); "
-                                f"fix tracking.uri or MLFLOW_TRACKING_URI, or unset both for a "
-                                f"local store") from None
-        if run_id is not None:
-            try:
-                self.run = TrackedRun.resume(client, run_id)
-            except Exception:  # noqa: BLE001 - a store that lost the run gets a new one
-                log.warning("MLflow run %s not found; logging to a new run", run_id)
-        if self.run is None:
-            self.run = TrackedRun.start(client, experiment_id, run_name="pretrain",
-                                        tags={"stage": "pretrain"})
-            self.run.log_params(flatten_config(config))
-
-    @property
-    def run_id(self) -> str | None:
-        return self.run.run_id if self.run else None
-
-    @property
-    def uri(self) -> str | None:
-        return self.run.tracking_uri if self.run else None
-
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        if self.run:
-            self.run.log_metrics(values, step)
-
-    def artifact(self, path: Path) -> None:
-        if self.run:
-            self.run.log_artifact(path, "previews")
-
-    def finish(self, checkpoint: Checkpoint, path: Path) -> None:
-        if self.run:
-            self.run.set_tags({"checkpoint": str(path),
-                               "checkpoint_sha256": checkpoint.content_hash})
-            self.run.finish()
-
-    def __enter__(self) -> "_Tracker":
-        return self
-
-    def __exit__(self, kind, error, traceback) -> bool:
-        if kind is not None and self.run:
-            self.run.finish("KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
-        return False
 
 
 class _Training:
@@ -324,7 +266,8 @@ def pretrain(config: Config, run_dir: Path, *, resume: bool = False, tracking: b
         training.load_state_dict(state)
         log.info("resuming pretraining after %d autoencoder and %d UNet epochs",
                  training.autoencoder_epochs, training.unet_epochs)
-    tracker = _Tracker(config, run_dir, tracking, state["mlflow_run_id"] if state else None)
+    tracker = StageRun(config.tracking, run_dir, flatten_config(config), stage="pretrain",
+                       enabled=tracking, run_id=state["mlflow_run_id"] if state else None)
 
     def save(stage: str, epoch: int) -> None:
         atomic_torch_save({"format": _STATE_FORMAT, "run_definition": _run_definition(config),
@@ -347,13 +290,15 @@ def pretrain(config: Config, run_dir: Path, *, resume: bool = False, tracking: b
                       "public_dir": str(config.data.public_dir), "public_scans": len(cohort),
                       "seed": config.seed, "mlflow_run_id": tracker.run_id})
         previews.append(_sample_preview(checkpoint, cohort, run_dir, config))
-        tracker.artifact(previews[-1])
-        tracker.finish(checkpoint, checkpoint_path)
+        tracker.artifact(previews[-1], "previews")
+        tracker.tags({"checkpoint": str(checkpoint_path),
+                      "checkpoint_sha256": checkpoint.content_hash})
+        tracker.finish()
     return PretrainResult(checkpoint_path, checkpoint, tracker.run_id, tracker.uri, previews)
 
 
 def _train_stages(training: _Training, losses: AutoencoderLoss, cohort: PublicCohort,
-                  config: Config, run_dir: Path, tracker: _Tracker,
+                  config: Config, run_dir: Path, tracker: StageRun,
                   save: Callable[[str, int], None]) -> list[Path]:
     """Run the stages not yet done; returns the previews written on the way."""
     ae_settings, unet_settings = config.pretrain.autoencoder, config.pretrain.unet
@@ -381,7 +326,7 @@ def _train_stages(training: _Training, losses: AutoencoderLoss, cohort: PublicCo
                 *_attribute_statistics(cohort.attributes))
         tracker.metrics({"autoencoder/latent_scale_factor": scale}, step=ae_settings.epochs)
         tracker.artifact(_reconstruction_preview(training.autoencoder, cohort, run_dir,
-                                                 config.data.num_classes))
+                                                 config.data.num_classes), "previews")
         save("scale_factor", ae_settings.epochs)
     previews.append(run_dir / "previews" / RECONSTRUCTION_PREVIEW)
     latents = latents * training.latent_scale_factor

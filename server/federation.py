@@ -51,6 +51,7 @@ from server.public_validation import evaluate_public, load_validation_set
 from server.round_checkpoint import (FederationState, load_state, prune_checkpoints,
                                      round_checkpoint_path, save_round, write_state)
 from server.strategy import BudgetAwareFedAvg, RoundReplies, record_bytes
+from server.tracking import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -121,51 +122,6 @@ def run_definition(config: Config) -> dict[str, str]:
 def config_sha256(config: Config) -> str:
     text = json.dumps(flatten_config(config), sort_keys=True).encode()
     return hashlib.sha256(text).hexdigest()
-
-
-class _Tracker:
-    """The federation's MLflow run (one per federation, continued on resume); optional."""
-
-    def __init__(self, settings: FederationSettings, run_id: str | None):
-        self.run = None
-        if not settings.tracking:
-            return
-        from server.tracking import TrackedRun, open_tracking
-        try:
-            client, experiment_id = open_tracking(settings.config.tracking, settings.run_dir)
-        except Exception as err:  # noqa: BLE001 - any store problem is a bad tracking setting
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise FederationError(f"tracking.uri: cannot open the MLflow store ({first}); fix tracking.uri "
-                                  f"or MLFLOW_TRACKING_URI, or unset both for a local store") from None
-        if run_id is not None:
-            try:
-                self.run = TrackedRun.resume(client, run_id)
-            except Exception:  # noqa: BLE001 - a store that lost the run gets a new one
-                log.warning("MLflow run %s not found; logging the resumed federation to a new run", run_id)
-        if self.run is None:
-            self.run = TrackedRun.start(client, experiment_id, run_name="federation",
-                                        tags={"stage": "federation"})
-        self.run.log_params(flatten_config(settings.config))
-
-    @property
-    def run_id(self) -> str | None:
-        return self.run.run_id if self.run else None
-
-    @property
-    def uri(self) -> str | None:
-        return self.run.tracking_uri if self.run else None
-
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        if self.run:
-            self.run.log_metrics(values, step)
-
-    def artifact(self, path: Path, folder: str | None = None) -> None:
-        if self.run and Path(path).exists():
-            self.run.log_artifact(Path(path), folder)
-
-    def finish(self, status: str = "FINISHED") -> None:
-        if self.run:
-            self.run.finish(status)
 
 
 def wait_for_nodes(grid: Grid, minimum: int, expected: int, timeout: float) -> list[int]:
@@ -311,7 +267,9 @@ def run_federation(grid: Grid, settings: FederationSettings,
                     "(`fedsynth federate` and `fedsynth deploy` write it from data.public_dir)",
                     validation_path)
 
-    tracker = _Tracker(settings, state.mlflow_run_id if state else None)
+    tracker = StageRun(settings.config.tracking, settings.run_dir, flatten_config(settings.config),
+                       stage="federation", enabled=settings.tracking,
+                       run_id=state.mlflow_run_id if state else None)
     summaries: list[RoundSummary] = []
     stop_reason = state.stop_reason if state else ""
     timeout = config.federation.round_timeout
@@ -419,7 +377,7 @@ def _round_metrics(summary: RoundSummary, strategy: BudgetAwareFedAvg, wall: flo
 
 
 def _finish(folder: Path, ledger: ConsortiumLedger, base: Checkpoint, done: int, stop_reason: str,
-            strategy: BudgetAwareFedAvg, tracker: _Tracker, settings: FederationSettings) -> Path | None:
+            strategy: BudgetAwareFedAvg, tracker: StageRun, settings: FederationSettings) -> Path | None:
     """Record the end, write the final checkpoint and reports, log the artifacts."""
     state = load_state(folder)
     final = None
@@ -445,9 +403,8 @@ def _finish(folder: Path, ledger: ConsortiumLedger, base: Checkpoint, done: int,
     tracker.artifact(report, "privacy")
     if final is not None:
         tracker.artifact(final, "checkpoint")
-    if tracker.run:
-        tracker.run.set_tags({"rounds_completed": str(done), "stop_reason": stop_reason,
-                              "final_checkpoint": str(final) if final else ""})
+    tracker.tags({"rounds_completed": str(done), "stop_reason": stop_reason,
+                  "final_checkpoint": str(final) if final else ""})
     tracker.finish()
     log.info("federation ended after %d round(s): %s", done, stop_reason)
     return final

@@ -113,3 +113,70 @@ class TrackedRun:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+class TrackingError(ValueError):
+    """The configured MLflow store cannot be opened."""
+
+
+class StageRun:
+    """The optional MLflow run of one stage (pretraining, a federation).
+
+    Started, or continued when ``run_id`` names a run the store still has; the flattened config
+    is logged as params. With ``enabled=False`` every call is a no-op. As a context manager it
+    marks the run FAILED (or KILLED on Ctrl-C) when the stage raises.
+    """
+
+    def __init__(self, tracking_cfg: Any, run_dir: Path, params: Mapping[str, Any], *,
+                 stage: str, enabled: bool = True, run_id: str | None = None):
+        self.run: TrackedRun | None = None
+        if not enabled:
+            return
+        try:
+            client, experiment_id = open_tracking(tracking_cfg, run_dir)
+        except Exception as err:  # noqa: BLE001 - any store problem is a bad tracking setting
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise TrackingError(f"tracking.uri: cannot open the MLflow store ({first}); fix "
+                                f"tracking.uri or MLFLOW_TRACKING_URI, or unset both for a "
+                                f"local store") from None
+        if run_id is not None:
+            try:
+                self.run = TrackedRun.resume(client, run_id)
+            except Exception:  # noqa: BLE001 - a store that lost the run gets a new one
+                log.warning("MLflow run %s not found; logging the %s to a new run", run_id, stage)
+        if self.run is None:
+            self.run = TrackedRun.start(client, experiment_id, run_name=stage,
+                                        tags={"stage": stage})
+        self.run.log_params(params)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.run_id if self.run else None
+
+    @property
+    def uri(self) -> str | None:
+        return self.run.tracking_uri if self.run else None
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        if self.run:
+            self.run.log_metrics(values, step)
+
+    def artifact(self, path: Path, folder: str | None = None) -> None:
+        if self.run and Path(path).exists():
+            self.run.log_artifact(Path(path), folder)
+
+    def tags(self, values: Mapping[str, str]) -> None:
+        if self.run:
+            self.run.set_tags(values)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.run:
+            self.run.finish(status)
+
+    def __enter__(self) -> "StageRun":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if kind is not None:
+            self.finish("KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
+        return False
