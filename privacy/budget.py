@@ -22,6 +22,7 @@ from pathlib import Path
 
 from privacy.accounting import epsilon, history_of
 from privacy.calibration import SchedulePlan, calibrate, sampling, steps_per_epoch
+from privacy.dp_gate import GATE_KIND
 from privacy.site_ledger import (PlanRecord, RoundRecord, SiteLedger, SiteLedgerState,
                                  fedsynth_version, utc_timestamp)
 
@@ -74,6 +75,12 @@ def _mismatch(ledger: Path, stored: PlanRecord, plan: SchedulePlan) -> str | Non
                 f"sigma was calibrated for the first - restore privacy.expected_batch_size and the "
                 f"patient list (a changed cohort needs the privacy officer's decision)")
     return None
+
+
+def _gate_spend(state: SiteLedgerState) -> float:
+    """Epsilon charged by DP-gate answers (:mod:`privacy.dp_gate`) recorded in the ledger."""
+    return float(sum(entry.payload["epsilon"] for entry in state.other
+                     if entry.kind == GATE_KIND))
 
 
 class SiteBudget:
@@ -137,10 +144,11 @@ class SiteBudget:
         return state.plan
 
     def spent(self, state: SiteLedgerState | None = None) -> float:
-        """Cumulative epsilon of the rounds in the ledger, replayed."""
+        """Cumulative epsilon of the ledger: the DP-SGD rounds replayed, plus any DP-gate
+        charges (basic composition), which the same cap covers."""
         state = state or self.state()
         plan = self.plan(state)
-        return epsilon(history_of(state.rounds), plan.delta, plan.accountant)
+        return epsilon(history_of(state.rounds), plan.delta, plan.accountant) + _gate_spend(state)
 
     def check(self, round: int, steps: int | None = None,
               state: SiteLedgerState | None = None) -> float:
@@ -150,7 +158,7 @@ class SiteBudget:
         plan = self.plan(state)
         steps = plan.steps_per_round if steps is None else steps
         history = history_of(state.rounds) + [(plan.noise_multiplier, plan.sample_rate, steps)]
-        would_be = epsilon(history, plan.delta, plan.accountant)
+        would_be = epsilon(history, plan.delta, plan.accountant) + _gate_spend(state)
         if would_be > plan.target_epsilon:
             raise BudgetExhausted(ledger=self.path, round=round, spent=self.spent(state),
                                   would_be=would_be, cap=plan.target_epsilon, delta=plan.delta)

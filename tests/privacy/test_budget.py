@@ -188,3 +188,22 @@ def test_open_site_budget_calibrates_once(tmp_path: Path, monkeypatch):
         open_site_budget(tmp_path / "ledger.jsonl", target_epsilon=6.0,
                          **{**settings, "num_patients": 25})
     assert len(plans) == 1  # later runs reuse the stored sigma
+
+
+def test_dp_gate_charges_count_against_the_training_cap(tmp_path: Path):
+    """A site that answered DP-gate queries trains only while DP-SGD + gate epsilon fit the cap."""
+    from privacy.dp_gate import charge_gate
+
+    path = tmp_path / "ledger.jsonl"
+    budget = SiteBudget.open(path, _plan(cap=5.0, rounds=10), max_grad_norm=1.0)
+    _charge(budget, 1)
+    sgd_only = budget.spent()
+    charge_gate(path, query_id="q1", epsilon=1.5, num_candidates=4, threshold_policy="fixed",
+                candidates_sha256=HASH, default_cap=5.0, default_delta=1e-3)
+    assert budget.spent() == pytest.approx(sgd_only + 1.5)
+    next_round = budget.check(2) - (sgd_only + 1.5)  # the DP-SGD cost of one more round
+    gate = 5.0 - budget.spent() - next_round / 2     # leaves room for half a round only
+    charge_gate(path, query_id="q2", epsilon=gate, num_candidates=4, threshold_policy="fixed",
+                candidates_sha256=HASH, default_cap=5.0, default_delta=1e-3)
+    with pytest.raises(BudgetExhausted):
+        budget.check(2)
