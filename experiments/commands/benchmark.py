@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = run_all(args.out, quick=args.quick, only=args.only)
     except ValueError as err:
-        print(f"fedsynth benchmark: error: {err}")
+        print(f"fedsynth benchmark: error: {err}", file=sys.stderr)
         return 2
     failed = [name for name, result in results.items()
               if isinstance(result, dict) and "error" in result]
