@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "experiments.commands.federate",
     "experiments.commands.deploy",
     "experiments.commands.release",
+    "experiments.commands.sweep",
     "experiments.commands.benchmark",
 ]
 
@@ -38,6 +39,8 @@ COMMAND_MODULES = [
 USER_ERRORS = [
     ("configs.loader", "ConfigError"),
     ("experiments.demo", "DemoError"),
+    ("experiments.sweep", "SweepError"),
+    ("experiments.sampling", "SampleInputError"),
     ("server.tracking", "TrackingError"),
     ("client.site_data", "SiteDataError"),
     ("models.checkpoint", "CheckpointError"),

@@ -524,3 +524,58 @@ def generate_cohort(out: Path, sites: int, patients: int, size: int, seed: int,
     seconds = time.perf_counter() - started
     log.debug("cohort written to %s in %.1f s", out, seconds)
     return CohortSummary(out, counts, shape, spacing, seconds, reused=False)
+
+
+HOLDOUT_FILE = "holdout.json"
+
+
+def generate_holdout(cohort: Path, out: Path, patients_per_site: int) -> Path:
+    """Held-out patients of every site of ``cohort``, pooled in one site-format folder ``out``.
+
+    They come from the same generator as the cohort's sites (same seed, same scanner look per
+    site) but are patients the sites never had: subjects ``patients .. patients + k - 1`` of each
+    site's subject stream (:func:`draw_subjects` draws each subject independently of the count).
+    ``out/site_<k>/`` holds each site's scans; ``out/manifest.csv`` lists them all (paths
+    ``site_<k>/images/...``). A sweep measures quality against this folder: a research-only
+    reference that no site trained on. Reused when it already holds the same arguments; written
+    atomically otherwise. Returns ``out``.
+    """
+    cohort, out = Path(cohort).absolute(), Path(out).absolute()
+    previous = _previous_cohort(cohort)
+    if previous is None:
+        raise CohortError(f"{cohort}: no demo cohort there; generate it first (fedsynth cohort)")
+    if patients_per_site < 1:
+        raise CohortError(f"holdout patients per site: must be >= 1 (got {patients_per_site})")
+    arguments = {**previous["arguments"], "holdout_patients_per_site": patients_per_site}
+    try:
+        if json.loads((out / HOLDOUT_FILE).read_text())["arguments"] == arguments:
+            return out
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    seed, sites, trained = arguments["seed"], arguments["sites"], arguments["patients"]
+    plan = [(f"site_{k}", draw_subjects(seed, k + 1, f"s{k}", trained + patients_per_site)[trained:])
+            for k in range(sites)]
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        with _one_torch_thread():
+            counts = _write_cohorts(staging, template_grid(arguments["size"]),
+                                    draw_looks(seed, sites), plan)
+        with (staging / "manifest.csv").open("w", newline="", encoding="utf-8") as pooled:
+            writer = csv.writer(pooled, lineterminator="\n")
+            writer.writerow(MANIFEST_COLUMNS)
+            for name, _ in plan:
+                with (staging / name / "manifest.csv").open(newline="", encoding="utf-8") as rows:
+                    reader = csv.reader(rows)
+                    next(reader)
+                    for row in reader:
+                        writer.writerow([row[0], f"{name}/{row[1]}", f"{name}/{row[2]}", *row[3:]])
+        summary = {"format": COHORT_FORMAT, "arguments": arguments,
+                   "counts": {n: {"patients": c.patients, "scans": c.scans}
+                              for n, c in counts.items()}}
+        (staging / HOLDOUT_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        _replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

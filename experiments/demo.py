@@ -47,7 +47,7 @@ class Stage:
     run: Callable[[], None]
 
 
-def _cohort_dir(config: Config) -> Path:
+def demo_cohort_dir(config: Config) -> Path:
     """The demo cohort's folder: public_dir's parent, which must also hold every site."""
     if config.data.public_dir is None or not config.federation.sites:
         raise DemoError("the demo config needs data.public_dir and federation.sites "
@@ -71,7 +71,7 @@ def run_demo(config_path: Path, *, patients: int = 40, public_patients: int = 40
 
     config_path = Path(config_path).resolve()
     config = load_config(config_path, check_paths=False)
-    cohort_dir = _cohort_dir(config)
+    cohort_dir = demo_cohort_dir(config)
     run_dir = default_run_dir(config_path, config.run_dir)
     summary = DemoSummary(run_dir=run_dir, tracking_uri=resolve_tracking_uri(config.tracking, run_dir))
     pretrained = run_dir / "checkpoint.pt"

@@ -49,8 +49,10 @@ def backend_config(num_sites: int) -> dict:
 
 
 def simulate(config_path: Path, run_dir: Path | None = None, *, checkpoint: Path | None = None,
-             resume: bool = False, tracking: bool = True):
+             resume: bool = False, tracking: bool = True, run_tags: dict[str, str] | None = None):
     """Run (or resume) the federation of ``config_path`` in simulation; returns the FederationResult.
+
+    ``run_tags`` are set on a new MLflow run (a sweep nests the federation under its parent run).
 
     Raises ``server.federation.FederationError`` (bad input) or ``FederationHalted`` (a round below
     ``federation.min_sites``).
@@ -69,7 +71,8 @@ def simulate(config_path: Path, run_dir: Path | None = None, *, checkpoint: Path
     run_dir = Path(run_dir) if run_dir else default_run_dir(config_path, config.run_dir)
     settings = FederationSettings(config=config, run_dir=run_dir,
                                   checkpoint=Path(checkpoint) if checkpoint else run_dir / "checkpoint.pt",
-                                  resume=resume, tracking=tracking, config_file=config_path)
+                                  resume=resume, tracking=tracking, config_file=config_path,
+                                  run_tags=dict(run_tags or {}))
     preflight(settings)   # fail fast, before Ray starts
     prepare_public_validation(config, run_dir)
     results: list = []

@@ -237,11 +237,13 @@ def _attribute_statistics(attributes: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def pretrain(config: Config, run_dir: Path, *, resume: bool = False, tracking: bool = True,
-             on_epoch_end: Callable[[str, int], None] | None = None) -> PretrainResult:
+             on_epoch_end: Callable[[str, int], None] | None = None,
+             run_tags: dict[str, str] | None = None) -> PretrainResult:
     """Train both stages on ``config.data.public_dir``; write ``run_dir/checkpoint.pt``.
 
     ``resume`` continues the state saved in ``run_dir``; without it an existing state is refused
     rather than overwritten. ``on_epoch_end(stage, epoch)`` runs after each saved epoch.
+    ``run_tags`` are set on a new MLflow run (a sweep nests pretraining under its parent run).
     """
     run_dir = Path(run_dir)
     state_path, checkpoint_path = run_dir / STATE_FILE, run_dir / CHECKPOINT_FILE
@@ -267,7 +269,8 @@ def pretrain(config: Config, run_dir: Path, *, resume: bool = False, tracking: b
         log.info("resuming pretraining after %d autoencoder and %d UNet epochs",
                  training.autoencoder_epochs, training.unet_epochs)
     tracker = StageRun(config.tracking, run_dir, flatten_config(config), stage="pretrain",
-                       enabled=tracking, run_id=state["mlflow_run_id"] if state else None)
+                       enabled=tracking, run_id=state["mlflow_run_id"] if state else None,
+                       tags=run_tags)
 
     def save(stage: str, epoch: int) -> None:
         atomic_torch_save({"format": _STATE_FORMAT, "run_definition": _run_definition(config),

@@ -33,7 +33,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import yaml
@@ -83,6 +83,8 @@ class FederationSettings:
     tracking: bool = True
     config_file: Path | None = None
     evaluate: bool = True
+    # MLflow tags of a new federation run (a sweep nests it under its parent run).
+    run_tags: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,7 @@ def run_federation(grid: Grid, settings: FederationSettings,
 
     tracker = StageRun(settings.config.tracking, settings.run_dir, flatten_config(settings.config),
                        stage="federation", enabled=settings.tracking,
-                       run_id=state.mlflow_run_id if state else None)
+                       run_id=state.mlflow_run_id if state else None, tags=settings.run_tags)
     summaries: list[RoundSummary] = []
     stop_reason = state.stop_reason if state else ""
     timeout = config.federation.round_timeout

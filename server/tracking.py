@@ -74,7 +74,9 @@ class TrackedRun:
     @classmethod
     def start(cls, client: MlflowClient, experiment_id: str, run_name: str,
               tags: Mapping[str, str] | None = None) -> "TrackedRun":
-        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+        tags = dict(tags or {})
+        run = client.create_run(experiment_id, run_name=tags.pop("mlflow.runName", run_name),
+                                tags=tags)
         return cls(client, run.info.run_id)
 
     @classmethod
@@ -123,12 +125,14 @@ class StageRun:
     """The optional MLflow run of one stage (pretraining, a federation).
 
     Started, or continued when ``run_id`` names a run the store still has; the flattened config
-    is logged as params. With ``enabled=False`` every call is a no-op. As a context manager it
+    is logged as params; ``tags`` are set on a new run (e.g. ``mlflow.parentRunId`` to nest it
+    under a sweep). With ``enabled=False`` every call is a no-op. As a context manager it
     marks the run FAILED (or KILLED on Ctrl-C) when the stage raises.
     """
 
     def __init__(self, tracking_cfg: Any, run_dir: Path, params: Mapping[str, Any], *,
-                 stage: str, enabled: bool = True, run_id: str | None = None):
+                 stage: str, enabled: bool = True, run_id: str | None = None,
+                 tags: Mapping[str, str] | None = None):
         self.run: TrackedRun | None = None
         if not enabled:
             return
@@ -146,7 +150,7 @@ class StageRun:
                 log.warning("MLflow run %s not found; logging the %s to a new run", run_id, stage)
         if self.run is None:
             self.run = TrackedRun.start(client, experiment_id, run_name=stage,
-                                        tags={"stage": stage})
+                                        tags={"stage": stage, **dict(tags or {})})
         self.run.log_params(params)
 
     @property

@@ -1,0 +1,678 @@
+"""``fedsynth sweep``: privacy/quality trade-offs, one nested MLflow run per setting.
+
+A sweep file (YAML; paths relative to the file)::
+
+    name: privacy_quality            # default: the file's stem
+    base: ../../configs/demo.yaml    # the experiment config every setting starts from
+    out: ../../runs/sweeps/privacy_quality   # default: runs/sweeps/<name> (from the cwd)
+    set:                             # overrides for every setting (nested, or dotted keys)
+      federation: {rounds: 3}
+    grid:                            # the cartesian product of these axes ...
+      epsilon: [1, 3, 10, none]
+      pretraining: [true, false]
+    settings:                        # ... and/or an explicit list, run after the grid
+      - {epsilon: 10, model_size: m}
+    quality:
+      samples: 16                    # volumes sampled per setting
+      seg_steps: 150                 # segmenter steps of the segmentation-utility metric
+      holdout_patients: 8            # per site, for the default reference (below)
+      reference: null                # a site-format folder; default: held-out demo patients
+    cohort: {patients: 40, public_patients: 40}   # generate the demo cohort if it is missing
+
+Axes (:data:`AXES`): ``epsilon`` (every site's cap; ``none`` = no DP, the sites opt in to
+non-private training), ``max_grad_norm``, ``noise_multiplicity``, ``trainable``,
+``pretraining`` (the latent UNet's public pretraining; the autoencoder is always pretrained),
+``model_size`` (latent-UNet width preset, :data:`MODEL_SIZES`); any dotted config key
+(``privacy.learning_rate``) works too.
+
+Each setting, under ``out/settings/<slug>/``:
+
+1. its experiment config (``config.yaml``), validated before anything runs; every site gets its
+   own ledger in the setting's folder, so settings never share a budget;
+2. public pretraining, shared by every setting with the same data/model/pretrain sections
+   (``out/pretrain/<hash>/``);
+3. the federation in Flower's simulation (its MLflow run IS the setting's nested run: params,
+   per-round epsilon and public validation metrics);
+4. quality: ``quality.samples`` volumes conditioned on PUBLIC maps, measured against the
+   reference (by default held-out patients of every site, from the same generator, that no site
+   trained on: :func:`experiments.cohort.generate_holdout`) with ``rf_fid``, MMD, MS-SSIM
+   diversity and the segmentation-utility Dice ratio; final epsilon per site from the site
+   ledgers. Logged to the setting's run, then ``result.json`` marks it finished.
+
+A rerun skips finished settings and resumes an interrupted one. At the end the parent run gets
+``summary.csv``, ``summary.md`` and ``tradeoff.png`` (quality against epsilon, one line per
+combination of the other axes).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from configs import (Config, ConfigError, TrackingConfig, config_from_dict, config_to_dict,
+                     flatten_config, load_config)
+
+log = logging.getLogger(__name__)
+
+SWEEP_STATE = "sweep.json"
+RESULT_FILE = "result.json"
+SUMMARY_CSV = "summary.csv"
+SUMMARY_MD = "summary.md"
+TRADEOFF_PNG = "tradeoff.png"
+QUALITY_METRICS = ("rf_fid", "mmd", "ms_ssim_diversity", "dice_ratio")
+_METRIC_LABELS = {"rf_fid": "rf_fid (lower is better)", "mmd": "MMD (lower is better)",
+                  "ms_ssim_diversity": "MS-SSIM diversity (higher = more varied)",
+                  "dice_ratio": "Dice ratio synthetic/real (higher is better)"}
+NO_DP = "none"
+_TOP_KEYS = {"name", "base", "out", "set", "grid", "settings", "quality", "cohort", "experiment"}
+_QUALITY_DEFAULTS = {"samples": 16, "seg_steps": 150, "holdout_patients": 8, "reference": None}
+_COHORT_KEYS = {"patients", "public_patients"}
+# Latent-UNet width presets of the ``model_size`` axis (channels per level; heads of 8 or 16).
+MODEL_SIZES: dict[str, dict[str, Any]] = {
+    "xs": {"channels": [8, 16, 16], "num_head_channels": 8},
+    "s": {"channels": [16, 32, 32], "num_head_channels": 16},
+    "m": {"channels": [32, 64, 64], "num_head_channels": 16},
+}
+_PRETRAIN_DEFINING = ("seed", "data.", "model.", "pretrain.")
+
+
+class SweepError(ValueError):
+    """A sweep file or folder that cannot be run. One line: where, what, the fix."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise KeyError(dotted)
+    node[leaf] = value
+
+
+def _merge(tree: dict[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Deep-merge ``overrides`` (nested mappings and/or dotted keys) into ``tree``."""
+    for key, value in overrides.items():
+        if "." in key:
+            _set_dotted(tree, key, value)
+        elif isinstance(value, Mapping) and isinstance(tree.get(key), dict):
+            _merge(tree[key], value)
+        else:
+            tree[key] = value
+
+
+def _is_no_dp(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.lower() in (NO_DP, "no_dp", "off"))
+
+
+def _epsilon(tree: dict[str, Any], value: Any) -> None:
+    sites = tree["federation"]["sites"]
+    if _is_no_dp(value):
+        tree["privacy"]["enabled"] = False
+        for site in sites:
+            site["allow_non_private"] = True  # the (simulated) sites' own opt-in
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number or {NO_DP!r} (got {value!r})")
+    tree["privacy"]["enabled"] = True
+    tree["privacy"]["target_epsilon"] = float(value)
+    for site in sites:
+        budget = site.get("budget") or {"delta": tree["privacy"]["delta"]}
+        site["budget"] = {**budget, "target_epsilon": float(value)}
+
+
+def _model_size(tree: dict[str, Any], value: Any) -> None:
+    if value not in MODEL_SIZES:
+        raise ValueError(f"expected one of {', '.join(MODEL_SIZES)} (got {value!r})")
+    preset = MODEL_SIZES[value]
+    unet = tree["model"]["unet"]
+    levels = len(preset["channels"])
+    attention = list(unet.get("attention_levels", []))
+    unet.update(channels=list(preset["channels"]), num_head_channels=preset["num_head_channels"],
+                attention_levels=attention if len(attention) == levels else
+                [False] * (levels - 1) + [True])
+
+
+def _plain(key: str) -> Callable[[dict[str, Any], Any], None]:
+    return lambda tree, value: _set_dotted(tree, key, value)
+
+
+# Axis name -> how a value changes the experiment config (as a plain dict).
+AXES: dict[str, Callable[[dict[str, Any], Any], None]] = {
+    "epsilon": _epsilon,
+    "max_grad_norm": _plain("privacy.max_grad_norm"),
+    "noise_multiplicity": _plain("privacy.noise_multiplicity"),
+    "trainable": _plain("privacy.trainable"),
+    "pretraining": _plain("pretrain.enabled"),
+    "model_size": _model_size,
+}
+
+
+def _value_text(value: Any) -> str:
+    if _is_no_dp(value):
+        return NO_DP
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).replace(" ", "")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the sweep: its axis values and its validated experiment config."""
+
+    values: dict[str, Any]
+    config: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return ", ".join(f"{k}={_value_text(v)}" for k, v in self.values.items()) or "base"
+
+    @property
+    def slug(self) -> str:
+        text = "_".join(f"{k.replace('.', '-')}-{_value_text(v)}" for k, v in self.values.items())
+        safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+        return safe or "base"
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    name: str
+    file: Path
+    base: Path
+    out: Path
+    axes: list[str]
+    settings: list[Setting]
+    quality: dict[str, Any]
+    cohort: dict[str, int] | None
+    experiment: str
+
+    def setting_dir(self, setting: Setting) -> Path:
+        return self.out / "settings" / setting.slug
+
+
+@dataclass
+class SettingResult:
+    setting: str
+    values: dict[str, Any]
+    epsilon: dict[str, float]
+    quality: dict[str, float | None]
+    run_id: str | None
+    seconds: float
+    reused: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"setting": self.setting, "values": self.values,
+                "epsilon": {k: (v if math.isfinite(v) else "inf") for k, v in self.epsilon.items()},
+                "quality": self.quality, "run_id": self.run_id, "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "SettingResult":
+        return cls(data["setting"], dict(data["values"]),
+                   {k: float(v) for k, v in data["epsilon"].items()}, dict(data["quality"]),
+                   data.get("run_id"), float(data.get("seconds", 0.0)), reused=True)
+
+
+@dataclass
+class SweepSummary:
+    plan: SweepPlan
+    results: list[SettingResult] = field(default_factory=list)
+    parent_run_id: str | None = None
+    tracking_uri: str = ""
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+# --- reading the sweep file ----------------------------------------------------------------------
+def _where(file: Path, key: str) -> str:
+    return f"{file}: {key}"
+
+
+def _read_mapping(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        raise SweepError(f"{file}: sweep file not found; pass a YAML file such as "
+                         f"experiments/sweeps/privacy_quality.yaml")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        raise SweepError(f"{file}: not valid YAML{line}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise SweepError(f"{file}: expected a mapping with base and grid or settings")
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise SweepError(f"{_where(file, unknown[0])}: unknown key; use "
+                         f"{', '.join(sorted(_TOP_KEYS))}")
+    return data
+
+
+def _points(file: Path, data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    grid = data.get("grid") or {}
+    listed = data.get("settings") or []
+    if not isinstance(grid, dict):
+        raise SweepError(f"{_where(file, 'grid')}: expected a mapping of axis -> list of values")
+    if not isinstance(listed, list) or not all(isinstance(s, dict) for s in listed):
+        raise SweepError(f"{_where(file, 'settings')}: expected a list of mappings axis -> value")
+    for axis, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"{_where(file, f'grid.{axis}')}: expected a non-empty list of values "
+                             f"(got {values!r})")
+    points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else []
+    points += [dict(s) for s in listed]
+    if not points:
+        raise SweepError(f"{file}: no settings; give a grid (axis: [values]) or a settings list")
+    for point in points:
+        for axis in point:
+            if axis not in AXES and "." not in axis:
+                raise SweepError(f"{_where(file, axis)}: unknown axis; use one of "
+                                 f"{', '.join(AXES)} or a dotted config key (privacy.learning_rate)")
+    return points
+
+
+def _derive(base: dict[str, Any], overrides: Mapping[str, Any], values: Mapping[str, Any],
+            file: Path, base_dir: Path) -> dict[str, Any]:
+    """The experiment config of one setting, as a plain dict validated by the config loader."""
+    tree = json.loads(json.dumps(base))
+    try:
+        _merge(tree, overrides)
+    except KeyError as err:
+        raise SweepError(f"{_where(file, f'set.{err.args[0]}')}: not a config section; check "
+                         f"the key against configs/default.yaml") from None
+    for axis, value in values.items():
+        try:
+            (AXES[axis] if axis in AXES else _plain(axis))(tree, value)
+        except (ValueError, KeyError) as err:
+            raise SweepError(f"{_where(file, axis)}: {err}") from None
+    try:
+        config_from_dict(tree, base_dir, check_paths=False)
+    except ConfigError as err:
+        name = ", ".join(f"{k}={_value_text(v)}" for k, v in values.items())
+        raise SweepError(f"{file}: setting {name or 'base'}: {err}") from None
+    return tree
+
+
+def load_sweep(file: Path, out: Path | None = None) -> SweepPlan:
+    """Read and validate the sweep file and every setting's config, before anything runs."""
+    file = Path(file).absolute()
+    data = _read_mapping(file)
+    if "base" not in data:
+        raise SweepError(f"{_where(file, 'base')}: missing; name the experiment config every "
+                         f"setting starts from (e.g. ../../configs/demo.yaml)")
+    base_path = (file.parent / str(data["base"])).resolve()
+    try:
+        base_config = load_config(base_path, check_paths=False)
+    except ConfigError as err:
+        raise SweepError(f"{_where(file, 'base')}: {err}") from None
+    if not base_config.federation.sites:
+        raise SweepError(f"{_where(file, 'base')}: {base_path} lists no federation.sites; a "
+                         f"sweep runs the federation in simulation and needs them")
+    name = str(data.get("name") or file.stem)
+    if out is None:
+        out = file.parent / str(data["out"]) if data.get("out") else Path("runs") / "sweeps" / name
+    out = Path(out).absolute()
+    overrides = data.get("set") or {}
+    if not isinstance(overrides, dict):
+        raise SweepError(f"{_where(file, 'set')}: expected a mapping of config overrides")
+    quality = dict(_QUALITY_DEFAULTS)
+    given = data.get("quality") or {}
+    if not isinstance(given, dict) or set(given) - set(_QUALITY_DEFAULTS):
+        bad = sorted(set(given) - set(_QUALITY_DEFAULTS)) if isinstance(given, dict) else ["quality"]
+        raise SweepError(f"{_where(file, 'quality.' + bad[0] if bad[0] != 'quality' else 'quality')}"
+                         f": unknown; use {', '.join(_QUALITY_DEFAULTS)}")
+    quality.update(given)
+    for key in ("samples", "seg_steps", "holdout_patients"):
+        if isinstance(quality[key], bool) or not isinstance(quality[key], int) or quality[key] < 1:
+            raise SweepError(f"{_where(file, f'quality.{key}')}: must be a whole number >= 1 "
+                             f"(got {quality[key]!r})")
+    if quality["samples"] < 2:
+        raise SweepError(f"{_where(file, 'quality.samples')}: the metrics need at least 2 "
+                         f"volumes (got {quality['samples']})")
+    if quality["reference"] is not None:
+        quality["reference"] = str((file.parent / str(quality["reference"])).resolve())
+    cohort = data.get("cohort")
+    if cohort is not None and (not isinstance(cohort, dict) or set(cohort) - _COHORT_KEYS):
+        raise SweepError(f"{_where(file, 'cohort')}: expected {{patients: N, public_patients: N}}")
+
+    base_tree = config_to_dict(base_config)
+    settings = []
+    for values in _points(file, data):
+        tree = _derive(base_tree, overrides, values, file, base_path.parent)
+        settings.append(Setting(values, tree))
+    slugs = [s.slug for s in settings]
+    repeated = sorted({s for s in slugs if slugs.count(s) > 1})
+    if repeated:
+        raise SweepError(f"{file}: setting {repeated[0]} appears twice; list each setting once")
+    axes = list(dict.fromkeys(axis for s in settings for axis in s.values))
+    experiment = str(data.get("experiment") or f"fedsynth-sweep-{name}")
+    return SweepPlan(name, file, base_path, out, axes, settings, quality, cohort, experiment)
+
+
+# --- running ---------------------------------------------------------------------------------------
+def _setting_config(plan: SweepPlan, setting: Setting, tracking_uri: str) -> Config:
+    """Write the setting's config.yaml (own run folder, own ledgers, the sweep's MLflow store)."""
+    folder = plan.setting_dir(setting)
+    tree = json.loads(json.dumps(setting.config))
+    tree["run_dir"] = str(folder)
+    for site in tree["federation"]["sites"]:
+        site["ledger"] = str(folder / "ledgers" / f"{site['site_id']}.jsonl")
+    tree["tracking"] = {"uri": tracking_uri, "experiment": plan.experiment}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return load_config(path)
+
+
+def _pretrain_key(config: Config) -> str:
+    defining = {k: v for k, v in flatten_config(config).items() if k.startswith(_PRETRAIN_DEFINING)}
+    return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _ensure_cohort(plan: SweepPlan, config: Config, echo: Callable[[str], None]) -> Path:
+    """The demo cohort the base config points at: generated when missing and ``cohort`` is set."""
+    from experiments.demo import demo_cohort_dir
+
+    root = demo_cohort_dir(config)
+    if (root / "cohort.json").exists():
+        return root
+    if plan.cohort is None:
+        raise SweepError(f"{plan.file}: {root} holds no demo cohort; run `fedsynth demo` (or "
+                         f"`fedsynth cohort`) first, or add cohort: {{patients: 40}} to the sweep")
+    from experiments.cohort import generate_cohort
+
+    patients = int(plan.cohort.get("patients", 40))
+    echo(f"demo cohort -> {root}")
+    generate_cohort(root, sites=len(config.federation.sites), patients=patients,
+                    size=config.data.shape[0], seed=config.seed,
+                    public_patients=int(plan.cohort.get("public_patients", patients)))
+    return root
+
+
+def _reference(plan: SweepPlan, config: Config, echo: Callable[[str], None]) -> Path:
+    if plan.quality["reference"] is not None:
+        reference = Path(plan.quality["reference"])
+        if not reference.is_dir():
+            raise SweepError(f"{plan.file}: quality.reference: {reference} is not a folder; pass a "
+                             f"site-format folder of real scans")
+        return reference
+    from experiments.cohort import generate_holdout
+
+    root = _ensure_cohort(plan, config, echo)
+    echo(f"reference: {plan.quality['holdout_patients']} held-out patients per site -> "
+         f"{plan.out / 'reference'}")
+    return generate_holdout(root, plan.out / "reference", plan.quality["holdout_patients"])
+
+
+def _site_epsilons(config: Config) -> dict[str, float]:
+    from privacy.report import build_report
+
+    return {site.site_id: float(build_report(site.ledger_path).spent)
+            for site in config.federation.sites if site.ledger_path.exists()}
+
+
+class _Parent:
+    """The sweep's parent MLflow run, created once and found again on a rerun."""
+
+    def __init__(self, plan: SweepPlan):
+        from server.tracking import TrackedRun, open_tracking, resolve_tracking_uri
+
+        base = load_config(plan.base, check_paths=False)
+        uri = resolve_tracking_uri(base.tracking, plan.out)
+        plan.out.mkdir(parents=True, exist_ok=True)
+        state_path = plan.out / SWEEP_STATE
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        if state and state.get("name") != plan.name:
+            raise SweepError(f"{plan.out}: holds sweep {state.get('name')!r}, not {plan.name!r}; "
+                             f"choose another output folder")
+        client, experiment_id = open_tracking(TrackingConfig(uri, plan.experiment), plan.out)
+        self.run = None
+        if state.get("parent_run_id") and state.get("tracking_uri") == uri:
+            try:
+                self.run = TrackedRun.resume(client, state["parent_run_id"])
+            except Exception:  # noqa: BLE001 - a store that lost the run gets a new one
+                log.warning("MLflow run %s not found; the sweep gets a new parent run",
+                            state["parent_run_id"])
+        if self.run is None:
+            self.run = TrackedRun.start(client, experiment_id, run_name=plan.name,
+                                        tags={"stage": "sweep", "fedsynth.sweep": plan.name})
+        state.update(name=plan.name, parent_run_id=self.run.run_id, tracking_uri=uri,
+                     experiment=plan.experiment, file=str(plan.file))
+        state_path.write_text(json.dumps(state, indent=1) + "\n")
+        self.run.log_params({"sweep.name": plan.name, "sweep.base": str(plan.base),
+                             "sweep.axes": ",".join(plan.axes),
+                             "sweep.settings": len(plan.settings),
+                             **{f"sweep.quality.{k}": v for k, v in plan.quality.items()}})
+        self.run.log_artifact(plan.file, "sweep")
+        self.uri = uri
+
+    def child_tags(self, plan: SweepPlan, role: str, run_name: str) -> dict[str, str]:
+        """Tags that nest a new run under this one (``mlflow.runName`` names it)."""
+        return {"mlflow.parentRunId": self.run.run_id, "fedsynth.sweep": plan.name,
+                "fedsynth.sweep.role": role, "mlflow.runName": run_name}
+
+
+def _run_setting(plan: SweepPlan, setting: Setting, parent: _Parent, reference: Path,
+                 echo: Callable[[str], None]) -> SettingResult:
+    from experiments.evaluate import evaluate_folders, write_json_atomic
+    from experiments.federate import simulate
+    from experiments.pretrain import CHECKPOINT_FILE, STATE_FILE, pretrain
+    from experiments.sampling import sample_folder
+    from mlflow import MlflowClient
+    from server.federation import FINAL_CHECKPOINT, federation_dir, load_state
+    from server.round_checkpoint import STATE_FILE as FEDERATION_STATE
+
+    started = time.perf_counter()
+    folder = plan.setting_dir(setting)
+    config = _setting_config(plan, setting, parent.uri)
+    config_path = folder / "config.yaml"
+
+    key = _pretrain_key(config)
+    pretrain_dir = plan.out / "pretrain" / key
+    checkpoint = pretrain_dir / CHECKPOINT_FILE
+    if checkpoint.exists():
+        echo(f"      pretraining {key}: reused")
+    else:
+        echo(f"      pretraining {key} (UNet pretrained: {'yes' if config.pretrain.enabled else 'no'})")
+        pretrain(config, pretrain_dir, resume=(pretrain_dir / STATE_FILE).exists(),
+                 run_tags=parent.child_tags(plan, "pretrain", f"pretrain {key}"))
+
+    fed_dir = federation_dir(folder)
+    if (fed_dir / FINAL_CHECKPOINT).exists():
+        echo("      federation: reused")
+    else:
+        echo(f"      federation: {config.federation.rounds} rounds, "
+             f"{len(config.federation.sites)} sites, "
+             + ("no DP" if not config.privacy.enabled else
+                f"epsilon cap {', '.join(f'{s.site_id} {config.site_budget(s).target_epsilon:g}' for s in config.federation.sites)}"))
+        simulate(config_path, folder, checkpoint=checkpoint,
+                 resume=(fed_dir / FEDERATION_STATE).exists(),
+                 run_tags={**parent.child_tags(plan, "setting", setting.name),
+                           "fedsynth.sweep.setting": setting.name})
+    state = load_state(fed_dir)
+    run_id = state.mlflow_run_id if state else None
+
+    samples = folder / "samples"
+    if not (samples / "manifest.csv").exists():
+        echo(f"      sampling {plan.quality['samples']} volumes on public maps")
+        sample_folder(fed_dir / FINAL_CHECKPOINT, config.data.public_dir, plan.quality["samples"],
+                      samples, seed=config.seed)
+    echo(f"      quality against {reference.name}")
+    evaluation = evaluate_folders(reference, samples, config.data,
+                                  seg_steps=plan.quality["seg_steps"], seed=config.seed)
+    write_json_atomic(folder / "quality.json", evaluation.to_json_dict())
+    quality = evaluation.report.to_json_dict()
+    epsilon = _site_epsilons(config)
+    result = SettingResult(setting.name, {k: _value_text(v) for k, v in setting.values.items()},
+                           epsilon, quality, run_id, time.perf_counter() - started)
+    if run_id:
+        client = MlflowClient(parent.uri)
+        from server.tracking import TrackedRun
+        run = TrackedRun(client, run_id)
+        run.log_params({f"sweep.{k}": v for k, v in result.values.items()})
+        finite = {f"final/epsilon/{k}": v for k, v in epsilon.items()}
+        run.log_metrics({**finite, **{f"quality/{k}": v for k, v in quality.items()
+                                      if v is not None}}, step=config.federation.rounds)
+        run.log_artifact(folder / "quality.json", "quality")
+        run.log_artifact(samples / "preview.png", "quality")
+        run.set_tags({"fedsynth.sweep.status": "finished",
+                      "fedsynth.sweep.dp": "no" if not config.privacy.enabled else "yes"})
+    write_json_atomic(folder / RESULT_FILE, {"config_sha256": setting.sha256, **result.to_json()})
+    return result
+
+
+def _finished(plan: SweepPlan, setting: Setting) -> SettingResult | None:
+    path = plan.setting_dir(setting) / RESULT_FILE
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("config_sha256") != setting.sha256:
+        raise SweepError(f"{path}: setting {setting.name} was run with another config (the base "
+                         f"config or the sweep file changed); use another output folder (--out) or "
+                         f"delete {plan.setting_dir(setting)}")
+    return SettingResult.from_json(data)
+
+
+def run_sweep(file: Path, *, out: Path | None = None,
+              echo: Callable[[str], None] = print) -> SweepSummary:
+    """Run (or continue) every setting of the sweep file; see the module docstring."""
+    plan = load_sweep(file, out)
+    finished = {s.slug: _finished(plan, s) for s in plan.settings}  # refuses changed settings now
+    parent = _Parent(plan)
+    summary = SweepSummary(plan, parent_run_id=parent.run.run_id, tracking_uri=parent.uri)
+    echo(f"sweep {plan.name}: {len(plan.settings)} settings over {', '.join(plan.axes)} "
+         f"-> {plan.out}")
+    reference = None
+    for number, setting in enumerate(plan.settings, 1):
+        header = f"[{number}/{len(plan.settings)}] {setting.name}"
+        done = finished[setting.slug]
+        if done is not None:
+            echo(f"{header}: finished before, skipped")
+            summary.results.append(done)
+            continue
+        echo(f"{header} ...")
+        if reference is None:
+            reference = _reference(plan, load_config(plan.base, check_paths=False), echo)
+        result = _run_setting(plan, setting, parent, reference, echo)
+        echo(f"{header}: {result.seconds:.0f} s")
+        summary.results.append(result)
+    summary.paths = write_outputs(summary)
+    for path in summary.paths.values():
+        parent.run.log_artifact(path)
+    parent.run.finish()
+    return summary
+
+
+# --- outputs ---------------------------------------------------------------------------------------
+def _epsilon_text(value: float) -> str:
+    return "inf (no DP)" if not math.isfinite(value) else f"{value:.4g}"
+
+
+def summary_rows(summary: SweepSummary) -> list[dict[str, Any]]:
+    sites = sorted({site for r in summary.results for site in r.epsilon})
+    rows = []
+    for result in summary.results:
+        row: dict[str, Any] = {"setting": result.setting}
+        row.update({axis: result.values.get(axis, "") for axis in summary.plan.axes})
+        row.update({f"epsilon_{site}": _epsilon_text(result.epsilon[site])
+                    if site in result.epsilon else "" for site in sites})
+        for name in (*QUALITY_METRICS, "dice_synthetic", "dice_real"):
+            value = result.quality.get(name)
+            row[name] = "" if value is None else f"{value:.4g}"
+        row["seconds"] = f"{result.seconds:.0f}"
+        row["mlflow_run_id"] = result.run_id or ""
+        rows.append(row)
+    return rows
+
+
+def render_markdown(summary: SweepSummary) -> str:
+    rows = summary_rows(summary)
+    columns = [c for c in rows[0] if c not in ("mlflow_run_id", "seconds")] if rows else []
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _x_position(value: str, finite: list[float]) -> float:
+    return float(len(finite)) if value == NO_DP else float(finite.index(float(value)))
+
+
+def plot_tradeoff(summary: SweepSummary) -> bytes:
+    """PNG: each quality metric against epsilon, one line per combination of the other axes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = summary.results
+    use_axis = "epsilon" in summary.plan.axes
+    others = [a for a in summary.plan.axes if a != "epsilon"]
+
+    def epsilon_of(result: SettingResult) -> str:
+        if use_axis:
+            return str(result.values.get("epsilon", NO_DP))
+        finite = [v for v in result.epsilon.values() if math.isfinite(v)]
+        return f"{max(finite):.3g}" if finite and len(finite) == len(result.epsilon) else NO_DP
+
+    finite = sorted({float(epsilon_of(r)) for r in results if epsilon_of(r) != NO_DP})
+    has_no_dp = any(epsilon_of(r) == NO_DP for r in results)
+    groups: dict[str, list[SettingResult]] = {}
+    for result in results:
+        label = ", ".join(f"{a}={result.values.get(a, '')}" for a in others) or "all settings"
+        groups.setdefault(label, []).append(result)
+    figure, axes = plt.subplots(1, len(QUALITY_METRICS), figsize=(4.2 * len(QUALITY_METRICS), 3.8))
+    ticks = [f"{v:g}" for v in finite] + (["no DP"] if has_no_dp else [])
+    for axis, metric in zip(axes, QUALITY_METRICS):
+        for label, members in groups.items():
+            points = sorted((_x_position(epsilon_of(r), finite), r.quality.get(metric))
+                            for r in members if r.quality.get(metric) is not None)
+            if points:
+                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        axis.set_xticks(range(len(ticks)), ticks)
+        axis.set_xlabel("epsilon per site" + ("" if use_axis else " (spent, max over sites)"))
+        axis.set_title(_METRIC_LABELS[metric], fontsize=10)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"sweep {summary.plan.name}: quality against privacy")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def write_outputs(summary: SweepSummary) -> dict[str, Path]:
+    """``summary.csv``, ``summary.md`` and ``tradeoff.png`` in the sweep folder."""
+    out = summary.plan.out
+    rows = summary_rows(summary)
+    csv_path, md_path, png_path = out / SUMMARY_CSV, out / SUMMARY_MD, out / TRADEOFF_PNG
+    with csv_path.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    md_path.write_text(render_markdown(summary))
+    png_path.write_bytes(plot_tradeoff(summary))
+    return {"summary (CSV)": csv_path, "summary (Markdown)": md_path, "trade-off plot": png_path}
+
+
+def format_summary(summary: SweepSummary) -> str:
+    lines = ["", f"fedsynth sweep {summary.plan.name}: done", "", render_markdown(summary)]
+    for name, path in summary.paths.items():
+        lines.append(f"{name:<20}{path}")
+    lines.append(f"{'settings':<20}{summary.plan.out / 'settings'}")
+    lines.append(f"{'MLflow parent run':<20}{summary.parent_run_id}")
+    lines.append(f"MLflow UI           mlflow ui --backend-store-uri {summary.tracking_uri}")
+    return "\n".join(lines)
