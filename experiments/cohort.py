@@ -553,7 +553,8 @@ def generate_holdout(cohort: Path, out: Path, patients_per_site: int) -> Path:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     seed, sites, trained = arguments["seed"], arguments["sites"], arguments["patients"]
-    plan = [(f"site_{k}", draw_subjects(seed, k + 1, f"s{k}", trained + patients_per_site)[trained:])
+    plan = [(f"site_{k}",
+             draw_subjects(seed, k + 1, f"s{k}", trained + patients_per_site)[trained:])
             for k in range(sites)]
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)

@@ -171,10 +171,16 @@ def _value_text(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Setting:
-    """One point of the sweep: its axis values and its validated experiment config."""
+    """One point of the sweep: its axis values and its validated experiment config.
+
+    ``definition`` is what the user wrote that makes this setting (the base YAML as parsed, the
+    sweep's overrides, the axis values): a finished setting is reused only while it is unchanged.
+    It does not include defaults that a newer fedsynth may add.
+    """
 
     values: dict[str, Any]
     config: dict[str, Any]
+    definition: dict[str, Any]
 
     @property
     def name(self) -> str:
@@ -188,7 +194,8 @@ class Setting:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(self.definition, sort_keys=True,
+                                         default=str).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -281,7 +288,8 @@ def _points(file: Path, data: Mapping[str, Any]) -> list[dict[str, Any]]:
         for axis in point:
             if axis not in AXES and "." not in axis:
                 raise SweepError(f"{_where(file, axis)}: unknown axis; use one of "
-                                 f"{', '.join(AXES)} or a dotted config key (privacy.learning_rate)")
+                                 f"{', '.join(AXES)} or a dotted config key "
+                                 f"(privacy.learning_rate)")
     return points
 
 
@@ -331,10 +339,13 @@ def load_sweep(file: Path, out: Path | None = None) -> SweepPlan:
         raise SweepError(f"{_where(file, 'set')}: expected a mapping of config overrides")
     quality = dict(_QUALITY_DEFAULTS)
     given = data.get("quality") or {}
-    if not isinstance(given, dict) or set(given) - set(_QUALITY_DEFAULTS):
-        bad = sorted(set(given) - set(_QUALITY_DEFAULTS)) if isinstance(given, dict) else ["quality"]
-        raise SweepError(f"{_where(file, 'quality.' + bad[0] if bad[0] != 'quality' else 'quality')}"
-                         f": unknown; use {', '.join(_QUALITY_DEFAULTS)}")
+    if not isinstance(given, dict):
+        raise SweepError(f"{_where(file, 'quality')}: expected a mapping with "
+                         f"{', '.join(_QUALITY_DEFAULTS)}")
+    unknown = sorted(set(given) - set(_QUALITY_DEFAULTS))
+    if unknown:
+        raise SweepError(f"{_where(file, 'quality.' + unknown[0])}: unknown; use "
+                         f"{', '.join(_QUALITY_DEFAULTS)}")
     quality.update(given)
     for key in ("samples", "seg_steps", "holdout_patients"):
         if isinstance(quality[key], bool) or not isinstance(quality[key], int) or quality[key] < 1:
@@ -350,10 +361,12 @@ def load_sweep(file: Path, out: Path | None = None) -> SweepPlan:
         raise SweepError(f"{_where(file, 'cohort')}: expected {{patients: N, public_patients: N}}")
 
     base_tree = config_to_dict(base_config)
+    base_yaml = yaml.safe_load(base_path.read_text())
     settings = []
     for values in _points(file, data):
         tree = _derive(base_tree, overrides, values, file, base_path.parent)
-        settings.append(Setting(values, tree))
+        settings.append(Setting(values, tree, {"base": base_yaml, "set": overrides,
+                                               "values": values}))
     slugs = [s.slug for s in settings]
     repeated = sorted({s for s in slugs if slugs.count(s) > 1})
     if repeated:
@@ -363,7 +376,7 @@ def load_sweep(file: Path, out: Path | None = None) -> SweepPlan:
     return SweepPlan(name, file, base_path, out, axes, settings, quality, cohort, experiment)
 
 
-# --- running ---------------------------------------------------------------------------------------
+# --- running ----------------------------------------------------------------------------------
 def _setting_config(plan: SweepPlan, setting: Setting, tracking_uri: str) -> Config:
     """Write the setting's config.yaml (own run folder, own ledgers, the sweep's MLflow store)."""
     folder = plan.setting_dir(setting)
@@ -487,7 +500,8 @@ def _run_setting(plan: SweepPlan, setting: Setting, parent: _Parent, reference: 
     if checkpoint.exists():
         echo(f"      pretraining {key}: reused")
     else:
-        echo(f"      pretraining {key} (UNet pretrained: {'yes' if config.pretrain.enabled else 'no'})")
+        unet = "yes" if config.pretrain.enabled else "no (random init)"
+        echo(f"      pretraining {key} (autoencoder; latent UNet: {unet})")
         pretrain(config, pretrain_dir, resume=(pretrain_dir / STATE_FILE).exists(),
                  run_tags=parent.child_tags(plan, "pretrain", f"pretrain {key}"))
 
@@ -495,10 +509,11 @@ def _run_setting(plan: SweepPlan, setting: Setting, parent: _Parent, reference: 
     if (fed_dir / FINAL_CHECKPOINT).exists():
         echo("      federation: reused")
     else:
+        caps = ", ".join(f"{s.site_id} {config.site_budget(s).target_epsilon:g}"
+                         for s in config.federation.sites)
         echo(f"      federation: {config.federation.rounds} rounds, "
              f"{len(config.federation.sites)} sites, "
-             + ("no DP" if not config.privacy.enabled else
-                f"epsilon cap {', '.join(f'{s.site_id} {config.site_budget(s).target_epsilon:g}' for s in config.federation.sites)}"))
+             + (f"epsilon caps {caps}" if config.privacy.enabled else "no DP"))
         simulate(config_path, folder, checkpoint=checkpoint,
                  resume=(fed_dir / FEDERATION_STATE).exists(),
                  run_tags={**parent.child_tags(plan, "setting", setting.name),
@@ -531,7 +546,8 @@ def _run_setting(plan: SweepPlan, setting: Setting, parent: _Parent, reference: 
         run.log_artifact(samples / "preview.png", "quality")
         run.set_tags({"fedsynth.sweep.status": "finished",
                       "fedsynth.sweep.dp": "no" if not config.privacy.enabled else "yes"})
-    write_json_atomic(folder / RESULT_FILE, {"config_sha256": setting.sha256, **result.to_json()})
+    write_json_atomic(folder / RESULT_FILE,
+                      {"definition_sha256": setting.sha256, **result.to_json()})
     return result
 
 
@@ -540,7 +556,7 @@ def _finished(plan: SweepPlan, setting: Setting) -> SettingResult | None:
     if not path.exists():
         return None
     data = json.loads(path.read_text())
-    if data.get("config_sha256") != setting.sha256:
+    if data.get("definition_sha256") != setting.sha256:
         raise SweepError(f"{path}: setting {setting.name} was run with another config (the base "
                          f"config or the sweep file changed); use another output folder (--out) or "
                          f"delete {plan.setting_dir(setting)}")
@@ -577,7 +593,7 @@ def run_sweep(file: Path, *, out: Path | None = None,
     return summary
 
 
-# --- outputs ---------------------------------------------------------------------------------------
+# --- outputs ----------------------------------------------------------------------------------
 def _epsilon_text(value: float) -> str:
     return "inf (no DP)" if not math.isfinite(value) else f"{value:.4g}"
 

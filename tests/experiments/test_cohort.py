@@ -149,6 +149,27 @@ def test_public_and_site_subjects_are_disjoint(cohorts):
             assert not any(np.array_equal(label, p) for p in public)
 
 
+def test_holdout_holds_new_patients_of_every_site_with_the_site_look(cohorts, tmp_path):
+    root = cohorts["a"]
+    out = cohort.generate_holdout(root, tmp_path / "reference", patients_per_site=2)
+    pooled = _rows(out)
+    for k, name in enumerate(("site_0", "site_1")):
+        trained = {r["patient_id"] for r in _rows(root / name)}
+        held = [r for r in pooled if r["image"].startswith(f"{name}/")]
+        assert {r["patient_id"] for r in held} == {f"s{k}-0005", f"s{k}-0006"}
+        assert not trained & {r["patient_id"] for r in held}
+        # Same scanner look as the site: the same generator drew these patients' intensities.
+        site_mean = np.mean([np.asarray(nib.load(root / name / r["image"]).dataobj).mean()
+                             for r in _rows(root / name)])
+        held_mean = np.mean([np.asarray(nib.load(out / r["image"]).dataobj).mean() for r in held])
+        assert abs(held_mean - site_mean) < 0.2 * site_mean
+    before = (out / "manifest.csv").stat().st_mtime_ns
+    assert cohort.generate_holdout(root, out, patients_per_site=2) == out    # reused
+    assert (out / "manifest.csv").stat().st_mtime_ns == before
+    with pytest.raises(cohort.CohortError, match="no demo cohort"):
+        cohort.generate_holdout(tmp_path / "nothing", tmp_path / "r2", patients_per_site=1)
+
+
 def test_subject_draws_do_not_depend_on_cohort_size():
     few, many = cohort.draw_subjects(5, 2, "s1", 3), cohort.draw_subjects(5, 2, "s1", 30)
     assert few == many[:3]

@@ -109,6 +109,11 @@ def test_sweep_logs_nested_runs_summary_and_plot_then_skips_finished(tmp_path, t
     assert len(client.search_runs([experiment], f"tags.mlflow.parentRunId = "
                                                 f"'{parent.info.run_id}'")) == 3
 
+    # A finished setting whose definition changed is refused before anything runs.
+    changed = write_sweep(tmp_path, tiny_base, set={"privacy": {"learning_rate": 1e-3}})
+    with pytest.raises(SweepError, match="was run with another config"):
+        run_sweep(changed, echo=rerun.append)
+
 
 @pytest.mark.parametrize("changes, message", [
     ({"grid": {"epsilonn": [1]}}, "epsilonn: unknown axis; use one of epsilon"),
