@@ -19,6 +19,14 @@ The round, in order (nothing here imports Flower; :mod:`client.client_app` only 
 5. Reply. Only the trained parameters, the patient count, the accounting figures and the ledger head
    leave (:class:`privacy.protocol.TrainReply`). No training loss is computed for the reply; the
    round's compute time stays in the site's local activity log (``<ledger>.activity.jsonl``).
+
+Non-private rounds (``privacy.enabled: false``). A site refuses them (``privacy-disabled``) unless its
+OWN config sets ``allow_non_private: true`` (research and demo data only). Such a site trains steps
+3-4 without DP (:class:`privacy.nonprivate_trainer.NonPrivateTrainer`: same encoded scans, loss,
+trainable subset and EMA, plain Adam), records a ``non-private-round`` entry in its ledger before the
+weights leave (resending, not recording twice, when the round is asked again), and replies with
+epsilon = +inf (:data:`privacy.protocol.NOT_PRIVATE`): it never claims a finite epsilon. After such a
+round every DP round is refused (``budget-exhausted``): the site's spend is infinite.
 """
 
 from __future__ import annotations
@@ -43,12 +51,13 @@ from models.conditioning import label_map_to_latent_grid
 from models.diffusion import build_scheduler, diffusion_loss
 from models.latent_unet import build_latent_unet
 from privacy.accounting import epsilon as epsilon_of, history_of
-from privacy.budget import BudgetExhausted, PlanMismatch, SiteBudget
+from privacy.budget import BudgetExhausted, PlanMismatch, SiteBudget, check_private_history
 from privacy.calibration import CalibrationError, calibrate
 from privacy.dp_trainer import DPSettings, DPTrainer
 from privacy.ledger import LedgerEntry, LedgerError
+from privacy.nonprivate_trainer import NonPrivateSettings, NonPrivateTrainer
 from privacy.outbox import weights_hash
-from privacy.protocol import RefusalReason, ReplyStatus, RoundConfig, TrainReply
+from privacy.protocol import NOT_PRIVATE, RefusalReason, ReplyStatus, RoundConfig, TrainReply
 from privacy.rollback_guard import LedgerRollback, check_expected_head, pending_alarm
 from privacy.site_ledger import SiteLedger, SiteLedgerState, utc_timestamp
 from privacy.trainable import trainable_parameter_names
@@ -192,7 +201,12 @@ def _spend(ledger: SiteLedger) -> dict[str, Any]:
     seq, head = _head(entries)
     fields: dict[str, Any] = {"ledger_seq": seq, "ledger_head": head}
     plan = state.plan
-    if plan is not None:
+    if state.non_private:
+        # Non-private weights were released: the spend is infinite, whatever the DP rounds say.
+        fields.update(num_patients=state.non_private[-1].num_patients, epsilon=NOT_PRIVATE,
+                      epsilon_next=NOT_PRIVATE,
+                      target_epsilon=plan.target_epsilon if plan else NOT_PRIVATE)
+    elif plan is not None:
         fields.update(num_patients=plan.num_patients, target_epsilon=plan.target_epsilon,
                       delta=plan.delta, noise_multiplier=plan.noise_multiplier,
                       sample_rate=plan.sample_rate,
@@ -233,10 +247,23 @@ def _guard(site: SiteConfig, ledger: SiteLedger, config: RoundConfig) -> None:
     except LedgerRollback as err:
         log.error("%s: refusing round %d: %s", site.site_id, config.server_round, err)
         raise _Refusal(RefusalReason.LEDGER_ROLLBACK) from None
-    if not config.privacy.get("enabled", True):
-        log.error("%s: refusing round %d: privacy.enabled is false and a site never releases "
-                  "non-private weights", site.site_id, config.server_round)
+    if not config.privacy.get("enabled", True) and not site.allow_non_private:
+        log.error("%s: refusing round %d: privacy.enabled is false and this site does not release "
+                  "non-private weights (its own config would have to set allow_non_private: true, "
+                  "for research or demo data only)", site.site_id, config.server_round)
         raise _Refusal(RefusalReason.PRIVACY_DISABLED)
+
+
+def _released(site: SiteConfig, ledger: SiteLedger, denoiser: torch.nn.Module, trainable: str,
+              weights: Mapping[str, torch.Tensor], round: int, resumed: bool,
+              **accounting: Any) -> SiteOutcome:
+    """The ``ok`` outcome: the trained parameters only, and the ledger head after the commit."""
+    released = {name: weights[name] for name in trainable_parameter_names(denoiser, trainable)}
+    seq, head = _head(ledger.ledger.entries())
+    reply = TrainReply(status=ReplyStatus.OK, site_id=site.site_id, round=round, ledger_seq=seq,
+                       ledger_head=head, weights_sha256=weights_hash(released), resumed=resumed,
+                       **accounting)
+    return SiteOutcome(reply, released, 0.0)
 
 
 def _train(site: SiteConfig, ledger: SiteLedger, instruction: TrainInstruction) -> SiteOutcome:
@@ -254,8 +281,38 @@ def _train(site: SiteConfig, ledger: SiteLedger, instruction: TrainInstruction) 
     autoencoder.requires_grad_(False)  # public and frozen: never trained on private data
     encoded = _cached_encoding(site, config, data, autoencoder.to(device))
 
+    denoiser = build_latent_unet(config.model, data.num_classes, len(config.attributes))
+    denoiser.load_state_dict(instruction.global_state)
+    denoiser.to(device)
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    loss = _loss_fn(build_scheduler(config.model), float(config.model["conditioning"]["dropout"]),
+                    bool(config.attributes), generator)
+    if not privacy.get("enabled", True):  # _guard let it through: the site opted in
+        return _train_non_private(site, ledger, config, denoiser, loss, encoded)
+    return _train_dp(site, ledger, config, denoiser, loss, encoded)
+
+
+def _train_non_private(site: SiteConfig, ledger: SiteLedger, config: RoundConfig,
+                       denoiser: torch.nn.Module, loss, encoded: EncodedSite) -> SiteOutcome:
+    log.warning("%s: round %d: privacy is disabled and this site allows non-private training; the "
+                "weights it sends carry NO differential-privacy guarantee", site.site_id,
+                config.server_round)
+    settings = NonPrivateSettings.from_config(config.privacy, config.local_epochs)
+    trainer = NonPrivateTrainer(denoiser, loss, encoded.scans, encoded.patients, ledger, settings)
+    result = trainer.run_round(config.server_round)
+    return _released(site, ledger, denoiser, settings.trainable, result.weights,
+                     config.server_round, result.resumed, num_patients=result.record.num_patients,
+                     epsilon=NOT_PRIVATE, epsilon_next=NOT_PRIVATE, target_epsilon=NOT_PRIVATE,
+                     steps=result.record.steps)
+
+
+def _train_dp(site: SiteConfig, ledger: SiteLedger, config: RoundConfig, denoiser: torch.nn.Module,
+              loss, encoded: EncodedSite) -> SiteOutcome:
+    privacy = config.privacy
     budget_cfg = site_budget(site, privacy)
     try:
+        check_private_history(ledger.path, config.server_round, ledger.state(),
+                              cap=budget_cfg.target_epsilon, delta=budget_cfg.delta)
         plan = calibrate(target_epsilon=budget_cfg.target_epsilon, delta=budget_cfg.delta,
                          num_patients=encoded.num_patients,
                          expected_batch_size=int(privacy["expected_batch_size"]),
@@ -263,6 +320,9 @@ def _train(site: SiteConfig, ledger: SiteLedger, instruction: TrainInstruction) 
                          accountant=str(privacy["accountant"]), where=site.site_id)
         budget = SiteBudget.open(ledger, plan, max_grad_norm=float(privacy["max_grad_norm"]),
                                  clipping=str(privacy["clipping"]))
+    except BudgetExhausted as err:
+        log.warning("%s: %s", site.site_id, err)
+        raise _Refusal(RefusalReason.NONE, ReplyStatus.BUDGET_EXHAUSTED) from None
     except CalibrationError as err:
         log.error("%s: refusing round %d: %s", site.site_id, config.server_round, err)
         raise _Refusal(RefusalReason.INVALID_BUDGET) from None
@@ -270,13 +330,7 @@ def _train(site: SiteConfig, ledger: SiteLedger, instruction: TrainInstruction) 
         log.error("%s: refusing round %d: %s", site.site_id, config.server_round, err)
         raise _Refusal(RefusalReason.PLAN_MISMATCH) from None
 
-    denoiser = build_latent_unet(config.model, data.num_classes, len(config.attributes))
-    denoiser.load_state_dict(instruction.global_state)
-    denoiser.to(device)
     settings = DPSettings.from_config(SimpleNamespace(**privacy))
-    generator = torch.Generator().manual_seed(secrets.randbits(63))
-    loss = _loss_fn(build_scheduler(config.model), float(config.model["conditioning"]["dropout"]),
-                    bool(config.attributes), generator)
     trainer = DPTrainer(denoiser, loss, encoded.scans, encoded.patients, budget, settings)
     try:
         result = trainer.run_round(config.server_round)
@@ -287,18 +341,13 @@ def _train(site: SiteConfig, ledger: SiteLedger, instruction: TrainInstruction) 
         log.error("%s: refusing round %d: %s", site.site_id, config.server_round, err)
         raise _Refusal(RefusalReason.PLAN_MISMATCH) from None
 
-    names = trainable_parameter_names(denoiser, settings.trainable)
-    released = {name: result.weights[name] for name in names}
-    state = ledger.state()
-    seq, head = _head(ledger.ledger.entries())
     record = result.record
-    reply = TrainReply(status=ReplyStatus.OK, site_id=site.site_id, round=config.server_round,
-                       num_patients=record.num_patients, epsilon=record.epsilon,
-                       epsilon_next=_epsilon_next(state), target_epsilon=record.target_epsilon,
-                       delta=record.delta, noise_multiplier=record.noise_multiplier,
-                       sample_rate=record.sample_rate, steps=record.steps, ledger_seq=seq,
-                       ledger_head=head, weights_sha256=weights_hash(released), resumed=result.resumed)
-    return SiteOutcome(reply, released, 0.0)
+    return _released(site, ledger, denoiser, settings.trainable, result.weights,
+                     config.server_round, result.resumed, num_patients=record.num_patients,
+                     epsilon=record.epsilon, epsilon_next=_epsilon_next(ledger.state()),
+                     target_epsilon=record.target_epsilon, delta=record.delta,
+                     noise_multiplier=record.noise_multiplier, sample_rate=record.sample_rate,
+                     steps=record.steps)
 
 
 def run_site_round(site: SiteConfig, instruction: TrainInstruction) -> SiteOutcome:

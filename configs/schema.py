@@ -170,6 +170,9 @@ class SiteConfig:
     ledger: Optional[Path] = None
     # None: take the consortium default from ``privacy.target_epsilon``/``privacy.delta``.
     budget: Optional[SiteBudgetConfig] = None
+    # The site's own opt-in to NON-private rounds when the consortium sets privacy.enabled: false
+    # (research and demo data only): its weights then carry no DP guarantee (epsilon = infinity).
+    allow_non_private: bool = False
 
     @property
     def manifest_path(self) -> Path:

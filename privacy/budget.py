@@ -13,11 +13,14 @@ Rules (the site is the authority on its own budget):
   the clipping norm: a new ``plan`` entry records the change and the spend carries over. Sigma stays
   the first plan's, so a raised cap allows more rounds at the same noise, a lowered one stops
   earlier.
+- A ``non-private-round`` entry (a site that opted in to non-private training) makes the spend
+  infinite for good: every later DP-SGD round is refused with :class:`NonPrivateHistory`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 from privacy.accounting import epsilon, history_of
@@ -40,6 +43,30 @@ class BudgetExhausted(ValueError):
                          f"{would_be:.4g}, above the site's cap {cap:g} (delta {delta:g}); the "
                          f"budget is spent - only the site's own privacy policy can raise its "
                          f"target_epsilon")
+
+
+class NonPrivateHistory(BudgetExhausted):
+    """A DP-SGD round refused because the site's ledger records non-private releases: its epsilon is
+    infinite, so no DP guarantee can be given for this data any more."""
+
+    def __init__(self, *, ledger: Path, round: int, non_private_rounds: list[int], cap: float,
+                 delta: float):
+        self.ledger, self.round, self.spent, self.would_be, self.cap, self.delta = (
+            Path(ledger), round, math.inf, math.inf, cap, delta)
+        self.non_private_rounds = list(non_private_rounds)
+        rounds = ", ".join(str(r) for r in non_private_rounds)
+        ValueError.__init__(self, f"{ledger}: DP round {round} refused: this site released "
+                                  f"non-private weights (round {rounds}), so its epsilon is "
+                                  f"infinite and no DP guarantee is possible for this data; train "
+                                  f"DP rounds on data whose ledger has no non-private round")
+
+
+def check_private_history(ledger: Path, round: int, state: SiteLedgerState, *,
+                          cap: float = math.inf, delta: float = 0.0) -> None:
+    """Raise :class:`NonPrivateHistory` when ``state`` holds any non-private round."""
+    if state.non_private:
+        raise NonPrivateHistory(ledger=ledger, round=round, cap=cap, delta=delta,
+                                non_private_rounds=[r.round for r in state.non_private])
 
 
 class PlanMismatch(ValueError):
@@ -145,17 +172,22 @@ class SiteBudget:
 
     def spent(self, state: SiteLedgerState | None = None) -> float:
         """Cumulative epsilon of the ledger: the DP-SGD rounds replayed, plus any DP-gate
-        charges (basic composition), which the same cap covers."""
+        charges (basic composition), which the same cap covers; infinite after a non-private
+        round."""
         state = state or self.state()
         plan = self.plan(state)
+        if not state.differentially_private:
+            return math.inf
         return epsilon(history_of(state.rounds), plan.delta, plan.accountant) + _gate_spend(state)
 
     def check(self, round: int, steps: int | None = None,
               state: SiteLedgerState | None = None) -> float:
         """Epsilon after one more round of ``steps`` (default: the plan's); raises
-        :class:`BudgetExhausted` if that would exceed the cap in force."""
+        :class:`BudgetExhausted` if that would exceed the cap in force (:class:`NonPrivateHistory`
+        after a non-private round)."""
         state = state or self.state()
         plan = self.plan(state)
+        check_private_history(self.path, round, state, cap=plan.target_epsilon, delta=plan.delta)
         steps = plan.steps_per_round if steps is None else steps
         history = history_of(state.rounds) + [(plan.noise_multiplier, plan.sample_rate, steps)]
         would_be = epsilon(history, plan.delta, plan.accountant) + _gate_spend(state)

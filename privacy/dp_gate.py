@@ -19,6 +19,7 @@ Accounting. A gate query is pure ``epsilon``-DP; a site's DP-SGD rounds are
 ``(eps_sgd, delta)``-DP. Basic composition gives ``(eps_sgd + sum of gate epsilons, delta)``:
 :func:`site_spend` reports that total, and a site refuses a gate query that would take the total
 past its cap (the latest ``plan`` entry's ``target_epsilon``, else the site's configured budget).
+After a ``non-private-round`` entry the DP-SGD spend is infinite, so every DP gate query is refused.
 
 Ledger entry kind ``dp-gate`` (:class:`GateChargeRecord`): written BEFORE the noisy answers exist
 (write-ahead, under the ledger lock), so a crash can only over-count. Entries are read here
@@ -36,6 +37,7 @@ Utility, measured (one candidate, many draws): P(fail | exact copy) vs P(fail | 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +47,8 @@ import numpy as np
 
 from privacy.accounting import epsilon as dp_sgd_epsilon, history_of
 from privacy.ledger import Ledger, LedgerEntry, LedgerError
-from privacy.site_ledger import (PlanRecord, RoundRecord, _Record, fedsynth_version,
-                                 utc_timestamp)
+from privacy.site_ledger import (NonPrivateRoundRecord, PlanRecord, RoundRecord, _Record,
+                                 fedsynth_version, utc_timestamp)
 
 log = logging.getLogger(__name__)
 
@@ -105,32 +107,33 @@ class SiteSpend:
     accountant: str
     rounds: int
     gate_queries: int
+    non_private_rounds: int = 0   # > 0: non-private weights were released, dp_sgd is infinite
 
     @property
     def total(self) -> float:
         return self.dp_sgd + self.gate
 
 
-def _typed(entries: list[LedgerEntry], path: Path
-           ) -> tuple[list[PlanRecord], list[RoundRecord], list[GateChargeRecord]]:
-    plans, rounds, gates = [], [], []
+_KINDS: dict[str, type[_Record]] = {record.kind: record for record in (
+    PlanRecord, RoundRecord, NonPrivateRoundRecord, GateChargeRecord)}
+
+
+def _typed(entries: list[LedgerEntry], path: Path) -> dict[str, list]:
+    """The typed records of a site ledger by kind (every kind of :data:`_KINDS`, maybe empty)."""
+    typed: dict[str, list] = {kind: [] for kind in _KINDS}
     for entry in entries:
-        if entry.kind == PlanRecord.kind:
-            plans.append(PlanRecord.from_entry(entry, path))
-        elif entry.kind == RoundRecord.kind:
-            rounds.append(RoundRecord.from_entry(entry, path))
-        elif entry.kind == GATE_KIND:
-            gates.append(GateChargeRecord.from_entry(entry, path))
-        else:
+        record_type = _KINDS.get(entry.kind)
+        if record_type is None:
             raise LedgerError(f"{path}: seq {entry.seq} has kind {entry.kind!r}, which a site "
-                              f"ledger does not hold (expected plan, round or {GATE_KIND})")
-    return plans, rounds, gates
+                              f"ledger does not hold (expected {', '.join(_KINDS)})")
+        typed[entry.kind].append(record_type.from_entry(entry, path))
+    return typed
 
 
 def gate_charges(ledger_path: Path | str) -> list[GateChargeRecord]:
     """Every ``dp-gate`` entry of a site ledger (verified chain); [] for a missing ledger."""
     path = Path(ledger_path)
-    return _typed(Ledger(path).entries(), path)[2] if path.exists() else []
+    return _typed(Ledger(path).entries(), path)[GATE_KIND] if path.exists() else []
 
 
 def site_spend(ledger_path: Path | str, *, default_cap: float, default_delta: float) -> SiteSpend:
@@ -140,14 +143,18 @@ def site_spend(ledger_path: Path | str, *, default_cap: float, default_delta: fl
     ``default_cap``/``default_delta`` (its configured budget).
     """
     path = Path(ledger_path)
-    plans, rounds, gates = _typed(Ledger(path).entries(), path) if path.exists() else ([], [], [])
+    typed = _typed(Ledger(path).entries() if path.exists() else [], path)
+    plans, rounds, gates = typed[PlanRecord.kind], typed[RoundRecord.kind], typed[GATE_KIND]
     plan = plans[-1] if plans else None
     delta = plan.delta if plan else float(default_delta)
     accountant = plan.accountant if plan else "rdp"
     sgd = dp_sgd_epsilon(history_of(rounds), delta, accountant) if rounds else 0.0
+    if typed[NonPrivateRoundRecord.kind]:
+        sgd = math.inf  # the site released non-private weights: no finite epsilon
     return SiteSpend(dp_sgd=sgd, gate=float(sum(g.epsilon for g in gates)), delta=delta,
                      cap=plan.target_epsilon if plan else float(default_cap),
-                     accountant=accountant, rounds=len(rounds), gate_queries=len(gates))
+                     accountant=accountant, rounds=len(rounds), gate_queries=len(gates),
+                     non_private_rounds=len(typed[NonPrivateRoundRecord.kind]))
 
 
 def charge_gate(ledger_path: Path | str, *, query_id: str, epsilon: float, num_candidates: int,

@@ -59,14 +59,16 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from opacus.validators import ModuleValidator
 from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import Dataset, default_collate
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from privacy.accounting import history_of, merge_history, replay_accountant
 from privacy.budget import PlanMismatch, SiteBudget
 from privacy.grad_samplers import ConvGradSampler, use_conv3d_grad_sampler
-from privacy.outbox import OutboxItem, outbox_path, read_outbox, weights_hash, write_outbox
+from privacy.local_training import collate_rows, ema_of, expand_patients, released_weights
+from privacy.outbox import (OutboxItem, committed_weights, outbox_path, weights_hash,
+                            write_outbox)
 from privacy.site_ledger import PlanRecord, RoundRecord, SiteLedgerState
 from privacy.trainable import apply_trainable, restore_trainable
 
@@ -196,22 +198,6 @@ def release(module: AbstractGradSampleModule, optimizer: DPOptimizer) -> None:
             del p.summed_grad
 
 
-def expand_patients(patient_indices: Sequence[int], patient_rows: Sequence[Sequence[int]],
-                    multiplicity: int) -> tuple[list[int], torch.Tensor]:
-    """Rows for the sampled patients: each patient's scans, each repeated ``multiplicity`` times.
-
-    Returns the scan dataset index of every row and ``patient_of_row`` (R,) long, the position of
-    the row's patient in ``patient_indices``.
-    """
-    rows: list[int] = []
-    owners: list[int] = []
-    for position, patient in enumerate(patient_indices):
-        for scan in patient_rows[int(patient)]:
-            rows.extend([int(scan)] * multiplicity)
-            owners.extend([position] * multiplicity)
-    return rows, torch.tensor(owners, dtype=torch.long)
-
-
 def reduce_grad_samples_by_patient(params: Sequence[nn.Parameter], patient_of_row: torch.Tensor,
                                    num_patients: int) -> None:
     """Replace each ``p.grad_sample`` (R, *p.shape) by its per-patient mean (P, *p.shape).
@@ -284,16 +270,6 @@ def empty_step_gradients(optimizer: DPOptimizer, mode: GradSampleMode) -> None:
             p.grad = torch.zeros_like(p)
         else:
             p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
 
 
 class _PatientIndices(Dataset):
@@ -414,17 +390,10 @@ class DPTrainer:
 
     def _resend(self, round: int, before: str, state: SiteLedgerState) -> RoundResult | None:
         last = state.rounds[-1] if state.rounds else None
-        if last is None or last.round != round or last.model_hash_before != before:
-            return None
-        item = read_outbox(outbox_path(self.budget.path))
-        if item is None or item.round != round or item.model_hash_after != last.model_hash_after:
-            log.warning("%s: round %d is committed but its weights are not in the outbox; "
-                        "training it again and charging it as a new release", self.budget.path,
-                        round)
+        item = committed_weights(self.budget.path, round, before, last)
+        if item is None:
             return None
         self.model.load_state_dict(item.weights)
-        log.info("%s: round %d was already committed; resending its weights (not charged again)",
-                 self.budget.path, round)
         return RoundResult(round, item.weights, last, resumed=True)
 
     def _train(self, round: int, plan: PlanRecord,
@@ -433,8 +402,7 @@ class DPTrainer:
         was_training = model.training
         flags = apply_trainable(model, settings.trainable)
         model.train()
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay)) \
-            if settings.ema_decay is not None else None
+        ema = ema_of(model, settings.ema_decay)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             engine = PrivacyEngine(accountant=plan.accountant)
@@ -461,11 +429,7 @@ class DPTrainer:
                 release(module, optimizer)
             restore_trainable(model, flags)
             model.train(was_training)
-        if ema is not None:
-            with torch.no_grad():
-                for target, averaged in zip(model.parameters(), ema.module.parameters()):
-                    target.copy_(averaged)
-        return {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+        return released_weights(model, ema)
 
     def _epoch(self, module: AbstractGradSampleModule, optimizer: DPOptimizer, loader: DPDataLoader,
                limit: _StepLimit, ema: AveragedModel | None, progress: tqdm) -> None:
@@ -491,7 +455,7 @@ class DPTrainer:
         if not rows:
             empty_step_gradients(optimizer, mode)
             return
-        batch = _to_device(default_collate([self.scans[i] for i in rows]), device)
+        batch = collate_rows(self.scans, rows, device)
         backward_per_patient(module, optimizer, self.loss_fn, batch, patient_of_row,
                              len(patient_indices), mode)
 

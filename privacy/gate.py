@@ -67,8 +67,8 @@ from tqdm.auto import tqdm
 from models.autoencoder import encode_latents
 from privacy.protocol import (ARRAYS, CONFIG, GATE_ACCOUNTING, GATE_ACCOUNTING_KEYS, GATE_PASSED,
                               GATE_STATUS, GATE_STATUS_KEYS, METRICS, PROTOCOL_VERSION,
-                              ProtocolViolation, compact_json, record_field,
-                              record_json_field)
+                              ProtocolViolation, check_accounting_numbers, compact_json,
+                              record_field, record_json_field)
 
 Distance = Literal["latent", "nrmse", "ssim"]
 DISTANCES: tuple[str, ...] = ("latent", "nrmse", "ssim")
@@ -514,10 +514,7 @@ def check_gate_reply(records: Mapping[str, tuple[str, Mapping[str, Any]]],
         if keys != allowed:
             raise ProtocolViolation(f"gate answer record {name!r}: keys not allowed "
                                     f"{sorted(keys - allowed)}, missing {sorted(allowed - keys)}")
-    for key, value in records[GATE_ACCOUNTING][1].items():
-        if isinstance(value, bool) or not isinstance(value, _NUMBER) or not math.isfinite(value):
-            raise ProtocolViolation(f"gate-accounting.{key}: must be a finite number "
-                                    f"(got {value!r})")
+    check_accounting_numbers(GATE_ACCOUNTING, records[GATE_ACCOUNTING][1])
     ok = records[GATE_STATUS][1].get("status") == GateStatus.OK.value
     if ok != (GATE_PASSED in records):
         raise ProtocolViolation("an 'ok' gate answer must carry the pass/fail array, any other "

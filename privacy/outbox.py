@@ -12,7 +12,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Protocol
 
 import torch
 
@@ -68,4 +68,30 @@ def read_outbox(path: Path) -> OutboxItem | None:
     if weights_hash(item.weights) != item.model_hash_after:
         log.warning("%s: the outbox weights do not match their recorded hash; not reused", path)
         return None
+    return item
+
+
+class CommittedRelease(Protocol):
+    """A ledger entry naming released weights (a ``round`` or ``non-private-round`` record)."""
+
+    round: int
+    model_hash_before: str
+    model_hash_after: str
+
+
+def committed_weights(ledger_path: Path, round: int, model_hash_before: str,
+                      last: CommittedRelease | None) -> OutboxItem | None:
+    """The weights to resend when ``round`` is asked again from the same starting weights and
+    ``last`` (the newest release entry of that kind in the ledger) already committed it; None when
+    this is a new release, or when the outbox lost the committed weights (then the round is trained
+    and recorded again, as a new release)."""
+    if last is None or last.round != round or last.model_hash_before != model_hash_before:
+        return None
+    item = read_outbox(outbox_path(ledger_path))
+    if item is None or item.round != round or item.model_hash_after != last.model_hash_after:
+        log.warning("%s: round %d is committed but its weights are not in the outbox; training it "
+                    "again and recording it as a new release", ledger_path, round)
+        return None
+    log.info("%s: round %d was already committed; resending its weights (not recorded again)",
+             ledger_path, round)
     return item

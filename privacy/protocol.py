@@ -21,7 +21,12 @@ A train reply (site -> server) holds ONLY what the trust model lets leave a site
   :data:`STATUS_KEYS`.
 
 No loss, gradient norm, timing or other statistic computed from private data is in the allow-list,
-and :func:`check_reply` refuses a reply that holds anything else. A refusal carries one of the fixed
+and :func:`check_reply` refuses a reply that holds anything else.
+
+A site that released non-private weights (its own opt-in, ``allow_non_private``) never claims a
+finite epsilon: its reply says ``epsilon = epsilon-next = target-epsilon = +inf`` (no guarantee, no
+cap) and ``noise-multiplier = 0``. Accounting figures must otherwise be finite; only the epsilon keys
+of :data:`MAY_BE_INFINITE` may be ``+inf`` (never NaN or ``-inf``). A refusal carries one of the fixed
 :class:`RefusalReason` codes, never an exception text (which could name files or values).
 """
 
@@ -66,6 +71,10 @@ REPLY_RECORDS: dict[str, str] = {SITE_WEIGHTS: ARRAYS, SITE_ACCOUNTING: METRICS,
 ACCOUNTING_KEYS = frozenset({
     "round", WEIGHT_KEY, "epsilon", "epsilon-next", "target-epsilon", "delta", "noise-multiplier",
     "sample-rate", "steps"})
+# The epsilon of a site whose ledger records a non-private release (and its "cap": none).
+NOT_PRIVATE = math.inf
+# Accounting keys that may hold NOT_PRIVATE (train reply and gate answer).
+MAY_BE_INFINITE = frozenset({"epsilon", "epsilon-next", "target-epsilon", "epsilon-total"})
 # Status fields: fixed codes, the site's public name, and hashes of its ledger and released weights.
 STATUS_KEYS = frozenset({
     "protocol", "status", "reason", "site-id", "ledger-seq", "ledger-head", "weights-sha256",
@@ -182,6 +191,11 @@ class TrainReply:
     weights_sha256: str = ""
     resumed: bool = False
 
+    @property
+    def not_private(self) -> bool:
+        """The site's spend is infinite: its ledger records a non-private release."""
+        return self.epsilon == NOT_PRIVATE
+
     def accounting(self) -> dict[str, int | float]:
         """MetricRecord content (every key in :data:`ACCOUNTING_KEYS`)."""
         return {"round": int(self.round), WEIGHT_KEY: int(self.num_patients),
@@ -250,9 +264,7 @@ def check_reply(records: Mapping[str, tuple[str, Mapping[str, Any]]],
         if keys != allowed:
             extra, missing = sorted(keys - allowed), sorted(allowed - keys)
             raise ProtocolViolation(f"reply record {name!r}: keys not allowed {extra}, missing {missing}")
-    for key, value in records[SITE_ACCOUNTING][1].items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ProtocolViolation(f"accounting.{key}: must be a finite number (got {value!r})")
+    check_accounting_numbers(SITE_ACCOUNTING, records[SITE_ACCOUNTING][1])
     status = records[SITE_STATUS][1]
     if status.get("status") == ReplyStatus.OK.value and SITE_WEIGHTS not in records:
         raise ProtocolViolation("an 'ok' reply must carry the trained weights")
@@ -265,6 +277,17 @@ def check_reply(records: Mapping[str, tuple[str, Mapping[str, Any]]],
             if tuple(shape) != tuple(weight_shapes[tensor]):
                 raise ProtocolViolation(f"arrays.{tensor}: shape {tuple(shape)} differs from the global "
                                         f"model's {tuple(weight_shapes[tensor])}")
+
+
+def check_accounting_numbers(record: str, values: Mapping[str, Any]) -> None:
+    """Every value a number, finite except ``+inf`` (:data:`NOT_PRIVATE`) in the keys of
+    :data:`MAY_BE_INFINITE`; :class:`ProtocolViolation` names the first bad key."""
+    for key, value in values.items():
+        number = not isinstance(value, bool) and isinstance(value, (int, float))
+        if number and (math.isfinite(value) or (key in MAY_BE_INFINITE and value == NOT_PRIVATE)):
+            continue
+        allowed = "a finite number or +inf" if key in MAY_BE_INFINITE else "a finite number"
+        raise ProtocolViolation(f"{record}.{key}: must be {allowed} (got {value!r})")
 
 
 def compact_json(value: Any) -> str:

@@ -4,6 +4,10 @@ For every round: its steps, the cumulative epsilon the site recorded, that epsil
 Opacus from the ledger, and an independent recomputation with Google's ``dp_accounting`` (RDP for an
 ``rdp`` ledger, PLD for a ``prv`` ledger) with the stated tolerance. Then the remaining budget, and
 a plain statement of what the guarantee covers and what it does not.
+
+A ledger with ``non-private-round`` entries (a site that opted in to non-private training) is
+reported as NOT differentially private: spent = infinity, the non-private rounds are counted and
+listed, and the independent recomputation is stated to cover the DP-SGD rounds only.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import base64
 import html
 import io
 import json
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +25,8 @@ from typing import Any
 from privacy.accounting import (INDEPENDENT_METHOD, INDEPENDENT_TOLERANCE, epsilon, history_of,
                                 independent_curve, independent_epsilon, merge_history)
 from privacy.ledger import LedgerError, verify_ledger
-from privacy.site_ledger import PlanRecord, RoundRecord, SiteLedger, utc_timestamp
+from privacy.site_ledger import (NonPrivateRoundRecord, PlanRecord, RoundRecord, SiteLedger,
+                                 utc_timestamp)
 
 # Rounds to look ahead when counting how many more rounds of the current plan fit under the cap.
 _MAX_LOOKAHEAD_ROUNDS = 10_000
@@ -56,6 +62,30 @@ def coverage_statement(plan: PlanRecord) -> tuple[list[str], list[str]]:
         "Rounds missing from this file: the hash chain proves the entries were not altered, cut or "
         "reordered, not that the file was never replaced as a whole; reconcile with the server's "
         "consortium ledger.",
+    ]
+    return covers, not_covered
+
+
+def non_private_statement(records: list[NonPrivateRoundRecord], dp_rounds: int
+                          ) -> tuple[list[str], list[str]]:
+    """What a ledger with non-private releases covers (nothing), and what it does not."""
+    rounds = ", ".join(str(r.round) for r in records)
+    covers = [
+        f"Nothing. This site released model weights trained WITHOUT differential privacy in "
+        f"{len(records)} round(s) (round {rounds}; the site's own opt-in, allow_non_private, for "
+        f"research or demo data only). Its epsilon is infinite: no (epsilon, delta) guarantee "
+        f"covers its data, the weights it sent, the global model or synthetic images sampled from "
+        f"it.",
+    ]
+    if dp_rounds:
+        covers.append(f"The {dp_rounds} DP-SGD round(s) in the table, taken alone, spend the "
+                      f"epsilon shown there; composed with the non-private rounds the site's total "
+                      f"is infinite. The independent recomputation covers those DP-SGD rounds only.")
+    not_covered = [
+        "The non-private rounds: plain (non-noisy, unclipped) training on every patient's scans; "
+        "their weights may reveal anything about this site's data, including whole scans.",
+        "Release-gate answers, the number of patients, and anything else computed from the "
+        "site's data.",
     ]
     return covers, not_covered
 
@@ -97,6 +127,10 @@ class PrivacyReport:
     rows: list[ReportRow] = field(default_factory=list)
     covers: list[str] = field(default_factory=list)
     not_covered: list[str] = field(default_factory=list)
+    # False once the ledger records a non-private release: ``spent`` is then infinite.
+    differentially_private: bool = True
+    non_private_rounds: int = 0
+    non_private: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,6 +162,8 @@ def build_report(ledger_path: Path | str) -> PrivacyReport:
     verified = verify_ledger(path)
     state = SiteLedger(path).state()
     plan = state.plan
+    if plan is None and state.non_private:
+        return _non_private_only(path, verified.ok, len(verified.entries), state)
     if plan is None:
         raise LedgerError(f"{path}: holds no plan entry, so it is not a site privacy ledger; "
                           f"pass the site's ledger (<data_dir>/.fedsynth/ledger.jsonl)")
@@ -147,17 +183,37 @@ def build_report(ledger_path: Path | str) -> PrivacyReport:
     history = merge_history(history_of(state.rounds))
     spent = epsilon(history, plan.delta, plan.accountant)
     covers, not_covered = coverage_statement(plan)
+    if state.non_private:
+        spent = math.inf
+        covers, extra = non_private_statement(state.non_private, len(state.rounds))
+        not_covered = extra + not_covered
     return PrivacyReport(
         ledger=str(path), generated=utc_timestamp(), chain_intact=verified.ok,
         entries=len(verified.entries), accountant=plan.accountant, delta=plan.delta,
         cap=plan.target_epsilon, spent=spent, remaining=max(0.0, plan.target_epsilon - spent),
-        rounds_remaining=_rounds_remaining(plan, state.rounds), plan=asdict(plan),
-        independent_method=method,
+        rounds_remaining=0 if state.non_private else _rounds_remaining(plan, state.rounds),
+        plan=asdict(plan), independent_method=method,
         independent_total_rdp=independent_epsilon(history, plan.delta, "rdp"),
         independent_total_pld=independent_epsilon(history, plan.delta, "pld"),
         tolerance=tolerance.describe(), all_agree=all(row.agrees for row in rows),
         other_entries=dict(Counter(entry.kind for entry in state.other)),
-        rows=rows, covers=covers, not_covered=not_covered)
+        rows=rows, covers=covers, not_covered=not_covered,
+        differentially_private=not state.non_private, non_private_rounds=len(state.non_private),
+        non_private=[asdict(record) for record in state.non_private])
+
+
+def _non_private_only(path: Path, intact: bool, entries: int, state) -> PrivacyReport:
+    """The report of a ledger with non-private rounds and no DP-SGD plan: nothing is covered."""
+    covers, not_covered = non_private_statement(state.non_private, 0)
+    return PrivacyReport(
+        ledger=str(path), generated=utc_timestamp(), chain_intact=intact, entries=entries,
+        accountant="none", delta=0.0, cap=math.inf, spent=math.inf, remaining=0.0,
+        rounds_remaining=0, plan={}, independent_method="none", independent_total_rdp=0.0,
+        independent_total_pld=0.0, tolerance="not applicable (no DP-SGD round)", all_agree=True,
+        other_entries=dict(Counter(entry.kind for entry in state.other)), rows=[],
+        covers=covers, not_covered=not_covered, differentially_private=False,
+        non_private_rounds=len(state.non_private),
+        non_private=[asdict(record) for record in state.non_private])
 
 
 def plot_png(report: PrivacyReport) -> bytes:
@@ -174,10 +230,15 @@ def plot_png(report: PrivacyReport) -> bytes:
               label=f"ledger ({report.accountant})")
     axes.plot(rounds, [row.independent_epsilon for row in report.rows], "x--",
               label=f"independent ({report.independent_method}, dp_accounting)")
-    axes.axhline(report.cap, color="crimson", linestyle=":", label=f"cap {report.cap:g}")
+    if math.isfinite(report.cap):
+        axes.axhline(report.cap, color="crimson", linestyle=":", label=f"cap {report.cap:g}")
+    if not report.differentially_private:
+        axes.set_title(f"NOT differentially private: {report.non_private_rounds} non-private "
+                       f"round(s), epsilon = infinity", color="crimson", fontsize=9)
     axes.set_xlabel("round")
     axes.set_ylabel(f"cumulative epsilon (delta {report.delta:g})")
-    axes.set_ylim(0, 1.1 * max([report.cap] + [row.epsilon for row in report.rows]))
+    finite = [v for v in [report.cap] + [row.epsilon for row in report.rows] if math.isfinite(v)]
+    axes.set_ylim(0, 1.1 * max(finite + [1.0]))
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
@@ -187,8 +248,30 @@ def plot_png(report: PrivacyReport) -> bytes:
     return buffer.getvalue()
 
 
+def _non_private_summary(report: PrivacyReport) -> list[tuple[str, str]]:
+    rounds = ", ".join(str(r["round"]) for r in report.non_private)
+    dp_rounds = len(report.rows)
+    lines = [
+        ("Ledger", report.ledger),
+        ("Hash chain", f"intact ({report.entries} entries)" if report.chain_intact else "BROKEN"),
+        ("Differentially private", f"NO: non-private weights were released in "
+                                   f"{report.non_private_rounds} round(s) (round {rounds})"),
+        ("Spent", "infinite (epsilon = infinity): not differentially private"),
+        ("DP-SGD rounds", f"{dp_rounds}" + (" (their figures below do not bound the total)"
+                                            if dp_rounds else "")),
+    ]
+    if dp_rounds:
+        lines.append(("Independent total", f"RDP {report.independent_total_rdp:.4f}, PLD "
+                                           f"{report.independent_total_pld:.4f} (dp_accounting) "
+                                           f"over the DP-SGD rounds only; it does NOT cover the "
+                                           f"non-private rounds"))
+    return lines
+
+
 def _summary(report: PrivacyReport) -> list[tuple[str, str]]:
     plan = report.plan
+    if not report.differentially_private:
+        return _non_private_summary(report)
     return [
         ("Ledger", report.ledger),
         ("Hash chain", f"intact ({report.entries} entries)" if report.chain_intact else "BROKEN"),
@@ -221,8 +304,23 @@ def _cells(row: ReportRow) -> list[str]:
             f"{row.independent_epsilon:.4f}", "yes" if row.agrees else "NO"]
 
 
+_NON_PRIVATE_COLUMNS = ("round", "steps", "patients", "batch", "timestamp", "weights after")
+
+
+def _non_private_cells(record: dict[str, Any]) -> list[str]:
+    return [str(record["round"]), str(record["steps"]), str(record["num_patients"]),
+            str(record["batch_size"]), record["timestamp"], record["model_hash_after"][:16]]
+
+
+def _warning(report: PrivacyReport) -> list[str]:
+    if report.differentially_private:
+        return []
+    return [f"**NOT DIFFERENTIALLY PRIVATE.** This site released non-private weights in "
+            f"{report.non_private_rounds} round(s): its epsilon is infinite.", ""]
+
+
 def render_markdown(report: PrivacyReport, plot_name: str | None = None) -> str:
-    lines = ["# Privacy report", "", f"Generated {report.generated}.", "",
+    lines = ["# Privacy report", "", f"Generated {report.generated}.", ""] + _warning(report) + [
              "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in _summary(report)]
     lines += ["", "## Rounds", "", "| " + " | ".join(_COLUMNS) + " |",
@@ -230,6 +328,11 @@ def render_markdown(report: PrivacyReport, plot_name: str | None = None) -> str:
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in report.rows]
     if not report.rows:
         lines.append("| (no round yet) |" + " |" * (len(_COLUMNS) - 1))
+    if report.non_private:
+        lines += ["", "## Non-private rounds (no DP: epsilon = infinity)", "",
+                  "| " + " | ".join(_NON_PRIVATE_COLUMNS) + " |",
+                  "|" + "---|" * len(_NON_PRIVATE_COLUMNS)]
+        lines += ["| " + " | ".join(_non_private_cells(r)) + " |" for r in report.non_private]
     if plot_name:
         lines += ["", f"![epsilon per round]({plot_name})"]
     lines += ["", "## What the guarantee covers", ""] + [f"- {item}" for item in report.covers]
@@ -243,7 +346,10 @@ def render_html(report: PrivacyReport, png: bytes | None = None) -> str:
              "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em}"
              "</style></head><body>", "<h1>Privacy report</h1>",
-             f"<p>Generated {esc(report.generated)}.</p>", "<table>"]
+             f"<p>Generated {esc(report.generated)}.</p>"]
+    parts += [f"<p style='color:crimson'>{esc(line.replace('**', ''))}</p>"
+              for line in _warning(report) if line]
+    parts.append("<table>")
     parts += [f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in _summary(report)]
     parts += ["</table>", "<h2>Rounds</h2>", "<table><tr>"
               + "".join(f"<th>{esc(c)}</th>" for c in _COLUMNS) + "</tr>"]

@@ -6,6 +6,10 @@
 - ``round``: one released set of DP-SGD weights: the mechanism (sigma, q, steps), the cumulative
   epsilon after it, and the hashes of the weights the round started from and the weights it
   released.
+- ``non-private-round``: one released set of weights trained WITHOUT differential privacy (a site
+  that opted in with ``allow_non_private``, research and demo data only): the patients, steps and
+  the hashes of the weights. It has no epsilon field: from this entry on, the site's epsilon is
+  infinite, and no later DP-SGD round can be accounted (:mod:`privacy.budget` refuses it).
 
 The round entries are the single source of truth for the spend: the accountant is rebuilt by
 replaying them (:func:`privacy.accounting.replay_accountant`).
@@ -121,14 +125,40 @@ class RoundRecord(_Record):
 
 
 @dataclass(frozen=True)
+class NonPrivateRoundRecord(_Record):
+    """One round whose weights left the site WITHOUT differential privacy (the site's own opt-in,
+    ``SiteConfig.allow_non_private``): ``local_epochs`` passes over ``num_patients`` patients in
+    shuffled batches of ``batch_size`` patients, ``steps`` optimizer steps in all. No epsilon: a
+    non-private release makes the site's epsilon infinite."""
+
+    kind: ClassVar[str] = "non-private-round"
+    round: int
+    num_patients: int
+    batch_size: int
+    local_epochs: int
+    steps: int
+    learning_rate: float
+    model_hash_before: str
+    model_hash_after: str
+    timestamp: str
+    fedsynth_version: str
+
+
+@dataclass(frozen=True)
 class SiteLedgerState:
-    """A verified read of a site ledger: the plans (the latest is in force), the DP-SGD rounds, and
-    the entries of other kinds the site ledger may hold (e.g. ``dp-gate`` charges of
-    :mod:`privacy.dp_gate`), which DP-SGD accounting leaves to their own modules."""
+    """A verified read of a site ledger: the plans (the latest is in force), the DP-SGD rounds, the
+    non-private rounds, and the entries of other kinds the site ledger may hold (e.g. ``dp-gate``
+    charges of :mod:`privacy.dp_gate`), which DP-SGD accounting leaves to their own modules."""
 
     plans: list[PlanRecord]
     rounds: list[RoundRecord]
     other: list[LedgerEntry] = field(default_factory=list)
+    non_private: list[NonPrivateRoundRecord] = field(default_factory=list)
+
+    @property
+    def differentially_private(self) -> bool:
+        """False once the site released non-private weights: its epsilon is infinite from then on."""
+        return not self.non_private
 
     @property
     def plan(self) -> PlanRecord | None:
@@ -142,8 +172,9 @@ class SiteLedgerState:
 class SiteLedger:
     """Typed access to a site's ledger file (hash chain, fsync and lock from :class:`Ledger`)."""
 
-    KINDS: ClassVar[dict[str, type[_Record]]] = {PlanRecord.kind: PlanRecord,
-                                                 RoundRecord.kind: RoundRecord}
+    KINDS: ClassVar[dict[str, type[_Record]]] = {
+        PlanRecord.kind: PlanRecord, RoundRecord.kind: RoundRecord,
+        NonPrivateRoundRecord.kind: NonPrivateRoundRecord}
 
     def __init__(self, path: Path | str):
         self.ledger = Ledger(path)
@@ -158,20 +189,19 @@ class SiteLedger:
 
     def state(self) -> SiteLedgerState:
         """Verify the chain and decode the plan and round entries (other kinds kept as they are)."""
-        plans: list[PlanRecord] = []
-        rounds: list[RoundRecord] = []
+        typed: dict[str, list] = {kind: [] for kind in self.KINDS}
         other: list[LedgerEntry] = []
         for entry in self.ledger.entries():
             record_type = self.KINDS.get(entry.kind)
             if record_type is None:
                 other.append(entry)
                 continue
-            record = record_type.from_entry(entry, self.path)
-            (plans if isinstance(record, PlanRecord) else rounds).append(record)
+            typed[entry.kind].append(record_type.from_entry(entry, self.path))
+        plans, rounds = typed[PlanRecord.kind], typed[RoundRecord.kind]
         if rounds and not plans:
             raise LedgerError(f"{self.path}: has round entries but no plan entry; restore the "
                               f"ledger")
-        return SiteLedgerState(plans, rounds, other)
+        return SiteLedgerState(plans, rounds, other, typed[NonPrivateRoundRecord.kind])
 
     def append(self, record: _Record) -> LedgerEntry:
         """Append a typed record durably."""

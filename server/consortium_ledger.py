@@ -17,10 +17,15 @@ the previous entry's hash, fsync'd appends, a head record). Entry kinds and thei
 
 Because sites report their CUMULATIVE epsilon and their ledger head, mirroring a reply twice (a
 superseded round and its rerun) never double-counts a spend.
+
+A site that released non-private weights reports epsilon = +inf; the ledger's JSON holds no
+non-finite number, so an infinite figure is written as the string ``"Infinity"`` (``float()`` reads
+it back).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -102,6 +107,11 @@ class ConsortiumView:
         return latest
 
 
+def json_number(value: float) -> float | str:
+    """``value`` as the ledger may hold it: finite numbers as they are, +inf as ``"Infinity"``."""
+    return "Infinity" if value == math.inf else float(value)
+
+
 def _superseded(entries: Iterable[LedgerEntry]) -> frozenset[int]:
     out: set[int] = set()
     for entry in entries:
@@ -146,8 +156,9 @@ class ConsortiumLedger:
     def record_site(self, round: int, node_id: int, reply: TrainReply) -> LedgerEntry:
         return self._append(SITE_ROUND, {
             "round": int(round), "node_id": str(node_id), "site_id": reply.site_id,
-            "status": reply.status.value, "reason": reply.reason.value, "epsilon": reply.epsilon,
-            "epsilon_next": reply.epsilon_next, "target_epsilon": reply.target_epsilon,
+            "status": reply.status.value, "reason": reply.reason.value,
+            "epsilon": json_number(reply.epsilon), "epsilon_next": json_number(reply.epsilon_next),
+            "target_epsilon": json_number(reply.target_epsilon),
             "delta": reply.delta, "noise_multiplier": reply.noise_multiplier,
             "sample_rate": reply.sample_rate, "steps": reply.steps, "num_patients": reply.num_patients,
             "site_ledger_seq": reply.ledger_seq, "site_ledger_head": reply.ledger_head,

@@ -6,7 +6,8 @@ site's ledger at that time and the cumulative epsilon the site reported. For eac
 - **rollback**: the site's ledger is shorter than the entry the consortium saw (entries were cut, or
   an older copy of the ledger was restored);
 - **divergence**: the site's ledger holds a different entry at that position (it was rewritten), or
-  the round entry there disagrees with what was reported (round number, epsilon);
+  the round entry there disagrees with what was reported (round number, epsilon; a
+  ``non-private-round`` entry must have been reported with epsilon = +inf);
 - the site's ledger failing its own chain check is reported as such (with the first bad line).
 
 Round entries of the site that the consortium never mirrored (e.g. the server stopped before it
@@ -15,14 +16,18 @@ recorded a reply) are listed as notes: the site spent them, the consortium does 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from privacy.ledger import LedgerEntry, LedgerError, verify_ledger
 from privacy.rollback_guard import AlarmNotResolved, clear_alarm, pending_alarm
+from privacy.site_ledger import NonPrivateRoundRecord, RoundRecord
 from server.consortium_ledger import SiteReport, read_consortium_ledger
 
 ROLLBACK, DIVERGENCE, DAMAGED = "rollback", "divergence", "damaged"
+# Site ledger entries that release weights: DP-SGD rounds and non-private rounds.
+_RELEASES = frozenset({RoundRecord.kind, NonPrivateRoundRecord.kind})
 _EPSILON_TOLERANCE = 1e-9
 
 
@@ -79,10 +84,18 @@ def _check_report(report: SiteReport, entries: list[LedgerEntry]) -> Finding | N
                                    f"reported {report.site_ledger_head[:12]} in {where}: the ledger "
                                    f"was rewritten")
     if report.status == "ok":
-        if entry.kind != "round" or int(entry.payload.get("round", -1)) != report.round:
+        if entry.kind not in _RELEASES or int(entry.payload.get("round", -1)) != report.round:
             return Finding(DIVERGENCE, f"site ledger entry seq {seq} is not the round-{report.round} "
                                        f"entry the site reported in {where}")
-        recorded = float(entry.payload.get("epsilon", -1.0))
+        # A non-private round has no epsilon field: its spend is infinite.
+        recorded = float(entry.payload.get("epsilon", -1.0)) if entry.kind == RoundRecord.kind \
+            else math.inf
+        if math.isinf(recorded) or math.isinf(report.epsilon):
+            if recorded != report.epsilon:
+                return Finding(DIVERGENCE, f"{where}: the consortium mirrored epsilon "
+                                           f"{report.epsilon:.6g}, the site ledger records "
+                                           f"{recorded:.6g} ({entry.kind} entry)")
+            return None
         if abs(recorded - report.epsilon) > _EPSILON_TOLERANCE:
             return Finding(DIVERGENCE, f"{where}: the consortium mirrored epsilon {report.epsilon:.6g}, "
                                        f"the site ledger records {recorded:.6g}")
@@ -124,7 +137,7 @@ def reconcile(site_ledger: Path | str, consortium_ledger: Path | str,
             report.findings.append(finding)
     mirrored = {r.site_ledger_seq for r in reports}
     newest = max(mirrored, default=0)
-    unmirrored = [e for e in entries if e.kind == "round" and e.seq > newest]
+    unmirrored = [e for e in entries if e.kind in _RELEASES and e.seq > newest]
     if unmirrored:
         report.notes.append(f"{len(unmirrored)} round entr{'y' if len(unmirrored) == 1 else 'ies'} of "
                             f"the site (seq {', '.join(str(e.seq) for e in unmirrored)}) not mirrored by "

@@ -7,7 +7,10 @@ its cap, and the epsilon one more round at its plan would reach (all accounting 
 - does not sample a site whose last reply said ``budget-exhausted``, or whose next round would take
   it past its cap (``epsilon-next > target-epsilon``), or that refused for a reason only a person can
   fix (a rolled-back ledger, a plan mismatch, ...); such a site stays out for the rest of the run;
-- contacts every node it knows nothing about (a new or restarted SuperNode): the site decides.
+- contacts every node it knows nothing about (a new or restarted SuperNode): the site decides;
+- keeps sampling a site that trained non-privately on its own opt-in (its reply says epsilon = +inf,
+  :data:`privacy.protocol.NOT_PRIVATE`: no cap applies to a release that has no guarantee); every
+  other rule still applies to it, and all of them to DP sites.
 
 The site remains the authority: it refuses a round past its cap whatever the server samples. A site
 that failed (an error reply, no reply, or a reply breaking the protocol) is logged and stays
@@ -53,6 +56,7 @@ class SiteStanding:
     last_round: int = 0
     rounds_trained: int = 0
     excluded: str = ""      # "" while the server may sample the site; else why it does not
+    not_private: bool = False  # the site reported non-private releases (epsilon = +inf)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,9 +179,13 @@ class BudgetAwareFedAvg(FedAvg):
         if reply.target_epsilon:
             standing.epsilon, standing.epsilon_next = reply.epsilon, reply.epsilon_next
             standing.target_epsilon, standing.num_patients = reply.target_epsilon, reply.num_patients
+        standing.not_private = standing.not_private or reply.not_private
         if reply.status is ReplyStatus.OK:
             standing.rounds_trained += 1
-            if reply.epsilon_next > reply.target_epsilon:
+            if reply.not_private:
+                log.warning("round %d: %s trained WITHOUT differential privacy (its own opt-in); its "
+                            "epsilon is infinite", round, reply.site_id)
+            elif reply.epsilon_next > reply.target_epsilon:
                 standing.excluded = (f"spent epsilon {reply.epsilon:.4g} of its cap "
                                      f"{reply.target_epsilon:g}; one more round would reach "
                                      f"{reply.epsilon_next:.4g}")

@@ -55,6 +55,9 @@ def _report(args: argparse.Namespace) -> int:
         print(f"{args.out}: {args.format} report written (plot {plot_path})", file=sys.stderr)
     else:
         sys.stdout.write(text)
+    if not report.differentially_private:
+        print(f"{args.ledger}: NOT differentially private: {report.non_private_rounds} non-private "
+              f"round(s), epsilon = infinity", file=sys.stderr)
     if not report.all_agree:
         print(f"{args.ledger}: the independent accountant disagrees beyond the tolerance; see the "
               f"report", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 from pathlib import Path
 
@@ -221,6 +222,43 @@ def test_a_site_never_releases_non_private_weights(fed):
     assert status(reply)["status"] == "refused"
     assert status(reply)["reason"] == RefusalReason.PRIVACY_DISABLED.value
     assert "arrays" not in reply.content and not fed.ledger("site_0").exists()
+
+
+def opt_in_to_non_private(fed: TinyFederation, site_id: str = "site_0") -> dict:
+    """The site's own config allows non-private rounds; returns the node config naming it."""
+    site_yaml = fed.site_yaml(site_id)
+    site_yaml.write_text(yaml.safe_dump(yaml.safe_load(site_yaml.read_text())
+                                        | {"allow_non_private": True}))
+    return {"site-config": str(site_yaml)}
+
+
+def test_an_opted_in_site_trains_non_privately_and_never_claims_a_finite_epsilon(fed):
+    node = opt_in_to_non_private(fed)
+    reply = ask(fed, 1, privacy={"enabled": False}, node_config=node)
+    assert status(reply)["status"] == "ok"
+    accounting = dict(reply.content["accounting"])
+    assert accounting["epsilon"] == accounting["epsilon-next"] == math.inf
+    assert accounting["target-epsilon"] == math.inf and accounting["noise-multiplier"] == 0
+    assert accounting["num-patients"] == 4 and accounting["steps"] == 1
+    weights = reply.content["arrays"].to_torch_state_dict()
+    assert status(reply)["weights-sha256"] == weights_hash(weights)
+    assert weights_hash(weights) != weights_hash(load_checkpoint(fed.checkpoint).denoiser_state)
+    # Recorded (write-ahead) as a non-private round, and no DP plan or round.
+    state = read_site_ledger(fed.ledger("site_0"))
+    assert [r.round for r in state.non_private] == [1] and not state.plans and not state.rounds
+    last = Ledger(fed.ledger("site_0")).entries()[-1]
+    assert (status(reply)["ledger-seq"], status(reply)["ledger-head"]) == (last.seq, last.hash)
+    # Asked again from the same weights: resent, not recorded twice.
+    again = ask(fed, 1, privacy={"enabled": False}, node_config=node)
+    assert status(again)["resumed"] is True
+    assert status(again)["weights-sha256"] == status(reply)["weights-sha256"]
+    assert len(Ledger(fed.ledger("site_0")).entries()) == 1
+    # A DP round after it is refused: the spend is infinite (nothing is written).
+    refused = ask(fed, 2, node_config=node)
+    assert status(refused)["status"] == ReplyStatus.BUDGET_EXHAUSTED.value
+    assert "arrays" not in refused.content
+    assert dict(refused.content["accounting"])["epsilon"] == math.inf
+    assert len(Ledger(fed.ledger("site_0")).entries()) == 1
 
 
 def test_a_supernode_without_site_config_fails_with_the_fix():
