@@ -333,7 +333,7 @@ def load_sweep(file: Path, out: Path | None = None) -> SweepPlan:
     name = str(data.get("name") or file.stem)
     if out is None:
         out = file.parent / str(data["out"]) if data.get("out") else Path("runs") / "sweeps" / name
-    out = Path(out).absolute()
+    out = Path(out).resolve()
     overrides = data.get("set") or {}
     if not isinstance(overrides, dict):
         raise SweepError(f"{_where(file, 'set')}: expected a mapping of config overrides")
@@ -466,10 +466,10 @@ class _Parent:
         state.update(name=plan.name, parent_run_id=self.run.run_id, tracking_uri=uri,
                      experiment=plan.experiment, file=str(plan.file))
         state_path.write_text(json.dumps(state, indent=1) + "\n")
-        self.run.log_params({"sweep.name": plan.name, "sweep.base": str(plan.base),
-                             "sweep.axes": ",".join(plan.axes),
-                             "sweep.settings": len(plan.settings),
-                             **{f"sweep.quality.{k}": v for k, v in plan.quality.items()}})
+        # Tags, not params: a rerun may add settings or change the quality settings.
+        self.run.set_tags({"sweep.base": str(plan.base), "sweep.axes": ",".join(plan.axes),
+                           "sweep.settings": str(len(plan.settings)),
+                           **{f"sweep.quality.{k}": str(v) for k, v in plan.quality.items()}})
         self.run.log_artifact(plan.file, "sweep")
         self.uri = uri
 
@@ -479,32 +479,32 @@ class _Parent:
                 "fedsynth.sweep.role": role, "mlflow.runName": run_name}
 
 
-def _run_setting(plan: SweepPlan, setting: Setting, parent: _Parent, reference: Path,
-                 echo: Callable[[str], None]) -> SettingResult:
-    from experiments.evaluate import evaluate_folders, write_json_atomic
-    from experiments.federate import simulate
+def _pretrained(plan: SweepPlan, config: Config, parent: _Parent,
+                echo: Callable[[str], None]) -> Path:
+    """The pretraining checkpoint of ``config``, shared by settings with the same definition."""
     from experiments.pretrain import CHECKPOINT_FILE, STATE_FILE, pretrain
-    from experiments.sampling import sample_folder
-    from mlflow import MlflowClient
-    from server.federation import FINAL_CHECKPOINT, federation_dir, load_state
-    from server.round_checkpoint import STATE_FILE as FEDERATION_STATE
-
-    started = time.perf_counter()
-    folder = plan.setting_dir(setting)
-    config = _setting_config(plan, setting, parent.uri)
-    config_path = folder / "config.yaml"
 
     key = _pretrain_key(config)
-    pretrain_dir = plan.out / "pretrain" / key
-    checkpoint = pretrain_dir / CHECKPOINT_FILE
+    folder = plan.out / "pretrain" / key
+    checkpoint = folder / CHECKPOINT_FILE
     if checkpoint.exists():
         echo(f"      pretraining {key}: reused")
-    else:
-        unet = "yes" if config.pretrain.enabled else "no (random init)"
-        echo(f"      pretraining {key} (autoencoder; latent UNet: {unet})")
-        pretrain(config, pretrain_dir, resume=(pretrain_dir / STATE_FILE).exists(),
-                 run_tags=parent.child_tags(plan, "pretrain", f"pretrain {key}"))
+        return checkpoint
+    unet = "yes" if config.pretrain.enabled else "no (random init)"
+    echo(f"      pretraining {key} (autoencoder; latent UNet: {unet})")
+    pretrain(config, folder, resume=(folder / STATE_FILE).exists(),
+             run_tags=parent.child_tags(plan, "pretrain", f"pretrain {key}"))
+    return checkpoint
 
+
+def _federated(plan: SweepPlan, setting: Setting, config: Config, checkpoint: Path,
+               parent: _Parent, echo: Callable[[str], None]) -> tuple[Path, str | None]:
+    """The setting's final global checkpoint and the MLflow run of its federation."""
+    from experiments.federate import simulate
+    from server.federation import FINAL_CHECKPOINT, federation_dir, load_state
+    from server.round_checkpoint import STATE_FILE
+
+    folder = plan.setting_dir(setting)
     fed_dir = federation_dir(folder)
     if (fed_dir / FINAL_CHECKPOINT).exists():
         echo("      federation: reused")
@@ -514,39 +514,63 @@ def _run_setting(plan: SweepPlan, setting: Setting, parent: _Parent, reference: 
         echo(f"      federation: {config.federation.rounds} rounds, "
              f"{len(config.federation.sites)} sites, "
              + (f"epsilon caps {caps}" if config.privacy.enabled else "no DP"))
-        simulate(config_path, folder, checkpoint=checkpoint,
-                 resume=(fed_dir / FEDERATION_STATE).exists(),
+        simulate(folder / "config.yaml", folder, checkpoint=checkpoint,
+                 resume=(fed_dir / STATE_FILE).exists(),
                  run_tags={**parent.child_tags(plan, "setting", setting.name),
                            "fedsynth.sweep.setting": setting.name})
     state = load_state(fed_dir)
-    run_id = state.mlflow_run_id if state else None
+    return fed_dir / FINAL_CHECKPOINT, state.mlflow_run_id if state else None
 
+
+def _measured(plan: SweepPlan, setting: Setting, config: Config, final: Path, reference: Path,
+              echo: Callable[[str], None]) -> dict[str, float | None]:
+    """Quality of samples on public maps against the reference; ``quality.json`` in the folder."""
+    from experiments.evaluate import evaluate_folders, write_json_atomic
+    from experiments.sampling import sample_folder
+
+    folder = plan.setting_dir(setting)
     samples = folder / "samples"
     if not (samples / "manifest.csv").exists():
         echo(f"      sampling {plan.quality['samples']} volumes on public maps")
-        sample_folder(fed_dir / FINAL_CHECKPOINT, config.data.public_dir, plan.quality["samples"],
-                      samples, seed=config.seed)
-    echo(f"      quality against {reference.name}")
+        sample_folder(final, config.data.public_dir, plan.quality["samples"], samples,
+                      seed=config.seed)
+    echo(f"      quality against {reference}")
     evaluation = evaluate_folders(reference, samples, config.data,
                                   seg_steps=plan.quality["seg_steps"], seed=config.seed)
     write_json_atomic(folder / "quality.json", evaluation.to_json_dict())
-    quality = evaluation.report.to_json_dict()
-    epsilon = _site_epsilons(config)
+    return evaluation.report.to_json_dict()
+
+
+def _log_result(uri: str, result: SettingResult, config: Config, folder: Path) -> None:
+    """Sweep values, final epsilon per site and quality on the setting's (federation) run."""
+    from mlflow import MlflowClient
+    from server.tracking import TrackedRun
+
+    run = TrackedRun(MlflowClient(uri), result.run_id)
+    run.log_params({f"sweep.{k}": v for k, v in result.values.items()})
+    run.log_metrics({**{f"final/epsilon/{k}": v for k, v in result.epsilon.items()},
+                     **{f"quality/{k}": v for k, v in result.quality.items() if v is not None}},
+                    step=config.federation.rounds)   # infinite (no DP) epsilons are not logged
+    run.log_artifact(folder / "quality.json", "quality")
+    run.log_artifact(folder / "samples" / "preview.png", "quality")
+    run.set_tags({"fedsynth.sweep.status": "finished",
+                  "fedsynth.sweep.dp": "yes" if config.privacy.enabled else "no"})
+
+
+def _run_setting(plan: SweepPlan, setting: Setting, parent: _Parent, reference: Path,
+                 echo: Callable[[str], None]) -> SettingResult:
+    from experiments.evaluate import write_json_atomic
+
+    started = time.perf_counter()
+    config = _setting_config(plan, setting, parent.uri)
+    checkpoint = _pretrained(plan, config, parent, echo)
+    final, run_id = _federated(plan, setting, config, checkpoint, parent, echo)
+    quality = _measured(plan, setting, config, final, reference, echo)
     result = SettingResult(setting.name, {k: _value_text(v) for k, v in setting.values.items()},
-                           epsilon, quality, run_id, time.perf_counter() - started)
+                           _site_epsilons(config), quality, run_id, time.perf_counter() - started)
     if run_id:
-        client = MlflowClient(parent.uri)
-        from server.tracking import TrackedRun
-        run = TrackedRun(client, run_id)
-        run.log_params({f"sweep.{k}": v for k, v in result.values.items()})
-        finite = {f"final/epsilon/{k}": v for k, v in epsilon.items()}
-        run.log_metrics({**finite, **{f"quality/{k}": v for k, v in quality.items()
-                                      if v is not None}}, step=config.federation.rounds)
-        run.log_artifact(folder / "quality.json", "quality")
-        run.log_artifact(samples / "preview.png", "quality")
-        run.set_tags({"fedsynth.sweep.status": "finished",
-                      "fedsynth.sweep.dp": "no" if not config.privacy.enabled else "yes"})
-    write_json_atomic(folder / RESULT_FILE,
+        _log_result(parent.uri, result, config, plan.setting_dir(setting))
+    write_json_atomic(plan.setting_dir(setting) / RESULT_FILE,
                       {"definition_sha256": setting.sha256, **result.to_json()})
     return result
 
