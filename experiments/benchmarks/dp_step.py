@@ -1,4 +1,4 @@
-"""DP-SGD step time over the non-DP step time, per Opacus grad_sample_mode, on the demo latent UNet.
+"""DP-SGD step time over the non-DP step time, per Opacus grad_sample_mode, on the latent UNet.
 
 Timing: for each trainable set (the whole UNet; the attention and conditioning layers), one process
 builds the non-DP model and one private copy per grad-sample mode, then runs their steps round-robin
@@ -6,9 +6,11 @@ builds the non-DP model and one private copy per grad-sample mode, then runs the
 before it on the same model weights and batch. Reported per mode: the median of the paired ratios
 (robust on a shared machine) and the ratio of the best times.
 
-Memory and correctness: each configuration runs once more in its own process, so its peak memory is
-its own (``ru_maxrss`` on CPU, ``torch.cuda.max_memory_allocated`` on CUDA), and checks its
-per-sample gradients (ghost clipping: per-sample gradient norms) against single-row autograd.
+Memory and correctness: each configuration runs once more in its own process (not timed, so as
+many at once as there are cores), so its peak memory is its own (``ru_maxrss`` on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA): one non-DP step, then one DP step (``ru_maxrss``
+only grows, so the DP figure is the peak of both), then a check of its per-sample gradients (ghost
+clipping: per-sample gradient norms) of two rows against single-row autograd.
 
 - non-DP step: forward, ``loss.mean().backward()``, Adam step, on the same trainable parameters.
 - DP step: the privacy engine's path (``privacy.dp_trainer``): forward, backward with per-sample
@@ -16,12 +18,16 @@ per-sample gradients (ghost clipping: per-sample gradient norms) against single-
   whole patients as ``BatchMemoryManager`` forms them.
 
 Modes: Opacus hooks with its own Conv3d grad sampler (``unfold``) and with
-:mod:`privacy.grad_samplers` (``grouped``), functorch, expanded weights (ew) and ghost clipping.
-Demo size: ``build_latent_unet`` (concat conditioning: 3 latent + 4 map channels, channels
-[32, 64, 64], attention [False, True, True], 1 res block, 16 head channels, 8 groups) on 16^3
-latents, batch 8 patients of one scan each, 1 torch thread; then the fastest correct mode with 2
-threads and with physical batches of 4. ``quick``: 8^3 latents, batch 4, two repetitions, in
-this process.
+:mod:`privacy.grad_samplers` (``grouped``), functorch and expanded weights (ew), which compute
+every layer themselves (no Conv3d sampler: ``-``), and ghost clipping (per-sample norms; Conv3d
+through the registered ``grouped`` sampler). A mode that fails on this model is reported with its
+error. Size: the default UNet of ``configs/default.yaml`` (``build_latent_unet``, concat
+conditioning: 3 latent + 4 map channels, channels [32, 64, 64], attention [False, True, True], 1 res
+block, 16 head channels, 8 groups) on the demo's 16^3 latent grid, batch 8 patients of one scan
+each (the default ``expected_batch_size``), 1 torch thread, 5 repetitions; then the fastest correct
+mode with physical batches of 4. One thread throughout: on a shared machine a second thread mostly
+measures the other processes (on 2 busy cores it made both steps ~5x slower). About 5-6 minutes on 2
+busy CPU cores. ``quick``: 8^3 latents, batch 4, two repetitions, in this process.
 
     python -m experiments.benchmarks.dp_step [--quick]
 """
@@ -29,16 +35,22 @@ this process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+import traceback
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
-DEMO_MODEL = {
+MODEL = {  # configs/default.yaml's latent UNet
     "unet": {"channels": [32, 64, 64], "attention_levels": [False, True, True], "num_res_blocks": 1,
              "num_head_channels": 16, "norm_num_groups": 8},
     "conditioning": {"mode": "concat"},
@@ -47,9 +59,10 @@ DEMO_MODEL = {
 }
 NUM_CLASSES = 4
 # (grad_sample_mode, Conv3d grad sampler); the sampler only matters where Opacus' hooks run.
-MODES = [("hooks", "unfold"), ("hooks", "grouped"), ("functorch", "grouped"), ("ew", "grouped"),
+MODES = [("hooks", "unfold"), ("hooks", "grouped"), ("functorch", None), ("ew", None),
          ("ghost", "grouped")]
 SUBSETS = ["all", "attention_conditioning"]
+GOAL = 1.5  # the project's target for the DP step over the non-DP step
 
 
 @dataclass
@@ -61,6 +74,10 @@ class _Bench:
     plain: Any
     loss_fn: Callable
     nondp_step: Callable[[], None]
+
+
+def _name(mode: str, conv: str | None) -> str:
+    return mode if conv in (None, "-") else f"{mode}/{conv}"
 
 
 def _sync(device) -> None:
@@ -101,8 +118,8 @@ def _bench(spec: dict[str, Any], trainable: str) -> _Bench:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size, batch = spec["size"], spec["batch"]
     torch.manual_seed(0)
-    scheduler = build_scheduler(DEMO_MODEL)
-    plain = _pretrained_like(build_latent_unet(DEMO_MODEL, NUM_CLASSES, 0)).to(device)
+    scheduler = build_scheduler(MODEL)
+    plain = _pretrained_like(build_latent_unet(MODEL, NUM_CLASSES, 0)).to(device)
     apply_trainable(plain, trainable)
     latents = torch.randn(batch, 3, size, size, size, device=device)
     labels = torch.nn.functional.one_hot(torch.randint(0, NUM_CLASSES, (batch, size, size, size)),
@@ -126,13 +143,14 @@ def _bench(spec: dict[str, Any], trainable: str) -> _Bench:
     return _Bench(spec, device, plain, loss_fn, nondp_step)
 
 
-def _private(bench: _Bench, mode: str, conv: str):
+def _private(bench: _Bench, mode: str, conv: str | None):
     """A private copy of the bench's model: (module, optimizer, dp_step)."""
     import torch
 
     from privacy.dp_trainer import DPSettings, backward_per_patient, privatise
     from privacy.grad_samplers import use_conv3d_grad_sampler
 
+    conv = conv or "grouped"  # functorch and ew never call it
     batch, physical = bench.spec["batch"], bench.spec["physical"]
     settings = DPSettings(grad_sample_mode=mode, conv_grad_sampler=conv, expected_batch_size=batch,
                           max_physical_batch_size=physical)
@@ -154,7 +172,16 @@ def _private(bench: _Bench, mode: str, conv: str):
     return module, optimizer, dp_step
 
 
-def check(bench: _Bench, mode: str, conv: str) -> dict[str, Any]:
+@contextlib.contextmanager
+def _first_layer_warning_off():
+    """As in privacy.dp_trainer: the first layer's input needs no gradient, Opacus' hooks still
+    get the output gradient."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
+
+
+def check(bench: _Bench, mode: str, conv: str | None) -> dict[str, Any]:
     """Per-sample gradients (rows 0 and 1) of the DP path against single-row autograd."""
     import torch
 
@@ -163,18 +190,20 @@ def check(bench: _Bench, mode: str, conv: str) -> dict[str, Any]:
     from privacy.grad_samplers import use_conv3d_grad_sampler
 
     module, optimizer, _ = _private(bench, mode, conv)
-    use_conv3d_grad_sampler(conv)
+    use_conv3d_grad_sampler(conv or "grouped")
     params = [p for p in bench.plain.parameters() if p.requires_grad]
     reference = [torch.autograd.grad(bench.loss_fn(bench.plain, slice(r, r + 1)).sum(), params)
                  for r in (0, 1)]
-    losses = bench.loss_fn(module)
+    losses = bench.loss_fn(module, slice(0, 2))
     if mode == "ghost":
-        DPTensorFastGradientClipping(module, optimizer, losses, "sum").backward()
+        with _first_layer_warning_off():
+            DPTensorFastGradientClipping(module, optimizer, losses, "sum").backward()
         norms = module.per_sample_gradient_norms[:2]
         expected = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in r)) for r in reference])
         error, compared = ((norms - expected).abs() / expected).max().item(), "gradient norms"
     else:
-        losses.sum().backward()
+        with _first_layer_warning_off():
+            losses.sum().backward()
         # Relative to the row's whole gradient: some parameters (attention key biases) have an
         # exactly zero gradient, computed as ~1e-10 either way.
         error = max((torch.sqrt(sum((p.grad_sample[r] - reference[r][j]).pow(2).sum()
@@ -187,16 +216,15 @@ def check(bench: _Bench, mode: str, conv: str) -> dict[str, Any]:
 
 
 def memory_and_check(spec: dict[str, Any]) -> dict[str, Any]:
-    """Peak memory of one non-DP step, then of one DP step, and the correctness check."""
+    """Peak memory of one non-DP step, then of one DP step, then the correctness check."""
     import torch
 
     bench = _bench(spec, spec["trainable"])
-    result = {"check": check(bench, spec["mode"], spec["conv"])}
     _, _, dp_step = _private(bench, spec["mode"], spec["conv"])
     if bench.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     bench.nondp_step()
-    result["nondp_peak_mb"] = _peak_memory_mb(bench.device)
+    result: dict[str, Any] = {"nondp_peak_mb": _peak_memory_mb(bench.device)}
     if bench.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     dp_step()
@@ -204,6 +232,7 @@ def memory_and_check(spec: dict[str, Any]) -> dict[str, Any]:
     # ru_maxrss only grows: on CPU the DP figure is the peak of both steps.
     result["dp_peak_mb"] = peak if bench.device.type == "cuda" else max(peak,
                                                                          result["nondp_peak_mb"])
+    result["check"] = check(bench, spec["mode"], spec["conv"])
     return result
 
 
@@ -213,13 +242,13 @@ def timing(spec: dict[str, Any]) -> dict[str, Any]:
     steps: dict[str, Callable[[], None]] = {}
     errors: dict[str, str] = {}
     for mode, conv in spec["modes"]:
-        name = f"{mode}/{conv}"
+        name = _name(mode, conv)
         try:
             _, _, steps[name] = _private(bench, mode, conv)
             steps[name]()  # warm-up; a mode that cannot run this model fails here
         except Exception as err:  # noqa: BLE001 - a mode that fails on this model is a result
             steps.pop(name, None)
-            errors[name] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+            errors[name] = _failure(err)
     full = _bench(spec, "all") if spec["trainable"] != "all" else None
     bench.nondp_step()
     if full is not None:
@@ -232,6 +261,14 @@ def timing(spec: dict[str, Any]) -> dict[str, Any]:
             step()
             times[name].append(time.perf_counter() - start)
     return {"times": times, "errors": errors, "device": str(bench.device)}
+
+
+def _failure(err: Exception) -> str:
+    """The error's first line and where it was raised (often inside torch or Opacus)."""
+    frame = traceback.extract_tb(err.__traceback__)[-1]
+    message = (str(err).splitlines() or [""])[0]
+    return (f"{type(err).__name__} in {'/'.join(Path(frame.filename).parts[-2:])}:{frame.lineno} "
+            f"({frame.name}): {message}")[:300]
 
 
 def _child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -249,10 +286,11 @@ def _summarise(spec: dict[str, Any], timed: dict[str, Any], memory: dict[str, di
     times, rows = timed["times"], []
     nondp = times["nondp"]
     for mode, conv in spec["modes"]:
-        name = f"{mode}/{conv}"
-        row = {"mode": mode, "conv": conv, "trainable": spec["trainable"],
+        name = _name(mode, conv)
+        row = {"mode": mode, "conv": conv or "-", "trainable": spec["trainable"],
                "threads": spec["threads"], "physical": spec["physical"], **memory.get(name, {})}
         if name in timed["errors"]:
+            row.pop("memory_error", None)  # the same failure, said once
             row["error"] = timed["errors"][name]
         else:
             dp = times[name]
@@ -265,13 +303,30 @@ def _summarise(spec: dict[str, Any], timed: dict[str, Any], memory: dict[str, di
     return rows
 
 
+def _memory_and_checks(spec: dict[str, Any], in_process: bool) -> dict[str, dict[str, Any]]:
+    """:func:`memory_and_check` of every mode, by mode name; in child processes, several at once
+    (nothing is timed meanwhile and each peak is its own process')."""
+    def measure(mode_conv: list) -> dict[str, Any]:
+        one = {**spec, "mode": mode_conv[0], "conv": mode_conv[1]}
+        try:
+            measured = memory_and_check(one) if in_process else _child("memory", one)
+        except Exception as err:  # noqa: BLE001 - reported with the mode's row
+            measured = {"error": f"{type(err).__name__}: {err}"[:200]}
+        # The timing run reports the mode's own failure.
+        return {"memory_error": measured["error"]} if "error" in measured else measured
+
+    workers = 1 if in_process else max(1, min(len(spec["modes"]), os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        return {_name(*m): r for m, r in zip(spec["modes"], pool.map(measure, spec["modes"]))}
+
+
 def run(quick: bool) -> dict[str, Any]:
     """Every mode for the whole UNet and for the attention+conditioning subset, then the fastest
-    correct whole-UNet mode with 2 threads and with half-size physical batches. Returns the rows
+    correct whole-UNet mode with half-size physical batches. Returns the rows
     and the fastest verified mode per trainable set (by the median paired ratio)."""
     from tqdm import tqdm
 
-    base = {"size": 8 if quick else 16, "batch": 4 if quick else 8, "reps": 2 if quick else 7,
+    base = {"size": 8 if quick else 16, "batch": 4 if quick else 8, "reps": 2 if quick else 5,
             "threads": 1}
     base["physical"] = base["batch"]
     modes = [list(m) for m in MODES]
@@ -279,16 +334,7 @@ def run(quick: bool) -> dict[str, Any]:
     in_process = quick  # quick: no subprocesses (memory is then this process' peak so far)
     for subset in tqdm(SUBSETS, desc="dp_step", disable=None):
         spec = {**base, "trainable": subset, "modes": modes}
-        memory = {}
-        for mode, conv in modes:
-            one = {**spec, "mode": mode, "conv": conv}
-            try:
-                measured = memory_and_check(one) if in_process else _child("memory", one)
-            except Exception as err:  # noqa: BLE001 - reported with the mode's row
-                measured = {"error": f"{type(err).__name__}: {err}"[:200]}
-            if "error" in measured:  # the timing run reports the mode's own failure
-                measured = {"memory_error": measured["error"]}
-            memory[f"{mode}/{conv}"] = measured
+        memory = _memory_and_checks(spec, in_process)
         timed = timing(spec) if in_process else _child("timing", spec)
         results += _summarise(spec, timed, memory) if "times" in timed else [
             {**spec, "mode": "all modes", "conv": "-", "error": timed.get("error", "failed")}]
@@ -297,17 +343,39 @@ def run(quick: bool) -> dict[str, Any]:
                            key=lambda r: r["ratio_median"], default=None) for subset in SUBSETS}
     variants = []
     if not quick and fastest["all"] is not None:
-        best = [[fastest["all"]["mode"], fastest["all"]["conv"]]]
-        for change in ({"threads": 2}, {"physical": base["batch"] // 2}):
-            spec = {**base, "trainable": "all", "modes": best, **change}
-            timed = _child("timing", spec)
-            if "times" in timed:
-                variants += _summarise(spec, timed, {})
-    summary = ("mode", "conv", "ratio_median", "ratio", "dp_s", "nondp_s")
-    return {"quick": quick, "latent_size": base["size"], "batch": base["batch"],
-            "repetitions": base["reps"], "results": results, "variants": variants,
-            "fastest_correct": {s: (None if r is None else {k: r[k] for k in summary})
+        best = fastest["all"]
+        modes = [[best["mode"], None if best["conv"] == "-" else best["conv"]]]
+        spec = {**base, "trainable": "all", "modes": modes, "physical": base["batch"] // 2}
+        timed = _child("timing", spec)
+        variants = _summarise(spec, timed, {}) if "times" in timed else [
+            {**spec, "mode": best["mode"], "conv": best["conv"], "error": timed.get("error")}]
+    keys = ("mode", "conv", "ratio_median", "ratio", "ratio_vs_full_nondp", "dp_s", "nondp_s")
+    return {"summary": _summary_line(results, fastest), "quick": quick,
+            "latent_size": base["size"], "batch": base["batch"], "repetitions": base["reps"],
+            "results": results, "variants": variants,
+            "fastest_correct": {s: (None if r is None else {k: r[k] for k in keys if k in r})
                                 for s, r in fastest.items()}}
+
+
+def _summary_line(results: list[dict[str, Any]], fastest: dict[str, dict | None]) -> str:
+    """One line: the fastest verified mode per trainable set, and every mode that failed."""
+    parts = []
+    for subset, row in fastest.items():
+        if row is None:
+            parts.append(f"{subset}: no mode both ran and passed the gradient check")
+            continue
+        versus = (f", {row['ratio_vs_full_nondp']:.2f}x the whole-UNet non-DP step"
+                  if "ratio_vs_full_nondp" in row else "")
+        verdict = "meets" if row["ratio_median"] <= GOAL else "misses"
+        parts.append(f"{subset}: {_name(row['mode'], row['conv'])} at {row['ratio_median']:.2f}x "
+                     f"its non-DP step ({verdict} the goal){versus}")
+    failed = [f"{_name(r['mode'], r['conv'])} ({r['trainable']})" for r in results if "error" in r]
+    wrong = [f"{_name(r['mode'], r['conv'])} ({r['trainable']})" for r in results
+             if r.get("check") and not r["check"]["correct"]]
+    return (f"Fastest correct DP step (median paired DP/non-DP step time; goal <= {GOAL}x): "
+            + "; ".join(parts) + "."
+            + (f" Failed: {', '.join(failed)}." if failed else "")
+            + (f" Wrong gradients: {', '.join(wrong)}." if wrong else ""))
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

@@ -8,6 +8,11 @@ the weights. Reported: volumes per second of each and their ratio; the ratio of 
 (the grid-size effect alone, without the shorter chain); and the autoencoder's compression factor
 (image voxels / latent elements).
 
+Timing, on one torch thread (on a shared machine a second thread mostly waits for the busy core):
+the latent chain is the best of 3 whole samples (decoding included); one denoising step of each
+model is the best of 5, the two models alternating; the pixel chain (``train_timesteps`` steps) is
+the median step of a 20-step prefix, scheduler included, times the chain length.
+
 Run: ``python -m experiments.benchmarks.latent_vs_pixel [--quick]``.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -47,20 +53,31 @@ def _maps(batch: int, size: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(classes, CLASSES).permute(0, 4, 1, 2, 3).float()
 
 
+def _seconds(function) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
 @torch.no_grad()
 def _pixel_ddpm(unet: DiffusionModelUNet, scheduler: DDPMScheduler, maps: torch.Tensor,
-                generator: torch.Generator) -> torch.Tensor:
-    """Ancestral DDPM over ``scheduler.timesteps`` in image space, map as channels (Med-DDPM)."""
+                generator: torch.Generator) -> list[float]:
+    """Ancestral DDPM over ``scheduler.timesteps`` in image space, map as channels (Med-DDPM);
+    returns the seconds of each step."""
     image = torch.randn((maps.shape[0], 1, *maps.shape[2:]), generator=generator)
+    seconds = []
     for t in scheduler.timesteps:
+        started = time.perf_counter()
         timesteps = torch.full((maps.shape[0],), int(t), dtype=torch.long)
         eps = unet(torch.cat([image, maps], dim=1), timesteps)
         image, _ = scheduler.step(eps, int(t), image, generator=generator)
-    return image
+        seconds.append(time.perf_counter() - started)
+    return seconds
 
 
 def run(quick: bool = False) -> dict:
     """Time both samplers on the same maps (16^3 quick, 32^3 otherwise); a flat dict of results."""
+    torch.set_num_threads(1)
     size, batch = (16, 2) if quick else (32, 2)
     cfg = _model_config(quick)
     torch.manual_seed(0)
@@ -76,40 +93,43 @@ def run(quick: bool = False) -> dict:
     maps = _maps(batch, size)
     latent = torch.randn((batch, *latent_model.latent_shape((size,) * 3)),
                          generator=torch.Generator().manual_seed(2))
+    image = torch.randn((batch, 1, size, size, size), generator=torch.Generator().manual_seed(3))
     steps = torch.full((batch,), 10, dtype=torch.long)
 
     with torch.no_grad():  # warm-up passes keep one-off allocation costs out of the timings
         latent_model.sample(maps, generator=torch.Generator().manual_seed(0), steps=1,
                             progress=False)
-        pixel_unet(torch.cat([torch.zeros(batch, 1, size, size, size), maps], 1), steps)
-
-        started = time.perf_counter()
-        latent_model.sample(maps, generator=torch.Generator().manual_seed(1), progress=False)
-        latent_seconds = time.perf_counter() - started
-
-        started = time.perf_counter()
-        latent_model.denoiser(latent, steps, maps)
-        latent_step_seconds = time.perf_counter() - started
+        pixel_unet(torch.cat([image, maps], 1), steps)
+        latent_seconds = min(_seconds(lambda: latent_model.sample(
+            maps, generator=torch.Generator().manual_seed(1), progress=False)) for _ in range(3))
+        latent_steps, pixel_steps = [], []
+        for _ in range(5):  # alternating: both models see the same machine load
+            latent_steps.append(_seconds(lambda: latent_model.denoiser(latent, steps, maps)))
+            pixel_steps.append(_seconds(lambda: pixel_unet(torch.cat([image, maps], 1), steps)))
+        latent_step, pixel_step = min(latent_steps), min(pixel_steps)
 
     # The full pixel chain is long: time a prefix and scale (every step costs the same).
     pixel_scheduler.set_timesteps(cfg.diffusion.train_timesteps)
     chain_length = len(pixel_scheduler.timesteps)
-    timed_steps = min(chain_length, 20 if quick else 50)
+    timed_steps = min(chain_length, 20)
     pixel_scheduler.timesteps = pixel_scheduler.timesteps[:timed_steps]
-    started = time.perf_counter()
-    _pixel_ddpm(pixel_unet, pixel_scheduler, maps, torch.Generator().manual_seed(1))
-    pixel_step_seconds = (time.perf_counter() - started) / timed_steps
-    pixel_seconds = pixel_step_seconds * chain_length
+    pixel_seconds = statistics.median(_pixel_ddpm(pixel_unet, pixel_scheduler, maps,
+                                                  torch.Generator().manual_seed(1))) * chain_length
 
     latent_elements = cfg.autoencoder.latent_channels * (size // cfg.autoencoder.downsampling) ** 3
+    speedup = pixel_seconds / latent_seconds
     return {
+        "summary": f"Latent DDIM ({cfg.diffusion.sampling_steps} steps + decoding) samples a "
+                   f"{size}^3 volume {speedup:.0f}x faster than pixel-space DDPM ({chain_length} "
+                   f"steps); one latent denoising step alone is {pixel_step / latent_step:.1f}x "
+                   f"cheaper than a pixel one.",
         "image_size": size, "batch": batch, "threads": torch.get_num_threads(),
         "latent_ddim_steps": cfg.diffusion.sampling_steps,
         "pixel_ddpm_steps": chain_length, "pixel_ddpm_steps_timed": timed_steps,
         "latent_volumes_per_second": batch / latent_seconds,
         "pixel_volumes_per_second": batch / pixel_seconds,
-        "latent_speedup": pixel_seconds / latent_seconds,
-        "per_step_speedup": pixel_step_seconds / latent_step_seconds,
+        "latent_speedup": speedup,
+        "per_step_speedup": pixel_step / latent_step,
         "compression_factor": size ** 3 / latent_elements,
     }
 

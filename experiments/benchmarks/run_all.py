@@ -6,16 +6,17 @@ import datetime as dt
 import importlib
 import json
 import logging
-import os
-import platform
 import pkgutil
 import time
 from pathlib import Path
 from typing import Any
 
+from experiments.benchmarks._host import OtherLoad, machine
+
 log = logging.getLogger(__name__)
 
 _NOT_BENCHMARKS = {"run_all", "__main__"}
+SHARED_ABOVE = 0.05  # other processes' share of the machine's CPU above which the report says so
 
 
 def benchmark_names() -> list[str]:
@@ -30,21 +31,12 @@ def benchmark_names() -> list[str]:
     return sorted(names)
 
 
-def machine() -> dict[str, Any]:
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "gpu": gpu}
-
-
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (dict, list)):
         return "`" + json.dumps(value, default=str)[:200] + "`"
-    return str(value)
+    return " ".join(str(value).split()).replace("|", "\\|")  # one table cell
 
 
 def _flatten(result: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -56,40 +48,85 @@ def _flatten(result: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, result)]
 
 
-def render(results: dict[str, Any], host: dict[str, Any], quick: bool) -> str:
+def _is_rows(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _rows_table(rows: list[dict[str, Any]]) -> list[str]:
+    """A list of records as one markdown table, nested records flattened into columns."""
+    flat = [dict(_flatten(row)) for row in rows]
+    columns = list(dict.fromkeys(key for row in flat for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row[c]) if c in row else "" for c in columns) + " |"
+              for row in flat]
+    return lines
+
+
+def _shared_note(share: float | None, cores: Any) -> list[str]:
+    if share is None or share < SHARED_ABOVE:
+        return []
+    return [f"**Shared machine:** other processes used {share:.0%} of the {cores} cores' CPU time "
+            "during this run. The ratios are measured side by side and hold; absolute times and "
+            "rates are slower than on an idle machine.", ""]
+
+
+def render(results: dict[str, Any], host: dict[str, Any], quick: bool,
+           seconds: dict[str, float] | None = None, other_load: float | None = None) -> str:
+    """The report: machine, then per benchmark its one-line ``summary``, its measures as a table
+    and each list of records (e.g. one per configuration) as a table of its own."""
+    seconds = seconds or {}
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    total = f" in {sum(seconds.values()) / 60:.1f} min" if seconds else ""
     lines = ["# fedsynth benchmarks", "",
-             f"Measured {stamp} with `fedsynth benchmark{' --quick' if quick else ''}`. "
+             f"Measured {stamp} with `fedsynth benchmark{' --quick' if quick else ''}`{total}. "
              "Every figure is a ratio or a rate measured side by side in one run; "
-             "absolute times depend on the machine below.", "",
-             "| machine | |", "|---|---|"]
+             "absolute times depend on the machine below.", ""]
+    lines += _shared_note(other_load, host.get("cores"))
+    lines += ["| machine | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in host.items()]
+    if other_load is not None:
+        lines.append(f"| other processes' CPU share during the run | {other_load:.0%} |")
     for name, result in results.items():
-        lines += ["", f"## {name}", ""]
+        took = f" ({seconds[name]:.0f} s)" if name in seconds else ""
+        lines += ["", f"## {name}{took}", ""]
         if isinstance(result, dict) and "error" in result and len(result) == 1:
             lines.append(f"Failed: {result['error']}")
             continue
+        result = dict(result) if isinstance(result, dict) else {"result": result}
+        if isinstance(result.get("summary"), str):
+            lines += [result.pop("summary"), ""]
+        tables = {key: result.pop(key) for key in list(result) if _is_rows(result[key])}
         lines += ["| measure | value |", "|---|---|"]
         lines += [f"| {key} | {_cell(value)} |" for key, value in _flatten(result)]
+        for key, rows in tables.items():
+            lines += ["", f"**{key}**", ""] + _rows_table(rows)
     return "\n".join(lines) + "\n"
 
 
 def run_all(out: Path, quick: bool = False, only: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmarks (all, or ``only``) and write ``out``; returns the results."""
+    import torch
+
     names = benchmark_names()
     unknown = sorted(set(only or []) - set(names))
     if unknown:
         raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+    host, threads = machine(), torch.get_num_threads()
     results: dict[str, Any] = {}
-    for name in (only or names):
-        log.info("benchmark %s ...", name)
-        start = time.perf_counter()
-        module = importlib.import_module(f"experiments.benchmarks.{name}")
-        try:
-            results[name] = module.run(quick=quick)
-        except Exception as err:  # noqa: BLE001 - one failing benchmark must not hide the others
-            log.exception("benchmark %s failed", name)
-            results[name] = {"error": f"{type(err).__name__}: {err}"}
-        log.info("benchmark %s done in %.1f s", name, time.perf_counter() - start)
-    out.write_text(render(results, machine(), quick))
+    seconds: dict[str, float] = {}
+    with OtherLoad() as load:
+        for name in (only or names):
+            log.info("benchmark %s ...", name)
+            start = time.perf_counter()
+            try:
+                module = importlib.import_module(f"experiments.benchmarks.{name}")
+                results[name] = module.run(quick=quick)
+            except Exception as err:  # noqa: BLE001 - one failing benchmark must not hide the others
+                log.exception("benchmark %s failed", name)
+                results[name] = {"error": f"{type(err).__name__}: {err}"}
+            finally:
+                torch.set_num_threads(threads)  # a benchmark sets its own; the next starts afresh
+            seconds[name] = time.perf_counter() - start
+            log.info("benchmark %s done in %.1f s", name, seconds[name])
+    out.write_text(render(results, host, quick, seconds, load.share))
     return results

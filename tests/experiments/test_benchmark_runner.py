@@ -30,3 +30,34 @@ def test_unknown_benchmark_is_refused(tmp_path, capsys):
     assert cli.main(["benchmark", "--only", "no_such_bench", "--out", str(tmp_path / "B.md")]) == 2
     assert "unknown benchmark(s) no_such_bench" in capsys.readouterr().err
     assert not (tmp_path / "B.md").exists()
+
+
+def test_report_gives_the_summary_the_shared_machine_and_record_lists_as_tables():
+    result = {"summary": "DP costs 1.4x the non-DP step.", "batch": 8,
+              "results": [{"mode": "hooks", "check": {"correct": True}, "ratio": 1.4},
+                          {"mode": "ew", "error": "RuntimeError: a | b\nsecond line"}]}
+    text = render({"dp": result}, machine(), quick=False, seconds={"dp": 12.0}, other_load=0.3)
+    assert "## dp (12 s)\n\nDP costs 1.4x the non-DP step.\n" in text
+    assert "| batch | 8 |" in text
+    assert "| mode | check.correct | ratio | error |" in text
+    assert "| hooks | True | 1.4 |  |" in text
+    assert "| ew |  |  | RuntimeError: a \\| b second line |" in text
+    assert "other processes used 30%" in text
+    assert "Shared machine" not in render({"dp": result}, machine(), quick=False, other_load=0.01)
+
+
+def test_other_processes_exclude_this_process_and_its_children():
+    import os
+    import subprocess
+    import sys
+
+    from experiments.benchmarks._host import _others, _processes
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        others = _others(_processes())
+        assert os.getpid() not in others and child.pid not in others
+        assert 1 in others  # init is not ours
+    finally:
+        child.kill()
+        child.wait()
