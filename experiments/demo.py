@@ -60,11 +60,20 @@ def demo_cohort_dir(config: Config) -> Path:
     return root
 
 
+def generate_demo_cohort(config: Config, *, patients: int, public_patients: int) -> Path:
+    """Write (or reuse) the demo cohort the config points at: its public set and one folder per
+    site, on the config's grid and seed."""
+    from experiments.cohort import generate_cohort
+
+    return generate_cohort(demo_cohort_dir(config), sites=len(config.federation.sites),
+                           patients=patients, size=config.data.shape[0], seed=config.seed,
+                           public_patients=public_patients).out
+
+
 def run_demo(config_path: Path, *, patients: int = 40, public_patients: int = 40,
              seg_steps: int = 150, echo: Callable[[str], None] = print) -> DemoSummary:
     """Run (or continue) every stage of the demo described by ``config_path``."""
     from client.site_data import check_site
-    from experiments.cohort import generate_cohort
     from server.federation import FINAL_CHECKPOINT, federation_dir
     from server.server_app import default_run_dir
     from server.tracking import resolve_tracking_uri
@@ -80,9 +89,7 @@ def run_demo(config_path: Path, *, patients: int = 40, public_patients: int = 40
     evaluation = run_dir / EVALUATION_FILE
 
     def cohort() -> None:
-        generate_cohort(cohort_dir, sites=len(config.federation.sites), patients=patients,
-                        size=config.data.shape[0], seed=config.seed,
-                        public_patients=public_patients)
+        generate_demo_cohort(config, patients=patients, public_patients=public_patients)
 
     def data_check() -> None:
         for folder in [Path(config.data.public_dir)] + [s.data_dir for s in config.federation.sites]:

@@ -203,6 +203,7 @@ class SweepPlan:
     name: str
     file: Path
     base: Path
+    base_config: Config
     out: Path
     axes: list[str]
     settings: list[Setting]
@@ -222,7 +223,6 @@ class SettingResult:
     quality: dict[str, float | None]
     run_id: str | None
     seconds: float
-    reused: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"setting": self.setting, "values": self.values,
@@ -233,7 +233,7 @@ class SettingResult:
     def from_json(cls, data: Mapping[str, Any]) -> "SettingResult":
         return cls(data["setting"], dict(data["values"]),
                    {k: float(v) for k, v in data["epsilon"].items()}, dict(data["quality"]),
-                   data.get("run_id"), float(data.get("seconds", 0.0)), reused=True)
+                   data.get("run_id"), float(data.get("seconds", 0.0)))
 
 
 @dataclass
@@ -373,7 +373,8 @@ def load_sweep(file: Path, out: Path | None = None) -> SweepPlan:
         raise SweepError(f"{file}: setting {repeated[0]} appears twice; list each setting once")
     axes = list(dict.fromkeys(axis for s in settings for axis in s.values))
     experiment = str(data.get("experiment") or f"fedsynth-sweep-{name}")
-    return SweepPlan(name, file, base_path, out, axes, settings, quality, cohort, experiment)
+    return SweepPlan(name, file, base_path, base_config, out, axes, settings, quality, cohort,
+                     experiment)
 
 
 # --- running ----------------------------------------------------------------------------------
@@ -396,27 +397,24 @@ def _pretrain_key(config: Config) -> str:
     return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _ensure_cohort(plan: SweepPlan, config: Config, echo: Callable[[str], None]) -> Path:
+def _ensure_cohort(plan: SweepPlan, echo: Callable[[str], None]) -> Path:
     """The demo cohort the base config points at: generated when missing and ``cohort`` is set."""
-    from experiments.demo import demo_cohort_dir
+    from experiments.demo import demo_cohort_dir, generate_demo_cohort
 
-    root = demo_cohort_dir(config)
+    root = demo_cohort_dir(plan.base_config)
     if (root / "cohort.json").exists():
         return root
     if plan.cohort is None:
         raise SweepError(f"{plan.file}: {root} holds no demo cohort; run `fedsynth demo` (or "
                          f"`fedsynth cohort`) first, or add cohort: {{patients: 40}} to the sweep")
-    from experiments.cohort import generate_cohort
-
     patients = int(plan.cohort.get("patients", 40))
     echo(f"demo cohort -> {root}")
-    generate_cohort(root, sites=len(config.federation.sites), patients=patients,
-                    size=config.data.shape[0], seed=config.seed,
-                    public_patients=int(plan.cohort.get("public_patients", patients)))
+    generate_demo_cohort(plan.base_config, patients=patients,
+                         public_patients=int(plan.cohort.get("public_patients", patients)))
     return root
 
 
-def _reference(plan: SweepPlan, config: Config, echo: Callable[[str], None]) -> Path:
+def _reference(plan: SweepPlan, echo: Callable[[str], None]) -> Path:
     if plan.quality["reference"] is not None:
         reference = Path(plan.quality["reference"])
         if not reference.is_dir():
@@ -425,7 +423,7 @@ def _reference(plan: SweepPlan, config: Config, echo: Callable[[str], None]) -> 
         return reference
     from experiments.cohort import generate_holdout
 
-    root = _ensure_cohort(plan, config, echo)
+    root = _ensure_cohort(plan, echo)
     echo(f"reference: {plan.quality['holdout_patients']} held-out patients per site -> "
          f"{plan.out / 'reference'}")
     return generate_holdout(root, plan.out / "reference", plan.quality["holdout_patients"])
@@ -444,8 +442,7 @@ class _Parent:
     def __init__(self, plan: SweepPlan):
         from server.tracking import TrackedRun, open_tracking, resolve_tracking_uri
 
-        base = load_config(plan.base, check_paths=False)
-        uri = resolve_tracking_uri(base.tracking, plan.out)
+        uri = resolve_tracking_uri(plan.base_config.tracking, plan.out)
         plan.out.mkdir(parents=True, exist_ok=True)
         state_path = plan.out / SWEEP_STATE
         state = json.loads(state_path.read_text()) if state_path.exists() else {}
@@ -606,7 +603,7 @@ def run_sweep(file: Path, *, out: Path | None = None,
             continue
         echo(f"{header} ...")
         if reference is None:
-            reference = _reference(plan, load_config(plan.base, check_paths=False), echo)
+            reference = _reference(plan, echo)
         result = _run_setting(plan, setting, parent, reference, echo)
         echo(f"{header}: {result.seconds:.0f} s")
         summary.results.append(result)

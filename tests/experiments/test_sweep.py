@@ -109,6 +109,16 @@ def test_sweep_logs_nested_runs_summary_and_plot_then_skips_finished(tmp_path, t
     assert len(client.search_runs([experiment], f"tags.mlflow.parentRunId = "
                                                 f"'{parent.info.run_id}'")) == 3
 
+    # A setting cut after its federation resumes there: same run, no new federation or run.
+    (out / "settings" / "epsilon-10" / "result.json").unlink()
+    resumed: list[str] = []
+    third = run_sweep(sweep_file, echo=resumed.append)
+    assert "      federation: reused" in resumed
+    assert any(line.startswith("      pretraining") and line.endswith(": reused") for line in resumed)
+    assert third.results[1].run_id == summary.results[1].run_id
+    assert len(client.search_runs([experiment], f"tags.mlflow.parentRunId = "
+                                                f"'{parent.info.run_id}'")) == 3
+
     # A finished setting whose definition changed is refused before anything runs.
     changed = write_sweep(tmp_path, tiny_base, set={"privacy": {"learning_rate": 1e-3}})
     with pytest.raises(SweepError, match="was run with another config"):
@@ -137,6 +147,17 @@ def test_bad_sweep_files_are_refused_with_one_line(tmp_path, tiny_base, changes,
     assert main(["sweep", str(sweep_file), "--list"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_no_dp_setting_disables_privacy_and_opts_every_site_in(tmp_path, tiny_base):
+    plan = load_sweep(write_sweep(tmp_path, tiny_base, grid={"epsilon": [5, "none"]}))
+    dp, no_dp = (setting.config for setting in plan.settings)
+    assert dp["privacy"]["enabled"] is True
+    assert [site["budget"]["target_epsilon"] for site in dp["federation"]["sites"]] == [5.0, 5.0]
+    assert not any(site.get("allow_non_private") for site in dp["federation"]["sites"])
+    assert no_dp["privacy"]["enabled"] is False
+    assert all(site["allow_non_private"] for site in no_dp["federation"]["sites"])
+    assert [s.name for s in plan.settings] == ["epsilon=5", "epsilon=none"]
 
 
 def test_list_shows_the_grid_without_running(tmp_path, tiny_base, capsys):
