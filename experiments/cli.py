@@ -64,6 +64,8 @@ USER_ERRORS = [
     ("server.release", "ReleaseError"),
     ("privacy.gate", "GateError"),
     ("client.memorization", "MemorizationAuditError"),
+    ("privacy.canary_audit", "CanaryAuditError"),
+    ("client.membership_audit", "MembershipAuditError"),
 ]
 
 log = logging.getLogger("fedsynth")
