@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "experiments.commands.budget",
     "experiments.commands.audit",
     "experiments.commands.report",
+    "experiments.commands.dossier",
     "experiments.commands.federate",
     "experiments.commands.deploy",
     "experiments.commands.release",
@@ -66,6 +67,7 @@ USER_ERRORS = [
     ("client.memorization", "MemorizationAuditError"),
     ("privacy.canary_audit", "CanaryAuditError"),
     ("client.membership_audit", "MembershipAuditError"),
+    ("server.dossier", "DossierError"),
 ]
 
 log = logging.getLogger("fedsynth")

@@ -35,6 +35,7 @@ site scans and never writes to a site's ledger.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,11 +50,13 @@ from privacy.accounting import epsilon as accountant_epsilon
 from privacy.accounting import INDEPENDENT_METHOD, independent_epsilon
 from privacy.budget import SiteBudget
 from privacy.calibration import SchedulePlan, steps_per_epoch
+from privacy.durable import atomic_write_bytes
 from privacy.dp_trainer import DPSettings, DPTrainer
 from privacy.nonprivate_trainer import NonPrivateSettings, NonPrivateTrainer
 from privacy.site_ledger import PlanRecord, SiteLedger
 
 CANARY_LEDGER = "canary_audit_ledger.jsonl"
+SUMMARY_FILE = "canary_audit.json"
 # Rows per forward pass: memory only (the carrier is tiny); it changes nothing in the mechanism.
 _PHYSICAL_ROWS = 4096
 # Guess sizes as fractions of m; each with k- = 0 and k- = k+.
@@ -324,7 +327,9 @@ def _head(ledger: Path) -> str:
 def _train_private(mechanism: AuditedMechanism, model: nn.Module, rows: Dataset,
                    members: dict[str, list[int]], ledger: Path, patients: int, batch: int,
                    seed: int) -> str:
-    plan = SchedulePlan(target_epsilon=max(mechanism.target_epsilon, mechanism.epsilon()),
+    # The research ledger's cap: the site's, or (none given) exactly the audited schedule's.
+    cap = mechanism.target_epsilon if math.isfinite(mechanism.target_epsilon) else 0.0
+    plan = SchedulePlan(target_epsilon=max(cap, mechanism.epsilon()),
                         delta=mechanism.delta, accountant=mechanism.accountant,
                         noise_multiplier=mechanism.noise_multiplier,
                         sample_rate=batch / patients, num_patients=patients,
@@ -352,3 +357,11 @@ def _train_non_private(mechanism: AuditedMechanism, model: nn.Module, rows: Data
     for round in range(1, mechanism.rounds + 1):
         trainer.run_round(round)
     return _head(ledger)
+
+
+def write_canary_audit(audit: CanaryAudit, out: Path, site_id: str) -> Path:
+    """``out/canary_audit.json`` (atomic): the audit's figures, tagged with the site's id."""
+    path = Path(out) / SUMMARY_FILE
+    text = json.dumps({"site_id": site_id, **audit.to_json()}, indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(path, text.encode())
+    return path

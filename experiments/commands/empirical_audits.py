@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -112,17 +111,14 @@ def _check_out(out: Path, site) -> None:
 
 
 def _canaries(args: argparse.Namespace) -> int:
-    from privacy.canary_audit import run_canary_audit
-    from privacy.durable import atomic_write_bytes
+    from privacy.canary_audit import run_canary_audit, write_canary_audit
 
     config, site = _site(args)
     _check_out(args.out, site)
     mechanism = _mechanism(config, site, args.rounds)
     audit = run_canary_audit(mechanism, args.out, canaries=args.canaries, seed=args.seed,
                              confidence=args.confidence)
-    path = args.out / "canary_audit.json"
-    atomic_write_bytes(path, (json.dumps({"site_id": site.site_id, **audit.to_json()}, indent=2,
-                                         sort_keys=True) + "\n").encode())
+    path = write_canary_audit(audit, args.out, site.site_id)
     claimed = audit.accountant_epsilon
     print(f"{site.site_id}: {audit.canaries} canaries ({audit.included} included), "
           f"{mechanism.steps} steps at sigma {mechanism.noise_multiplier:.4g}, "
