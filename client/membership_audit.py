@@ -4,9 +4,9 @@ Members are the patients the site trained on; non-members are patients the site 
 training from its first round on (``SiteConfig.membership_holdout``, a fraction of its patients).
 The held-out set is drawn once, before the site's first plan, by ranking patients on
 SHA-256(salt | patient id) with a random salt, and recorded in the site's ledger as a
-``membership-holdout`` entry (fraction, salt, counts, a hash of the held-out ids) next to the plan, so
-the split is fixed before any training and reproducible by the officer; a changed fraction later is
-refused. The DP plan then counts only the training patients (N and q are theirs).
+``membership-holdout`` entry (fraction, salt, counts, a hash of the held-out ids) next to the plan,
+so the split is fixed before any training and reproducible by the officer; a changed fraction
+later is refused. The DP plan then counts only the training patients (N and q are theirs).
 
 Two attacks score each patient (higher = "member"), averaged over the patient's scans:
 

@@ -8,8 +8,8 @@ It gathers what an officer signs off, each figure recomputed from its source:
   ledger head; and the reconcile result against the consortium ledger
   (:func:`server.reconcile.reconcile`) when that ledger is given;
 - the empirical audits when present: ``canary_audit.json`` (one-run lower bound next to the
-  accountant's epsilon), ``membership_audit.json`` (AUC, TPR at low FPR), ``memorization_audit.json``
-  with its histogram ``memorization_audit.png``;
+  accountant's epsilon), ``membership_audit.json`` (AUC, TPR at low FPR),
+  ``memorization_audit.json`` with its histogram ``memorization_audit.png``;
 - the release gate's policy, counts and caveat (``release_report.json`` of the release folder);
 - the model hash (the release report's) and the code hash: SHA-256 over the sorted
   (relative path, SHA-256 of the content) of every ``.py`` file of fedsynth's packages (configs,
@@ -275,6 +275,11 @@ def _sites_html(dossier: Dossier) -> str:
     return "".join(parts)
 
 
+def _with_interval(figure: Mapping[str, Any]) -> str:
+    low, high = figure["ci95"]
+    return f"{_number(figure['value'], '.3f')} [{_number(low, '.3f')}, {_number(high, '.3f')}]"
+
+
 def _audits_html(dossier: Dossier) -> str:
     parts = []
     canaries = dossier.audits.get("canary_audit", [])
@@ -292,8 +297,7 @@ def _audits_html(dossier: Dossier) -> str:
         for audit in membership:
             for name, figures in audit["attacks"].items():
                 rows.append([_e(audit["site_id"]), _e(name)] + [
-                    f"{_number(figures[k]['value'], '.3f')} [{_number(figures[k]['ci95'][0], '.3f')}"
-                    f", {_number(figures[k]['ci95'][1], '.3f')}]"
+                    _with_interval(figures[k])
                     for k in ("auc", "tpr_at_0.01_fpr", "tpr_at_0.001_fpr")] +
                     [f"{_e(audit['members'])} / {_e(audit['nonmembers'])}"])
         parts.append("<h3>Membership inference (members vs held-out patients)</h3>")
@@ -360,8 +364,9 @@ Neighbouring relation: add or remove one patient.</p>
 <p class="note">code_sha256: SHA-256 over the sorted (path, SHA-256 of content) of every .py file
 of {', '.join(CODE_PACKAGES)}.</p></section>
 <section id="integrity"><h2>This dossier's own hash</h2>
-<p>The SHA-256 of this HTML file's bytes is written beside it, in <code>&lt;name&gt;.html.sha256</code>
-and in the JSON twin (<code>dossier_sha256</code>): a file cannot contain its own hash.
+<p>The SHA-256 of this HTML file's bytes is written beside it, in
+<code>&lt;name&gt;.html.sha256</code> and in the JSON twin (<code>dossier_sha256</code>):
+a file cannot contain its own hash.
 Check it with <code>sha256sum -c &lt;name&gt;.html.sha256</code>.</p></section>
 </body></html>
 """

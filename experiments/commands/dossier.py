@@ -55,8 +55,8 @@ def _dossier(args: argparse.Namespace) -> int:
     print(f"wrote {page} ({len(dossier.sites)} site(s), "
           f"{sum(len(v) for v in dossier.audits.values())} audit(s))")
     print(f"  JSON twin {twin}; SHA-256 of the page in {checksum}")
-    problems = [s["site_id"] for s in dossier.sites
-                if not s["chain_intact"] or not s["recheck_agrees"] or s["reconcile"]["ok"] is False]
+    problems = [s["site_id"] for s in dossier.sites if not s["chain_intact"]
+                or not s["recheck_agrees"] or s["reconcile"]["ok"] is False]
     problems += [f"canary audit {a['file']}" for a in dossier.audits.get("canary_audit", [])
                  if a.get("exceeds_accountant")]
     if problems:
