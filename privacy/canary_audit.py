@@ -15,11 +15,11 @@ level). Tested against the paper's printed values (App. D: m=1000, r=100, v=75, 
 What is audited is the mechanism AS FEDSYNTH RUNS IT: :class:`privacy.dp_trainer.DPTrainer` (Opacus
 Poisson sampling over patients, per-patient gradients, clipping to C, Gaussian noise sigma*C, the
 step hook and the accountant restored from a ledger) with the site's sigma, q, C, clipping, steps
-per round, rounds, accountant and delta. Canaries are white-box Dirac GRADIENT canaries, the tightest
-honest choice (Nasr et al. 2023; Steinke et al. Sec. 7): the carrier model is linear,
+per round, rounds, accountant and delta. Canaries are white-box Dirac GRADIENT canaries, the
+tightest honest choice (Nasr et al. 2023; Steinke et al. Sec. 7): the carrier model is linear,
 ``loss(x) = <w, x>``, so a patient's per-sample gradient is its input x. Canary i is a patient whose
-input is ``2C * e_(i+1)``: its gradient is clipped to norm C and lies on its own coordinate, which no
-other patient touches. The remaining patients (filling the audited set up to a multiple of the
+input is ``2C * e_(i+1)``: its gradient is clipped to norm C and lies on its own coordinate, which
+no other patient touches. The remaining patients (filling the audited set up to a multiple of the
 site's N, so q = B/N is exactly the site's) have gradient ``2C * e_0``. A canary's score is minus
 the total update of its coordinate (plain SGD, lr 1: the sum of the released noisy gradients, the
 sufficient statistic; the site's Adam and EMA are post-processing of the same noisy gradients and
