@@ -63,3 +63,31 @@ def test_audit_needs_a_recorded_holdout(fed, tmp_path, capsys):
     assert main(["audit", "membership", "--site-config", str(fed.site_yaml("site_0")),
                  "--checkpoint", str(fed.checkpoint), "--out", str(tmp_path / "m")]) == 2
     assert "records no membership holdout" in capsys.readouterr().err
+
+
+def test_canary_audit_calibrates_a_site_without_a_plan(fed, tmp_path, capsys):
+    """No plan in the site's ledger yet: the mechanism is calibrated from the config and the site's
+    own budget, over its TRAINING patients (the holdout excluded)."""
+    from configs import load_config
+    from privacy.calibration import calibrate
+
+    raw = yaml.safe_load(fed.config_path.read_text())
+    raw["federation"]["sites"][0]["membership_holdout"] = 0.25           # 3 training patients
+    raw["privacy"]["expected_batch_size"] = 2
+    fed.config_path.write_text(yaml.safe_dump(raw))
+    config = load_config(fed.config_path)
+    site = next(s for s in config.federation.sites if s.site_id == "site_0")
+    out = tmp_path / "canaries"
+    assert main(["audit", "canaries", "--config", str(fed.config_path), "--site", "site_0",
+                 "--canaries", "100", "--out", str(out)]) == 0
+    result = json.loads((out / "canary_audit.json").read_text())
+    budget = config.site_budget(site)
+    expected = calibrate(target_epsilon=budget.target_epsilon, delta=budget.delta,
+                         num_patients=3, expected_batch_size=config.privacy.expected_batch_size,
+                         rounds=config.federation.rounds,
+                         local_epochs=config.federation.local_epochs,
+                         accountant=config.privacy.accountant)
+    assert result["mechanism"]["num_patients"] == 3
+    assert result["mechanism"]["noise_multiplier"] == expected.noise_multiplier
+    assert result["epsilon_lower_bound"] <= result["accountant_epsilon"] <= budget.target_epsilon
+    assert not fed.ledger("site_0").exists()                             # the site's: untouched
