@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from scipy import stats
 from torch import nn
@@ -78,11 +79,12 @@ def p_value_one_run(m: int, r: int, v: int, eps: float, delta: float) -> float:
     beta = float(stats.binom.sf(v - 1, r, q))  # P[Binomial(r, q) >= v]
     if delta == 0:
         return min(beta, 1.0)
-    alpha, below = 0.0, 0.0  # below = P[v > Binomial(r, q) >= v - i]
-    for i in range(1, v + 1):
-        below += float(stats.binom.pmf(v - i, r, q))
-        if below > i * alpha:
-            alpha = below / i
+    if v == 0:
+        return min(beta, 1.0)
+    # The paper's loop, vectorised: alpha = max over i = 1..v of P[v > Binomial(r, q) >= v - i] / i
+    # (np.cumsum adds in the loop's order).
+    below = np.cumsum(stats.binom.pmf(np.arange(v - 1, -1, -1), r, q))
+    alpha = max(0.0, float(np.max(below / np.arange(1, v + 1))))
     return min(beta + alpha * delta * 2 * m, 1.0)
 
 

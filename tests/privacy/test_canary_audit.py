@@ -49,6 +49,28 @@ def test_bound_reproduces_the_papers_figures() -> None:
     assert epsilon_lower_bound(1000, 100, 100, 1e-5) > epsilon_lower_bound(1000, 100, 75, 1e-5)
 
 
+def _paper_p_value(m, r, v, eps, delta):
+    """App. D's ``p_value_DP_audit`` as printed (a plain loop), to check the vectorised one."""
+    from scipy import stats
+
+    q = 1 / (1 + math.exp(-eps))
+    beta = stats.binom.sf(v - 1, r, q)
+    alpha = total = 0
+    for i in range(1, v + 1):
+        total = total + stats.binom.pmf(v - i, r, q)
+        if total > i * alpha:
+            alpha = total / i
+    return min(beta + alpha * delta * 2 * m, 1)
+
+
+@pytest.mark.parametrize("m, r, v, eps, delta", [(1000, 100, 75, 0.7, 1e-4),
+                                                 (1000, 400, 300, 1.3, 1e-5),
+                                                 (200, 20, 20, 3.0, 1e-3), (50, 10, 1, 0.1, 0.0)])
+def test_p_value_is_the_papers_loop(m, r, v, eps, delta) -> None:
+    assert p_value_one_run(m, r, v, eps, delta) == pytest.approx(
+        _paper_p_value(m, r, v, eps, delta), rel=1e-12, abs=1e-300)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dp_bound_never_exceeds_the_accountant(seed, tmp_path) -> None:
     mechanism = dp_mechanism()
