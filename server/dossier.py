@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from privacy.dp_gate import GATE_KIND
 from privacy.durable import atomic_write_bytes
 from privacy.ledger import LedgerError, verify_ledger
 from privacy.site_ledger import fedsynth_version, utc_timestamp
@@ -107,6 +108,7 @@ def site_section(site_id: str, ledger: Path, consortium: Path | None) -> tuple[d
         "independent_rdp": report.independent_total_rdp,
         "independent_pld": report.independent_total_pld,
         "recheck_agrees": report.all_agree, "other_entries": report.other_entries,
+        "gate_charges": int(report.other_entries.get(GATE_KIND, 0)),
         "differentially_private": report.differentially_private,
     }
     if consortium is not None:
@@ -258,13 +260,13 @@ def _sites_html(dossier: Dossier) -> str:
     rows = [[_e(s["site_id"]), _number(s["epsilon"]), _number(s["delta"], "g"),
              _number(s["cap"], "g"), _e(s["accountant"]), _number(s["noise_multiplier"]),
              _number(s["max_grad_norm"], "g"), _number(s["sample_rate"]), _e(s["steps"]),
-             _e(s["rounds"]),
+             _e(s["rounds"]), _e(s["gate_charges"]),
              f"{_number(s['independent_rdp'])} / {_number(s['independent_pld'])}",
              _verdict(s["recheck_agrees"]), _verdict(s["chain_intact"], "intact", "BROKEN"),
              f"<code>{_e(s['ledger_seq'])}: {_e(s['ledger_head'][:16])}</code>",
              _verdict(s["reconcile"]["ok"], "consistent", "MISMATCH")] for s in dossier.sites]
     parts = [_table(["site", "epsilon", "delta", "cap", "accountant", "sigma", "C", "q", "steps",
-                     "rounds", "independent RDP / PLD", "recheck", "chain", "ledger head",
+                     "rounds", "DP-gate charges", "independent RDP / PLD", "recheck", "chain", "ledger head",
                      "reconcile"], rows)]
     for s in dossier.sites:
         parts.append(f"<p class='note'>{_e(s['site_id'])}: "

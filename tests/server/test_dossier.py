@@ -123,7 +123,8 @@ def test_dossier_holds_every_section_and_its_own_hash(world, tmp_path) -> None:
     site = twin["sites"][0]
     assert site["epsilon"] == pytest.approx(world["spent"], rel=1e-12)
     assert site["reconcile"]["ok"] is True and site["chain_intact"] and site["recheck_agrees"]
-    assert site["rounds"] == 2 and site["ledger_head"] == Ledger(world["site"]).entries()[-1].hash
+    assert site["rounds"] == 2 and site["gate_charges"] == 0
+    assert site["ledger_head"] == Ledger(world["site"]).entries()[-1].hash
     assert twin["hashes"]["model_sha256"] == "ab" * 32 and len(twin["hashes"]["code_sha256"]) == 64
     assert set(twin["audits"]) == {"canary_audit", "membership_audit", "memorization_audit"}
     assert "synthetic" not in twin["audits"]["memorization_audit"][0]  # raw distances stay out
