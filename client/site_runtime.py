@@ -44,6 +44,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from client.membership_audit import MembershipAuditError, apply_holdout
 from client.site_data import SiteDataError, load_site
 from configs.schema import DataConfig, SiteBudgetConfig, SiteConfig
 from models.autoencoder import build_autoencoder, encode_latents
@@ -280,6 +281,12 @@ def _train(site: SiteConfig, ledger: SiteLedger, instruction: TrainInstruction) 
     autoencoder.load_state_dict(instruction.autoencoder_state)
     autoencoder.requires_grad_(False)  # public and frozen: never trained on private data
     encoded = _cached_encoding(site, config, data, autoencoder.to(device))
+    try:  # patients held out for the membership audit never train (recorded in the ledger)
+        encoded = EncodedSite(encoded.scans,
+                              apply_holdout(ledger, site.membership_holdout, encoded.patients))
+    except MembershipAuditError as err:
+        log.error("%s: refusing round %d: %s", site.site_id, config.server_round, err)
+        raise _Refusal(RefusalReason.PLAN_MISMATCH) from None
 
     denoiser = build_latent_unet(config.model, data.num_classes, len(config.attributes))
     denoiser.load_state_dict(instruction.global_state)

@@ -173,6 +173,9 @@ class SiteConfig:
     # The site's own opt-in to NON-private rounds when the consortium sets privacy.enabled: false
     # (research and demo data only): its weights then carry no DP guarantee (epsilon = infinity).
     allow_non_private: bool = False
+    # Fraction of the site's patients held out of training from its first round on, as the
+    # non-members of ``fedsynth audit membership`` (0: off). Fixed in the site's ledger.
+    membership_holdout: float = _f(0.0, ge=0, lt=1)
 
     @property
     def manifest_path(self) -> Path:
