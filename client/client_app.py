@@ -14,6 +14,7 @@ Everything else is in :mod:`client.site_runtime`; the reply is checked against t
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -22,6 +23,7 @@ from flwr.clientapp import ClientApp
 from client.site_runtime import SiteOutcome, TrainInstruction, run_site_round
 from configs import load_config, load_site_config
 from configs.schema import SiteConfig
+from models.logs import show_in_flower_log
 from privacy.protocol import (ARRAYS, CONFIG, FROZEN_AUTOENCODER, GLOBAL_WEIGHTS, METRICS,
                               ROUND_CONFIG, SITE_ACCOUNTING, SITE_STATUS, SITE_WEIGHTS,
                               ProtocolViolation, RefusalReason, ReplyStatus, RoundConfig, TrainReply,
@@ -80,6 +82,15 @@ def encode_reply(outcome: SiteOutcome, weight_shapes: Mapping[str, tuple[int, ..
     return RecordDict(records)
 
 
+def past_deadline(round_config: RoundConfig, now: float | None = None) -> float | None:
+    """Seconds past the round's deadline (None: in time, or no deadline). Clocks are compared
+    as they are: server and sites keep NTP time."""
+    if not round_config.deadline:
+        return None
+    late = (time.time() if now is None else now) - round_config.deadline
+    return late if late > 0 else None
+
+
 def handle_train(message: Message, context: Context, defaults: Mapping[str, Any]) -> Message:
     """Answer a train message with a reply whose content passed the allow-list check."""
     site = resolve_site(context, defaults)
@@ -90,6 +101,15 @@ def handle_train(message: Message, context: Context, defaults: Mapping[str, Any]
         round_config = message.content.get(ROUND_CONFIG, {})
         reply = TrainReply(status=ReplyStatus.REFUSED, reason=RefusalReason.PROTOCOL_MISMATCH,
                            site_id=site.site_id, round=int(round_config.get("server-round", 0)))
+        return Message(encode_reply(SiteOutcome(reply, None, 0.0), {}), reply_to=message)
+    late = past_deadline(instruction.round_config)
+    if late is not None:
+        # Before any private computation: the server has closed this round, so training now would
+        # spend epsilon on weights it throws away. The ledger is not touched.
+        log.warning("%s: refusing round %d: received %.1fs after its deadline", site.site_id,
+                    instruction.round_config.server_round, late)
+        reply = TrainReply(status=ReplyStatus.REFUSED, reason=RefusalReason.DEADLINE_PASSED,
+                           site_id=site.site_id, round=instruction.round_config.server_round)
         return Message(encode_reply(SiteOutcome(reply, None, 0.0), {}), reply_to=message)
     outcome = run_site_round(site, instruction)
     shapes = {name: tuple(tensor.shape) for name, tensor in instruction.global_state.items()}
@@ -106,11 +126,15 @@ def make_client_app(config_path: str | None = None) -> ClientApp:
 
     @client_app.train()
     def train(message: Message, context: Context) -> Message:
+        if SITE_CONFIG_KEY in context.node_config:   # a real SuperNode: show lines in its log
+            show_in_flower_log()
         return handle_train(message, context, defaults)
 
     @client_app.query("gate")  # privacy.protocol.GATE_MESSAGE_TYPE: the release gate (client.gate)
     def gate(message: Message, context: Context) -> Message:
         from client.gate import answer_gate_message
+        if SITE_CONFIG_KEY in context.node_config:
+            show_in_flower_log()
         answer = answer_gate_message(resolve_site(context, defaults), message.content)
         return Message(answer, reply_to=message)
 

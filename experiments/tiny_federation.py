@@ -30,7 +30,7 @@ class TinyFederation:
     site_ids: list[str]
 
     def ledger(self, site_id: str) -> Path:
-        return self.config_path.parent / "ledgers" / f"{site_id}.jsonl"
+        return self.config_path.parent / "ledgers" / site_id / "ledger.jsonl"
 
     def site_yaml(self, site_id: str) -> Path:
         return self.config_path.parent / "sites" / f"{site_id}.yaml"
@@ -46,7 +46,7 @@ def tiny_model_section(attributes: list[str]) -> dict[str, Any]:
 
 def write_checkpoint(path: Path, config_data: Mapping[str, Any], public_dir: Path, seed: int = 0) -> Path:
     """A random-init checkpoint whose latent scale factor comes from the public scans."""
-    from client.site_data import load_site
+    from models.data.site_data import load_site
     from models.autoencoder import build_autoencoder, encode_latents
     from models.checkpoint import DataGrid, save_checkpoint
     from models.latent_unet import build_latent_unet
@@ -72,8 +72,10 @@ def write_tiny_federation(out: Path, *, sites: int = 3, patients: int = 4, round
                           min_sites: int = 1, caps: Mapping[str, float] | None = None,
                           cohort: Path | None = None, checkpoint: Path | None = None,
                           attributes: tuple[str, ...] = ("age", "sex"), seed: int = 0,
-                          federation: Mapping[str, Any] | None = None) -> TinyFederation:
-    """Write ``out/config.yaml`` (sites inline, ledgers under ``out/ledgers``), plus one site YAML per
+                          federation: Mapping[str, Any] | None = None,
+                          release: Mapping[str, Any] | None = None) -> TinyFederation:
+    """Write ``out/config.yaml`` (sites inline, each site's ledger and gate log
+    under ``out/ledgers/<site_id>``), plus one site YAML per
     site under ``out/sites`` (what each SuperNode would be given in deployment).
 
     ``cohort`` / ``checkpoint`` reuse existing ones (the cohort must have ``sites`` sites of
@@ -93,7 +95,8 @@ def write_tiny_federation(out: Path, *, sites: int = 3, patients: int = 4, round
     site_entries = []
     for site_id in site_ids:
         entry = {"site_id": site_id, "data_dir": str(Path(cohort) / site_id),
-                 "ledger": str(out / "ledgers" / f"{site_id}.jsonl"),
+                 # One state folder per site: its ledger and its gate log (gate_log.jsonl) are its own.
+                 "ledger": str(out / "ledgers" / site_id / "ledger.jsonl"),
                  "budget": {"target_epsilon": float((caps or {}).get(site_id, 10.0)), "delta": 1e-3}}
         site_entries.append(entry)
         site_yaml = out / "sites" / f"{site_id}.yaml"
@@ -109,6 +112,8 @@ def write_tiny_federation(out: Path, *, sites: int = 3, patients: int = 4, round
                     "target_epsilon": 10.0, "delta": 1e-3},
         "tracking": {"experiment": "fedsynth-tiny"},
     }
+    if release:
+        data["release"] = dict(release)
     config_path = out / "config.yaml"
     config_path.write_text(yaml.safe_dump(data, sort_keys=False))
     if checkpoint is None:

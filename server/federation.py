@@ -158,7 +158,8 @@ def round_config_for(config: Config, base: Checkpoint, strategy: BudgetAwareFedA
               "intensity_percentiles": list(config.data.intensity_percentiles)},
         model=base.model_config, attributes=list(data.attributes),
         latent_scale_factor=base.latent_scale_factor, autoencoder_sha256=autoencoder_sha256,
-        global_sha256=weights_hash(global_state), expected_heads=strategy.expected_heads())
+        global_sha256=weights_hash(global_state), expected_heads=strategy.expected_heads(),
+        deadline=time.time() + config.federation.round_timeout)
 
 
 def _missing_nodes(strategy: BudgetAwareFedAvg, messages: list[Message],
@@ -243,6 +244,13 @@ def run_federation(grid: Grid, settings: FederationSettings,
     state, base = preflight(settings)
     if settings.resume and state is None:
         log.info("%s: nothing to resume; starting a new federation", folder)
+    if state is not None and state.stop_reason and state.round >= config.federation.rounds:
+        # Finished: a resume has nothing to add (and records no second federation-end).
+        log.info("%s: the federation already ended after round %d (%s); nothing to resume - raise "
+                 "federation.rounds to continue it", folder, state.round, state.stop_reason)
+        final = folder / FINAL_CHECKPOINT
+        return FederationResult(state.round, state.stop_reason, final if final.exists() else None,
+                                folder / LEDGER_FILE, [], state.mlflow_run_id, None)
     folder.mkdir(parents=True, exist_ok=True)
     ledger = _open_ledger(folder, state)
     if state is None:
@@ -284,6 +292,9 @@ def run_federation(grid: Grid, settings: FederationSettings,
             arrays = ArrayRecord(torch_state_dict=global_state)
             messages = list(strategy.configure_train(server_round, arrays,
                                                      ConfigRecord(round_config.to_record()), grid))
+            for message in messages:
+                # Flower drops an instruction not delivered within the round (default TTL: 12 h).
+                message.metadata.ttl = timeout
             if not messages:
                 excluded = "; ".join(f"{k}: {v}" for k, v in strategy.exclusions().items())
                 stop_reason = (f"fewer than federation.min_sites={config.federation.min_sites} sites can "
@@ -364,6 +375,11 @@ def run_federation(grid: Grid, settings: FederationSettings,
         raise
     if not stop_reason:
         stop_reason = f"all {config.federation.rounds} rounds done"
+    if done == 0:
+        # No site ever trained: an error, not a finished federation.
+        tracker.finish("FAILED")
+        ledger.record_end(rounds_completed=0, reason=stop_reason)
+        raise FederationHalted(f"no site trained: {stop_reason}")
     final = _finish(folder, ledger, base, done, stop_reason, strategy, tracker, settings)
     return FederationResult(done, stop_reason, final, ledger.path, summaries, tracker.run_id, tracker.uri)
 

@@ -1,0 +1,159 @@
+"""A site's manifest: one row per scan, naming its patient, image, label and attributes.
+
+The manifest is CSV (header row) or YAML (a list of mappings), chosen by the file's
+extension. Image and label paths are relative to the site folder. Every problem is one
+:class:`SiteDataError` line: ``<file or row>: <problem>; <fix>``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import yaml
+
+REQUIRED_COLUMNS = ("patient_id", "image", "label")
+_REQUIRED_TEXT = ", ".join(REQUIRED_COLUMNS)
+
+
+class SiteDataError(ValueError):
+    """Site data that cannot be used. One line: ``<file or manifest row>: <problem>; <fix>``."""
+
+
+@dataclass(frozen=True)
+class ScanRecord:
+    """One manifest row. ``attributes`` holds the optional columns as raw text."""
+
+    patient_id: str
+    image: Path
+    label: Path
+    attributes: dict[str, str]
+    # Where the row is written ("manifest.csv line 3"), for messages only.
+    where: str = field(default="", compare=False, repr=False)
+
+
+def _read_rows(path: Path) -> list[tuple[str, dict[str, str]]]:
+    """The manifest's rows as ``(where, {column: text})``; raises if it cannot be read at all."""
+    if not path.is_file():
+        raise SiteDataError(f"{path}: manifest not found; create it with columns {_REQUIRED_TEXT} "
+                            f"(one row per scan) or name the right manifest file")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, skipinitialspace=True)
+            rows = [(f"{path} line {reader.line_num}",
+                     {k.strip(): (v or "").strip() for k, v in row.items() if k is not None})
+                    for row in reader]
+    elif suffix in (".yaml", ".yml"):
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark else ""
+            raise SiteDataError(f"{path}: not valid YAML{at}; write a list of mappings with keys "
+                                f"{_REQUIRED_TEXT}") from None
+        data = [] if data is None else data
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise SiteDataError(f"{path}: must be a list of mappings (one per scan); write "
+                                f"'- {{patient_id: ..., image: ..., label: ...}}' entries")
+        rows = [(f"{path} entry {i}",
+                 {str(k): "" if v is None else str(v).strip() for k, v in row.items()})
+                for i, row in enumerate(data, start=1)]
+    else:
+        raise SiteDataError(f"{path}: unsupported manifest type {path.suffix!r}; "
+                            f"use .csv, .yaml or .yml")
+    if not rows:
+        raise SiteDataError(f"{path}: the manifest has no rows; add one row per scan with "
+                            f"columns {_REQUIRED_TEXT}")
+    columns = set().union(*(row for _, row in rows))
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise SiteDataError(f"{path}: missing column {', '.join(map(repr, missing))}; "
+                            f"the required columns are {_REQUIRED_TEXT}")
+    return rows
+
+
+def inspect_manifest(site_dir: Path, manifest: str = "manifest.csv"
+                     ) -> tuple[list[ScanRecord], list[str]]:
+    """Read a manifest, collecting every row problem instead of stopping at the first.
+
+    Returns the usable records (bad and duplicated rows left out) and one line per problem.
+    Raises :class:`SiteDataError` only when the manifest cannot be read at all.
+    """
+    site_dir = Path(site_dir).resolve()
+    records: list[ScanRecord] = []
+    problems: list[str] = []
+    seen_rows: dict[tuple, str] = {}
+    seen_images: dict[Path, str] = {}
+    for where, row in _read_rows(site_dir / manifest):
+        missing = [c for c in REQUIRED_COLUMNS if c not in row]
+        empty = [c for c in REQUIRED_COLUMNS if c in row and not row[c]]
+        if missing:
+            problems.append(f"{where}: missing column {', '.join(map(repr, missing))}; every row "
+                            f"needs the required columns {_REQUIRED_TEXT}")
+            continue
+        if empty:
+            problems.append(f"{where}: empty {', '.join(empty)}; fill it in (patient_id groups "
+                            f"a patient's scans; image and label are paths in the site folder)")
+            continue
+        key = tuple(sorted(row.items()))
+        image, label = (site_dir / row["image"]).resolve(), (site_dir / row["label"]).resolve()
+        if key in seen_rows:
+            problems.append(f"{where}: repeats {seen_rows[key]} exactly; remove the duplicate row")
+            continue
+        if image in seen_images:
+            problems.append(f"{where}: image {row['image']} is already listed at "
+                            f"{seen_images[image]}; list each scan once")
+            continue
+        seen_rows[key], seen_images[image] = where, where
+        attributes = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS}
+        records.append(ScanRecord(row["patient_id"], image, label, attributes, where))
+    return records, problems
+
+
+def read_manifest(site_dir: Path, manifest: str = "manifest.csv") -> list[ScanRecord]:
+    """The manifest's rows as records; :class:`SiteDataError` on the first problem."""
+    records, problems = inspect_manifest(site_dir, manifest)
+    if problems:
+        raise SiteDataError(problems[0])
+    return records
+
+
+def inspect_attributes(records: Sequence[ScanRecord], names: Sequence[str]
+                       ) -> tuple[np.ndarray, list[str]]:
+    """The requested attributes as numbers, collecting one problem line per bad value.
+
+    Returns a float32 array (N, A), ``A = len(names)``, with NaN where a value is bad.
+    """
+    values = np.full((len(records), len(names)), np.nan, dtype=np.float32)
+    problems = []
+    fix = "or drop it from model.conditioning.attributes"
+    for i, record in enumerate(records):
+        for j, name in enumerate(names):
+            text = record.attributes.get(name, "")
+            if not text:
+                problems.append(f"{record.where}: attribute {name!r} requested for conditioning "
+                                f"is missing; give it a value in every row {fix}")
+                continue
+            try:
+                number = float(text)
+            except ValueError:
+                number = math.nan
+            if not math.isfinite(number):
+                problems.append(f"{record.where}: attribute {name!r} is {text!r}, not a finite "
+                                f"number; encode it numerically (e.g. sex as 0/1) {fix}")
+                continue
+            values[i, j] = number
+    return values, problems
+
+
+def attribute_matrix(records: Sequence[ScanRecord], names: Sequence[str]) -> np.ndarray:
+    """The requested attributes, float32 (N, A); :class:`SiteDataError` on the first bad value."""
+    values, problems = inspect_attributes(records, names)
+    if problems:
+        raise SiteDataError(problems[0])
+    return values
