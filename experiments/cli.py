@@ -64,6 +64,7 @@ USER_ERRORS = [
     ("server.release", "ReleaseError"),
     ("privacy.gate", "GateError"),
     ("client.memorization", "MemorizationAuditError"),
+    ("models.device", "DeviceError"),
 ]
 
 log = logging.getLogger("fedsynth")

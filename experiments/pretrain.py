@@ -270,6 +270,7 @@ def pretrain(config: Config, run_dir: Path, *, resume: bool = False, tracking: b
     ``run_tags`` are set on a new MLflow run (a sweep nests pretraining under its parent run).
     """
     run_dir = Path(run_dir)
+    check_precision(config.precision, resolve_device(config.device))  # fail before any work
     state_path, checkpoint_path = run_dir / STATE_FILE, run_dir / CHECKPOINT_FILE
     if state_path.exists() and not resume:
         raise PretrainError(f"{state_path}: a pretraining run already exists here; pass --resume "
