@@ -135,8 +135,10 @@ class _Training:
         torch.manual_seed(config.seed)
         self.autoencoder = configure(build_autoencoder(config.model.autoencoder), config.memory,
                                      training=True).to(self.device)
-        self.discriminator = build_discriminator(config.model.autoencoder,
-                                                 config.data.shape).to(self.device)
+        # Sized for what it sees: the autoencoder's training crops when configured.
+        self.discriminator = build_discriminator(
+            config.model.autoencoder,
+            config.memory.autoencoder_crop or config.data.shape).to(self.device)
         self.autoencoder_optimizer = torch.optim.Adam(
             self.autoencoder.parameters(), lr=settings.autoencoder.learning_rate)
         self.discriminator_optimizer = torch.optim.Adam(
