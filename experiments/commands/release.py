@@ -71,6 +71,7 @@ def simulate_release(config_path: Path, plan):
 
     from client.client_app import make_client_app
     from experiments.federate import backend_config
+    from models.device import resolve_device
     from server.release import make_release_app
 
     results, errors = [], []
@@ -78,7 +79,9 @@ def simulate_release(config_path: Path, plan):
     run_simulation(server_app=make_release_app(plan, results.append, errors.append),
                    client_app=make_client_app(str(Path(config_path).resolve()),
                                               device=plan.config.device),
-                   num_supernodes=sites, backend_name="ray", backend_config=backend_config(sites))
+                   num_supernodes=sites, backend_name="ray",
+                   backend_config=backend_config(sites, resolve_device(plan.config.device).type
+                                                 == "cuda"))
     if errors:
         raise errors[0]
     if not results:
