@@ -107,8 +107,9 @@ class _Field(torch.utils.data.Dataset):
 class LazyStack:
     """One field of every scan, indexable along dim 0 like the stacked tensor it stands for.
 
-    ``stack[i]`` is one item (``stack[i, 0]`` indexes into it); ``stack[index]`` (a slice, list or 1-D tensor of indices) reads only
-    those scans and stacks them. ``shape`` is the stacked tensor's shape.
+    ``stack[i]`` is one item (``stack[i, 0]`` indexes into it); ``stack[index]`` (a slice, list
+    or 1-D tensor of indices) reads only those scans and stacks them. ``shape`` is the stacked
+    tensor's shape.
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, convert: Callable[[dict], Any],

@@ -237,7 +237,8 @@ def _unet_epoch(training: _Training, scheduler, latents: torch.Tensor, label_gri
             loss = diffusion_loss(training.denoiser, scheduler, latents[index], label_grid[index],
                                   attributes[index] if attributes.shape[1] else None,
                                   generator=training.generator,
-                                  condition_dropout=config.model.conditioning.dropout).float().mean()
+                                  condition_dropout=config.model.conditioning.dropout)
+            loss = loss.float().mean()
         training.unet_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         training.unet_optimizer.step()

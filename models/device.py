@@ -69,8 +69,8 @@ def check_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise DeviceError(f"precision: must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise DeviceError(f"precision: bf16 is not supported by {torch.cuda.get_device_name(device)}"
-                          f"; use precision: fp32")
+        name = torch.cuda.get_device_name(device)
+        raise DeviceError(f"precision: bf16 is not supported by {name}; use precision: fp32")
     return precision
 
 

@@ -1,4 +1,4 @@
-"""One GPU at realistic resolution: configs/gpu128.yaml (128^3 at 1.5 mm) step times and peak memory.
+"""One GPU at realistic resolution: configs/gpu128.yaml (128^3, 1.5 mm) step times, peak memory.
 
 Measured on the CUDA device (``--device``, else the first GPU), with the preset's own settings
 (bf16 autocast, fused attention, gradient checkpointing in pretraining, 64^3 autoencoder crops):
@@ -276,8 +276,9 @@ def _summary(results: dict[str, Any], device_name: str) -> str:
             and r["batch"] >= GOALS["pretraining_batch"] and r.get("peak_gib") is not None]
     if unet:
         best = max(unet, key=lambda r: r["batch"])
-        parts.append(f"UNet pretraining at batch {best['batch']} peaks at {best['peak_gib']:.1f} GiB "
-                     f"(goal: fits {GOALS['pretraining_fits_gib']:.0f} GB at batch >= 2).")
+        parts.append(f"UNet pretraining at batch {best['batch']} peaks at "
+                     f"{best['peak_gib']:.1f} GiB (goal: fits "
+                     f"{GOALS['pretraining_fits_gib']:.0f} GB at batch >= 2).")
     return " ".join(parts)
 
 

@@ -66,7 +66,8 @@ def test_config_validates_device_and_precision():
     assert config_from_dict({}, check_paths=False).device == "auto"
     assert config_from_dict({"device": "cuda:1", "precision": "bf16"},
                             check_paths=False).precision == "bf16"
-    with pytest.raises(ConfigError, match=r"^device: must be auto, cpu, cuda or cuda:N \(got 'gpu'\)"):
+    with pytest.raises(ConfigError,
+                       match=r"^device: must be auto, cpu, cuda or cuda:N \(got 'gpu'\)"):
         config_from_dict({"device": "gpu"}, check_paths=False)
     with pytest.raises(ConfigError, match=r"^precision: must be one of 'fp32', 'bf16'"):
         config_from_dict({"precision": "fp16"}, check_paths=False)

@@ -70,6 +70,7 @@ def dp_step(precision: str) -> dict[str, object]:
     return result
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_dp_under_bf16_autocast_keeps_per_sample_gradients_norms_clipping_and_noise_fp32():
     use_conv3d_grad_sampler("grouped")
     assert active_conv3d_grad_sampler() == "grouped"  # the upcasting wrapper is seen through
@@ -100,6 +101,7 @@ def test_dp_under_bf16_autocast_keeps_per_sample_gradients_norms_clipping_and_no
     assert abs(float(noise.std()) / (SIGMA * CLIP) - 1) < 0.1
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_fp32_per_sample_gradients_are_unchanged_by_the_upcasting_wrapper():
     """The wrapper passes fp32 tensors through untouched: fp32 results equal plain autograd."""
     use_conv3d_grad_sampler("grouped")
