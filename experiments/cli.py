@@ -70,6 +70,7 @@ USER_ERRORS = [
     ("privacy.canary_audit", "CanaryAuditError"),
     ("client.membership_audit", "MembershipAuditError"),
     ("server.dossier", "DossierError"),
+    ("models.device", "DeviceError"),
 ]
 
 log = logging.getLogger("fedsynth")

@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from experiments.device_option import add_device_option, with_device
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -41,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "federation's final global model)")
     parser.add_argument("--batch-size", type=int, default=4, metavar="B",
                         help="volumes per sampling pass (default 4); results do not depend on it")
+    add_device_option(parser)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--deployment", type=Path, metavar="DIR",
                        help="release through the deployed SuperLink (DIR: the folder `fedsynth "
@@ -61,13 +64,17 @@ def simulate_release(config_path: Path, plan):
 
     from client.client_app import make_client_app
     from experiments.federate import backend_config
+    from models.device import resolve_device
     from server.release import make_release_app
 
     results, errors = [], []
     sites = len(plan.config.federation.sites)
     run_simulation(server_app=make_release_app(plan, results.append, errors.append),
-                   client_app=make_client_app(str(Path(config_path).resolve())),
-                   num_supernodes=sites, backend_name="ray", backend_config=backend_config(sites))
+                   client_app=make_client_app(str(Path(config_path).resolve()),
+                                              device=plan.config.device),
+                   num_supernodes=sites, backend_name="ray",
+                   backend_config=backend_config(sites, resolve_device(plan.config.device).type
+                                                 == "cuda"))
     if errors:
         raise errors[0]
     if not results:
@@ -115,13 +122,14 @@ def release_in_deployment(args: argparse.Namespace, run_dir: Path) -> int:
 def run(args: argparse.Namespace) -> int:
     from configs import load_config
     from models.checkpoint import CheckpointError, load_checkpoint
+    from models.device import resolve_device
     from server.federation import FINAL_CHECKPOINT, federation_dir
     from server.release import (ReleaseError, ReleaseHalted, check_num, load_public_maps,
                                 prepare_release)
     from server.server_app import default_run_dir
 
     check_num(args.num)
-    config = load_config(args.config, check_paths=False)
+    config = with_device(load_config(args.config, check_paths=False), args.device)
     if not config.federation.sites:
         raise ReleaseError(f"{args.config}: federation.sites is empty; every site must gate the "
                            f"release, list one entry per site")
@@ -133,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         raise ReleaseWhereError(f"{args.config}: the folders of {', '.join(remote)} are not on this "
                                 f"disk (remote sites); pass --deployment DIR to release through "
                                 f"the SuperLink")
-    config = load_config(args.config)
+    config = with_device(load_config(args.config), args.device)
+    resolve_device(config.device)  # a GPU run on a machine without one stops here
     checkpoint_path = args.checkpoint or federation_dir(run_dir) / FINAL_CHECKPOINT
     try:
         checkpoint = load_checkpoint(checkpoint_path)
