@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 SITE_CONFIG_KEY = "site-config"      # node config: the site's own YAML
 CONFIG_PATH_KEY = "config-path"      # run config: the experiment YAML (simulation)
 PARTITION_KEY = "partition-id"       # node config in simulation
+PARTITIONS_KEY = "num-partitions"    # node config in simulation: the number of simulated nodes
 DEVICE_KEY = "device"                # run config (simulation): the --device override
 
 
@@ -51,6 +52,13 @@ def resolve_site(context: Context, defaults: Mapping[str, Any]) -> SiteConfig:
         config = load_config(str(run_config[CONFIG_PATH_KEY]))
         sites = config.federation.sites
         partition = int(node_config[PARTITION_KEY])
+        nodes = int(node_config.get(PARTITIONS_KEY, len(sites)))
+        if nodes < len(sites):
+            # Otherwise the sites past the last node would silently never be asked.
+            raise SiteConfigMissing(f"{run_config[CONFIG_PATH_KEY]}: federation.sites lists "
+                                    f"{len(sites)} sites but the simulation has {nodes} nodes; set "
+                                    f"options.num-supernodes = {len(sites)} in the SuperLink "
+                                    f"connection ($FLWR_HOME/config.toml)")
         if not 0 <= partition < len(sites):
             raise SiteConfigMissing(f"{run_config[CONFIG_PATH_KEY]}: federation.sites has {len(sites)} "
                                     f"entries, simulation node {partition} has none; list one site "

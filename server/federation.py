@@ -287,7 +287,12 @@ def run_federation(grid: Grid, settings: FederationSettings,
     timeout = config.federation.round_timeout
     try:
         for server_round in range(done + 1, config.federation.rounds + 1):
-            wait_for_nodes(grid, config.federation.min_sites, len(config.federation.sites), timeout)
+            connected = wait_for_nodes(grid, config.federation.min_sites,
+                                       len(config.federation.sites), timeout)
+            if len(connected) < len(config.federation.sites):
+                log.warning("round %d: only %d of the %d sites in federation.sites are connected; "
+                            "the others do not take part in this round", server_round,
+                            len(connected), len(config.federation.sites))
             started = time.perf_counter()
             round_config = round_config_for(config, base, strategy, server_round, global_state,
                                          autoencoder_sha256)

@@ -113,7 +113,7 @@ def release_plan_from_run_config(run_config: Mapping[str, Any]):
     try:
         checkpoint = load_checkpoint(checkpoint_path)
     except CheckpointError as err:
-        raise RunConfigError(f"run config 'checkpoint': {err}") from None
+        raise RunConfigError(_run_config_names(f"run config 'checkpoint': {err}")) from None
     num = int(run_config.get("release-num", 0) or 0) or config.release.num_samples
     out = app_path(_text(run_config, "release-out")) if _text(run_config, "release-out") else \
         run_dir / "release"
@@ -137,6 +137,20 @@ def _run_config_names(message: str, mode: str = "release") -> str:
     for flag, key in _FLAGS[mode]:
         message = message.replace(flag, f"run config {key}")
     return message
+
+
+class _NoTraceback(logging.Filter):
+    """Flower logs a ServerApp's exception with its traceback; a fedsynth error already said what
+    is wrong in one line, so its record loses the traceback (the run still ends as failed)."""
+
+    def __init__(self, error: BaseException):
+        super().__init__()
+        self.error = error
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is self.error:
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def run_mode(grid: Grid, run_config: Mapping[str, Any]) -> Any:
@@ -176,7 +190,9 @@ def make_server_app(settings: FederationSettings | None = None,
                 mode = "release" if _text(run_config, "mode") == "release" else "federate"
                 message = _run_config_names(str(err), mode)
                 flwr_log(logging.ERROR, "fedsynth: %s", message)
-                raise type(err)(message) from None
+                error = type(err)(message)
+                logging.getLogger("flwr").addFilter(_NoTraceback(error))
+                raise error from None
         if on_result is not None:
             on_result(result)
 

@@ -29,3 +29,18 @@ def test_a_federation_in_which_no_site_trained_is_an_error(new_federation, make_
         run_federation(make_grid(fed), make_settings(fed, evaluate=False, tracking=False))
     message = str(raised.value)
     assert "\n" not in message and "site_0" in message and "site_1" in message
+
+
+def test_a_simulation_with_fewer_nodes_than_sites_refuses_to_train(new_federation, make_settings):
+    from client.client_app import make_client_app
+    from experiments.loopback import LoopbackGrid
+    from server.consortium_ledger import SITE_FAILURE
+
+    fed = new_federation(sites=3, rounds=1, min_sites=2)
+    two_nodes = LoopbackGrid(make_client_app(str(fed.config_path)),
+                             [{"partition-id": k, "num-partitions": 2} for k in range(2)])
+    with pytest.raises(FederationHalted):
+        run_federation(two_nodes, make_settings(fed, evaluate=False, tracking=False))
+    errors = [e.payload["error"] for e in consortium(fed).effective(SITE_FAILURE)]
+    assert len(errors) == 2 and all("options.num-supernodes = 3" in e for e in errors)
+    assert not any(fed.ledger(s).exists() for s in fed.site_ids)
