@@ -2,7 +2,8 @@
 
 Flower's ``Strategy.start`` runs a fixed loop; fedsynth needs resume, an early stop when every site
 has spent its budget, a consortium ledger entry per reply, and a checkpoint per round, so it drives
-the strategy itself (``configure_train`` -> ``Grid.send_and_receive`` -> ``aggregate_train``).
+the strategy itself (``configure_train`` -> push, then pull the replies as they arrive -> each is
+checked by ``take_reply``, mirrored in the ledger and folded into a running weighted mean).
 
 One round ``r``:
 
@@ -46,12 +47,14 @@ from models.device import autocast, resolve_device
 from models.memory import configure
 from privacy.ledger import LedgerError
 from privacy.outbox import weights_hash
-from privacy.protocol import RoundConfig
+from privacy.protocol import SITE_ACCOUNTING, SITE_WEIGHTS, WEIGHT_KEY, RoundConfig
 from server.consortium_ledger import ConsortiumLedger
 from server.public_validation import FILE_NAME as VALIDATION_FILE
 from server.public_validation import evaluate_public, load_validation_set
 from server.round_checkpoint import (FederationState, load_state, prune_checkpoints,
                                      round_checkpoint_path, save_round, write_state)
+from server.messaging import ReplyStream
+from server.running_mean import RunningMean
 from server.strategy import BudgetAwareFedAvg, RoundReplies, record_bytes
 from server.tracking import StageRun
 
@@ -164,21 +167,47 @@ def round_config_for(config: Config, base: Checkpoint, strategy: BudgetAwareFedA
         deadline=time.time() + config.federation.round_timeout)
 
 
-def _missing_nodes(strategy: BudgetAwareFedAvg, messages: list[Message],
-                   replies: list[Message]) -> list[int]:
-    answered = {strategy.reply_node(reply) for reply in replies}
-    return [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]
+def _stream_round(grid: Grid, strategy: BudgetAwareFedAvg, ledger: ConsortiumLedger,
+                  messages: list[Message], server_round: int, timeout: float
+                  ) -> tuple[RoundReplies, dict[str, torch.Tensor] | None, int]:
+    """Send the round's instructions and take the replies as they arrive: check each, mirror it in
+    the consortium ledger, fold its weights into a running patient-weighted sum, drop it.
+
+    Returns how the sites answered, the average (None below ``min_sites``) and the bytes received.
+    The server holds one reply and one float64 sum at a time, whatever the number of sites.
+    """
+    outcome = RoundReplies(server_round)
+    strategy.last_round = outcome
+    mean, received = RunningMean(), 0
+    replies = ReplyStream(grid, messages, timeout)
+    for node, message in replies:
+        known = len(outcome.failed)
+        if strategy.take_reply(outcome, message, node):
+            weights = message.content[SITE_WEIGHTS]
+            received += record_bytes(weights)
+            mean.add(weights.to_torch_state_dict(),
+                     float(message.content[SITE_ACCOUNTING][WEIGHT_KEY]))
+            ledger.record_site(server_round, node, outcome.accepted[-1][1])
+        elif len(outcome.failed) > known:
+            node_, site, error = outcome.failed[-1]
+            log.warning("round %d: node %s%s failed: %s", server_round, node_,
+                        f" ({site})" if site else "", error.splitlines()[0] if error else "?")
+            ledger.record_failure(server_round, node_, site, error)
+        else:
+            ledger.record_site(server_round, node, outcome.declined[-1][1])
+        del message
+    for node in replies.missing:
+        error = f"no reply within federation.round_timeout={timeout:g}s"
+        outcome.failed.append((node, strategy.node_sites.get(node, ""), error))
+        log.warning("round %d: node %s failed: %s", server_round, node, error)
+        ledger.record_failure(server_round, node, strategy.node_sites.get(node, ""), error)
+    if len(outcome.accepted) < strategy.min_sites:
+        return outcome, None, received
+    return outcome, mean.mean(), received
 
 
 def _describe(reply) -> str:
     return reply.status.value + (f" ({reply.reason.value})" if reply.reason.value else "")
-
-
-def _record_replies(ledger: ConsortiumLedger, outcome: RoundReplies) -> None:
-    for node, reply in outcome.accepted + outcome.declined:
-        ledger.record_site(outcome.round, node, reply)
-    for node, site, error in outcome.failed:
-        ledger.record_failure(outcome.round, node, site, error)
 
 
 def _check_resume(state: FederationState, config: Config, folder: Path) -> None:
@@ -307,17 +336,11 @@ def run_federation(grid: Grid, settings: FederationSettings,
                 stop_reason = (f"fewer than federation.min_sites={config.federation.min_sites} sites can "
                                f"still train ({excluded or 'none connected'})")
                 break
-            replies = list(grid.send_and_receive(messages, timeout=timeout))
-            aggregated, _ = strategy.aggregate_train(server_round, replies)
-            outcome = strategy.last_round or RoundReplies(server_round)
-            for node in _missing_nodes(strategy, messages, replies):
-                outcome.failed.append((node, strategy.node_sites.get(node, ""),
-                                       f"no reply within federation.round_timeout={timeout:g}s"))
             sent = len(messages) * (record_bytes(arrays) + record_bytes(strategy.autoencoder))
-            received = sum(record_bytes(m.content["arrays"]) for m in replies
-                           if not m.has_error() and "arrays" in m.content)
+            outcome, aggregated, received = _stream_round(grid, strategy, ledger, messages,
+                                                          server_round, timeout)
+            del messages
             bytes_sent, bytes_received = bytes_sent + sent, bytes_received + received
-            _record_replies(ledger, outcome)
             summary = RoundSummary(
                 server_round, outcome.participants,
                 {reply.site_id: _describe(reply) for _, reply in outcome.declined},
@@ -341,7 +364,7 @@ def run_federation(grid: Grid, settings: FederationSettings,
                     f"(declined: {summary.declined or 'none'}; failed: {summary.failed or 'none'}); the "
                     f"global model stays at round {server_round - 1} - fix the sites, then run again "
                     f"with --resume")
-            for name, tensor in aggregated.to_torch_state_dict().items():
+            for name, tensor in aggregated.items():
                 global_state[name] = tensor.to(global_state[name].dtype)
             wall = time.perf_counter() - started
             entry = ledger.record_round(server_round, status="aggregated",
