@@ -16,15 +16,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site_runtime import SiteOutcome, TrainInstruction, run_site_round
 from configs import load_config, load_site_config
 from configs.schema import SiteConfig
+from models.checkpoint import atomic_torch_save
 from models.logs import show_in_flower_log
+from privacy.outbox import weights_hash
 from privacy.protocol import (ARRAYS, CONFIG, FROZEN_AUTOENCODER, GLOBAL_WEIGHTS, METRICS,
                               ROUND_CONFIG, SITE_ACCOUNTING, SITE_STATUS, SITE_WEIGHTS,
                               ProtocolViolation, RefusalReason, ReplyStatus, RoundConfig, TrainReply,
@@ -71,14 +75,55 @@ def resolve_site(context: Context, defaults: Mapping[str, Any]) -> SiteConfig:
                             "--node-config 'site-config=\"/path/to/site.yaml\"'")
 
 
-def decode_instruction(content: RecordDict) -> TrainInstruction:
-    """The round config and the global / autoencoder state dicts of a train message."""
+def autoencoder_cache_path(site: SiteConfig, sha256: str) -> Path:
+    """The site's on-disk copy of the public autoencoder with hash ``sha256`` (in its state
+    folder, next to its ledger; mode 0600 like every file the site writes there)."""
+    return Path(site.ledger_path).parent / "cache" / f"autoencoder-{sha256}.pt"
+
+
+def frozen_autoencoder(site: SiteConfig, content: RecordDict, sha256: str
+                       ) -> dict[str, torch.Tensor] | None:
+    """The frozen public autoencoder's state dict: from the message (then cached on disk, keyed by
+    its hash) or, when the server left it out because this site holds it, from the cache. None
+    when neither has the autoencoder of hash ``sha256``."""
+    path = autoencoder_cache_path(site, sha256)
+    if FROZEN_AUTOENCODER in content:
+        state = content[FROZEN_AUTOENCODER].to_torch_state_dict()
+        if not path.exists() and weights_hash(state) == sha256:
+            atomic_torch_save(state, path)   # a temporary file (0600) renamed into place
+        return state
+    if path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if weights_hash(state) == sha256:
+            return state
+        log.warning("%s: %s does not hold the autoencoder %s; discarding it", site.site_id, path,
+                    sha256[:12])
+        path.unlink(missing_ok=True)
+    return None
+
+
+def decode_instruction(content: RecordDict, site: SiteConfig) -> TrainInstruction:
+    """The round config and the global / autoencoder state dicts of a train message.
+
+    Raises :class:`AutoencoderMissing` when the message leaves the autoencoder out and this site
+    holds no copy of it."""
     try:
-        return TrainInstruction(RoundConfig.from_record(dict(content[ROUND_CONFIG])),
-                                content[GLOBAL_WEIGHTS].to_torch_state_dict(),
-                                content[FROZEN_AUTOENCODER].to_torch_state_dict())
+        round_config = RoundConfig.from_record(dict(content[ROUND_CONFIG]))
+        global_state = content[GLOBAL_WEIGHTS].to_torch_state_dict()
     except KeyError as err:
         raise ProtocolViolation(f"train message lacks the record {err}") from None
+    autoencoder = frozen_autoencoder(site, content, round_config.autoencoder_sha256)
+    if autoencoder is None:
+        raise AutoencoderMissing(round_config.server_round)
+    return TrainInstruction(round_config, global_state, autoencoder)
+
+
+class AutoencoderMissing(Exception):
+    """The train message left out the autoencoder and the site's cache does not hold it."""
+
+    def __init__(self, server_round: int):
+        super().__init__(f"round {server_round}: no autoencoder in the message nor in the cache")
+        self.server_round = server_round
 
 
 def encode_reply(outcome: SiteOutcome, weight_shapes: Mapping[str, tuple[int, ...]]) -> RecordDict:
@@ -109,7 +154,13 @@ def handle_train(message: Message, context: Context, defaults: Mapping[str, Any]
     """Answer a train message with a reply whose content passed the allow-list check."""
     site = resolve_site(context, defaults)
     try:
-        instruction = decode_instruction(message.content)
+        instruction = decode_instruction(message.content, site)
+    except AutoencoderMissing as missing:
+        # Structured, so that the server sends the autoencoder again next round.
+        log.warning("%s: %s; refusing the round", site.site_id, missing)
+        reply = TrainReply(status=ReplyStatus.REFUSED, reason=RefusalReason.AUTOENCODER_MISSING,
+                           site_id=site.site_id, round=missing.server_round)
+        return Message(encode_reply(SiteOutcome(reply, None, 0.0), {}), reply_to=message)
     except ProtocolViolation as err:
         log.error("%s: refusing a malformed train message: %s", site.site_id, err)
         round_config = message.content.get(ROUND_CONFIG, {})

@@ -73,7 +73,8 @@ def write_tiny_federation(out: Path, *, sites: int = 3, patients: int = 4, round
                           cohort: Path | None = None, checkpoint: Path | None = None,
                           attributes: tuple[str, ...] = ("age", "sex"), seed: int = 0,
                           federation: Mapping[str, Any] | None = None,
-                          release: Mapping[str, Any] | None = None) -> TinyFederation:
+                          release: Mapping[str, Any] | None = None,
+                          unet_channels: list[int] | None = None) -> TinyFederation:
     """Write ``out/config.yaml`` (sites inline, each site's ledger and gate log
     under ``out/ledgers/<site_id>``), plus one site YAML per
     site under ``out/sites`` (what each SuperNode would be given in deployment).
@@ -105,7 +106,7 @@ def write_tiny_federation(out: Path, *, sites: int = 3, patients: int = 4, round
     data = {
         "seed": seed, "run_dir": str(out / "run"),
         "data": {"public_dir": str(Path(cohort) / "public"), "shape": [SIZE] * 3, "spacing": [SPACING] * 3},
-        "model": tiny_model_section(list(attributes)),
+        "model": tiny_model_section(list(attributes)),  # unet_channels: a bigger denoiser
         "federation": {"rounds": rounds, "local_epochs": 1, "min_sites": min_sites,
                        "sites": site_entries, "round_timeout": 600.0, **dict(federation or {})},
         "privacy": {"expected_batch_size": patients, "max_physical_batch_size": 2 * patients,
@@ -114,6 +115,8 @@ def write_tiny_federation(out: Path, *, sites: int = 3, patients: int = 4, round
     }
     if release:
         data["release"] = dict(release)
+    if unet_channels:
+        data["model"]["unet"]["channels"] = list(unet_channels)
     config_path = out / "config.yaml"
     config_path.write_text(yaml.safe_dump(data, sort_keys=False))
     if checkpoint is None:

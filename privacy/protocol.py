@@ -106,6 +106,7 @@ class RefusalReason(str, Enum):
     PROTOCOL_MISMATCH = "protocol-mismatch"  # the server speaks another protocol version
     MODEL_MISMATCH = "model-mismatch"      # the received weights do not match their hashes
     DEADLINE_PASSED = "deadline-passed"    # received after the round's deadline: not trained
+    AUTOENCODER_MISSING = "autoencoder-missing"  # sent without the autoencoder the site lacks
     SITE_ERROR = "site-error"              # anything else; details stay in the site's log
 
 

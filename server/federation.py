@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from configs import Config, config_to_dict, flatten_config
@@ -47,7 +47,8 @@ from models.device import autocast, resolve_device
 from models.memory import configure
 from privacy.ledger import LedgerError
 from privacy.outbox import weights_hash
-from privacy.protocol import SITE_ACCOUNTING, SITE_WEIGHTS, WEIGHT_KEY, RoundConfig
+from privacy.protocol import (FROZEN_AUTOENCODER, SITE_ACCOUNTING, SITE_WEIGHTS, WEIGHT_KEY,
+                              RefusalReason, RoundConfig)
 from server.consortium_ledger import ConsortiumLedger
 from server.public_validation import FILE_NAME as VALIDATION_FILE
 from server.public_validation import evaluate_public, load_validation_set
@@ -165,6 +166,18 @@ def round_config_for(config: Config, base: Checkpoint, strategy: BudgetAwareFedA
         latent_scale_factor=base.latent_scale_factor, autoencoder_sha256=autoencoder_sha256,
         global_sha256=weights_hash(global_state), expected_heads=strategy.expected_heads(),
         deadline=time.time() + config.federation.round_timeout)
+
+
+def _note_autoencoder_holders(holders: set[int], outcome: RoundReplies) -> None:
+    """A site that answered (trained or declined) holds the autoencoder from now on: it caches it
+    on receipt. One that said ``autoencoder-missing`` or failed gets it again next round."""
+    for node, reply in outcome.accepted + outcome.declined:
+        if reply.reason is RefusalReason.AUTOENCODER_MISSING:
+            holders.discard(node)
+        else:
+            holders.add(node)
+    for node, _, _ in outcome.failed:
+        holders.discard(node)
 
 
 def _stream_round(grid: Grid, strategy: BudgetAwareFedAvg, ledger: ConsortiumLedger,
@@ -312,6 +325,7 @@ def run_federation(grid: Grid, settings: FederationSettings,
                        stage="federation", enabled=settings.tracking,
                        run_id=state.mlflow_run_id if state else None, tags=settings.run_tags)
     summaries: list[RoundSummary] = []
+    holders: set[int] = set()   # nodes that received the autoencoder in this run (cached it)
     stop_reason = state.stop_reason if state else ""
     timeout = config.federation.round_timeout
     try:
@@ -328,17 +342,24 @@ def run_federation(grid: Grid, settings: FederationSettings,
             arrays = ArrayRecord(torch_state_dict=global_state)
             messages = list(strategy.configure_train(server_round, arrays,
                                                      ConfigRecord(round_config.to_record()), grid))
+            lean = RecordDict({k: v for k, v in messages[0].content.items()
+                               if k != FROZEN_AUTOENCODER}) if messages else None
             for message in messages:
                 # Flower drops an instruction not delivered within the round (default TTL: 12 h).
                 message.metadata.ttl = timeout
+                if message.metadata.dst_node_id in holders:
+                    message.content = lean   # the site has the autoencoder on its disk
             if not messages:
                 excluded = "; ".join(f"{k}: {v}" for k, v in strategy.exclusions().items())
                 stop_reason = (f"fewer than federation.min_sites={config.federation.min_sites} sites can "
                                f"still train ({excluded or 'none connected'})")
                 break
-            sent = len(messages) * (record_bytes(arrays) + record_bytes(strategy.autoencoder))
+            sent = sum(record_bytes(arrays) + (record_bytes(strategy.autoencoder)
+                                               if FROZEN_AUTOENCODER in m.content else 0)
+                       for m in messages)
             outcome, aggregated, received = _stream_round(grid, strategy, ledger, messages,
                                                           server_round, timeout)
+            _note_autoencoder_holders(holders, outcome)
             del messages
             bytes_sent, bytes_received = bytes_sent + sent, bytes_received + received
             summary = RoundSummary(

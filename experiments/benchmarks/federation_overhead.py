@@ -20,6 +20,11 @@ is reported for round 1 and for the later rounds separately. In loopback the sit
 other, so the slowest site is not the bound there; the overhead against the SUM of the sites'
 compute is reported too.
 
+Server memory (``memory``): peak resident memory of a server process running one round with 2
+and with 20 sites (every site a real ClientApp in that process, answering when the server pulls,
+so site training adds the same peak whatever the number of sites), side by side with the same
+round aggregated the non-streaming way (every reply held, then Flower's ``FedAvg``).
+
     python -m experiments.benchmarks.federation_overhead [--quick]
 """
 
@@ -155,6 +160,104 @@ def _deployment(fed, folder: Path, timeout: float = 1200.0) -> dict:
     return _summary(fed)
 
 
+class _PullOneGrid:
+    """Mixin for :class:`experiments.loopback.LoopbackGrid`: a site answers only when the server
+    pulls, one reply per pull (as replies trickle in from a real SuperLink)."""
+
+    def push_messages(self, messages):
+        import uuid
+        ids = []
+        self._pending = getattr(self, "_pending", {})
+        for message in messages:
+            message_id = uuid.uuid4().hex
+            message.metadata.__dict__["_message_id"] = message_id
+            self._pending[message_id] = message
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        for message_id in list(message_ids):
+            if message_id in self._pending:
+                return [self.deliver(self._pending.pop(message_id))]
+        return []
+
+
+def _hold_every_reply(grid, strategy, ledger, messages, server_round, timeout):
+    """The baseline: hold every reply of the round, then aggregate with Flower's FedAvg."""
+    from server.messaging import ReplyStream
+    from server.strategy import RoundReplies
+
+    replies = [reply for _, reply in ReplyStream(grid, messages, timeout)]
+    aggregated, _ = strategy.aggregate_train(server_round, replies)
+    outcome = strategy.last_round or RoundReplies(server_round)
+    for node, reply in outcome.accepted + outcome.declined:
+        ledger.record_site(server_round, node, reply)
+    return outcome, None if aggregated is None else aggregated.to_torch_state_dict(), 0
+
+
+MEMORY_UNET_CHANNELS = [32, 64]   # a ~7 MiB denoiser: big enough that held replies show in RSS
+
+
+def memory_probe(config_path: Path, checkpoint: Path, run_dir: Path, mode: str) -> dict:
+    """One round of the federation in ``config_path`` in THIS process; its peak RSS (MiB)."""
+    import resource
+
+    import torch
+
+    from client.client_app import make_client_app
+    from configs import load_config
+    from experiments.loopback import LoopbackGrid
+    from server import federation
+    from server.federation import FederationSettings, run_federation
+
+    torch.set_num_threads(1)
+    config = load_config(config_path)
+    sites = len(config.federation.sites)
+    grid_class = type("PullOneGrid", (_PullOneGrid, LoopbackGrid), {})
+    grid = grid_class(make_client_app(str(config_path)),
+                      [{"partition-id": k, "num-partitions": sites} for k in range(sites)])
+    if mode == "hold":
+        federation._stream_round = _hold_every_reply
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = run_federation(grid, FederationSettings(config, run_dir, checkpoint, tracking=False,
+                                                     evaluate=False))
+    assert result.rounds_completed == 1 and len(result.rounds[0].participants) == sites
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model = sum(t.numel() * t.element_size()
+                for t in torch.load(checkpoint, weights_only=False)["denoiser"].values())
+    return {"sites": sites, "mode": mode, "peak_rss_mib": round(peak, 1),
+            "rss_before_round_mib": round(before, 1), "denoiser_mib": round(model / 2 ** 20, 2)}
+
+
+def _memory(folder: Path, counts: tuple[int, ...] = (2, 20)) -> dict:
+    """Peak RSS of a fresh server process per (sites, mode), side by side."""
+    from experiments.tiny_federation import write_tiny_federation
+
+    big = write_tiny_federation(folder / "cohort", sites=max(counts), patients=PATIENTS, rounds=1,
+                                unet_channels=MEMORY_UNET_CHANNELS)
+    results: dict = {}
+    for mode in ("streaming", "hold"):
+        for count in counts:
+            fed = write_tiny_federation(folder / f"{mode}_{count}", sites=count, patients=PATIENTS,
+                                        rounds=1, min_sites=count, cohort=big.cohort,
+                                        checkpoint=big.checkpoint,
+                                        unet_channels=MEMORY_UNET_CHANNELS)
+            probe = subprocess.run(
+                [sys.executable, "-m", "experiments.benchmarks.federation_overhead",
+                 "--memory-probe", str(fed.config_path), "--checkpoint", str(fed.checkpoint),
+                 "--run-dir", str(fed.run_dir), "--mode", mode],
+                capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2],
+                env={**os.environ, "OMP_NUM_THREADS": "1"})
+            found = json.loads(probe.stdout.strip().splitlines()[-1])
+            results[f"{mode}_{count}_sites_peak_rss_mib"] = found["peak_rss_mib"]
+            results["denoiser_mib"] = found["denoiser_mib"]
+    low, high = counts[0], counts[-1]
+    for mode in ("streaming", "hold"):
+        results[f"{mode}_growth_{low}_to_{high}_sites_mib"] = round(
+            results[f"{mode}_{high}_sites_peak_rss_mib"] - results[f"{mode}_{low}_sites_peak_rss_mib"], 1)
+    return results
+
+
 def run(quick: bool = False) -> dict:
     """Overhead per transport; ``quick`` runs 2 rounds and skips the deployment."""
     import torch
@@ -176,6 +279,7 @@ def run(quick: bool = False) -> dict:
                 results[name] = measure(fed)
             except Exception as err:  # noqa: BLE001 - one transport failing still reports the others
                 results[name] = {"error": f"{type(err).__name__}: {err}"}
+        results["memory"] = _memory(Path(tmp) / "memory")
     return {"summary": _summary_line(results), **results}
 
 
@@ -197,16 +301,35 @@ def _summary_line(results: dict) -> str:
                         else ("the slowest site", "overhead"))
         parts.append(f"{name} {percent(found[key + '_later_rounds'])} beyond {against} "
                      f"(round 1, with start-up: {percent(found[key + '_round_1'])})")
-    cause = (" Deployment pays a fresh ClientApp process per message and 3 s polling."
+    cause = (" Deployment pays a fresh ClientApp process per message."
              if "deployment" in results and "error" not in results["deployment"] else "")
+    memory = results.get("memory", {})
+    peak = (f" Peak server memory, one round: streaming {memory.get('streaming_2_sites_peak_rss_mib')}"
+            f" MiB with 2 sites, {memory.get('streaming_20_sites_peak_rss_mib')} MiB with 20; holding "
+            f"every reply: {memory.get('hold_2_sites_peak_rss_mib')} / "
+            f"{memory.get('hold_20_sites_peak_rss_mib')} MiB.") if memory else ""
     return ("Share of a round's wall time spent outside site compute, later rounds: "
-            + "; ".join(parts) + "." + cause)
+            + "; ".join(parts) + "." + cause + peak)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds, no deployment")
+    parser.add_argument("--memory", action="store_true",
+                        help="only the server-memory measurement (2 vs 20 sites)")
+    parser.add_argument("--memory-probe", type=Path, metavar="CONFIG", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=("streaming", "hold"), default="streaming",
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe, args.checkpoint, args.run_dir, args.mode)))
+        return
+    if args.memory:
+        with tempfile.TemporaryDirectory(prefix="fedsynth-memory-") as tmp:
+            print(json.dumps(_memory(Path(tmp)), indent=2))
+        return
     print(json.dumps(run(args.quick), indent=2))
 
 

@@ -156,6 +156,9 @@ def test_tls_deployment_federates_then_releases_through_the_gate_and_resumes_aft
     done = deployment.run_app(fed.config_path, fed.run_dir, fed.checkpoint, RUN_TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:]
     check_finished(fed, 2, fed.site_ids)
+    # fedsynth's own lines reach `flwr run --stream` and each SuperNode's log.
+    assert "round 2: 2 site(s) trained" in done.stdout, done.stdout[-3000:]
+    assert "site_0: round 2 ok" in deployment.processes.log("site_0")
 
     # The release: the same ServerApp in mode "release", over the same SuperLink.
     out = tmp_path / "release"
