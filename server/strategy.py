@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 # A refusal for one of these reasons needs a person at the site; retrying within the run is pointless.
 _STICKY_REFUSALS = frozenset({RefusalReason.LEDGER_ROLLBACK, RefusalReason.ROLLBACK_ALARM,
                               RefusalReason.LEDGER_DAMAGED, RefusalReason.PLAN_MISMATCH,
-                              RefusalReason.INVALID_BUDGET, RefusalReason.PRIVACY_DISABLED,
+                              RefusalReason.INVALID_BUDGET, RefusalReason.NO_SITE_BUDGET,
+                              RefusalReason.PRIVACY_DISABLED,
                               RefusalReason.PROTOCOL_MISMATCH})
 
 

@@ -13,7 +13,8 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from privacy.accounting import (INDEPENDENT_TOLERANCE, epsilon, history_of, independent_epsilon,
                                 replay_accountant)
-from privacy.budget import BudgetExhausted, PlanMismatch, SiteBudget, open_site_budget
+from privacy.budget import (BudgetExhausted, CapSetting, PlanMismatch, SiteBudget,
+                            open_site_budget)
 from privacy import budget as budget_module
 from privacy import calibration
 from privacy.calibration import CalibrationError, SchedulePlan, calibrate
@@ -199,11 +200,11 @@ def test_dp_gate_charges_count_against_the_training_cap(tmp_path: Path):
     _charge(budget, 1)
     sgd_only = budget.spent()
     charge_gate(path, query_id="q1", epsilon=1.5, num_candidates=4, threshold_policy="fixed",
-                candidates_sha256=HASH, default_cap=5.0, default_delta=1e-3)
+                candidates_sha256=HASH, own=CapSetting(5.0, 1e-3), consortium=None)
     assert budget.spent() == pytest.approx(sgd_only + 1.5)
     next_round = budget.check(2) - (sgd_only + 1.5)  # the DP-SGD cost of one more round
     gate = 5.0 - budget.spent() - next_round / 2     # leaves room for half a round only
     charge_gate(path, query_id="q2", epsilon=gate, num_candidates=4, threshold_policy="fixed",
-                candidates_sha256=HASH, default_cap=5.0, default_delta=1e-3)
+                candidates_sha256=HASH, own=CapSetting(5.0, 1e-3), consortium=None)
     with pytest.raises(BudgetExhausted):
         budget.check(2)
