@@ -243,3 +243,22 @@ def test_budget_plan_states_the_delta_policy_in_one_line(tmp_path: Path, capsys)
     assert main(["budget", "plan", "--config", str(config), "--patients", "40"]) == 0
     out = capsys.readouterr().out
     assert "note: delta 0.00333333 is above 1/(10N)" in out
+
+
+def test_config_check_states_the_delta_policy_in_one_line(tmp_path: Path, capsys):
+    import yaml
+
+    from experiments.cli import main
+
+    rows = "".join(f"P{i},img{i}.nii.gz,lab{i}.nii.gz\n" for i in range(40))
+    (tmp_path / "manifest.csv").write_text("patient_id,image,label\n" + rows)
+    site = {"site_id": "a", "data_dir": str(tmp_path),
+            "budget": {"target_epsilon": 4.0, "delta": 1 / 300}}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"federation": {"sites": [site]}}))
+    assert main(["config", "check", str(config), "--no-path-check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "site a: delta=0.00333333 is above 1/(10N)" in err
+    site["budget"]["allow_large_delta"] = True
+    config.write_text(yaml.safe_dump({"federation": {"sites": [site]}}))
+    assert main(["config", "check", str(config), "--no-path-check"]) == 0
