@@ -167,9 +167,16 @@ class BudgetAwareFedAvg(FedAvg):
                             else dict(record))
         check_reply(layout, self.weight_shapes or None)
         reply = TrainReply.from_records(dict(content[SITE_ACCOUNTING]), dict(content[SITE_STATUS]))
-        if reply.status is ReplyStatus.OK and \
-                weights_hash(content[SITE_WEIGHTS].to_torch_state_dict()) != reply.weights_sha256:
-            raise ProtocolViolation("arrays: the weights do not match the reported weights-sha256")
+        if reply.status is ReplyStatus.OK:
+            weights = content[SITE_WEIGHTS].to_torch_state_dict()
+            if weights_hash(weights) != reply.weights_sha256:
+                raise ProtocolViolation("arrays: the weights do not match the reported "
+                                        "weights-sha256")
+            bad = [name for name, tensor in weights.items()
+                   if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+            if bad:
+                raise ProtocolViolation(f"arrays.{bad[0]}: holds NaN or infinite values (a site "
+                                        f"never sends them); the reply is discarded")
         return reply
 
     def _update(self, round: int, node: int, reply: TrainReply) -> None:

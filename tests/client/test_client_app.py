@@ -321,3 +321,18 @@ def test_only_the_site_s_own_config_raises_a_locked_cap(fed):
     state = read_site_ledger(fed.ledger("site_0"))
     assert [b.source for b in state.budgets] == ["consortium-default", "site-config"]
     assert state.cap == 20.0 and len(state.rounds) == 3
+
+
+def test_non_finite_weights_are_a_refusal_with_its_code_and_no_charge(fed, monkeypatch):
+    from client import site_runtime
+    from privacy.dp_trainer import NonFiniteWeights
+
+    def diverged(self, round):
+        raise NonFiniteWeights("round 1 produced non-finite weights")
+
+    monkeypatch.setattr(site_runtime.DPTrainer, "run_round", diverged)
+    reply = ask(fed, 1)
+    assert status(reply)["status"] == "refused"
+    assert status(reply)["reason"] == RefusalReason.NON_FINITE_WEIGHTS.value
+    assert "arrays" not in reply.content
+    assert read_site_ledger(fed.ledger("site_0")).rounds == []

@@ -388,11 +388,14 @@ def test_dp_gate_charges_every_site_ledger_and_the_report_counts_it(world, tmp_p
     poor = tmp_path / "poor"
     poor.mkdir()
     (poor / "config.yaml").write_text(yaml.safe_dump(raw))
+    site_1 = load_config(config_path).federation.sites[1].ledger_path
+    charged = len(gate_charges(site_1))   # the first release's, and site_1's answer just above
+    assert charged == rounds + 1
     with pytest.raises(ReleaseHalted, match="site_1: budget-exhausted"):
         run_release(InProcessGrid(make_client_app(str(poor / "config.yaml")), 2),
                     plan_for(world, poor / "config.yaml", tmp_path / "out2", 2))
     # Same ledger files as the first release: the refusing site wrote nothing new.
-    assert len(gate_charges(load_config(config_path).federation.sites[1].ledger_path)) == rounds
+    assert len(gate_charges(site_1)) == charged
     assert json.loads((tmp_path / "out2" / STATE_FILE).read_text())["rounds"][0]["stage"] == \
         "generated"
 
