@@ -22,8 +22,9 @@ The round, in order (nothing here imports Flower; :mod:`client.client_app` only 
    leave (:class:`privacy.protocol.TrainReply`). Every epsilon in it (``epsilon``,
    ``epsilon-next``, refusal figures) is :func:`privacy.spend.site_spend` of the ledger: DP-SGD
    rounds plus DP-gate charges, the figure the site enforces. Weights with a non-finite value are
-   never sent: the round is refused (``non-finite-weights``) before its ledger commit. No training loss is computed for the reply; the
-   round's compute time stays in the site's local activity log (``<ledger>.activity.jsonl``).
+   never sent: the round is refused (``non-finite-weights``) before its ledger commit. No training
+   loss is computed for the reply; the round's compute time stays in the site's local activity log
+   (``<ledger>.activity.jsonl``).
 
 Non-private rounds (``privacy.enabled: false``). A site refuses them (``privacy-disabled``) unless its
 OWN config sets ``allow_non_private: true`` (research and demo data only). Such a site trains steps

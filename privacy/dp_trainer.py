@@ -39,9 +39,9 @@ Opacus pitfalls handled here: a model already wrapped or hooked by Opacus is ref
 twice stacks hooks) and the hooks are removed after each round; ghost clipping gets one loss per row
 through ``DPTensorFastGradientClipping`` and is only allowed when every patient has exactly one row
 (it clips rows, and cannot average a patient's rows first; it has no per-sample gradient to zero,
-so there a non-finite row is caught by the weights check before the commit instead). Opacus' ``secure_mode`` needs
-torchcsprng, which is not installed; noise comes from a ``torch.Generator`` seeded from the OS
-entropy pool unless a seed is given (tests).
+so there a non-finite row is caught by the weights check before the commit instead). Opacus'
+``secure_mode`` needs torchcsprng, which is not installed; noise comes from a ``torch.Generator``
+seeded from the OS entropy pool unless a seed is given (tests).
 """
 
 from __future__ import annotations

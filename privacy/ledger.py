@@ -15,8 +15,9 @@ The format is generic: the site ledger (``plan`` and ``round`` entries, see
 - A head record next to the ledger (``<ledger>.head``, replaced atomically after every append) holds
   the last ``seq`` and ``hash``, so entries cut from the end are detected too, not only a cut
   mid-line. It is written (at seq 0) before the ledger file is created, so a ledger with entries and
-  no head record, or an empty ledger file, is reported as a problem, never as intact. Someone who rewrites both files consistently is caught by reconciling with the server's
-  consortium ledger, which mirrors every site's spend.
+  no head record, or an empty ledger file, is reported as a problem, never as intact. Someone who
+  rewrites both files consistently is caught by reconciling with the server's consortium ledger,
+  which mirrors every site's spend.
 
 A ledger with any problem (edited value, deleted, inserted or moved line, cut tail, missing entries
 named by the head record) is reported with the first bad line and never silently repaired: reading

@@ -55,9 +55,10 @@ def coverage_statement(plan: PlanRecord) -> tuple[list[str], list[str]]:
         f"({plan.accountant.upper()} accountant).",
     ]
     not_covered = [
-        "Release-gate answers without the DP gate: the pass/fail of each candidate is computed from "
-        "the site's private scans and is not protected by this epsilon (see the release report's "
-        "gate caveat), and so neither is the choice of which synthetic images are released.",
+        "Release-gate answers without the DP gate: the pass/fail of each candidate is computed "
+        "from the site's private scans and is not protected by this epsilon (see the release "
+        "report's gate caveat), and so neither is the choice of which synthetic images are "
+        "released.",
         f"The number of patients (N = {plan.num_patients}) and the sample count: public metadata, "
         "used to set q.",
         "Anything outside the DP-SGD steps: a training loss or other statistic computed on "
@@ -364,7 +365,8 @@ def _summary(report: PrivacyReport) -> list[tuple[str, str]]:
         ("Independent total", f"RDP {report.independent_total_rdp:.4f}, PLD "
                               f"{report.independent_total_pld:.4f} (dp_accounting for DP-SGD, "
                               f"plus the gate charges)"),
-        ("Agreement", ("all rounds agree" if report.all_agree else "DISAGREEMENT, see the table")
+        ("Agreement", ("every round and gate charge agrees" if report.all_agree
+                       else "DISAGREEMENT, see the table")
          + f"; tolerance {report.tolerance}"),
     ] + ([("Other entries", ", ".join(f"{n} {kind}" for kind, n in report.other_entries.items())
            + ": not privacy events, not in the epsilon above")]
@@ -405,7 +407,8 @@ def render_markdown(report: PrivacyReport, plot_name: str | None = None) -> str:
     lines = ["# Privacy report", "", f"Generated {report.generated}.", ""] + _warning(report) + [
              "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in _summary(report)]
-    lines += ["", "## Rounds", "", "| " + " | ".join(_COLUMNS) + " |",
+    lines += ["", "## Privacy events (DP-SGD rounds and DP-gate charges)", "",
+              "| " + " | ".join(_COLUMNS) + " |",
               "|" + "---|" * len(_COLUMNS)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in report.rows]
     if not report.rows:
@@ -433,7 +436,8 @@ def render_html(report: PrivacyReport, png: bytes | None = None) -> str:
               for line in _warning(report) if line]
     parts.append("<table>")
     parts += [f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in _summary(report)]
-    parts += ["</table>", "<h2>Rounds</h2>", "<table><tr>"
+    parts += ["</table>", "<h2>Privacy events (DP-SGD rounds and DP-gate charges)</h2>",
+              "<table><tr>"
               + "".join(f"<th>{esc(c)}</th>" for c in _COLUMNS) + "</tr>"]
     parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in _cells(row)) + "</tr>"
               for row in report.rows]

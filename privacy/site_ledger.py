@@ -262,7 +262,7 @@ class SiteLedger:
 
 
 def state_of(entries: list[LedgerEntry], path: Path | str = "ledger") -> SiteLedgerState:
-    """Decode verified ``entries`` of a site ledger (a prefix of one gives the state at that point)."""
+    """Decode verified ``entries`` of a site ledger (a prefix gives the state at that point)."""
     typed: dict[str, list] = {kind: [] for kind in SiteLedger.KINDS}
     other: list[LedgerEntry] = []
     events: list = []

@@ -179,7 +179,8 @@ def reconcile(site_ledger: Path | str, consortium_ledger: Path | str,
     newest = max(mirrored, default=0)
     unmirrored = [e for e in entries if e.kind in _SPENDS and e.seq > newest]
     if unmirrored:
-        report.notes.append(f"{len(unmirrored)} round or DP-gate entr{'y' if len(unmirrored) == 1 else 'ies'} of "
+        plural = "y" if len(unmirrored) == 1 else "ies"
+        report.notes.append(f"{len(unmirrored)} round or DP-gate entr{plural} of "
                             f"the site (seq {', '.join(str(e.seq) for e in unmirrored)}) not mirrored by "
                             f"the consortium (the server stopped before recording them, or another "
                             f"federation used this ledger)")

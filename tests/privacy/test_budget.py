@@ -214,7 +214,7 @@ def test_delta_above_a_tenth_of_one_over_n_is_refused_unless_the_site_allows_it(
     settings = dict(target_epsilon=4.0, num_patients=40, expected_batch_size=8, rounds=3,
                     local_epochs=1)
     with pytest.raises(CalibrationError, match=r"above 1/\(10N\) = 0.0025"):
-        calibrate(delta=0.99 / 40, **settings)               # the 0.99/N: refused by default
+        calibrate(delta=0.99 / 40, **settings)    # the 0.99/N: refused by default
     with pytest.raises(CalibrationError, match=r"budget.allow_large_delta: true") as refused:
         calibrate(delta=1 / 300, **settings)                # above 1/(10N) = 1/400
     assert "\n" not in str(refused.value) and "1/(10N)" in str(refused.value)
