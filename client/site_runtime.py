@@ -259,10 +259,7 @@ def _guard(site: SiteConfig, ledger: SiteLedger, config: RoundConfig, deployment
         log.error("%s: refusing round %d: %s", site.site_id, config.server_round, err)
         raise _Refusal(RefusalReason.LEDGER_ROLLBACK) from None
     if deployment and site.budget is None:
-        log.error("%s: refusing round %d: %s", site.site_id, config.server_round,
-                  NoSiteBudget("budget.target_epsilon is not set in this site's config; a deployed "
-                               "site sets its own cap - add 'budget: {target_epsilon: ..., delta: "
-                               "...}' to its site config"))
+        log.error("refusing round %d: %s", config.server_round, NoSiteBudget(site.site_id))
         raise _Refusal(RefusalReason.NO_SITE_BUDGET)
     if not config.privacy.get("enabled", True) and not site.allow_non_private:
         log.error("%s: refusing round %d: privacy.enabled is false and this site does not release "

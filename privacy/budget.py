@@ -116,6 +116,12 @@ def _mismatch(ledger: Path, stored: PlanRecord, plan: SchedulePlan) -> str | Non
 class NoSiteBudget(ValueError):
     """A site that must set its own budget (deployment) but does not. One line naming the key."""
 
+    def __init__(self, where: str = ""):
+        prefix = f"{where}: " if where else ""
+        super().__init__(f"{prefix}budget.target_epsilon is not set in the site config; a site "
+                         f"sets its own cap - add 'budget: {{target_epsilon: ..., delta: ...}}' to "
+                         f"its site config")
+
 
 @dataclass(frozen=True)
 class CapSetting:
@@ -154,9 +160,7 @@ def resolve_cap(ledger: SiteLedger, own: CapSetting | None, consortium: CapSetti
                             consortium.target_epsilon, consortium.delta, *locked)
             return CapSetting(*locked)
         if consortium is None:
-            raise NoSiteBudget(f"{prefix}budget.target_epsilon is not set in the site config; a "
-                               f"site sets its own cap - add 'budget: {{target_epsilon: ..., "
-                               f"delta: ...}}' to its site config")
+            raise NoSiteBudget(where)
         ledger.append(BudgetRecord(float(consortium.target_epsilon), float(consortium.delta),
                                    CONSORTIUM_DEFAULT, utc_timestamp(), fedsynth_version()))
         log.warning("%sthe site config sets no budget: the consortium default epsilon %g at delta "
