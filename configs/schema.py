@@ -162,6 +162,8 @@ class PretrainConfig:
 class SiteBudgetConfig:
     target_epsilon: float = _f(10.0, gt=0)
     delta: float = _f(1e-5, gt=0, lt=1)
+    # The site's own override of the delta policy: accept 1/(10 N) < delta < 1/N.
+    allow_large_delta: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,8 @@ class SiteConfig:
     data_dir: Path = field(metadata={"must_exist": True})
     manifest: str = "manifest.csv"
     ledger: Optional[Path] = None
-    # None: take the consortium default from ``privacy.target_epsilon``/``privacy.delta``.
+    # None: in simulation only, the consortium default (``privacy.target_epsilon``/``delta``),
+    # locked into the site's ledger at first use; a deployed site without a budget refuses.
     budget: Optional[SiteBudgetConfig] = None
     # The site's own opt-in to NON-private rounds when the consortium sets privacy.enabled: false
     # (research and demo data only): its weights then carry no DP guarantee (epsilon = infinity).
