@@ -90,13 +90,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    """The USER_ERRORS classes whose modules are loaded.
+
+    Looked up in ``sys.modules`` only: an exception can only come from a module that was imported,
+    and importing the others (torch, Flower, MLflow) would make every refusal take seconds.
+    """
     types = []
     for module, name in USER_ERRORS:
-        try:
-            types.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
+        found = getattr(sys.modules.get(module), name, None)
+        if isinstance(found, type) and issubclass(found, BaseException):
+            types.append(found)
     return tuple(types)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _environment_error(err: BaseException) -> str | None:
+    """One line for a file the user named that cannot be read or written, else None."""
+    if isinstance(err, UnicodeDecodeError):
+        return (f"a file is not UTF-8 text ({err.reason} at byte {err.start}); "
+                f"save it as UTF-8 text")
+    if isinstance(err, OSError) and err.filename is not None:
+        fix = {"ELOOP": "a symbolic link points back at itself; fix or remove the link",
+               "EACCES": "check its permissions",
+               "EISDIR": "it is a folder; name a file",
+               "ENOTDIR": "a part of the path is a file; fix the path",
+               "ENOSPC": "the disk is full; free space and run again"}
+        code = errno_name(err.errno)
+        return f"{err.filename}: {err.strerror or err}; {fix.get(code, 'check the path')}"
+    if isinstance(err, MemoryError):
+        return "out of memory; use smaller sizes or fewer samples"
+    return None
+
+
+def errno_name(number: int | None) -> str:
+    import errno
+
+    return errno.errorcode.get(number or 0, "")
 
 
 def configure_logging(verbose: bool) -> None:
@@ -124,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - only known user errors are shown as one line
         if isinstance(err, _user_error_types()):
-            print(f"fedsynth {args.command}: error: {err}", file=sys.stderr)
+            print(f"fedsynth {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        environment = _environment_error(err)
+        if environment is not None:
+            print(f"fedsynth {args.command}: error: {_one_line(environment)}", file=sys.stderr)
             return 2
         raise
 
