@@ -38,6 +38,8 @@ class DataConfig:
     label_names: list[str] = _f(
         factory=lambda: ["background", "csf", "grey_matter", "white_matter"])
     intensity_percentiles: tuple[float, float] = _f((0.5, 99.5), ge=0, le=100)
+    # Manifest paths must resolve (after "..", symbolic links) inside the site folder unless true.
+    allow_outside_paths: bool = False
 
     @property
     def num_classes(self) -> int:
