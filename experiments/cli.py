@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import errno
 import sys
+import typing
 from importlib.metadata import PackageNotFoundError, version
 
 # One module per command group, in the order ``fedsynth --help`` lists them.
@@ -38,6 +40,7 @@ COMMAND_MODULES = [
 # Exceptions that mean "the user's input is wrong": printed as one line, exit 2.
 USER_ERRORS = [
     ("configs.loader", "ConfigError"),
+    ("experiments.preflight", "PreflightError"),
     ("experiments.demo", "DemoError"),
     ("experiments.sweep", "SweepError"),
     ("experiments.sampling", "SampleInputError"),
@@ -76,8 +79,16 @@ def fedsynth_version() -> str:
         return "0+unknown"
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (what, where, how to fix), exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"fedsynth: error: {self.prog}: {_one_line(message)}; "
+                     f"see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fedsynth",
         description="Federated, differentially private 3D latent diffusion for medical images.",
     )
@@ -118,17 +129,11 @@ def _environment_error(err: BaseException) -> str | None:
                "EISDIR": "it is a folder; name a file",
                "ENOTDIR": "a part of the path is a file; fix the path",
                "ENOSPC": "the disk is full; free space and run again"}
-        code = errno_name(err.errno)
+        code = errno.errorcode.get(err.errno or 0, "")
         return f"{err.filename}: {err.strerror or err}; {fix.get(code, 'check the path')}"
     if isinstance(err, MemoryError):
         return "out of memory; use smaller sizes or fewer samples"
     return None
-
-
-def errno_name(number: int | None) -> str:
-    import errno
-
-    return errno.errorcode.get(number or 0, "")
 
 
 def configure_logging(verbose: bool) -> None:

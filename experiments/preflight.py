@@ -1,4 +1,6 @@
-"""One rule for where a ``fedsynth`` command may write, checked before anything is read or made.
+"""Checks every ``fedsynth`` command runs on its inputs and outputs before any heavy work.
+
+One rule for where a command may write, checked before anything is read or made.
 
 An output FILE (``report --out``, ``evaluate --out``, ``benchmark --out``) is refused when it is an
 input of the same command, a folder, or a file fedsynth must never overwrite: a ledger (JSON lines
@@ -16,15 +18,24 @@ Pure standard library, so a refusal never waits for torch or Flower to import.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 LEDGER_HEAD_SUFFIX = ".head"
 RELEASE_REPORT = "release_report.json"
+# What fedsynth writes into a run folder (pretrain, federate, release defaults, demo).
+RUN_FOLDER_MARKERS = ("checkpoint.pt", "pretrain_state.pt", "federation", "mlflow.db", "previews",
+                      "public_validation")
 
 
-class OutputPathError(ValueError):
+class PreflightError(ValueError):
+    """Bad command-line input found before any work started. One line: ``where: what; fix``."""
+
+
+class OutputPathError(PreflightError):
     """An output path that would overwrite an input, a ledger, a release or someone else's files."""
 
 
@@ -119,3 +130,20 @@ def check_output_folder(out: Path | str, *, option: str = "--out", own: Sequence
     shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
     raise OutputPathError(f"{where}: exists and holds files fedsynth did not write ({shown}); "
                           f"choose a new or empty folder")
+
+
+@contextlib.contextmanager
+def removed_if_failed(out: Path | str, keep: Sequence[str] = ()) -> Iterator[None]:
+    """Remove ``out`` again if the command fails with an error and ``out`` did not exist before.
+
+    A folder that holds one of ``keep`` (a resumable state) stays, and so does everything after an
+    interruption (Ctrl-C): ``--resume`` continues from it.
+    """
+    out = Path(out)
+    existed = out.exists() or out.is_symlink()
+    try:
+        yield
+    except Exception:
+        if not existed and out.is_dir() and not any((out / name).exists() for name in keep):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
