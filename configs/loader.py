@@ -144,7 +144,8 @@ def _check_bounds(field: dataclasses.Field, value: Any, key: str, raw: Any) -> N
             if bound in meta and not holds(v, meta[bound]):
                 limit = meta[bound]
                 shown = f"{limit:g}" if isinstance(limit, float) else str(limit)
-                _fail(key, f"must be {symbol} {shown} (got {_describe(raw)})")
+                fix = "a larger" if bound in ("gt", "ge") else "a smaller"
+                _fail(key, f"must be {symbol} {shown} (got {_describe(raw)}); use {fix} value")
         if isinstance(v, int) and abs(v) > MAX_INT:
             _fail(key, f"is far too large (got {v}); use a value below 2**63")
 
@@ -162,7 +163,7 @@ def _build(cls: type[T], data: Any, prefix: str, base_dir: Path) -> T:
             close = difflib.get_close_matches(str(name), list(fields), n=1)
             hint = f"did you mean '{close[0]}'?" if close else \
                 f"known keys: {', '.join(sorted(fields))}"
-            _fail(key, f"unknown key ({hint})")
+            _fail(key, f"unknown key ({hint}); fix or remove it")
     kwargs = {}
     for name, field in fields.items():
         if name not in data:
@@ -233,7 +234,8 @@ def config_from_dict(data: Any, base_dir: Path | str = ".", check_paths: bool = 
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        _fail("", f"the config must be a mapping of sections (got {_describe(data)})")
+        _fail("", f"the config must be a mapping of sections (got {_describe(data)}); write "
+                  f"'section:' blocks as in configs/default.yaml")
     data = dict(data)
     federation = data.get("federation")
     sites: list[SiteConfig] = []

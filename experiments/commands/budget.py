@@ -67,12 +67,13 @@ def _patient_overrides(values: list[str], site_ids: list[str]) -> tuple[int | No
         except ValueError:
             number = 0
         if number < 1:
-            raise PatientsOptionError(f"--patients {value}: expected N or SITE=N with N >= 1")
+            raise PatientsOptionError(f"--patients {value}: expected N or SITE=N with N >= 1; "
+                                      f"pass e.g. --patients 40 or --patients site_0=40")
         if not site:
             everywhere = number
         elif site_ids and site not in site_ids:
             raise PatientsOptionError(f"--patients {value}: no site {site!r} in the config "
-                                      f"(sites: {', '.join(site_ids)})")
+                                      f"(sites: {', '.join(site_ids)}); name one of them")
         else:
             per_site[site] = number
     return everywhere, per_site
@@ -86,11 +87,12 @@ def _count_patients(site) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from configs import load_config
-    from privacy.calibration import calibrate
 
     config = load_config(args.config, check_paths=False)
     sites = list(config.federation.sites)
     everywhere, per_site = _patient_overrides(args.patients, [s.site_id for s in sites])
+    from privacy.calibration import calibrate
+
     if not sites:
         if everywhere is None:
             raise PatientsOptionError(f"{args.config}: federation.sites is empty; add the sites or "
