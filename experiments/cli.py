@@ -46,6 +46,7 @@ USER_ERRORS = [
     ("experiments.sampling", "SampleInputError"),
     ("server.tracking", "TrackingError"),
     ("client.site_data", "SiteDataError"),
+    ("client.manifest", "SiteDataError"),
     ("models.checkpoint", "CheckpointError"),
     ("models.volume_io", "VolumeError"),
     ("experiments.pretrain", "PretrainError"),
@@ -100,18 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    """The USER_ERRORS classes whose modules are loaded.
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is (a subclass of) a USER_ERRORS class.
 
-    Looked up in ``sys.modules`` only: an exception can only come from a module that was imported,
-    and importing the others (torch, Flower, MLflow) would make every refusal take seconds.
+    Matched by the defining module and name of each class in ``err``'s MRO, or through
+    ``sys.modules`` for a class registered under a module that re-exports it. Nothing is imported:
+    importing the listed modules (torch, Flower, MLflow) would make every refusal take seconds.
     """
-    types = []
-    for module, name in USER_ERRORS:
-        found = getattr(sys.modules.get(module), name, None)
-        if isinstance(found, type) and issubclass(found, BaseException):
-            types.append(found)
-    return tuple(types)
+    registered = set(USER_ERRORS)
+    for cls in type(err).__mro__:
+        if (cls.__module__, cls.__qualname__) in registered:
+            return True
+        if any(cls.__name__ == name and getattr(sys.modules.get(module), name, None) is cls
+               for module, name in USER_ERRORS):
+            return True
+    return False
 
 
 def _one_line(text: str) -> str:
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fedsynth: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - only known user errors are shown as one line
-        if isinstance(err, _user_error_types()):
+        if is_user_error(err):
             print(f"fedsynth {args.command}: error: {_one_line(err)}", file=sys.stderr)
             return 2
         environment = _environment_error(err)

@@ -27,6 +27,9 @@ import numpy as np
 import pytest
 import yaml
 
+# Over a hundred subprocesses (a dozen import torch to check scans): minutes on a shared 2-core box.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 FEDSYNTH = Path(sys.executable).with_name("fedsynth")
 SIZE = 8
@@ -455,3 +458,31 @@ def test_bad_input_is_refused_cleanly(case: Case, template: Path, tmp_path: Path
     for expected in case.expect:
         assert expected in line, f"{expected!r} not in: {line}"
     assert _snapshot(tmp_path) == before, "an input changed or an output was left behind"
+
+
+HEAVY = ("torch", "monai", "flwr", "mlflow", "ray", "opacus")
+# Refusals decided by the config, the command line or a file's bytes: no heavy library may load.
+LIGHT_CASES = ["config-missing", "config-duplicate-section", "config-epsilon-inf", "data-no-folder",
+               "data-semicolons", "cohort-size-100000", "pretrain-empty-config",
+               "pretrain-out-foreign", "sample-out-foreign", "evaluate-out-release-manifest",
+               "budget-rounds-million", "report-out-is-ledger", "federate-resume-nothing",
+               "deploy-host-slash", "deploy-out-foreign", "release-out-foreign", "sweep-binary",
+               "demo-duplicate-config", "benchmark-out-ledger"]
+
+
+@pytest.mark.parametrize("case_id", LIGHT_CASES)
+def test_refusal_loads_no_heavy_library(case_id: str, template: Path, tmp_path: Path):
+    case = next(c for c in CASES if c.id == case_id)
+    inputs = tmp_path / "in"
+    shutil.copytree(template, inputs, symlinks=True)
+    if case.setup is not None:
+        case.setup(inputs)
+    args = _command(case.argv, inputs)[-len(case.argv):]
+    probe = ("import sys\nfrom experiments.cli import main\n"
+             f"code = main({args!r})\n"
+             f"print(code, sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == f"{case.code} []", result.stdout + result.stderr
