@@ -152,8 +152,8 @@ def check_site(site_dir: Path, data: DataConfig, manifest: str = "manifest.csv",
     for record in tqdm(records, desc="checking scans", unit="scan", disable=None):
         try:
             report.scans.append((record, check_scan(record, data.label_names)))
-        except SiteDataError as err:  # name the manifest row the user wrote, then the file
-            report.problems.append(f"{record.where}: {err}" if record.where else str(err))
+        except SiteDataError as err:
+            report.problems.append(str(err))
     return report
 
 

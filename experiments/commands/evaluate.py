@@ -43,8 +43,8 @@ def _preflight(args: argparse.Namespace) -> None:
 
     for option, folder in (("--real", args.real), ("--synthetic", args.synthetic)):
         if not folder.is_dir():
-            raise PreflightError(f"{option} {folder}: folder not found; pass a site-format folder "
-                                 f"(manifest.csv with patient_id,image,label)")
+            raise PreflightError(f"{option} {folder}: {option[2:]} folder not found; pass a "
+                                 f"site-format folder (manifest.csv with patient_id,image,label)")
     if args.out is not None:
         check_output_file(args.out, inputs=(args.real, args.synthetic, args.config,
                                             args.medicalnet_weights))

@@ -237,7 +237,7 @@ CASES = [
       both(symlink("site_0/images/loop.nii.gz", "loop.nii.gz"),
            manifest("site_0", "p1,images/loop.nii.gz,labels/p1_0_label.nii.gz")),
       code=1, stream="stdout"),
-    C("data-truncated-scan", ("data", "check", "{in}/site_0"), ("line 2", "p1_0.nii.gz"),
+    C("data-truncated-scan", ("data", "check", "{in}/site_0"), ("p1_0.nii.gz", "truncated"),
       truncate("site_0/images/p1_0.nii.gz", 100), code=1, stream="stdout"),
     C("data-config-duplicate", ("data", "check", "{in}/site_0", "--config", "{in}/c.yaml"),
       ("c.yaml", "appears twice"), write("c.yaml", "data:\n  shape: [16,16,16]\ndata:\n  shape: [8,8,8]\n")),
