@@ -10,7 +10,7 @@ whose entries carry a hash chain), a ledger's ``.head`` record, or a release man
 An output FOLDER (``--out`` of cohort, sample, pretrain, federate, release, deploy, sweep) may be
 absent, empty, or the command's own earlier output (it holds one of the command's ``own`` marker
 files, e.g. a resumable state). Anything else "exists and is foreign" and is refused, as is a folder
-that is, or holds, one of the command's inputs. Nothing is created here: callers create the folder
+that is, or holds, one of the command's input folders (a config file inside a run folder is fine). Nothing is created here: callers create the folder
 only after every input has been validated.
 
 Pure standard library, so a refusal never waits for torch or Flower to import.
@@ -114,9 +114,9 @@ def check_output_folder(out: Path | str, *, option: str = "--out", own: Sequence
         if given is None:
             continue
         source = _resolved(given)
-        if _same_or_inside(source, target):
-            raise OutputPathError(f"{where}: is or holds an input of this command ({given}); "
-                                  f"choose a new output folder")
+        if source == target or (source.is_dir() and target in source.parents):
+            raise OutputPathError(f"{where}: is or holds an input folder of this command "
+                                  f"({given}); choose a new output folder")
     if not target.exists():
         parent = next((p for p in target.parents if p.exists()), None)
         if parent is not None and not parent.is_dir():

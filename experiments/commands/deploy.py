@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = (args.checkpoint or run_dir / "checkpoint.pt").resolve()
     if not checkpoint.is_file():
         where = "--checkpoint" if args.checkpoint else "the run folder's checkpoint"
-        raise DeployError(f"{where} {checkpoint}: not found; run `fedsynth pretrain` first or "
-                          f"pass --checkpoint FILE")
+        raise DeployError(f"{where} {checkpoint}: checkpoint not found; run "
+                         f"`fedsynth pretrain` first or pass --checkpoint FILE")
     check_output_folder(args.out, own=DEPLOY_OUTPUTS,
                         inputs=[args.config, checkpoint, config.data.public_dir,
                                 *(site.data_dir for site in config.federation.sites)])

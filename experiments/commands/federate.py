@@ -48,8 +48,8 @@ def _preflight(args: argparse.Namespace) -> None:
     checkpoint = args.checkpoint or Path(run_dir) / "checkpoint.pt"
     if not args.resume and not Path(checkpoint).is_file():
         where = "--checkpoint" if args.checkpoint else "the run folder's checkpoint"
-        raise PreflightError(f"{where} {checkpoint}: not found; run `fedsynth pretrain` first or "
-                             f"pass --checkpoint FILE")
+        raise PreflightError(f"{where} {checkpoint}: checkpoint not found; run "
+                            f"`fedsynth pretrain` first or pass --checkpoint FILE")
 
 
 def run(args: argparse.Namespace) -> int:

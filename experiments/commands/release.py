@@ -102,8 +102,8 @@ def _preflight(args: argparse.Namespace) -> None:
     checkpoint = args.checkpoint or Path(run_dir) / "federation" / "checkpoint.pt"
     if not Path(checkpoint).is_file():
         where = "--checkpoint" if args.checkpoint else "the federation's final checkpoint"
-        raise PreflightError(f"{where} {checkpoint}: not found; run `fedsynth federate` first or "
-                             f"pass --checkpoint FILE")
+        raise PreflightError(f"{where} {checkpoint}: checkpoint not found; run "
+                            f"`fedsynth federate` first or pass --checkpoint FILE")
 
 
 def run(args: argparse.Namespace) -> int:
