@@ -10,8 +10,8 @@ whose entries carry a hash chain), a ledger's ``.head`` record, or a release man
 An output FOLDER (``--out`` of cohort, sample, pretrain, federate, release, deploy, sweep) may be
 absent, empty, or the command's own earlier output (it holds one of the command's ``own`` marker
 files, e.g. a resumable state). Anything else "exists and is foreign" and is refused, as is a folder
-that is, or holds, one of the command's input folders (a config file inside a run folder is fine). Nothing is created here: callers create the folder
-only after every input has been validated.
+that is, or holds, one of the command's input folders (a config file inside a run folder is fine).
+Nothing is created here: callers create the folder only after every input has been validated.
 
 Pure standard library, so a refusal never waits for torch or Flower to import.
 """
@@ -55,7 +55,8 @@ def _looks_like_ledger(path: Path) -> bool:
 
 
 def protected_kind(path: Path | str) -> str | None:
-    """What ``path`` is if fedsynth must never overwrite it (``"a privacy ledger"``...), else None."""
+    """What ``path`` is if fedsynth must never overwrite it (e.g. ``"a privacy ledger"``), else
+    None."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -78,7 +79,7 @@ def _same_or_inside(path: Path, folder: Path) -> bool:
 
 def check_output_file(out: Path | str, *, option: str = "--out",
                       inputs: Iterable[Path | str | None] = ()) -> None:
-    """Refuse ``out`` as a file to write (see the module docstring); raises :class:`OutputPathError`."""
+    """Refuse ``out`` as a file to write (see the module docstring): :class:`OutputPathError`."""
     target = _resolved(out)
     where = f"{option} {out}"
     for given in inputs:

@@ -201,7 +201,8 @@ CASES = [
     C("config-unknown-key", ("config", "show", "{in}/c.yaml"), ("privacy.epsilon", "did you mean"),
       write("c.yaml", "privacy:\n  epsilon: 3\n")),
     C("site-config-duplicate", ("config", "check", "--site", "{in}/s.yaml"),
-      ("s.yaml", "'site_id' appears twice"), write("s.yaml", "site_id: a\ndata_dir: site_0\nsite_id: b\n")),
+      ("s.yaml", "'site_id' appears twice"),
+      write("s.yaml", "site_id: a\ndata_dir: site_0\nsite_id: b\n")),
     C("site-config-empty", ("config", "check", "--site", "{in}/s.yaml"), ("s.yaml", "empty"),
       write("s.yaml", "\n")),
     # data check
@@ -240,7 +241,8 @@ CASES = [
     C("data-truncated-scan", ("data", "check", "{in}/site_0"), ("p1_0.nii.gz", "truncated"),
       truncate("site_0/images/p1_0.nii.gz", 100), code=1, stream="stdout"),
     C("data-config-duplicate", ("data", "check", "{in}/site_0", "--config", "{in}/c.yaml"),
-      ("c.yaml", "appears twice"), write("c.yaml", "data:\n  shape: [16,16,16]\ndata:\n  shape: [8,8,8]\n")),
+      ("c.yaml", "appears twice"),
+      write("c.yaml", "data:\n  shape: [16,16,16]\ndata:\n  shape: [8,8,8]\n")),
     # cohort
     C("cohort-size-100000", ("cohort", "--out", "{in}/new", "--size", "100000"), ("--size",)),
     C("cohort-size-odd", ("cohort", "--out", "{in}/new", "--size", "7"), ("--size",)),
@@ -249,7 +251,8 @@ CASES = [
       ("--patients",)),
     C("cohort-seed-huge", ("cohort", "--out", "{in}/new", "--seed", str(2**70)), ("--seed",)),
     C("cohort-out-file", ("cohort", "--out", "{in}/garbage.pt"), ("garbage.pt", "file")),
-    C("cohort-out-foreign", ("cohort", "--out", "{in}/foreign"), ("foreign", "not a fedsynth cohort")),
+    C("cohort-out-foreign", ("cohort", "--out", "{in}/foreign"),
+      ("foreign", "not a fedsynth cohort")),
     C("cohort-size-word", ("cohort", "--out", "{in}/new", "--size", "big"), ("--size", "big")),
     # pretrain
     C("pretrain-empty-config", ("pretrain", "--config", "{in}/c.yaml"), ("c.yaml", "empty"),
@@ -298,7 +301,8 @@ CASES = [
                                      "{in}/nowhere"), ("nowhere",)),
     # budget plan
     C("budget-rounds-million", ("budget", "plan", "--config", "{in}/c.yaml"),
-      ("federation.rounds", "<= 10000"), yaml_config("c.yaml", with_sites(federation={"rounds": 1000000}))),
+      ("federation.rounds", "<= 10000"),
+      yaml_config("c.yaml", with_sites(federation={"rounds": 1000000}))),
     C("budget-patients-word", ("budget", "plan", "--config", "{in}/experiment.yaml",
                                "--patients", "many"), ("--patients many",)),
     C("budget-patients-unknown-site", ("budget", "plan", "--config", "{in}/experiment.yaml",
