@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_user_error(err):
             print(f"fedsynth {args.command}: error: {_one_line(err)}", file=sys.stderr)
             return 2
-        environment = _environment_error(err)
+        environment = None if args.verbose else _environment_error(err)
         if environment is not None:
             print(f"fedsynth {args.command}: error: {_one_line(environment)}", file=sys.stderr)
             return 2
