@@ -195,6 +195,10 @@ def _memorization(args: argparse.Namespace) -> int:
     max_shift = release.max_shift if args.max_shift is None else args.max_shift
     if not 0 <= max_shift <= 4:
         raise MemorizationAuditError(f"--max-shift: must be in 0..4 voxels (got {max_shift})")
+    from experiments.preflight import check_output_folder
+
+    check_output_folder(args.out, own=("memorization_audit.json",),
+                        inputs=(args.synthetic, args.checkpoint, site.data_dir))
     audit = audit_memorization(site, args.synthetic, load_checkpoint(args.checkpoint),
                                distance=args.distance or release.distance, max_shift=max_shift,
                                chunk_size=release.chunk_size,

@@ -18,6 +18,8 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number (got {text!r})") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0 (got {value})")
+    if value > 100_000:
+        raise argparse.ArgumentTypeError(f"must be at most 100000 (got {value})")
     return value
 
 
@@ -26,8 +28,8 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number (got {text!r})") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (got {text})")
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 100 (got {text})")
     return value
 
 

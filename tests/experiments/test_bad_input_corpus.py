@@ -276,6 +276,9 @@ CASES = [
                              "{in}/public", "--num", "1", "--out", "{in}/foreign"), ("foreign",)),
     C("sample-out-is-masks", ("sample", "--checkpoint", "{in}/garbage.pt", "--masks",
                               "{in}/public", "--num", "1", "--out", "{in}/public"), ("public",)),
+    C("sample-guidance-inf", ("sample", "--checkpoint", "{in}/garbage.pt", "--masks",
+                              "{in}/public", "--num", "1", "--out", "{in}/new", "--guidance",
+                              "inf"), ("--guidance", "inf")),
     C("sample-missing-masks", ("sample", "--checkpoint", "{in}/garbage.pt", "--masks",
                                "{in}/nowhere", "--num", "1", "--out", "{in}/new"), ("nowhere",)),
     # evaluate
@@ -319,6 +322,10 @@ CASES = [
       ("site_9", "site_0")),
     C("audit-reconcile-missing", ("audit", "reconcile", "--site-ledger", "{in}/ledger/ledger.jsonl",
                                   "--consortium-ledger", "{in}/nope.jsonl"), ("nope.jsonl",)),
+    C("audit-memorization-out-foreign", ("audit", "memorization", "--synthetic", "{in}/site_1",
+                                         "--checkpoint", "{in}/garbage.pt", "--out",
+                                         "{in}/foreign", "--config", "{in}/experiment.yaml",
+                                         "--site", "site_0"), ("foreign", "did not write")),
     # report
     C("report-out-is-ledger", ("report", "--ledger", "{in}/ledger/ledger.jsonl", "--out",
                                "{in}/ledger/ledger.jsonl"), ("ledger.jsonl", "input")),
