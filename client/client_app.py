@@ -14,6 +14,7 @@ Everything else is in :mod:`client.site_runtime`; the reply is checked against t
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 SITE_CONFIG_KEY = "site-config"      # node config: the site's own YAML
 CONFIG_PATH_KEY = "config-path"      # run config: the experiment YAML (simulation)
 PARTITION_KEY = "partition-id"       # node config in simulation
+DEVICE_KEY = "device"                # run config (simulation): the --device override
 
 
 class SiteConfigMissing(ValueError):
@@ -44,13 +46,17 @@ def resolve_site(context: Context, defaults: Mapping[str, Any]) -> SiteConfig:
     if SITE_CONFIG_KEY in node_config:
         return load_site_config(str(node_config[SITE_CONFIG_KEY]))
     if PARTITION_KEY in node_config and run_config.get(CONFIG_PATH_KEY):
-        sites = load_config(str(run_config[CONFIG_PATH_KEY])).federation.sites
+        config = load_config(str(run_config[CONFIG_PATH_KEY]))
+        sites = config.federation.sites
         partition = int(node_config[PARTITION_KEY])
         if not 0 <= partition < len(sites):
             raise SiteConfigMissing(f"{run_config[CONFIG_PATH_KEY]}: federation.sites has {len(sites)} "
                                     f"entries, simulation node {partition} has none; list one site "
                                     f"per node")
-        return sites[partition]
+        # Simulated sites share this machine: the run's device (--device, else the config's).
+        device = run_config.get(DEVICE_KEY) or config.device
+        return replace(sites[partition], device=sites[partition].device or device,
+                       precision=sites[partition].precision or config.precision)
     raise SiteConfigMissing("this SuperNode has no site config; start it with "
                             "--node-config 'site-config=\"/path/to/site.yaml\"'")
 
@@ -99,9 +105,12 @@ def handle_train(message: Message, context: Context, defaults: Mapping[str, Any]
     return Message(encode_reply(outcome, shapes), reply_to=message)
 
 
-def make_client_app(config_path: str | None = None) -> ClientApp:
-    """A ClientApp whose default run config names the experiment YAML (used in simulation)."""
+def make_client_app(config_path: str | None = None, device: str | None = None) -> ClientApp:
+    """A ClientApp whose default run config names the experiment YAML (used in simulation) and,
+    with ``device``, overrides the config's device for the simulated sites."""
     defaults = {CONFIG_PATH_KEY: config_path} if config_path else {}
+    if device:
+        defaults[DEVICE_KEY] = device
     client_app = ClientApp()
 
     @client_app.train()

@@ -38,6 +38,7 @@ import torch
 from client.site_data import SiteDataError, load_site
 from configs.schema import DataConfig, SiteConfig
 from models.autoencoder import build_autoencoder
+from models.device import resolve_device
 from privacy.dp_gate import (GateBudgetExhausted, above_threshold, charge_gate, closeness,
                              noise_generator, site_spend)
 from privacy.durable import fsync_directory
@@ -263,6 +264,8 @@ def _answer(site: SiteConfig, query: GateQuery, views: torch.Tensor,
                   site.site_id, query.query_id)
         raise _Refusal(GateRefusal.MODEL_MISMATCH)
     autoencoder = _autoencoder(query, autoencoder_state)
+    if autoencoder is not None:  # the site's own device embeds candidates and scans alike
+        autoencoder.to(resolve_device(site.device))
     scans = load_scans(site, query.data)
     reference = _reference(site, query, scans, autoencoder)
     try:

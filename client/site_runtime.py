@@ -44,10 +44,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from client.membership_audit import MembershipAuditError, apply_holdout
 from client.site_data import SiteDataError, load_site
 from configs.schema import DataConfig, SiteBudgetConfig, SiteConfig
 from models.autoencoder import build_autoencoder, encode_latents
 from models.conditioning import label_map_to_latent_grid
+from models.device import autocast, check_precision, resolve_device
 from models.diffusion import build_scheduler, diffusion_loss
 from models.latent_unet import build_latent_unet
 from privacy.accounting import epsilon as epsilon_of, history_of
@@ -221,12 +223,32 @@ def _epsilon_next(state: SiteLedgerState) -> float:
     return epsilon_of(history, plan.delta, plan.accountant)
 
 
-def _loss_fn(scheduler, dropout: float, has_attributes: bool, generator: torch.Generator):
+def _loss_fn(scheduler, dropout: float, has_attributes: bool, generator: torch.Generator,
+             device: torch.device = torch.device("cpu"), precision: str = "fp32"):
     def loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return diffusion_loss(model, scheduler, batch["latents"], batch["labels"],
-                              batch["attributes"] if has_attributes else None, generator=generator,
-                              condition_dropout=dropout)
+        # The forward pass may be bf16; the loss, and under DP every per-sample gradient, is fp32.
+        with autocast(device, precision):
+            losses = diffusion_loss(model, scheduler, batch["latents"], batch["labels"],
+                                    batch["attributes"] if has_attributes else None,
+                                    generator=generator, condition_dropout=dropout)
+        return losses.float()
     return loss
+
+
+def site_compute(site: SiteConfig, privacy: Mapping[str, Any]) -> tuple[torch.device, str]:
+    """The site's device (its config's, else auto) and forward precision (else fp32).
+
+    bf16 applies under DP only with Opacus' ``hooks`` mode, whose grad samplers upcast to fp32
+    (:mod:`privacy.grad_samplers`); the other modes run fp32.
+    """
+    device = resolve_device(site.device)
+    precision = site.precision or "fp32"
+    mode = str(privacy.get("grad_sample_mode", "hooks"))
+    if precision != "fp32" and privacy.get("enabled", True) and mode != "hooks":
+        log.info("%s: grad_sample_mode %s computes per-sample gradients outside Opacus' fp32 "
+                 "hooks; training in fp32", site.site_id, mode)
+        precision = "fp32"
+    return device, check_precision(precision, device)
 
 
 def _guard(site: SiteConfig, ledger: SiteLedger, config: RoundConfig) -> None:
@@ -274,19 +296,25 @@ def _train(site: SiteConfig, ledger: SiteLedger, instruction: TrainInstruction) 
         log.error("%s: the received weights do not match the hashes in the round config",
                   site.site_id)
         raise _Refusal(RefusalReason.MODEL_MISMATCH)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device, precision = site_compute(site, privacy)
     data = data_config(config)
     autoencoder = build_autoencoder(config.model["autoencoder"])
     autoencoder.load_state_dict(instruction.autoencoder_state)
     autoencoder.requires_grad_(False)  # public and frozen: never trained on private data
     encoded = _cached_encoding(site, config, data, autoencoder.to(device))
+    try:  # patients held out for the membership audit never train (recorded in the ledger)
+        encoded = EncodedSite(encoded.scans,
+                              apply_holdout(ledger, site.membership_holdout, encoded.patients))
+    except MembershipAuditError as err:
+        log.error("%s: refusing round %d: %s", site.site_id, config.server_round, err)
+        raise _Refusal(RefusalReason.PLAN_MISMATCH) from None
 
     denoiser = build_latent_unet(config.model, data.num_classes, len(config.attributes))
     denoiser.load_state_dict(instruction.global_state)
     denoiser.to(device)
     generator = torch.Generator().manual_seed(secrets.randbits(63))
     loss = _loss_fn(build_scheduler(config.model), float(config.model["conditioning"]["dropout"]),
-                    bool(config.attributes), generator)
+                    bool(config.attributes), generator, device, precision)
     if not privacy.get("enabled", True):  # _guard let it through: the site opted in
         return _train_non_private(site, ledger, config, denoiser, loss, encoded)
     return _train_dp(site, ledger, config, denoiser, loss, encoded)

@@ -56,7 +56,9 @@ from tqdm.auto import tqdm
 
 from configs import Config, config_to_dict
 from models.checkpoint import Checkpoint, CheckpointError, atomic_torch_save, load_checkpoint
+from models.device import autocast, module_device, resolve_device, to_device
 from models.diffusion import build_sampler, initial_noise, sample_latents, sampling_steps
+from models.memory import configure
 from models.previews import save_preview
 from models.volume_io import write_volume
 from privacy.durable import atomic_write_bytes
@@ -301,6 +303,7 @@ def generate(model: torch.nn.Module, plan: ReleasePlan, conditions: Sequence[Con
     labels = torch.stack([deformed_map(plan.maps.labels[c.map_index], c.deform_seed)
                           for c in conditions])
     latent_shape = model.latent_shape(grid.shape)
+    device = module_device(model)
     images = []
     for start in range(0, len(conditions), plan.batch_size):
         batch = conditions[start:start + plan.batch_size]
@@ -311,10 +314,12 @@ def generate(model: torch.nn.Module, plan: ReleasePlan, conditions: Sequence[Con
                                              grid.num_classes).permute(0, 4, 1, 2, 3).float()
         attributes = torch.tensor([c.attributes for c in batch], dtype=torch.float32) \
             if grid.attributes else None
-        latents = sample_latents(model.denoiser, build_sampler(model.model_cfg), noise, onehot,
-                                 attributes, steps=sampling_steps(model.model_cfg),
-                                 guidance_scale=model.guidance_scale, progress=False)
-        images.append(model.decode(latents))
+        with autocast(device, plan.config.precision):
+            latents = sample_latents(model.denoiser, build_sampler(model.model_cfg),
+                                     *to_device((noise, onehot, attributes), device),
+                                     steps=sampling_steps(model.model_cfg),
+                                     guidance_scale=model.guidance_scale, progress=False)
+            images.append(model.decode(latents).float().cpu())
     return torch.cat(images), labels
 
 
@@ -586,7 +591,8 @@ def run_release(grid: Grid, plan: ReleasePlan,
         _check_resume(state, plan)
         log.info("%s: resuming the release (%d of %d slots decided)", out, _decided(state),
                  plan.num)
-    model = plan.checkpoint.build_model()
+    model = configure(plan.checkpoint.build_model(resolve_device(plan.config.device)),
+                      plan.config.memory)
     latent = plan.config.release.distance not in IMAGE_DISTANCES
     autoencoder_state = plan.checkpoint.autoencoder_state if latent else None
     nodes: list[int] | None = None

@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     reconcile.set_defaults(handler=_reconcile)
     from experiments.commands.release import add_memorization_action
     add_memorization_action(actions)
+    from experiments.commands.empirical_audits import add_empirical_actions
+    add_empirical_actions(actions)
     parser.set_defaults(handler=lambda args: _usage(parser))
 
 

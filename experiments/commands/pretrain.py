@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from experiments.device_option import add_device_option, with_device
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -22,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the pretraining state saved in the run folder")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    add_device_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -30,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from experiments.preflight import (RUN_FOLDER_MARKERS, PreflightError, check_output_folder,
                                        removed_if_failed)
 
-    config = load_config(args.config)
+    config = with_device(load_config(args.config), args.device)
     if config.data.public_dir is None:
         raise ConfigError(f"{args.config}: data.public_dir: not set; pretraining needs a public "
                           f"cohort in site format (e.g. `fedsynth cohort` writes <out>/public)")
