@@ -336,6 +336,16 @@ CASES = [
     C("report-out-folder", ("report", "--ledger", "{in}/ledger/ledger.jsonl", "--out",
                             "{in}/foreign"), ("foreign", "folder")),
     C("report-missing-ledger", ("report", "--ledger", "{in}/nope.jsonl"), ("nope.jsonl",)),
+    # dossier
+    C("dossier-out-release-manifest", ("dossier", "--release", "{in}/release", "--out",
+                                       "{in}/release/manifest.csv"), ("manifest.csv", "input")),
+    C("dossier-twin-is-release-report", ("dossier", "--release", "{in}/release", "--out",
+                                         "{in}/release/release_report.html"),
+      ("release_report.json", "input")),
+    C("dossier-out-ledger", ("dossier", "--release", "{in}/release", "--out",
+                             "{in}/ledger/ledger.jsonl"), ("ledger.jsonl",)),
+    C("dossier-site-ledger-format", ("dossier", "--release", "{in}/release", "--site-ledger",
+                                     "ledger.jsonl", "--out", "{in}/d.html"), ("SITE=PATH",)),
     # federate
     C("federate-resume-nothing", ("federate", "--config", "{in}/experiment.yaml", "--out",
                                   "{in}/new", "--resume"), ("--resume", "nothing to resume")),
