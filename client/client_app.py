@@ -7,6 +7,10 @@ Where the site's own config comes from:
 - simulation: the experiment config (run config ``config-path``, or the path given to
   :func:`make_client_app`) and this node's ``partition-id``: ``federation.sites[partition-id]``.
 
+A deployed site (its own config file) must set ``budget.target_epsilon``; it never takes the
+consortium's default. In simulation a site entry without a budget takes the default once, locked
+into its ledger (:func:`privacy.budget.resolve_cap`).
+
 Everything else is in :mod:`client.site_runtime`; the reply is checked against the allow-list of
 :mod:`privacy.protocol` before it is returned.
 """
@@ -45,6 +49,12 @@ DEVICE_KEY = "device"                # run config (simulation): the --device ove
 
 class SiteConfigMissing(ValueError):
     """The SuperNode was started without a site config. One line with the fix."""
+
+
+def is_deployment(context: Context) -> bool:
+    """True when this node runs from the site's own config file (a SuperNode's ``site-config``):
+    the consortium's default budget is then never taken (:func:`privacy.budget.resolve_cap`)."""
+    return SITE_CONFIG_KEY in dict(context.node_config)
 
 
 def resolve_site(context: Context, defaults: Mapping[str, Any]) -> SiteConfig:
@@ -176,7 +186,7 @@ def handle_train(message: Message, context: Context, defaults: Mapping[str, Any]
         reply = TrainReply(status=ReplyStatus.REFUSED, reason=RefusalReason.DEADLINE_PASSED,
                            site_id=site.site_id, round=instruction.round_config.server_round)
         return Message(encode_reply(SiteOutcome(reply, None, 0.0), {}), reply_to=message)
-    outcome = run_site_round(site, instruction)
+    outcome = run_site_round(site, instruction, deployment=is_deployment(context))
     shapes = {name: tuple(tensor.shape) for name, tensor in instruction.global_state.items()}
     log.info("%s: round %d %s%s (epsilon %.4g of %g)", site.site_id, outcome.reply.round,
              outcome.reply.status.value, f" ({outcome.reply.reason.value})" if outcome.reply.reason.value
@@ -194,16 +204,17 @@ def make_client_app(config_path: str | None = None, device: str | None = None) -
 
     @client_app.train()
     def train(message: Message, context: Context) -> Message:
-        if SITE_CONFIG_KEY in context.node_config:   # a real SuperNode: show lines in its log
+        if is_deployment(context):   # a real SuperNode: show fedsynth lines in its log
             show_in_flower_log()
         return handle_train(message, context, defaults)
 
     @client_app.query("gate")  # privacy.protocol.GATE_MESSAGE_TYPE: the release gate (client.gate)
     def gate(message: Message, context: Context) -> Message:
         from client.gate import answer_gate_message
-        if SITE_CONFIG_KEY in context.node_config:
+        if is_deployment(context):
             show_in_flower_log()
-        answer = answer_gate_message(resolve_site(context, defaults), message.content)
+        answer = answer_gate_message(resolve_site(context, defaults), message.content,
+                                     deployment=is_deployment(context))
         return Message(answer, reply_to=message)
 
     return client_app

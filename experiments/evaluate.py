@@ -80,13 +80,28 @@ class EvaluationResult:
 
 def _ras_grid(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Shape and voxel size of a NIfTI file in RAS axis order, from its header only."""
-    image = nib.load(path)
+    image = _readable_header(path)
     axes = nib.orientations.io_orientation(image.affine)[:, 0].astype(int)
     shape, spacing = [0, 0, 0], [0.0, 0.0, 0.0]
     for source, target in enumerate(axes[:3]):
         shape[target] = int(image.shape[source])
         spacing[target] = float(image.header.get_zooms()[source])
     return tuple(shape), tuple(spacing)
+
+
+def _readable_header(path: Path) -> nib.spatialimages.SpatialImage:
+    """The NIfTI image at ``path`` (header read, voxels not yet); one EvaluationError line for a
+    garbage, truncated or non-3D file."""
+    fix = "write it again (a complete 3D NIfTI file) or drop its row from the manifest"
+    try:
+        image = nib.load(path)
+        shape = image.shape
+    except Exception as err:  # noqa: BLE001 - nibabel raises many types for damaged files
+        raise EvaluationError(f"{path}: not a readable NIfTI file ({type(err).__name__}); "
+                              f"{fix}") from None
+    if len(shape) != 3:
+        raise EvaluationError(f"{path}: a {len(shape)}D volume of shape {shape}; {fix}")
+    return image
 
 
 def _grid_text(shape: tuple[int, ...], spacing: tuple[float, ...]) -> str:

@@ -62,6 +62,8 @@ import yaml
 
 from configs import (Config, ConfigError, TrackingConfig, config_from_dict, config_to_dict,
                      flatten_config, load_config)
+from configs.strict_yaml import YamlFileError, read_yaml
+from experiments.preflight import check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -255,13 +257,12 @@ def _read_mapping(file: Path) -> dict[str, Any]:
         raise SweepError(f"{file}: sweep file not found; pass a YAML file such as "
                          f"experiments/sweeps/privacy_quality.yaml")
     try:
-        data = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" (line {mark.line + 1})" if mark else ""
-        raise SweepError(f"{file}: not valid YAML{line}; fix the syntax") from None
+        data = read_yaml(file, "sweep file", numbers_like_yaml12=True)
+    except YamlFileError as err:
+        raise SweepError(str(err)) from None
     if not isinstance(data, dict):
-        raise SweepError(f"{file}: expected a mapping with base and grid or settings")
+        raise SweepError(f"{file}: expected a mapping with base and grid or settings; see "
+                         f"experiments/sweeps/privacy_quality.yaml")
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise SweepError(f"{_where(file, unknown[0])}: unknown key; use "
@@ -361,7 +362,7 @@ def load_sweep(file: Path, out: Path | None = None) -> SweepPlan:
         raise SweepError(f"{_where(file, 'cohort')}: expected {{patients: N, public_patients: N}}")
 
     base_tree = config_to_dict(base_config)
-    base_yaml = yaml.safe_load(base_path.read_text())
+    base_yaml = read_yaml(base_path, "config file", numbers_like_yaml12=True)
     settings = []
     for values in _points(file, data):
         tree = _derive(base_tree, overrides, values, file, base_path.parent)
@@ -590,6 +591,8 @@ def run_sweep(file: Path, *, out: Path | None = None,
               echo: Callable[[str], None] = print) -> SweepSummary:
     """Run (or continue) every setting of the sweep file; see the module docstring."""
     plan = load_sweep(file, out)
+    check_output_folder(plan.out, option="--out", own=(SWEEP_STATE,),
+                        inputs=(plan.file, plan.base))
     finished = {s.slug: _finished(plan, s) for s in plan.settings}  # refuses changed settings now
     parent = _Parent(plan)
     summary = SweepSummary(plan, parent_run_id=parent.run.run_id, tracking_uri=parent.uri)

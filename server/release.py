@@ -11,8 +11,10 @@ released or has used ``release.max_attempts`` candidates:
    ``release.chunk_size`` slots. The round's candidates are cached to disk BEFORE they are sent.
 2. **Gate.** One Flower query message (``query.gate``) per site: the candidate volumes (or, for
    the ``latent`` distance, the embeddings of every translate by the frozen public encoder, plus
-   the encoder itself so the site can embed its scans) and a :class:`privacy.gate.GateQuery`.
-   Every site answers pass/fail per candidate (:mod:`client.gate`); only that and counts return.
+   the encoder itself so the site can embed its scans) and a :class:`privacy.gate.GateQuery`, which
+   carries each site's expected ledger head from the consortium ledger. Every site answers
+   pass/fail per candidate (:mod:`client.gate`); only that and counts return. Every answer (its
+   DP-gate charge, totals and ledger head) is mirrored in the consortium ledger (``site-gate``).
 3. **Decide.** A candidate is released only if EVERY site passed it. A rejected slot moves to its
    next attempt (a new seed, so a new candidate); a slot out of attempts stays empty. Every
    rejection is counted, per site. The decision is written to the state file before any file.
@@ -148,6 +150,7 @@ class GateRoundResult:
     answers: dict[str, GateAnswer] = field(default_factory=dict)
     passed: dict[str, np.ndarray] = field(default_factory=dict)
     failed: list[tuple[int, str]] = field(default_factory=list)
+    nodes: dict[str, int] = field(default_factory=dict)   # site id -> the node that answered
 
 
 @dataclass(frozen=True)
@@ -356,6 +359,35 @@ def candidate_views(model: torch.nn.Module, images: torch.Tensor, distance: str,
 
 # --- the gate round over a Flower Grid -----------------------------------------------------------
 
+def consortium_ledger_path(plan: ReleasePlan) -> Path | None:
+    """The consortium ledger of the release's run (None without a run folder)."""
+    from server.federation import LEDGER_FILE, federation_dir
+
+    return None if plan.run_dir is None else federation_dir(plan.run_dir) / LEDGER_FILE
+
+
+def expected_heads(plan: ReleasePlan) -> dict[str, tuple[int, str]]:
+    """Per site, the newest ledger head the consortium saw (train replies and gate answers)."""
+    from server.consortium_ledger import ConsortiumLedger
+
+    path = consortium_ledger_path(plan)
+    if path is None or not path.exists():
+        return {}
+    return ConsortiumLedger(path).view().expected_heads()
+
+
+def mirror_gate_answers(plan: ReleasePlan, result: GateRoundResult) -> None:
+    """Mirror every site's gate answer (charge, totals, ledger head) in the consortium ledger."""
+    from server.consortium_ledger import ConsortiumLedger
+
+    path = consortium_ledger_path(plan)
+    if path is None:
+        return
+    ledger = ConsortiumLedger(path)
+    for site_id in sorted(result.answers):
+        ledger.record_gate(result.nodes.get(site_id, 0), result.answers[site_id])
+
+
 def gate_query(plan: ReleasePlan, query_id: str, views: torch.Tensor) -> GateQuery:
     release, base = plan.config.release, plan.checkpoint
     latent = release.distance not in IMAGE_DISTANCES
@@ -373,7 +405,7 @@ def gate_query(plan: ReleasePlan, query_id: str, views: torch.Tensor) -> GateQue
         latent_scale_factor=base.latent_scale_factor, dp_enabled=release.dp_gate.enabled,
         dp_epsilon=release.dp_gate.epsilon if release.dp_gate.enabled else 0.0,
         default_target_epsilon=plan.config.privacy.target_epsilon,
-        default_delta=plan.config.privacy.delta)
+        default_delta=plan.config.privacy.delta, expected_heads=expected_heads(plan))
 
 
 def _layout(content: RecordDict) -> dict[str, tuple[str, Mapping[str, Any]]]:
@@ -420,6 +452,7 @@ def gate_round(grid: Grid, nodes: Sequence[int], query: GateQuery, views: torch.
                                         f"{answer.site_id!r} does not fit this round"))
             continue
         result.answers[answer.site_id] = answer
+        result.nodes[answer.site_id] = int(node)
         if answer.status == GateStatus.OK:
             result.passed[answer.site_id] = reply.content[GATE_PASSED]["passed"].numpy() != 0
     for node in replies.missing:
@@ -542,6 +575,7 @@ def _run_round(grid: Grid, nodes: Sequence[int], plan: ReleasePlan, state: dict[
                                f"match the state file; restore the release folder or choose a "
                                f"new --out")
         result = gate_round(grid, nodes, query, cache["views"], autoencoder_state, plan.timeout)
+        mirror_gate_answers(plan, result)
         _check_answers(plan, result, record["round"])
         _decide(state, record, result, plan.config.release.max_attempts)
         record["stage"] = "decided"

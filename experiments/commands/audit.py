@@ -1,7 +1,9 @@
 """``fedsynth audit verify``: check a ledger's hash chain (site or consortium ledger).
 
 Exit 0 when every entry is intact; 1 naming the first bad entry (line, seq and what is wrong) when
-an entry was edited, deleted, inserted, moved or cut; 2 when the file cannot be read.
+an entry was edited, deleted, inserted, moved or cut, when the ledger's ``.head`` record is missing
+(so a cut tail could not be seen), or when the file is empty; 2 when the file cannot be read.
+``reconcile`` covers the site's DP-SGD rounds and its DP-gate charges.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "verify", help="check that a ledger was not altered",
         description="Recompute every entry's hash and its link to the previous entry, and compare "
                     "the end of the file with the ledger's head record. Exit 0 if intact, 1 naming "
-                    "the first bad entry, 2 if the file cannot be read.")
+                    "the first bad entry (or a missing head record, or an empty file), 2 if the "
+                    "file cannot be read.")
     verify.add_argument("--ledger", type=Path, required=True, metavar="LEDGER",
                         help="a ledger file (JSON lines), e.g. "
                              "<site data_dir>/.fedsynth/ledger.jsonl")
@@ -72,9 +75,33 @@ def _verify(args: argparse.Namespace) -> int:
 def _reconcile(args: argparse.Namespace) -> int:
     from server.reconcile import clear_rollback_alarm, reconcile
 
+    if args.site is not None:
+        _check_site_is_known(args.site, args.consortium_ledger)
     report = reconcile(args.site_ledger, args.consortium_ledger, args.site)
     print("\n".join(report.lines()))
     if args.clear_alarm:
         archived = clear_rollback_alarm(args.site_ledger, report, args.officer)
         print(f"rollback alarm cleared by {args.officer}; archived as {archived}")
     return 0 if report.ok else 1
+
+
+def _check_site_is_known(site_id: str, consortium_ledger: Path) -> None:
+    """:class:`ReconcileError` unless the consortium ledger names ``site_id`` (in its start
+    record or a site report): reconciling an unknown site would compare nothing and say ok."""
+    from privacy.ledger import LedgerError
+    from server.consortium_ledger import read_consortium_ledger
+    from server.reconcile import ReconcileError
+
+    try:
+        view = read_consortium_ledger(consortium_ledger)
+    except LedgerError as err:
+        raise ReconcileError(str(err)) from None
+    known = set(view.site_ids())
+    for entry in view.entries:
+        sites = entry.payload.get("sites") if isinstance(entry.payload, dict) else None
+        if isinstance(sites, list):
+            known.update(str(s) for s in sites)
+    if site_id not in known:
+        raise ReconcileError(f"--site {site_id}: the consortium ledger {consortium_ledger} names "
+                             f"no such site (sites: {', '.join(sorted(known)) or 'none'}); pass "
+                             f"one of them")

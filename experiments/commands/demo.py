@@ -27,7 +27,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def _preflight(args: argparse.Namespace) -> None:
+    """Refuse a bad config or number before torch, Flower or Ray load."""
+    from configs import load_config
+    from experiments.preflight import PreflightError
+
+    load_config(args.config, check_paths=False)
+    for option, value, low in (("--patients", args.patients, 2),
+                               ("--public-patients", args.public_patients, 2),
+                               ("--seg-steps", args.seg_steps, 1)):
+        if not low <= value <= 10_000:
+            raise PreflightError(f"{option} {value}: out of range; pass {low}..10000")
+
+
 def run(args: argparse.Namespace) -> int:
+    _preflight(args)
     from experiments.demo import format_summary, run_demo
 
     summary = run_demo(args.config, patients=args.patients,

@@ -39,7 +39,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def _preflight(args: argparse.Namespace) -> None:
+    """Refuse bad paths and numbers before torch loads; the synthetic set is checked by
+    :func:`experiments.evaluate.check_folders`."""
+    from experiments.preflight import PreflightError, check_output_file
+
+    for option, folder in (("--real", args.real), ("--synthetic", args.synthetic)):
+        if not folder.is_dir():
+            raise PreflightError(f"{option} {folder}: {option[2:]} folder not found; pass a "
+                                 f"site-format folder (manifest.csv with patient_id,image,label)")
+    if args.out is not None:
+        check_output_file(args.out, inputs=(args.real, args.synthetic, args.config,
+                                            args.medicalnet_weights))
+    if args.seg_steps is not None and not 1 <= args.seg_steps <= 1_000_000:
+        raise PreflightError(f"--seg-steps {args.seg_steps}: out of range; pass 1..1000000")
+    if args.seed is not None and not 0 <= args.seed <= 2**32 - 1:
+        raise PreflightError(f"--seed {args.seed}: out of range; pass 0..4294967295")
+
+
 def run(args: argparse.Namespace) -> int:
+    _preflight(args)
     from configs import load_config
     from experiments.evaluate import (DEFAULT_SEG_STEPS, evaluate_folders, format_table,
                                       write_json_atomic)

@@ -1,8 +1,10 @@
 """``fedsynth report``: a site ledger's epsilon report for the privacy officer.
 
-Spend per round and cumulative, the remaining budget, delta and accountant, an epsilon-vs-round
-plot, the epsilon recomputed with an independent accountant (Google's dp_accounting) side by side
-with the ledger's, and what the guarantee covers and does not. The plot is written next to
+Spend per privacy event (DP-SGD round or DP-gate charge) and cumulative - the same figure the site
+enforces, so the rows add up to it - the remaining budget, delta and accountant, an
+epsilon-vs-round plot, the epsilon recomputed with an independent accountant (Google's
+dp_accounting, plus the gate charges) side by side with the ledger's, and what the guarantee covers
+and does not. The plot is written next to
 ``--out`` (``<stem>.epsilon.png``; also embedded in HTML).
 """
 
@@ -30,6 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        from experiments.preflight import check_output_file
+
+        check_output_file(args.out, inputs=(args.ledger, Path(f"{args.ledger}.head")))
+        check_output_file(args.out.with_name(args.out.stem + ".epsilon.png"), option="the plot",
+                          inputs=(args.ledger, Path(f"{args.ledger}.head")))
     from privacy.durable import atomic_write_bytes
     from privacy.ledger import verify_ledger
     from privacy.report import build_report, plot_png, render_html, render_json, render_markdown
