@@ -163,9 +163,44 @@ def _deployment(fed, folder: Path, timeout: float = 1200.0) -> dict:
     return _summary(fed)
 
 
-class _PullOneGrid:
-    """Mixin for :class:`experiments.loopback.LoopbackGrid`: a site answers only when the server
-    pulls, one reply per pull (as replies trickle in from a real SuperLink)."""
+MEMORY_UNET_CHANNELS = [32, 64]   # a ~7 MiB denoiser: big enough that a held reply shows
+
+
+def record_replies(config_path: Path, checkpoint: Path, run_dir: Path, folder: Path) -> None:
+    """Run round 1 of the federation with every site in this process; save each site's reply
+    content to ``folder/<node>.pkl`` (the sites' real replies, replayed by :func:`memory_probe`)."""
+    import pickle
+
+    import torch
+
+    from client.client_app import make_client_app
+    from configs import load_config
+    from experiments.loopback import LoopbackGrid
+    from server.federation import FederationSettings, run_federation
+
+    torch.set_num_threads(1)
+    config = load_config(config_path)
+    sites = len(config.federation.sites)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    class Recording(LoopbackGrid):
+        def deliver(self, message):
+            reply = super().deliver(message)
+            (folder / f"{message.metadata.dst_node_id}.pkl").write_bytes(pickle.dumps(reply.content))
+            return reply
+
+    grid = Recording(make_client_app(str(config_path)),
+                     [{"partition-id": k, "num-partitions": sites} for k in range(sites)])
+    run_federation(grid, FederationSettings(config, run_dir, checkpoint, tracking=False,
+                                            evaluate=False))
+
+
+class _ReplayGrid:
+    """Mixin for :class:`experiments.loopback.LoopbackGrid`: each node answers with its recorded
+    reply, read from disk when the server pulls, one per pull. No site code runs in the server's
+    process, so its memory is the server's own."""
+
+    replies: Path
 
     def push_messages(self, messages):
         import uuid
@@ -179,9 +214,14 @@ class _PullOneGrid:
         return ids
 
     def pull_messages(self, message_ids):
+        import pickle
+
+        from flwr.app import Message
         for message_id in list(message_ids):
             if message_id in self._pending:
-                return [self.deliver(self._pending.pop(message_id))]
+                message = self._pending.pop(message_id)
+                path = self.replies / f"{message.metadata.dst_node_id}.pkl"
+                return [Message(pickle.loads(path.read_bytes()), reply_to=message)]
         return []
 
 
@@ -198,16 +238,13 @@ def _hold_every_reply(grid, strategy, ledger, messages, server_round, timeout):
     return outcome, None if aggregated is None else aggregated.to_torch_state_dict(), 0
 
 
-MEMORY_UNET_CHANNELS = [32, 64]   # a ~7 MiB denoiser: big enough that held replies show in RSS
-
-
-def memory_probe(config_path: Path, checkpoint: Path, run_dir: Path, mode: str) -> dict:
-    """One round of the federation in ``config_path`` in THIS process; its peak RSS (MiB)."""
+def memory_probe(config_path: Path, checkpoint: Path, run_dir: Path, replies: Path,
+                 mode: str) -> dict:
+    """Round 1 of ``config_path`` served from ``replies``, in THIS process; its memory (MiB)."""
     import resource
 
     import torch
 
-    from client.client_app import make_client_app
     from configs import load_config
     from experiments.loopback import LoopbackGrid
     from server import federation
@@ -216,13 +253,11 @@ def memory_probe(config_path: Path, checkpoint: Path, run_dir: Path, mode: str) 
     torch.set_num_threads(1)
     config = load_config(config_path)
     sites = len(config.federation.sites)
-    grid_class = type("PullOneGrid", (_PullOneGrid, LoopbackGrid), {})
-    grid = grid_class(make_client_app(str(config_path)),
-                      [{"partition-id": k, "num-partitions": sites} for k in range(sites)])
+    grid_class = type("ReplayGrid", (_ReplayGrid, LoopbackGrid), {"replies": replies})
+    grid = grid_class(None, [{"partition-id": k} for k in range(sites)])
     if mode == "hold":
         federation._stream_round = _hold_every_reply
-    # Resident memory right before each pull, i.e. with what the server holds between replies (the
-    # process-wide peak is set by transients such as a site's training, the same at any count).
+    # Resident memory right before each pull: what the server holds between replies.
     samples: list[float] = []
     pull = grid.pull_messages
 
@@ -248,26 +283,37 @@ def _current_rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
+def _python(*arguments: str) -> str:
+    """``python -m experiments.benchmarks.federation_overhead ARGUMENTS`` in a fresh process."""
+    done = subprocess.run([sys.executable, "-m", "experiments.benchmarks.federation_overhead",
+                           *arguments], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[2],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return done.stdout
+
+
 def _memory(folder: Path, counts: tuple[int, ...] = (2, 20)) -> dict:
-    """Peak RSS of a fresh server process per (sites, mode), side by side."""
+    """Server memory per (sites, mode), side by side, each in a fresh process."""
     from experiments.tiny_federation import write_tiny_federation
 
     big = write_tiny_federation(folder / "cohort", sites=max(counts), patients=PATIENTS, rounds=1,
                                 unet_channels=MEMORY_UNET_CHANNELS)
     results: dict = {}
-    for mode in ("streaming", "hold"):
-        for count in counts:
-            fed = write_tiny_federation(folder / f"{mode}_{count}", sites=count, patients=PATIENTS,
-                                        rounds=1, min_sites=count, cohort=big.cohort,
-                                        checkpoint=big.checkpoint,
-                                        unet_channels=MEMORY_UNET_CHANNELS)
-            probe = subprocess.run(
-                [sys.executable, "-m", "experiments.benchmarks.federation_overhead",
-                 "--memory-probe", str(fed.config_path), "--checkpoint", str(fed.checkpoint),
-                 "--run-dir", str(fed.run_dir), "--mode", mode],
-                capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2],
-                env={**os.environ, "OMP_NUM_THREADS": "1"})
-            found = json.loads(probe.stdout.strip().splitlines()[-1])
+    for count in counts:
+        recorded = write_tiny_federation(folder / f"recorded_{count}", sites=count,
+                                         patients=PATIENTS, rounds=1, min_sites=count,
+                                         cohort=big.cohort, checkpoint=big.checkpoint,
+                                         unet_channels=MEMORY_UNET_CHANNELS)
+        replies = folder / f"replies_{count}"
+        _python("--record-replies", str(recorded.config_path), "--checkpoint",
+                str(recorded.checkpoint), "--run-dir", str(recorded.run_dir), "--replies",
+                str(replies))
+        for mode in ("streaming", "hold"):
+            run_dir = folder / f"{mode}_{count}"
+            found = json.loads(_python(
+                "--memory-probe", str(recorded.config_path), "--checkpoint",
+                str(recorded.checkpoint), "--run-dir", str(run_dir), "--replies", str(replies),
+                "--mode", mode).strip().splitlines()[-1])
             results[f"{mode}_{count}_sites_peak_rss_mib"] = found["peak_rss_mib"]
             results[f"{mode}_{count}_sites_held_mib"] = found["held_rss_growth_mib"]
             results["denoiser_mib"] = found["denoiser_mib"]
@@ -337,13 +383,19 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true",
                         help="only the server-memory measurement (2 vs 20 sites)")
     parser.add_argument("--memory-probe", type=Path, metavar="CONFIG", help=argparse.SUPPRESS)
+    parser.add_argument("--record-replies", type=Path, metavar="CONFIG", help=argparse.SUPPRESS)
+    parser.add_argument("--replies", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=("streaming", "hold"), default="streaming",
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.record_replies:
+        record_replies(args.record_replies, args.checkpoint, args.run_dir, args.replies)
+        return
     if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe, args.checkpoint, args.run_dir, args.mode)))
+        print(json.dumps(memory_probe(args.memory_probe, args.checkpoint, args.run_dir,
+                                      args.replies, args.mode)))
         return
     if args.memory:
         with tempfile.TemporaryDirectory(prefix="fedsynth-memory-") as tmp:
