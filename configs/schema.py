@@ -136,6 +136,12 @@ class AutoencoderTrainingConfig:
     batch_size: int = _f(4, gt=0)
     learning_rate: float = _f(1e-4, gt=0)
     adversarial_weight: float = _f(0.01, ge=0)
+    # Epochs of reconstruction-only training before the discriminator joins (None: a quarter).
+    warmup_epochs: Optional[int] = _f(None, ge=0)
+    feature_matching_weight: float = _f(0.0, ge=0)
+    ssim_weight: float = _f(0.0, ge=0)
+    fft_weight: float = _f(0.0, ge=0)
+    discriminator_norm: Literal["instance", "batch"] = "instance"
     kl_weight: float = _f(1e-6, ge=0)
     perceptual_weights: Optional[Path] = _f(None, must_exist=True)
 
@@ -145,11 +151,16 @@ class UNetTrainingConfig:
     epochs: int = _f(50, gt=0)
     batch_size: int = _f(8, gt=0)
     learning_rate: float = _f(1e-4, gt=0)
+    # EMA of the UNet weights (with a warm-up); the checkpoint holds the EMA. None: no EMA.
+    ema_decay: Optional[float] = _f(None, ge=0, lt=1)
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     enabled: bool = True
+    # Fraction of public patients (rounded down) kept out of pretraining to measure the
+    # autoencoder's reconstruction on; with none held out it is measured on training scans.
+    holdout_fraction: float = _f(0.1, ge=0, lt=1)
     autoencoder: AutoencoderTrainingConfig = _f(factory=AutoencoderTrainingConfig)
     unet: UNetTrainingConfig = _f(factory=UNetTrainingConfig)
 
