@@ -142,6 +142,8 @@ class AutoencoderTrainingConfig:
     ssim_weight: float = _f(0.0, ge=0)
     fft_weight: float = _f(0.0, ge=0)
     discriminator_norm: Literal["instance", "batch"] = "instance"
+    # kl only: the posterior's initial log-variance (None: MONAI's initialisation, sigma ~ 1).
+    initial_log_variance: Optional[float] = -10.0
     kl_weight: float = _f(1e-6, ge=0)
     perceptual_weights: Optional[Path] = _f(None, must_exist=True)
 

@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from client.site_data import load_site
 from configs import Config, config_to_dict, flatten_config
 from models.autoencoder import (AutoencoderLoss, PerceptualWeightsError, build_autoencoder,
-                                build_discriminator, decode_latents, encode_latents, reconstruct,
-                                reconstruction_quality)
+                                build_discriminator, decode_latents, encode_latents,
+                                narrow_posterior, reconstruct, reconstruction_quality)
 from models.checkpoint import Checkpoint, DataGrid, atomic_torch_save, save_checkpoint
 from models.conditioning import label_map_to_latent_grid
 from models.diffusion import LatentDiffusion, build_scheduler, diffusion_loss
@@ -147,6 +147,8 @@ class _Training:
         settings = config.pretrain
         torch.manual_seed(config.seed)
         self.autoencoder = build_autoencoder(config.model.autoencoder)
+        if settings.autoencoder.initial_log_variance is not None:
+            narrow_posterior(self.autoencoder, settings.autoencoder.initial_log_variance)
         self.discriminator = build_discriminator(config.model.autoencoder, config.data.shape,
                                                  norm=settings.autoencoder.discriminator_norm)
         self.autoencoder_optimizer = torch.optim.Adam(

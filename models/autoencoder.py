@@ -67,6 +67,21 @@ def build_autoencoder(cfg: Any) -> Autoencoder:
     raise ValueError(f"autoencoder kind must be 'kl' or 'vq' (got {kind!r})")
 
 
+@torch.no_grad()
+def narrow_posterior(autoencoder: Autoencoder, log_variance: float) -> None:
+    """Start a KL autoencoder's posterior at sigma = exp(log_variance / 2) for every latent.
+
+    MONAI initialises the log-variance convolution like any other, so the posterior starts with
+    sigma near 1, as wide as the latents themselves: the decoder then learns from latents whose
+    noise swamps their signal, and a short training ends blurry. Zero weights and a bias of
+    ``log_variance`` make early training near-deterministic; the KL term may still widen it.
+    A VQ model has no posterior and is left unchanged.
+    """
+    if isinstance(autoencoder, AutoencoderKL):
+        autoencoder.quant_conv_log_sigma.conv.weight.zero_()
+        autoencoder.quant_conv_log_sigma.conv.bias.fill_(float(log_variance))
+
+
 def build_discriminator(cfg: Any, image_shape: tuple[int, int, int],
                         norm: str = "instance") -> PatchDiscriminator:
     """PatchDiscriminator with as many stride-2 layers (1 to 3) as the smallest side allows.

@@ -10,8 +10,8 @@ import torch
 from configs import AutoencoderConfig
 from models.autoencoder import (AutoencoderLoss, PerceptualWeightsError, build_autoencoder,
                                 build_discriminator, decode_latents, downsampling_factor,
-                                encode_latents, fft_magnitude_loss, reconstruct,
-                                reconstruction_quality)
+                                encode_latents, fft_magnitude_loss, narrow_posterior,
+                                reconstruct, reconstruction_quality)
 
 
 @pytest.fixture(autouse=True)
@@ -179,3 +179,17 @@ def test_reconstruction_quality_matches_psnr_by_hand(kind: str) -> None:
     assert quality["psnr"] == pytest.approx(float((-10 * torch.log10(mse)).mean()), rel=1e-4)
     assert -1.0 <= quality["ssim"] < 1.0
     assert fft_magnitude_loss(images, images).item() == 0.0
+
+
+def test_narrow_posterior_starts_the_kl_model_near_deterministic() -> None:
+    torch.manual_seed(0)
+    autoencoder = build_autoencoder(tiny("kl"))
+    _, wide = autoencoder.encode(blobs(1))
+    narrow_posterior(autoencoder, -10.0)
+    _, sigma = autoencoder.encode(blobs(1))
+    assert wide.mean() > 0.3
+    assert torch.allclose(sigma, torch.full_like(sigma, float(torch.exp(torch.tensor(-5.0)))))
+    vq = build_autoencoder(tiny("vq"))
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    narrow_posterior(vq, -10.0)
+    assert all(torch.equal(v, before[k]) for k, v in vq.state_dict().items())
