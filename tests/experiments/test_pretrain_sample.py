@@ -289,3 +289,29 @@ def test_ema_warm_up_follows_early_weights_then_averages_slowly() -> None:
         expected = rate * expected + (1 - rate) * value
     assert ema.module.weight.item() == pytest.approx(expected)
     assert ema.module.weight.item() > 2.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["demo.yaml", "quality32.yaml"])
+def test_shipped_recipes_pretrain_on_a_tiny_cohort(tmp_path: Path, public: Path,
+                                                   recipe: str) -> None:
+    """The shipped configs' pretraining recipes (losses, warm-up, EMA, hold-out), shrunk to a
+    tiny cohort and a few epochs, run end to end and record their reconstruction quality."""
+    root = Path(__file__).resolve().parents[2]
+    shipped = load_config(root / "configs" / recipe, check_paths=False)
+    section = yaml.safe_load((root / "configs" / recipe).read_text())["pretrain"]
+    section["holdout_fraction"] = 0.2
+    section["autoencoder"].update(epochs=2, batch_size=3, warmup_epochs=1)
+    section["unet"].update(epochs=2, batch_size=3)
+    path = write_config(tmp_path, public)
+    written = yaml.safe_load(path.read_text())
+    written["pretrain"] = section
+    written["model"]["conditioning"]["mode"] = shipped.model.conditioning.mode
+    written["model"]["conditioning"]["guidance_scale"] = shipped.model.conditioning.guidance_scale
+    path.write_text(yaml.safe_dump(written))
+    result = pretrain(load_config(path), tmp_path / "run", tracking=False)
+    meta = result.checkpoint.metadata
+    assert meta["autoencoder_reconstruction"]["held_out"] is True
+    assert meta["unet_ema_decay"] == shipped.pretrain.unet.ema_decay
+    assert result.checkpoint.model_config["conditioning"]["guidance_scale"] == \
+        shipped.model.conditioning.guidance_scale
