@@ -162,7 +162,7 @@ def split_by_patient(patient_ids: list[str], holdout_fraction: float,
 
 
 def default_cache_dir() -> Path:
-    """Where the public segmenter is cached: ``$XDG_CACHE_HOME/fedsynth`` (``~/.cache/fedsynth``)."""
+    """The public segmenter's cache: ``$XDG_CACHE_HOME/fedsynth`` (``~/.cache/fedsynth``)."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedsynth"
 
 

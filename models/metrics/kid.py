@@ -35,7 +35,7 @@ def polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def unbiased_mmd2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Unbiased MMD^2 between ``x`` ``(m, d)`` and ``y`` ``(m, d)`` under :func:`polynomial_kernel`."""
+    """Unbiased MMD^2 of ``x`` ``(m, d)`` and ``y`` ``(m, d)`` under :func:`polynomial_kernel`."""
     m = x.shape[0]
     k_xx, k_yy, k_xy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
     within = ((k_xx.sum() - k_xx.diagonal().sum()) + (k_yy.sum() - k_yy.diagonal().sum()))

@@ -129,10 +129,14 @@ def test_baselines_collapse_loses_and_copy_wins_on_fidelity(segmenter):
 
 
 def test_copy_returns_the_training_pair_with_the_closest_map():
-    images, labels = brains(5, seed=30)
+    images, labels = varied_brains(5, seed=30)
     picked_images, picked_labels = copy_baseline(images, labels, labels[[3, 1]])
-    assert torch.equal(picked_images, images[[3, 1]])
     assert torch.equal(picked_labels, labels[[3, 1]])
+    for image, label in zip(picked_images, picked_labels):  # a training pair, image with its map
+        assert any(torch.equal(image, i) and torch.equal(label, m) for i, m in zip(images, labels))
+    nearly = labels[[2]].clone()
+    nearly[0, 0, 0, 0, :3] = 3  # three voxels off: still closest to pair 2
+    assert torch.equal(copy_baseline(images, labels, nearly)[1], labels[[2]])
     collapsed, maps = collapse_baseline([(images, labels), (images[:2], labels[:2])], 5,
                                         NUM_CLASSES)
     assert torch.allclose(collapsed[0], images.mean(0)) and torch.equal(collapsed[0], collapsed[2])
