@@ -81,19 +81,22 @@ class PublicCohort:
 
     def subset(self, index: torch.Tensor) -> "PublicCohort":
         """The scans at ``index`` (a 1-D long tensor), in that order."""
+        ids = tuple(self.patient_ids[i] for i in index.tolist()) if self.patient_ids else ()
         return PublicCohort(self.images[index], self.labels[index], self.attributes[index],
-                            self.affines[index], tuple(self.patient_ids[i] for i in index.tolist()))
+                            self.affines[index], ids)
 
 
 def split_holdout(cohort: PublicCohort, fraction: float,
                   seed: int) -> tuple[PublicCohort, PublicCohort]:
     """(training scans, held-out scans): ``floor(fraction * patients)`` whole patients drawn from
     ``seed`` are held out (all their scans), so no follow-up of a held-out patient is trained on."""
-    names = sorted(set(cohort.patient_ids))
+    # A cohort loaded without patient ids: every scan counts as its own patient.
+    ids = cohort.patient_ids or tuple(f"scan-{i}" for i in range(len(cohort)))
+    names = sorted(set(ids))
     patients = int(fraction * len(names))
     order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
     held = {names[i] for i in order[:patients]}
-    is_held = torch.tensor([p in held for p in cohort.patient_ids], dtype=torch.bool)
+    is_held = torch.tensor([p in held for p in ids], dtype=torch.bool)
     return (cohort.subset(torch.nonzero(~is_held).flatten()),
             cohort.subset(torch.nonzero(is_held).flatten()))
 
@@ -436,11 +439,14 @@ def _reconstruction_preview(autoencoder, scans: PublicCohort, run_dir: Path,
     autoencoder.eval()
     count = min(2, len(scans))
     images = scans.images[:count]
-    reconstruction = decode_latents(autoencoder, encode_latents(autoencoder, images)).clamp(0, 1)
+    device = next(autoencoder.parameters()).device
+    reconstruction = decode_latents(autoencoder, encode_latents(autoencoder, images.to(device)))
+    reconstruction = reconstruction.float().cpu().clamp(0, 1)
     volumes = [v for i in range(count)
                for v in (images[i, 0].numpy(), reconstruction[i, 0].numpy())]
     labels = [scans.labels[i].numpy() for i in range(count) for _ in range(2)]
-    titles = [t for i in range(count) for t in (scans.patient_ids[i], "reconstruction")]
+    names = scans.patient_ids or tuple(f"scan {i}" for i in range(count))
+    titles = [t for i in range(count) for t in (names[i], "reconstruction")]
     return save_preview(run_dir / "previews" / RECONSTRUCTION_PREVIEW, volumes, labels,
                         titles=titles, num_classes=num_classes)
 

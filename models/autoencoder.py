@@ -114,10 +114,11 @@ def reconstruction_quality(autoencoder: Autoencoder, images: torch.Tensor,
     autoencoder.eval()
     psnr = PSNRMetric(max_val=1.0)
     ssim = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=ssim_window(images.shape[2:]))
+    device = next(autoencoder.parameters()).device
     for start in range(0, images.shape[0], batch_size):
-        batch = images[start:start + batch_size]
-        reconstruction = decode_latents(autoencoder, encode_latents(autoencoder, batch))
-        reconstruction = reconstruction.clamp(0.0, 1.0)
+        batch = images[start:start + batch_size].float()
+        reconstruction = decode_latents(autoencoder, encode_latents(autoencoder, batch.to(device)))
+        reconstruction = reconstruction.float().cpu().clamp(0.0, 1.0)
         psnr(reconstruction, batch)
         ssim(reconstruction, batch)
     autoencoder.train(was_training)

@@ -315,3 +315,14 @@ def test_shipped_recipes_pretrain_on_a_tiny_cohort(tmp_path: Path, public: Path,
     assert meta["unet_ema_decay"] == shipped.pretrain.unet.ema_decay
     assert result.checkpoint.model_config["conditioning"]["guidance_scale"] == \
         shipped.model.conditioning.guidance_scale
+
+
+def test_a_cohort_without_patient_ids_holds_out_single_scans() -> None:
+    from experiments.pretrain import PublicCohort, split_holdout
+
+    cohort = PublicCohort(torch.rand(10, 1, 4, 4, 4), torch.zeros(10, 4, 4, 4, dtype=torch.uint8),
+                          torch.zeros(10, 0), torch.zeros(10, 4, 4))
+    training, held = split_holdout(cohort, 0.2, seed=0)
+    assert (len(training), len(held)) == (8, 2)
+    assert not set(map(tuple, training.images.flatten(1).tolist())) & \
+        set(map(tuple, held.images.flatten(1).tolist()))
