@@ -151,6 +151,14 @@ class AutoencoderTrainingConfig:
     batch_size: int = _f(4, gt=0, le=MAX_BATCH)
     learning_rate: float = _f(1e-4, gt=0, le=10)
     adversarial_weight: float = _f(0.01, ge=0, le=1e6)
+    # Epochs of reconstruction-only training before the discriminator joins (None: a quarter).
+    warmup_epochs: Optional[int] = _f(None, ge=0, le=MAX_EPOCHS)
+    feature_matching_weight: float = _f(0.0, ge=0, le=1e6)
+    ssim_weight: float = _f(0.0, ge=0, le=1e6)
+    fft_weight: float = _f(0.0, ge=0, le=1e6)
+    discriminator_norm: Literal["instance", "batch"] = "instance"
+    # kl only: the posterior's initial log-variance (None: MONAI's initialisation, sigma ~ 1).
+    initial_log_variance: Optional[float] = _f(-10.0, ge=-100, le=100)
     kl_weight: float = _f(1e-6, ge=0, le=1e6)
     perceptual_weights: Optional[Path] = _f(None, must_exist=True)
 
@@ -160,11 +168,16 @@ class UNetTrainingConfig:
     epochs: int = _f(50, gt=0, le=MAX_EPOCHS)
     batch_size: int = _f(8, gt=0, le=MAX_BATCH)
     learning_rate: float = _f(1e-4, gt=0, le=10)
+    # EMA of the UNet weights (with a warm-up); the checkpoint holds the EMA. None: no EMA.
+    ema_decay: Optional[float] = _f(None, ge=0, lt=1)
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     enabled: bool = True
+    # Fraction of public patients (rounded down) kept out of pretraining to measure the
+    # autoencoder's reconstruction on; with none held out it is measured on training scans.
+    holdout_fraction: float = _f(0.1, ge=0, lt=1)
     autoencoder: AutoencoderTrainingConfig = _f(factory=AutoencoderTrainingConfig)
     unet: UNetTrainingConfig = _f(factory=UNetTrainingConfig)
 
