@@ -38,7 +38,7 @@ def _preflight(args: argparse.Namespace) -> None:
     for option, value, low in (("--patients", args.patients, 2),
                                ("--public-patients", args.public_patients, 2),
                                ("--seg-steps", args.seg_steps, 1)):
-        if not low <= value <= 10_000:
+        if value is not None and not low <= value <= 10_000:
             raise PreflightError(f"{option} {value}: out of range; pass {low}..10000")
 
 
