@@ -18,15 +18,21 @@ Everything else is in :mod:`client.site_runtime`; the reply is checked against t
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site_runtime import SiteOutcome, TrainInstruction, run_site_round
 from configs import load_config, load_site_config
 from configs.schema import SiteConfig
+from models.checkpoint import atomic_torch_save
+from models.logs import show_in_flower_log
+from privacy.outbox import weights_hash
 from privacy.protocol import (ARRAYS, CONFIG, FROZEN_AUTOENCODER, GLOBAL_WEIGHTS, METRICS,
                               ROUND_CONFIG, SITE_ACCOUNTING, SITE_STATUS, SITE_WEIGHTS,
                               ProtocolViolation, RefusalReason, ReplyStatus, RoundConfig, TrainReply,
@@ -37,6 +43,7 @@ log = logging.getLogger(__name__)
 SITE_CONFIG_KEY = "site-config"      # node config: the site's own YAML
 CONFIG_PATH_KEY = "config-path"      # run config: the experiment YAML (simulation)
 PARTITION_KEY = "partition-id"       # node config in simulation
+PARTITIONS_KEY = "num-partitions"    # node config in simulation: the number of simulated nodes
 DEVICE_KEY = "device"                # run config (simulation): the --device override
 
 
@@ -59,6 +66,13 @@ def resolve_site(context: Context, defaults: Mapping[str, Any]) -> SiteConfig:
         config = load_config(str(run_config[CONFIG_PATH_KEY]))
         sites = config.federation.sites
         partition = int(node_config[PARTITION_KEY])
+        nodes = int(node_config.get(PARTITIONS_KEY, len(sites)))
+        if nodes < len(sites):
+            # Otherwise the sites past the last node would silently never be asked.
+            raise SiteConfigMissing(f"{run_config[CONFIG_PATH_KEY]}: federation.sites lists "
+                                    f"{len(sites)} sites but the simulation has {nodes} nodes; set "
+                                    f"options.num-supernodes = {len(sites)} in the SuperLink "
+                                    f"connection ($FLWR_HOME/config.toml)")
         if not 0 <= partition < len(sites):
             raise SiteConfigMissing(f"{run_config[CONFIG_PATH_KEY]}: federation.sites has {len(sites)} "
                                     f"entries, simulation node {partition} has none; list one site "
@@ -71,14 +85,55 @@ def resolve_site(context: Context, defaults: Mapping[str, Any]) -> SiteConfig:
                             "--node-config 'site-config=\"/path/to/site.yaml\"'")
 
 
-def decode_instruction(content: RecordDict) -> TrainInstruction:
-    """The round config and the global / autoencoder state dicts of a train message."""
+def autoencoder_cache_path(site: SiteConfig, sha256: str) -> Path:
+    """The site's on-disk copy of the public autoencoder with hash ``sha256`` (in its state
+    folder, next to its ledger; mode 0600 like every file the site writes there)."""
+    return Path(site.ledger_path).parent / "cache" / f"autoencoder-{sha256}.pt"
+
+
+def frozen_autoencoder(site: SiteConfig, content: RecordDict, sha256: str
+                       ) -> dict[str, torch.Tensor] | None:
+    """The frozen public autoencoder's state dict: from the message (then cached on disk, keyed by
+    its hash) or, when the server left it out because this site holds it, from the cache. None
+    when neither has the autoencoder of hash ``sha256``."""
+    path = autoencoder_cache_path(site, sha256)
+    if FROZEN_AUTOENCODER in content:
+        state = content[FROZEN_AUTOENCODER].to_torch_state_dict()
+        if not path.exists() and weights_hash(state) == sha256:
+            atomic_torch_save(state, path)   # a temporary file (0600) renamed into place
+        return state
+    if path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if weights_hash(state) == sha256:
+            return state
+        log.warning("%s: %s does not hold the autoencoder %s; discarding it", site.site_id, path,
+                    sha256[:12])
+        path.unlink(missing_ok=True)
+    return None
+
+
+def decode_instruction(content: RecordDict, site: SiteConfig) -> TrainInstruction:
+    """The round config and the global / autoencoder state dicts of a train message.
+
+    Raises :class:`AutoencoderMissing` when the message leaves the autoencoder out and this site
+    holds no copy of it."""
     try:
-        return TrainInstruction(RoundConfig.from_record(dict(content[ROUND_CONFIG])),
-                                content[GLOBAL_WEIGHTS].to_torch_state_dict(),
-                                content[FROZEN_AUTOENCODER].to_torch_state_dict())
+        round_config = RoundConfig.from_record(dict(content[ROUND_CONFIG]))
+        global_state = content[GLOBAL_WEIGHTS].to_torch_state_dict()
     except KeyError as err:
         raise ProtocolViolation(f"train message lacks the record {err}") from None
+    autoencoder = frozen_autoencoder(site, content, round_config.autoencoder_sha256)
+    if autoencoder is None:
+        raise AutoencoderMissing(round_config.server_round)
+    return TrainInstruction(round_config, global_state, autoencoder)
+
+
+class AutoencoderMissing(Exception):
+    """The train message left out the autoencoder and the site's cache does not hold it."""
+
+    def __init__(self, server_round: int):
+        super().__init__(f"round {server_round}: no autoencoder in the message nor in the cache")
+        self.server_round = server_round
 
 
 def encode_reply(outcome: SiteOutcome, weight_shapes: Mapping[str, tuple[int, ...]]) -> RecordDict:
@@ -96,16 +151,40 @@ def encode_reply(outcome: SiteOutcome, weight_shapes: Mapping[str, tuple[int, ..
     return RecordDict(records)
 
 
+def past_deadline(round_config: RoundConfig, now: float | None = None) -> float | None:
+    """Seconds past the round's deadline (None: in time, or no deadline). Clocks are compared
+    as they are: server and sites keep NTP time."""
+    if not round_config.deadline:
+        return None
+    late = (time.time() if now is None else now) - round_config.deadline
+    return late if late > 0 else None
+
+
 def handle_train(message: Message, context: Context, defaults: Mapping[str, Any]) -> Message:
     """Answer a train message with a reply whose content passed the allow-list check."""
     site = resolve_site(context, defaults)
     try:
-        instruction = decode_instruction(message.content)
+        instruction = decode_instruction(message.content, site)
+    except AutoencoderMissing as missing:
+        # Structured, so that the server sends the autoencoder again next round.
+        log.warning("%s: %s; refusing the round", site.site_id, missing)
+        reply = TrainReply(status=ReplyStatus.REFUSED, reason=RefusalReason.AUTOENCODER_MISSING,
+                           site_id=site.site_id, round=missing.server_round)
+        return Message(encode_reply(SiteOutcome(reply, None, 0.0), {}), reply_to=message)
     except ProtocolViolation as err:
         log.error("%s: refusing a malformed train message: %s", site.site_id, err)
         round_config = message.content.get(ROUND_CONFIG, {})
         reply = TrainReply(status=ReplyStatus.REFUSED, reason=RefusalReason.PROTOCOL_MISMATCH,
                            site_id=site.site_id, round=int(round_config.get("server-round", 0)))
+        return Message(encode_reply(SiteOutcome(reply, None, 0.0), {}), reply_to=message)
+    late = past_deadline(instruction.round_config)
+    if late is not None:
+        # Before any private computation: the server has closed this round, so training now would
+        # spend epsilon on weights it throws away. The ledger is not touched.
+        log.warning("%s: refusing round %d: received %.1fs after its deadline", site.site_id,
+                    instruction.round_config.server_round, late)
+        reply = TrainReply(status=ReplyStatus.REFUSED, reason=RefusalReason.DEADLINE_PASSED,
+                           site_id=site.site_id, round=instruction.round_config.server_round)
         return Message(encode_reply(SiteOutcome(reply, None, 0.0), {}), reply_to=message)
     outcome = run_site_round(site, instruction, deployment=is_deployment(context))
     shapes = {name: tuple(tensor.shape) for name, tensor in instruction.global_state.items()}
@@ -125,11 +204,15 @@ def make_client_app(config_path: str | None = None, device: str | None = None) -
 
     @client_app.train()
     def train(message: Message, context: Context) -> Message:
+        if is_deployment(context):   # a real SuperNode: show fedsynth lines in its log
+            show_in_flower_log()
         return handle_train(message, context, defaults)
 
     @client_app.query("gate")  # privacy.protocol.GATE_MESSAGE_TYPE: the release gate (client.gate)
     def gate(message: Message, context: Context) -> Message:
         from client.gate import answer_gate_message
+        if is_deployment(context):
+            show_in_flower_log()
         answer = answer_gate_message(resolve_site(context, defaults), message.content,
                                      deployment=is_deployment(context))
         return Message(answer, reply_to=message)

@@ -67,6 +67,8 @@ USER_ERRORS = [
     ("server.reconcile", "ReconcileError"),
     ("privacy.rollback_guard", "AlarmNotResolved"),
     ("server.release", "ReleaseError"),
+    ("server.server_app", "RunConfigError"),
+    ("experiments.commands.release", "ReleaseWhereError"),
     ("privacy.gate", "GateError"),
     ("client.memorization", "MemorizationAuditError"),
     ("privacy.canary_audit", "CanaryAuditError"),

@@ -116,9 +116,9 @@ def run_demo(config_path: Path, *, patients: int = 40, public_patients: int = 40
         simulate(config_path, run_dir, resume=(fed_dir / STATE_FILE).exists())
 
     def release() -> None:
-        from experiments.commands.release import load_public_maps, simulate_release
+        from experiments.commands.release import simulate_release
         from models.checkpoint import load_checkpoint
-        from server.release import prepare_release
+        from server.release import load_public_maps, prepare_release
         checkpoint_path = fed_dir / FINAL_CHECKPOINT
         checkpoint = load_checkpoint(checkpoint_path)
         full = load_config(config_path)

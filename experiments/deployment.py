@@ -196,14 +196,46 @@ def supernode_command(superlink: str, site_config: Path, port: int, ca: Path | N
 
 
 def run_config_argument(config_path: Path, run_dir: Path, checkpoint: Path | None,
-                        resume: bool = False) -> str:
-    """The ``--run-config`` value of ``flwr run`` (absolute paths: the ServerApp runs elsewhere)."""
-    pairs = [f'config-path="{Path(config_path).resolve()}"', f'run-dir="{Path(run_dir).resolve()}"']
+                        resume: bool = False, *, mode: str = "federate",
+                        release_num: int | None = None, release_out: Path | None = None) -> str:
+    """The ``--run-config`` value of ``flwr run`` (absolute paths: the ServerApp runs elsewhere).
+
+    ``mode="release"``: ``checkpoint`` is the model to release from (None: the federation's final
+    checkpoint), ``release_num`` / ``release_out`` the release's size and folder.
+    """
+    pairs = [f'mode="{mode}"', f'config-path="{Path(config_path).resolve()}"',
+             f'run-dir="{Path(run_dir).resolve()}"']
     if checkpoint is not None:
         pairs.append(f'checkpoint="{Path(checkpoint).resolve()}"')
     if resume:
         pairs.append("resume=true")
+    if release_num is not None:
+        pairs.append(f"release-num={int(release_num)}")
+    if release_out is not None:
+        pairs.append(f'release-out="{Path(release_out).resolve()}"')
     return " ".join(pairs)
+
+
+def find_app_dir(start: Path | None = None) -> Path:
+    """The Flower app folder to pass to ``flwr run``: the first of the folder above :mod:`server`
+    (a checkout), ``start`` (default: the working folder) and its parents whose ``pyproject.toml``
+    has a ``[tool.flwr.app]`` section. A pip-installed fedsynth (site-packages) is not one."""
+    import tomllib
+
+    from server.server_app import APP_DIR
+
+    start = Path(start or Path.cwd()).resolve()
+    for folder in [APP_DIR, start, *start.parents]:
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file():
+            try:
+                flwr = tomllib.loads(pyproject.read_text()).get("tool", {}).get("flwr", {})
+            except (tomllib.TOMLDecodeError, OSError):
+                continue
+            if "app" in flwr:
+                return folder
+    raise DeployError(f"no Flower app folder (pyproject.toml with [tool.flwr.app]) at or above "
+                      f"{start}; run from the fedsynth checkout or pass --app DIR")
 
 
 def flwr_run_command(app_dir: Path, run_config: str, connection: str = CONNECTION) -> list[str]:

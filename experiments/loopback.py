@@ -64,7 +64,9 @@ class LoopbackGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for message in messages:
+            # As Flower's own grids do: the message id is set on push, and the reply points to it.
             message_id = uuid.uuid4().hex
+            message.metadata.__dict__["_message_id"] = message_id
             self._replies[message_id] = self.deliver(message)
             ids.append(message_id)
         return ids

@@ -30,7 +30,7 @@ class TinyFederation:
     site_ids: list[str]
 
     def ledger(self, site_id: str) -> Path:
-        return self.config_path.parent / "ledgers" / f"{site_id}.jsonl"
+        return self.config_path.parent / "ledgers" / site_id / "ledger.jsonl"
 
     def site_yaml(self, site_id: str) -> Path:
         return self.config_path.parent / "sites" / f"{site_id}.yaml"
@@ -46,7 +46,7 @@ def tiny_model_section(attributes: list[str]) -> dict[str, Any]:
 
 def write_checkpoint(path: Path, config_data: Mapping[str, Any], public_dir: Path, seed: int = 0) -> Path:
     """A random-init checkpoint whose latent scale factor comes from the public scans."""
-    from client.site_data import load_site
+    from models.data.site_data import load_site
     from models.autoencoder import build_autoencoder, encode_latents
     from models.checkpoint import DataGrid, save_checkpoint
     from models.latent_unet import build_latent_unet
@@ -72,8 +72,11 @@ def write_tiny_federation(out: Path, *, sites: int = 3, patients: int = 4, round
                           min_sites: int = 1, caps: Mapping[str, float] | None = None,
                           cohort: Path | None = None, checkpoint: Path | None = None,
                           attributes: tuple[str, ...] = ("age", "sex"), seed: int = 0,
-                          federation: Mapping[str, Any] | None = None) -> TinyFederation:
-    """Write ``out/config.yaml`` (sites inline, ledgers under ``out/ledgers``), plus one site YAML per
+                          federation: Mapping[str, Any] | None = None,
+                          release: Mapping[str, Any] | None = None,
+                          unet_channels: list[int] | None = None) -> TinyFederation:
+    """Write ``out/config.yaml`` (sites inline, each site's ledger and gate log
+    under ``out/ledgers/<site_id>``), plus one site YAML per
     site under ``out/sites`` (what each SuperNode would be given in deployment).
 
     ``cohort`` / ``checkpoint`` reuse existing ones (the cohort must have ``sites`` sites of
@@ -93,7 +96,8 @@ def write_tiny_federation(out: Path, *, sites: int = 3, patients: int = 4, round
     site_entries = []
     for site_id in site_ids:
         entry = {"site_id": site_id, "data_dir": str(Path(cohort) / site_id),
-                 "ledger": str(out / "ledgers" / f"{site_id}.jsonl"),
+                 # One state folder per site: its ledger and its gate log (gate_log.jsonl) are its own.
+                 "ledger": str(out / "ledgers" / site_id / "ledger.jsonl"),
                  "budget": {"target_epsilon": float((caps or {}).get(site_id, 10.0)), "delta": 1e-3}}
         site_entries.append(entry)
         site_yaml = out / "sites" / f"{site_id}.yaml"
@@ -102,13 +106,17 @@ def write_tiny_federation(out: Path, *, sites: int = 3, patients: int = 4, round
     data = {
         "seed": seed, "run_dir": str(out / "run"),
         "data": {"public_dir": str(Path(cohort) / "public"), "shape": [SIZE] * 3, "spacing": [SPACING] * 3},
-        "model": tiny_model_section(list(attributes)),
+        "model": tiny_model_section(list(attributes)),  # unet_channels: a bigger denoiser
         "federation": {"rounds": rounds, "local_epochs": 1, "min_sites": min_sites,
                        "sites": site_entries, "round_timeout": 600.0, **dict(federation or {})},
         "privacy": {"expected_batch_size": patients, "max_physical_batch_size": 2 * patients,
                     "target_epsilon": 10.0, "delta": 1e-3},
         "tracking": {"experiment": "fedsynth-tiny"},
     }
+    if release:
+        data["release"] = dict(release)
+    if unet_channels:
+        data["model"]["unet"]["channels"] = list(unet_channels)
     config_path = out / "config.yaml"
     config_path.write_text(yaml.safe_dump(data, sort_keys=False))
     if checkpoint is None:

@@ -107,6 +107,8 @@ class RefusalReason(str, Enum):
     PRIVACY_DISABLED = "privacy-disabled"  # the site never releases non-private weights
     PROTOCOL_MISMATCH = "protocol-mismatch"  # the server speaks another protocol version
     MODEL_MISMATCH = "model-mismatch"      # the received weights do not match their hashes
+    DEADLINE_PASSED = "deadline-passed"    # received after the round's deadline: not trained
+    AUTOENCODER_MISSING = "autoencoder-missing"  # sent without the autoencoder the site lacks
     SITE_ERROR = "site-error"              # anything else; details stay in the site's log
 
 
@@ -132,6 +134,9 @@ class RoundConfig:
     global_sha256: str
     expected_heads: dict[str, tuple[int, str]] = field(default_factory=dict)
     protocol: int = PROTOCOL_VERSION
+    # Absolute time (Unix seconds) after which the server no longer waits for this round; a site
+    # that receives the instruction later refuses it before any private computation. 0: none.
+    deadline: float = 0.0
 
     def to_record(self) -> dict[str, Any]:
         """ConfigRecord content: scalars as is, nested values as canonical JSON strings."""
@@ -143,6 +148,7 @@ class RoundConfig:
             "latent-scale-factor": float(self.latent_scale_factor),
             "autoencoder-sha256": self.autoencoder_sha256, "global-sha256": self.global_sha256,
             "expected-heads": compact_json({k: [int(s), str(h)] for k, (s, h) in self.expected_heads.items()}),
+            "deadline": float(self.deadline),
         }
 
     @classmethod
@@ -163,7 +169,9 @@ class RoundConfig:
             autoencoder_sha256=record_field(record, "autoencoder-sha256", str),
             global_sha256=record_field(record, "global-sha256", str),
             expected_heads={str(k): (int(v[0]), str(v[1])) for k, v in heads.items()},
-            protocol=protocol)
+            protocol=protocol,
+            deadline=float(record_field(record, "deadline", (int, float))) if "deadline" in record
+            else 0.0)
 
 
 @dataclass(frozen=True)

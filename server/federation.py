@@ -2,7 +2,8 @@
 
 Flower's ``Strategy.start`` runs a fixed loop; fedsynth needs resume, an early stop when every site
 has spent its budget, a consortium ledger entry per reply, and a checkpoint per round, so it drives
-the strategy itself (``configure_train`` -> ``Grid.send_and_receive`` -> ``aggregate_train``).
+the strategy itself (``configure_train`` -> push, then pull the replies as they arrive -> each is
+checked by ``take_reply``, mirrored in the ledger and folded into a running weighted mean).
 
 One round ``r``:
 
@@ -37,7 +38,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from configs import Config, config_to_dict, flatten_config
@@ -46,12 +47,15 @@ from models.device import autocast, resolve_device
 from models.memory import configure
 from privacy.ledger import LedgerError
 from privacy.outbox import weights_hash
-from privacy.protocol import RoundConfig
+from privacy.protocol import (FROZEN_AUTOENCODER, SITE_ACCOUNTING, SITE_WEIGHTS, WEIGHT_KEY,
+                              RefusalReason, RoundConfig)
 from server.consortium_ledger import ConsortiumLedger
 from server.public_validation import FILE_NAME as VALIDATION_FILE
 from server.public_validation import evaluate_public, load_validation_set
 from server.round_checkpoint import (FederationState, load_state, prune_checkpoints,
                                      round_checkpoint_path, save_round, write_state)
+from server.messaging import ReplyStream
+from server.running_mean import RunningMean
 from server.strategy import BudgetAwareFedAvg, RoundReplies, record_bytes
 from server.tracking import StageRun
 
@@ -160,24 +164,63 @@ def round_config_for(config: Config, base: Checkpoint, strategy: BudgetAwareFedA
               "intensity_percentiles": list(config.data.intensity_percentiles)},
         model=base.model_config, attributes=list(data.attributes),
         latent_scale_factor=base.latent_scale_factor, autoencoder_sha256=autoencoder_sha256,
-        global_sha256=weights_hash(global_state), expected_heads=strategy.expected_heads())
+        global_sha256=weights_hash(global_state), expected_heads=strategy.expected_heads(),
+        deadline=time.time() + config.federation.round_timeout)
 
 
-def _missing_nodes(strategy: BudgetAwareFedAvg, messages: list[Message],
-                   replies: list[Message]) -> list[int]:
-    answered = {strategy.reply_node(reply) for reply in replies}
-    return [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]
+def _note_autoencoder_holders(holders: set[int], outcome: RoundReplies) -> None:
+    """A site that answered (trained or declined) holds the autoencoder from now on: it caches it
+    on receipt. One that said ``autoencoder-missing`` or failed gets it again next round."""
+    for node, reply in outcome.accepted + outcome.declined:
+        if reply.reason is RefusalReason.AUTOENCODER_MISSING:
+            holders.discard(node)
+        else:
+            holders.add(node)
+    for node, _, _ in outcome.failed:
+        holders.discard(node)
+
+
+def _stream_round(grid: Grid, strategy: BudgetAwareFedAvg, ledger: ConsortiumLedger,
+                  messages: list[Message], server_round: int, timeout: float
+                  ) -> tuple[RoundReplies, dict[str, torch.Tensor] | None, int]:
+    """Send the round's instructions and take the replies as they arrive: check each, mirror it in
+    the consortium ledger, fold its weights into a running patient-weighted sum, drop it.
+
+    Returns how the sites answered, the average (None below ``min_sites``) and the bytes received.
+    The server holds one reply and one float64 sum at a time, whatever the number of sites.
+    """
+    outcome = RoundReplies(server_round)
+    strategy.last_round = outcome
+    mean, received = RunningMean(), 0
+    replies = ReplyStream(grid, messages, timeout)
+    for node, message in replies:
+        known = len(outcome.failed)
+        if strategy.take_reply(outcome, message, node):
+            weights = message.content[SITE_WEIGHTS]
+            received += record_bytes(weights)
+            mean.add(weights.to_torch_state_dict(),
+                     float(message.content[SITE_ACCOUNTING][WEIGHT_KEY]))
+            ledger.record_site(server_round, node, outcome.accepted[-1][1])
+        elif len(outcome.failed) > known:
+            node_, site, error = outcome.failed[-1]
+            log.warning("round %d: node %s%s failed: %s", server_round, node_,
+                        f" ({site})" if site else "", error.splitlines()[0] if error else "?")
+            ledger.record_failure(server_round, node_, site, error)
+        else:
+            ledger.record_site(server_round, node, outcome.declined[-1][1])
+        del message
+    for node in replies.missing:
+        error = f"no reply within federation.round_timeout={timeout:g}s"
+        outcome.failed.append((node, strategy.node_sites.get(node, ""), error))
+        log.warning("round %d: node %s failed: %s", server_round, node, error)
+        ledger.record_failure(server_round, node, strategy.node_sites.get(node, ""), error)
+    if len(outcome.accepted) < strategy.min_sites:
+        return outcome, None, received
+    return outcome, mean.mean(), received
 
 
 def _describe(reply) -> str:
     return reply.status.value + (f" ({reply.reason.value})" if reply.reason.value else "")
-
-
-def _record_replies(ledger: ConsortiumLedger, outcome: RoundReplies) -> None:
-    for node, reply in outcome.accepted + outcome.declined:
-        ledger.record_site(outcome.round, node, reply)
-    for node, site, error in outcome.failed:
-        ledger.record_failure(outcome.round, node, site, error)
 
 
 def _check_resume(state: FederationState, config: Config, folder: Path) -> None:
@@ -245,6 +288,13 @@ def run_federation(grid: Grid, settings: FederationSettings,
     state, base = preflight(settings)
     if settings.resume and state is None:
         log.info("%s: nothing to resume; starting a new federation", folder)
+    if state is not None and state.stop_reason and state.round >= config.federation.rounds:
+        # Finished: a resume has nothing to add (and records no second federation-end).
+        log.info("%s: the federation already ended after round %d (%s); nothing to resume - raise "
+                 "federation.rounds to continue it", folder, state.round, state.stop_reason)
+        final = folder / FINAL_CHECKPOINT
+        return FederationResult(state.round, state.stop_reason, final if final.exists() else None,
+                                folder / LEDGER_FILE, [], state.mlflow_run_id, None)
     folder.mkdir(parents=True, exist_ok=True)
     ledger = _open_ledger(folder, state)
     if state is None:
@@ -275,33 +325,43 @@ def run_federation(grid: Grid, settings: FederationSettings,
                        stage="federation", enabled=settings.tracking,
                        run_id=state.mlflow_run_id if state else None, tags=settings.run_tags)
     summaries: list[RoundSummary] = []
+    holders: set[int] = set()   # nodes that received the autoencoder in this run (cached it)
     stop_reason = state.stop_reason if state else ""
     timeout = config.federation.round_timeout
     try:
         for server_round in range(done + 1, config.federation.rounds + 1):
-            wait_for_nodes(grid, config.federation.min_sites, len(config.federation.sites), timeout)
+            connected = wait_for_nodes(grid, config.federation.min_sites,
+                                       len(config.federation.sites), timeout)
+            if len(connected) < len(config.federation.sites):
+                log.warning("round %d: only %d of the %d sites in federation.sites are connected; "
+                            "the others do not take part in this round", server_round,
+                            len(connected), len(config.federation.sites))
             started = time.perf_counter()
             round_config = round_config_for(config, base, strategy, server_round, global_state,
                                          autoencoder_sha256)
             arrays = ArrayRecord(torch_state_dict=global_state)
             messages = list(strategy.configure_train(server_round, arrays,
                                                      ConfigRecord(round_config.to_record()), grid))
+            lean = RecordDict({k: v for k, v in messages[0].content.items()
+                               if k != FROZEN_AUTOENCODER}) if messages else None
+            for message in messages:
+                # Flower drops an instruction not delivered within the round (default TTL: 12 h).
+                message.metadata.ttl = timeout
+                if message.metadata.dst_node_id in holders:
+                    message.content = lean   # the site has the autoencoder on its disk
             if not messages:
                 excluded = "; ".join(f"{k}: {v}" for k, v in strategy.exclusions().items())
                 stop_reason = (f"fewer than federation.min_sites={config.federation.min_sites} sites can "
                                f"still train ({excluded or 'none connected'})")
                 break
-            replies = list(grid.send_and_receive(messages, timeout=timeout))
-            aggregated, _ = strategy.aggregate_train(server_round, replies)
-            outcome = strategy.last_round or RoundReplies(server_round)
-            for node in _missing_nodes(strategy, messages, replies):
-                outcome.failed.append((node, strategy.node_sites.get(node, ""),
-                                       f"no reply within federation.round_timeout={timeout:g}s"))
-            sent = len(messages) * (record_bytes(arrays) + record_bytes(strategy.autoencoder))
-            received = sum(record_bytes(m.content["arrays"]) for m in replies
-                           if not m.has_error() and "arrays" in m.content)
+            sent = sum(record_bytes(arrays) + (record_bytes(strategy.autoencoder)
+                                               if FROZEN_AUTOENCODER in m.content else 0)
+                       for m in messages)
+            outcome, aggregated, received = _stream_round(grid, strategy, ledger, messages,
+                                                          server_round, timeout)
+            _note_autoencoder_holders(holders, outcome)
+            del messages
             bytes_sent, bytes_received = bytes_sent + sent, bytes_received + received
-            _record_replies(ledger, outcome)
             summary = RoundSummary(
                 server_round, outcome.participants,
                 {reply.site_id: _describe(reply) for _, reply in outcome.declined},
@@ -325,7 +385,7 @@ def run_federation(grid: Grid, settings: FederationSettings,
                     f"(declined: {summary.declined or 'none'}; failed: {summary.failed or 'none'}); the "
                     f"global model stays at round {server_round - 1} - fix the sites, then run again "
                     f"with --resume")
-            for name, tensor in aggregated.to_torch_state_dict().items():
+            for name, tensor in aggregated.items():
                 global_state[name] = tensor.to(global_state[name].dtype)
             wall = time.perf_counter() - started
             entry = ledger.record_round(server_round, status="aggregated",
@@ -369,6 +429,11 @@ def run_federation(grid: Grid, settings: FederationSettings,
         raise
     if not stop_reason:
         stop_reason = f"all {config.federation.rounds} rounds done"
+    if done == 0:
+        # No site ever trained: an error, not a finished federation.
+        tracker.finish("FAILED")
+        ledger.record_end(rounds_completed=0, reason=stop_reason)
+        raise FederationHalted(f"no site trained: {stop_reason}")
     final = _finish(folder, ledger, base, done, stop_reason, strategy, tracker, settings)
     return FederationResult(done, stop_reason, final, ledger.path, summaries, tracker.run_id, tracker.uri)
 

@@ -71,6 +71,7 @@ from privacy.protocol import (ARRAYS, CONFIG, GATE_ACCOUNTING, GATE_AUTOENCODER,
                               GATE_CONFIG, GATE_MESSAGE_TYPE, GATE_PASSED, GATE_STATUS, METRICS,
                               ProtocolViolation)
 from server.federation import wait_for_nodes
+from server.messaging import ReplyStream
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,26 @@ def check_num(num: Any) -> int:
         raise ReleaseError(f"--num: must be a whole number > 0 (got {num!r}); ask for at least "
                            f"one sample")
     return num
+
+
+def load_public_maps(config: Config, grid: Any) -> PublicMaps:
+    """The public cohort's label maps (``data.public_dir``) on the checkpoint's grid, with its
+    attributes: the server reads them itself (public data), never a site's folder."""
+    from models.data.site_data import load_site
+
+    if config.data.public_dir is None:
+        raise ReleaseError("data.public_dir: not set; the release conditions on the PUBLIC "
+                           "cohort's label maps - point it at a site-format folder (e.g. "
+                           "`fedsynth cohort` writes <out>/public)")
+    dataset = load_site(Path(config.data.public_dir), config.data, config.data.manifest,
+                        grid.attributes)
+    items = [dataset[i] for i in range(len(dataset))]
+    return PublicMaps(
+        labels=torch.stack([item["label"].argmax(0).to(torch.uint8) for item in items]),
+        affines=torch.stack([item["affine"].to(torch.float64) for item in items]),
+        attributes=torch.stack([item["attributes"].float() for item in items]).reshape(
+            len(items), -1),
+        names=[f"{r.patient_id}:{r.label.name}" for r in dataset.records])
 
 
 def _check_maps(maps: PublicMaps, checkpoint: Checkpoint) -> None:
@@ -409,12 +430,12 @@ def gate_round(grid: Grid, nodes: Sequence[int], query: GateQuery, views: torch.
         if autoencoder_state is not None:
             records[GATE_AUTOENCODER] = ArrayRecord(torch_state_dict=dict(autoencoder_state))
         messages.append(Message(RecordDict(records), dst_node_id=int(node),
-                                message_type=GATE_MESSAGE_TYPE))
+                                message_type=GATE_MESSAGE_TYPE, ttl=timeout))
     result = GateRoundResult()
-    answered = set()
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
-        answered.add(node)
+    replies = ReplyStream(grid, messages, timeout)
+    del messages
+    for node, reply in replies:
+        # Attributed by the message sent (a SuperLink-made error carries the SuperLink's node id).
         if reply.has_error():
             reason = reply.error.reason.splitlines()[0][:200] if reply.error.reason else "?"
             result.failed.append((node, f"error reply ({reason})"))
@@ -434,9 +455,8 @@ def gate_round(grid: Grid, nodes: Sequence[int], query: GateQuery, views: torch.
         result.nodes[answer.site_id] = int(node)
         if answer.status == GateStatus.OK:
             result.passed[answer.site_id] = reply.content[GATE_PASSED]["passed"].numpy() != 0
-    for node in nodes:
-        if node not in answered:
-            result.failed.append((node, f"no answer within {timeout:g}s"))
+    for node in replies.missing:
+        result.failed.append((node, f"no answer within {timeout:g}s"))
     return result
 
 

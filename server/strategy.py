@@ -203,6 +203,35 @@ class BudgetAwareFedAvg(FedAvg):
         elif reply.reason in _STICKY_REFUSALS:
             standing.excluded = f"refused: {reply.reason.value}"
 
+    def take_reply(self, outcome: RoundReplies, message: Message, node: int | None = None) -> bool:
+        """Check one reply of round ``outcome.round`` and note it in ``outcome`` and the standings;
+        True when it carries weights to average. ``node``: the node the instruction went to (else
+        found through :meth:`reply_node`)."""
+        server_round = outcome.round
+        node = self.reply_node(message) if node is None else node
+        if message.has_error():
+            outcome.failed.append((node, self.node_sites.get(node, ""), message.error.reason))
+            return False
+        try:
+            reply = self._parse(message)
+        except ProtocolViolation as err:
+            log.warning("round %d: node %s broke the protocol (%s); its reply is discarded",
+                        server_round, node, err)
+            outcome.failed.append((node, self.node_sites.get(node, ""), f"protocol violation: {err}"))
+            return False
+        if reply.status is ReplyStatus.OK and reply.site_id in outcome.participants:
+            outcome.failed.append((node, reply.site_id, "a second node answered for this site"))
+            return False
+        self.node_sites[node] = reply.site_id
+        self._update(server_round, node, reply)
+        if reply.status is ReplyStatus.OK:
+            outcome.accepted.append((node, reply))
+            return True
+        outcome.declined.append((node, reply))
+        log.info("round %d: %s answered %s%s", server_round, reply.site_id, reply.status.value,
+                 f" ({reply.reason.value})" if reply.reason.value else "")
+        return False
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average the ``ok`` replies (by patients); ``(None, None)`` below ``min_sites``.
@@ -210,31 +239,7 @@ class BudgetAwareFedAvg(FedAvg):
         How every site answered is kept in :attr:`last_round` for the consortium ledger.
         """
         outcome = RoundReplies(server_round)
-        trained: list[Message] = []
-        for message in replies:
-            node = self.reply_node(message)
-            if message.has_error():
-                outcome.failed.append((node, self.node_sites.get(node, ""), message.error.reason))
-                continue
-            try:
-                reply = self._parse(message)
-            except ProtocolViolation as err:
-                log.warning("round %d: node %s broke the protocol (%s); its reply is discarded",
-                            server_round, node, err)
-                outcome.failed.append((node, self.node_sites.get(node, ""), f"protocol violation: {err}"))
-                continue
-            if reply.status is ReplyStatus.OK and reply.site_id in outcome.participants:
-                outcome.failed.append((node, reply.site_id, "a second node answered for this site"))
-                continue
-            self.node_sites[node] = reply.site_id
-            self._update(server_round, node, reply)
-            if reply.status is ReplyStatus.OK:
-                outcome.accepted.append((node, reply))
-                trained.append(message)
-            else:
-                outcome.declined.append((node, reply))
-                log.info("round %d: %s answered %s%s", server_round, reply.site_id, reply.status.value,
-                         f" ({reply.reason.value})" if reply.reason.value else "")
+        trained = [message for message in replies if self.take_reply(outcome, message)]
         for node, site, error in outcome.failed:
             log.warning("round %d: node %s%s failed: %s", server_round, node,
                         f" ({site})" if site else "", error.splitlines()[0] if error else "no reason")

@@ -20,6 +20,14 @@ is reported for round 1 and for the later rounds separately. In loopback the sit
 other, so the slowest site is not the bound there; the overhead against the SUM of the sites'
 compute is reported too.
 
+Server memory (``memory``): a server process runs one round with 2 and with 20 sites (every site a
+real ClientApp in that process, answering when the server pulls, one reply per pull), streaming
+and, side by side, the non-streaming way (every reply held, then Flower's ``FedAvg``). ``held``:
+how far resident memory rose above its level at the round's first pull, sampled before every pull
+(what the server holds between replies); ``peak``: the process's peak RSS (set by transients such
+as a site's training, the same at any site count). The denoiser is widened to ~7 MiB so that a
+held reply shows.
+
     python -m experiments.benchmarks.federation_overhead [--quick]
 """
 
@@ -155,8 +163,166 @@ def _deployment(fed, folder: Path, timeout: float = 1200.0) -> dict:
     return _summary(fed)
 
 
+MEMORY_UNET_CHANNELS = [32, 64]   # a ~7 MiB denoiser: big enough that a held reply shows
+
+
+def record_replies(config_path: Path, checkpoint: Path, run_dir: Path, folder: Path) -> None:
+    """Run round 1 of the federation with every site in this process; save each site's reply
+    content to ``folder/<node>.pkl`` (the sites' real replies, replayed by :func:`memory_probe`)."""
+    import pickle
+
+    import torch
+
+    from client.client_app import make_client_app
+    from configs import load_config
+    from experiments.loopback import LoopbackGrid
+    from server.federation import FederationSettings, run_federation
+
+    torch.set_num_threads(1)
+    config = load_config(config_path)
+    sites = len(config.federation.sites)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    class Recording(LoopbackGrid):
+        def deliver(self, message):
+            reply = super().deliver(message)
+            (folder / f"{message.metadata.dst_node_id}.pkl").write_bytes(pickle.dumps(reply.content))
+            return reply
+
+    grid = Recording(make_client_app(str(config_path)),
+                     [{"partition-id": k, "num-partitions": sites} for k in range(sites)])
+    run_federation(grid, FederationSettings(config, run_dir, checkpoint, tracking=False,
+                                            evaluate=False))
+
+
+class _ReplayGrid:
+    """Mixin for :class:`experiments.loopback.LoopbackGrid`: each node answers with its recorded
+    reply, read from disk when the server pulls, one per pull. No site code runs in the server's
+    process, so its memory is the server's own."""
+
+    replies: Path
+
+    def push_messages(self, messages):
+        import uuid
+        ids = []
+        self._pending = getattr(self, "_pending", {})
+        for message in messages:
+            message_id = uuid.uuid4().hex
+            message.metadata.__dict__["_message_id"] = message_id
+            self._pending[message_id] = message
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        import pickle
+
+        from flwr.app import Message
+        for message_id in list(message_ids):
+            if message_id in self._pending:
+                message = self._pending.pop(message_id)
+                path = self.replies / f"{message.metadata.dst_node_id}.pkl"
+                return [Message(pickle.loads(path.read_bytes()), reply_to=message)]
+        return []
+
+
+def _hold_every_reply(grid, strategy, ledger, messages, server_round, timeout):
+    """The baseline: hold every reply of the round, then aggregate with Flower's FedAvg."""
+    from server.messaging import ReplyStream
+    from server.strategy import RoundReplies
+
+    replies = [reply for _, reply in ReplyStream(grid, messages, timeout)]
+    aggregated, _ = strategy.aggregate_train(server_round, replies)
+    outcome = strategy.last_round or RoundReplies(server_round)
+    for node, reply in outcome.accepted + outcome.declined:
+        ledger.record_site(server_round, node, reply)
+    return outcome, None if aggregated is None else aggregated.to_torch_state_dict(), 0
+
+
+def memory_probe(config_path: Path, checkpoint: Path, run_dir: Path, replies: Path,
+                 mode: str) -> dict:
+    """Round 1 of ``config_path`` served from ``replies``, in THIS process; its memory (MiB)."""
+    import resource
+
+    import torch
+
+    from configs import load_config
+    from experiments.loopback import LoopbackGrid
+    from server import federation
+    from server.federation import FederationSettings, run_federation
+
+    torch.set_num_threads(1)
+    config = load_config(config_path)
+    sites = len(config.federation.sites)
+    grid_class = type("ReplayGrid", (_ReplayGrid, LoopbackGrid), {"replies": replies})
+    grid = grid_class(None, [{"partition-id": k} for k in range(sites)])
+    if mode == "hold":
+        federation._stream_round = _hold_every_reply
+    # Resident memory right before each pull: what the server holds between replies.
+    samples: list[float] = []
+    pull = grid.pull_messages
+
+    def sampled_pull(message_ids):
+        samples.append(_current_rss_mib())
+        return pull(message_ids)
+
+    grid.pull_messages = sampled_pull
+    result = run_federation(grid, FederationSettings(config, run_dir, checkpoint, tracking=False,
+                                                     evaluate=False))
+    assert result.rounds_completed == 1 and len(result.rounds[0].participants) == sites
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model = sum(t.numel() * t.element_size()
+                for t in torch.load(checkpoint, weights_only=False)["denoiser"].values())
+    return {"sites": sites, "mode": mode, "peak_rss_mib": round(peak, 1),
+            "held_rss_growth_mib": round(max(samples) - samples[0], 1),
+            "denoiser_mib": round(model / 2 ** 20, 2)}
+
+
+def _current_rss_mib() -> float:
+    """This process's resident memory now (Linux /proc), MiB."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _python(*arguments: str) -> str:
+    """``python -m experiments.benchmarks.federation_overhead ARGUMENTS`` in a fresh process."""
+    done = subprocess.run([sys.executable, "-m", "experiments.benchmarks.federation_overhead",
+                           *arguments], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[2],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return done.stdout
+
+
+def _memory(folder: Path, counts: tuple[int, ...] = (2, 20)) -> dict:
+    """Server memory per (sites, mode), side by side, each in a fresh process."""
+    from experiments.tiny_federation import write_tiny_federation
+
+    big = write_tiny_federation(folder / "cohort", sites=max(counts), patients=PATIENTS, rounds=1,
+                                unet_channels=MEMORY_UNET_CHANNELS)
+    results: dict = {}
+    for count in counts:
+        recorded = write_tiny_federation(folder / f"recorded_{count}", sites=count,
+                                         patients=PATIENTS, rounds=1, min_sites=count,
+                                         cohort=big.cohort, checkpoint=big.checkpoint,
+                                         unet_channels=MEMORY_UNET_CHANNELS)
+        replies = folder / f"replies_{count}"
+        _python("--record-replies", str(recorded.config_path), "--checkpoint",
+                str(recorded.checkpoint), "--run-dir", str(recorded.run_dir), "--replies",
+                str(replies))
+        for mode in ("streaming", "hold"):
+            run_dir = folder / f"{mode}_{count}"
+            found = json.loads(_python(
+                "--memory-probe", str(recorded.config_path), "--checkpoint",
+                str(recorded.checkpoint), "--run-dir", str(run_dir), "--replies", str(replies),
+                "--mode", mode).strip().splitlines()[-1])
+            results[f"{mode}_{count}_sites_peak_rss_mib"] = found["peak_rss_mib"]
+            results[f"{mode}_{count}_sites_held_mib"] = found["held_rss_growth_mib"]
+            results["denoiser_mib"] = found["denoiser_mib"]
+    return results
+
+
 def run(quick: bool = False) -> dict:
-    """Overhead per transport; ``quick`` runs 2 rounds and skips the deployment."""
+    """Overhead per transport and server memory; ``quick`` runs 2 rounds and skips the deployment
+    and the memory measurement."""
     import torch
 
     from experiments.tiny_federation import write_tiny_federation
@@ -176,6 +342,8 @@ def run(quick: bool = False) -> dict:
                 results[name] = measure(fed)
             except Exception as err:  # noqa: BLE001 - one transport failing still reports the others
                 results[name] = {"error": f"{type(err).__name__}: {err}"}
+        if not quick:
+            results["memory"] = _memory(Path(tmp) / "memory")
     return {"summary": _summary_line(results), **results}
 
 
@@ -197,16 +365,42 @@ def _summary_line(results: dict) -> str:
                         else ("the slowest site", "overhead"))
         parts.append(f"{name} {percent(found[key + '_later_rounds'])} beyond {against} "
                      f"(round 1, with start-up: {percent(found[key + '_round_1'])})")
-    cause = (" Deployment pays a fresh ClientApp process per message and 3 s polling."
+    cause = (" Deployment pays a fresh ClientApp process per message."
              if "deployment" in results and "error" not in results["deployment"] else "")
+    memory = results.get("memory", {})
+    peak = (f" Server memory held during a round ({memory.get('denoiser_mib')} MiB denoiser): "
+            f"streaming {memory.get('streaming_2_sites_held_mib')} MiB with 2 sites, "
+            f"{memory.get('streaming_20_sites_held_mib')} MiB with 20; holding every reply: "
+            f"{memory.get('hold_2_sites_held_mib')} / {memory.get('hold_20_sites_held_mib')} MiB."
+            ) if memory else ""
     return ("Share of a round's wall time spent outside site compute, later rounds: "
-            + "; ".join(parts) + "." + cause)
+            + "; ".join(parts) + "." + cause + peak)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds, no deployment")
+    parser.add_argument("--memory", action="store_true",
+                        help="only the server-memory measurement (2 vs 20 sites)")
+    parser.add_argument("--memory-probe", type=Path, metavar="CONFIG", help=argparse.SUPPRESS)
+    parser.add_argument("--record-replies", type=Path, metavar="CONFIG", help=argparse.SUPPRESS)
+    parser.add_argument("--replies", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=("streaming", "hold"), default="streaming",
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.record_replies:
+        record_replies(args.record_replies, args.checkpoint, args.run_dir, args.replies)
+        return
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe, args.checkpoint, args.run_dir,
+                                      args.replies, args.mode)))
+        return
+    if args.memory:
+        with tempfile.TemporaryDirectory(prefix="fedsynth-memory-") as tmp:
+            print(json.dumps(_memory(Path(tmp)), indent=2))
+        return
     print(json.dumps(run(args.quick), indent=2))
 
 

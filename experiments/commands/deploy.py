@@ -31,6 +31,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "else ./runs/<config name>)")
     parser.add_argument("--checkpoint", type=Path, metavar="FILE",
                         help="pretrained checkpoint (default: RUN_DIR/checkpoint.pt)")
+    parser.add_argument("--bind", metavar="ADDRESS",
+                        help="the address the SuperLink listens on (default: the first --host, "
+                             "127.0.0.1 without --host)")
+    parser.add_argument("--app", type=Path, metavar="DIR",
+                        help="the Flower app folder passed to flwr run (default: the fedsynth "
+                             "checkout at or above the working folder)")
+    parser.add_argument("--release-num", type=int, metavar="N",
+                        help="samples in the printed release command (default: "
+                             "release.num_samples)")
     parser.set_defaults(handler=run)
 
 
@@ -62,8 +71,9 @@ def _write_deployment(args, config, out: Path, run_dir: Path, checkpoint: Path,
     import yaml
 
     from configs import config_to_dict
-    from experiments.deployment import (CONNECTION, SUPERNODE_FIRST_PORT, flwr_run_command,
-                                        make_certificates, make_supernode_key, run_config_argument,
+    from experiments.deployment import (CONNECTION, SUPERNODE_FIRST_PORT, find_app_dir,
+                                        flwr_run_command, make_certificates, make_supernode_key,
+                                        run_config_argument,
                                         shell, superlink_command, supernode_command,
                                         write_flower_config)
     from experiments.federate import prepare_public_validation
@@ -73,11 +83,13 @@ def _write_deployment(args, config, out: Path, run_dir: Path, checkpoint: Path,
     flwr_home = out / "flwr"
     write_flower_config(flwr_home, address, None if certificates is None else certificates.ca)
     prepare_public_validation(config, run_dir)
-    app_dir = Path(__file__).resolve().parents[2]
+    app_dir = find_app_dir(args.app) if args.app else find_app_dir()
+    bind = args.bind or (hosts[0] if args.host else "127.0.0.1")
     env = {"FLWR_HOME": str(flwr_home)}
 
     steps = ["# 1. Consortium server: start the SuperLink (keep it running)",
-             shell(superlink_command(args.port, certificates, database=run_dir / "superlink.db"))]
+             shell(superlink_command(args.port, certificates, host=bind,
+                                   database=run_dir / "superlink.db"))]
     site_lines: list[str] = []
     registrations: list[str] = []
     for index, site in enumerate(config.federation.sites):
@@ -108,7 +120,19 @@ def _write_deployment(args, config, out: Path, run_dir: Path, checkpoint: Path,
               shell(flwr_run_command(app_dir, run_config), env),
               "# 5. After an interruption, continue from the last finished round",
               shell(flwr_run_command(app_dir, run_config_argument(args.config, run_dir, checkpoint,
-                                                                  resume=True)), env)]
+                                                                  resume=True)), env),
+              "# 6. Release: sample, gate every candidate at every site over the same SuperLink, "
+              "write (run it again to resume an interrupted release)",
+              shell(flwr_run_command(app_dir, run_config_argument(
+                  args.config, run_dir, None, mode="release",
+                  release_num=args.release_num or config.release.num_samples,
+                  release_out=run_dir / "release")), env),
+              "#    or, equivalently: " + shell(["fedsynth", "release", "--config",
+                                                 str(Path(args.config).resolve()), "--num",
+                                                 str(args.release_num or config.release.num_samples),
+                                                 "--out", str(run_dir / "release"),
+                                                 "--run-dir", str(run_dir),
+                                                 "--deployment", str(out)])]
     commands = out / "commands.txt"
     commands.write_text("\n".join(steps) + "\n")
     print("\n".join(steps))

@@ -1,9 +1,14 @@
 """``fedsynth release``: sample a synthetic dataset, gate every candidate at every site, write the
 passes; and ``fedsynth audit memorization`` (registered by ``experiments.commands.audit``).
 
-The release runs :mod:`server.release` with Flower's simulation engine: one simulated SuperNode
-per entry of ``federation.sites`` answers the gate queries with the real ClientApp. The conditions
-are the PUBLIC cohort's label maps (``data.public_dir``, preprocessed like every site's data).
+Two ways to run the same ServerApp mode (``mode="release"``, :mod:`server.server_app`):
+
+- ``--deployment DIR`` (the folder ``fedsynth deploy`` wrote): ``flwr run`` against the consortium's
+  SuperLink; the real SuperNodes answer the gate queries, nothing of a site is read from this disk;
+- ``--simulate`` (or no flag when every site's folder is on this disk): Flower's simulation engine,
+  one simulated SuperNode per entry of ``federation.sites``, which reads the sites' folders HERE.
+
+The conditions are the PUBLIC cohort's label maps (``data.public_dir``), read by the server.
 """
 
 from __future__ import annotations
@@ -39,29 +44,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=4, metavar="B",
                         help="volumes per sampling pass (default 4); results do not depend on it")
     add_device_option(parser)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--deployment", type=Path, metavar="DIR",
+                       help="release through the deployed SuperLink (DIR: the folder `fedsynth "
+                            "deploy` wrote; its flwr/config.toml names the connection)")
+    where.add_argument("--simulate", action="store_true",
+                       help="release in a local simulation that reads every site's folder from "
+                            "this disk (the default only when all of them are here)")
+    parser.add_argument("--run-dir", type=Path, metavar="RUN_DIR",
+                        help="the server's run folder (default: the config's run_dir, else "
+                             "./runs/<config name>)")
     parser.set_defaults(handler=run)
-
-
-def load_public_maps(config, grid):
-    """The public cohort's label maps on ``config.data``'s grid, with the model's attributes."""
-    import torch
-
-    from client.site_data import load_site
-    from server.release import PublicMaps, ReleaseError
-
-    if config.data.public_dir is None:
-        raise ReleaseError("data.public_dir: not set; the release conditions on the PUBLIC "
-                           "cohort's label maps - point it at a site-format folder (e.g. "
-                           "`fedsynth cohort` writes <out>/public)")
-    dataset = load_site(Path(config.data.public_dir), config.data, config.data.manifest,
-                        grid.attributes)
-    items = [dataset[i] for i in range(len(dataset))]
-    return PublicMaps(
-        labels=torch.stack([item["label"].argmax(0).to(torch.uint8) for item in items]),
-        affines=torch.stack([item["affine"].to(torch.float64) for item in items]),
-        attributes=torch.stack([item["attributes"].float() for item in items]).reshape(
-            len(items), -1),
-        names=[f"{r.patient_id}:{r.label.name}" for r in dataset.records])
 
 
 def simulate_release(config_path: Path, plan):
@@ -89,6 +82,43 @@ def simulate_release(config_path: Path, plan):
     return results[0]
 
 
+class ReleaseWhereError(ValueError):
+    """``fedsynth release`` cannot tell where the sites are. One line with the fix."""
+
+
+def release_in_deployment(args: argparse.Namespace, run_dir: Path) -> int:
+    """``flwr run <app> fedsynth --run-config 'mode="release" ...' --stream`` against the SuperLink
+    named in ``args.deployment``/flwr; 0 when the release folder holds a finished release."""
+    import json
+    import subprocess
+
+    from experiments.deployment import CONNECTION, flwr_run_command, run_config_argument
+    from server.release import STATE_FILE
+    from server.server_app import APP_DIR
+
+    flwr_home = Path(args.deployment).resolve() / "flwr"
+    if not (flwr_home / "config.toml").is_file():
+        raise ReleaseWhereError(f"--deployment {args.deployment}: no flwr/config.toml there; pass "
+                                f"the folder `fedsynth deploy` wrote")
+    run_config = run_config_argument(args.config, run_dir, args.checkpoint, mode="release",
+                                     release_num=args.num, release_out=args.out)
+    command = flwr_run_command(APP_DIR, run_config, CONNECTION)
+    print("$ FLWR_HOME=" + str(flwr_home) + " " + " ".join(command), flush=True)
+    subprocess.run(command, env={**os.environ, "FLWR_HOME": str(flwr_home)}, check=False)
+    state_path = Path(args.out) / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"slots": [None]}
+    if not state["slots"] or any(s is None or s["status"] == "pending" for s in state["slots"]):
+        print(f"fedsynth release: the release in {args.out} is not finished; see the run's log "
+              f"above (`flwr ls` shows its status), fix the site(s) and run the same command "
+              f"again to resume", file=sys.stderr)
+        return 1
+    released = sum(s["status"] == "released" for s in state["slots"])
+    print(f"released:   {released} of {len(state['slots'])}")
+    print(f"model:      {state['settings']['model_sha256']}")
+    print(f"report:     {Path(args.out) / 'release_report.md'}")
+    return 0
+
+
 def _preflight(args: argparse.Namespace) -> None:
     """Refuse bad input before torch, Flower or Ray load (and before anything is written)."""
     from configs import ConfigError, load_config
@@ -99,13 +129,14 @@ def _preflight(args: argparse.Namespace) -> None:
                              f"{args.num}); ask for at least one sample")
     if args.batch_size < 1 or args.batch_size > 4096:
         raise PreflightError(f"--batch-size {args.batch_size}: out of range; pass 1..4096")
-    config = load_config(args.config)
+    # The sites' folders are not checked here: in a deployment they are at the hospitals.
+    config = load_config(args.config, check_paths=False)
     if not config.federation.sites:
         raise ConfigError(f"{args.config}: federation.sites is empty; every site must gate the "
                           f"release, list one entry per site")
     inputs = [args.config, config.data.public_dir, *(s.data_dir for s in config.federation.sites)]
     check_output_folder(args.out, own=("release_state.json",), inputs=inputs)
-    run_dir = config.run_dir or Path("runs") / args.config.stem
+    run_dir = args.run_dir or config.run_dir or Path("runs") / args.config.stem
     checkpoint = args.checkpoint or Path(run_dir) / "federation" / "checkpoint.pt"
     if not Path(checkpoint).is_file():
         where = "--checkpoint" if args.checkpoint else "the federation's final checkpoint"
@@ -119,16 +150,25 @@ def run(args: argparse.Namespace) -> int:
     from models.checkpoint import CheckpointError, load_checkpoint
     from models.device import resolve_device
     from server.federation import FINAL_CHECKPOINT, federation_dir
-    from server.release import ReleaseError, ReleaseHalted, check_num, prepare_release
+    from server.release import (ReleaseError, ReleaseHalted, check_num, load_public_maps,
+                                prepare_release)
     from server.server_app import default_run_dir
 
     check_num(args.num)
-    config = with_device(load_config(args.config), args.device)
-    resolve_device(config.device)  # a GPU run on a machine without one stops here
+    config = with_device(load_config(args.config, check_paths=False), args.device)
     if not config.federation.sites:
         raise ReleaseError(f"{args.config}: federation.sites is empty; every site must gate the "
                            f"release, list one entry per site")
-    run_dir = default_run_dir(args.config, config.run_dir)
+    run_dir = args.run_dir or default_run_dir(args.config, config.run_dir)
+    if args.deployment is not None:
+        return release_in_deployment(args, run_dir)
+    remote = [s.site_id for s in config.federation.sites if not Path(s.data_dir).is_dir()]
+    if remote:
+        raise ReleaseWhereError(f"{args.config}: the folders of {', '.join(remote)} are not on this "
+                                f"disk (remote sites); pass --deployment DIR to release through "
+                                f"the SuperLink")
+    config = with_device(load_config(args.config), args.device)
+    resolve_device(config.device)  # a GPU run on a machine without one stops here
     checkpoint_path = args.checkpoint or federation_dir(run_dir) / FINAL_CHECKPOINT
     try:
         checkpoint = load_checkpoint(checkpoint_path)

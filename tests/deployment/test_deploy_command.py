@@ -65,3 +65,20 @@ def test_deploy_refuses_a_bad_port(new_federation, tmp_path, capsys):
     assert main(["deploy", "--config", str(fed.config_path), "--out", str(tmp_path / "d"),
                  "--port", "70000"]) == 2
     assert "--port 70000" in capsys.readouterr().err
+
+
+def test_deploy_binds_the_given_host_and_prints_the_checkout_and_the_release(new_federation, tmp_path,
+                                                                            capsys):
+    from pathlib import Path
+    fed = new_federation(sites=1)
+    out = tmp_path / "deploy"
+    assert main(["deploy", "--config", str(fed.config_path), "--out", str(out), "--insecure",
+                 "--host", "10.1.2.3", "--release-num", "5", "--checkpoint", str(fed.checkpoint)]) == 0
+    printed = capsys.readouterr().out
+    repo = Path(__file__).resolve().parents[2]
+    superlink = next(line for line in printed.splitlines() if line.startswith("flower-superlink"))
+    assert "--host 10.1.2.3" in superlink and "0.0.0.0" not in printed
+    assert f"flwr run {repo} fedsynth" in printed and "site-packages" not in printed
+    release = next(line for line in printed.splitlines() if 'mode="release"' in line)
+    assert "release-num=5" in release and f'release-out="{fed.run_dir.resolve() / "release"}"' in release
+    assert "fedsynth release" in printed and f"--deployment {out.resolve()}" in printed

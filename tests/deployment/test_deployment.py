@@ -131,3 +131,74 @@ def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(deployment,
     assert site_rounds(fed, "site_0") == site_rounds(fed, "site_1") == [1]
     assert site_rounds(fed, "site_2") in ([], [1])   # it may have committed before it died ...
     assert view.site_reports("site_2") == []         # ... but nothing of it was counted
+
+
+def gate_log_queries(fed, site_id: str) -> list[str]:
+    path = fed.ledger(site_id).parent / "gate_log.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["query_id"] for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_tls_deployment_federates_then_releases_through_the_gate_and_resumes_after_a_kill(
+        deployment, new_federation, tmp_path):
+    fed = new_federation(sites=2, rounds=2, min_sites=2,
+                         release={"chunk_size": 2, "max_attempts": 2})
+    certificates = make_certificates(tmp_path / "certs", ["localhost", "127.0.0.1"])
+    deployment.start_superlink(certificates)
+    keys = {site_id: make_supernode_key(tmp_path / "keys" / site_id) for site_id in fed.site_ids}
+    for site_id in fed.site_ids:
+        registered = deployment.flwr(["supernode", "register", str(keys[site_id][1]), "fedsynth"])
+        assert registered.returncode == 0, registered.stdout
+        deployment.start_supernode(site_id, fed.site_yaml(site_id), private_key=keys[site_id][0])
+    done = deployment.run_app(fed.config_path, fed.run_dir, fed.checkpoint, RUN_TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:]
+    check_finished(fed, 2, fed.site_ids)
+    # fedsynth's own lines reach `flwr run --stream` and each SuperNode's log.
+    assert "round 2: 2 site(s) trained" in done.stdout, done.stdout[-3000:]
+    assert "site_0: round 2 ok" in deployment.processes.log("site_0")
+
+    # The release: the same ServerApp in mode "release", over the same SuperLink.
+    out = tmp_path / "release"
+    release_config = run_config_argument(fed.config_path, fed.run_dir, None, mode="release",
+                                         release_num=6, release_out=out)
+    run = deployment.processes.start("release-1", flwr_run_command(REPO, release_config))
+    state_path = out / "release_state.json"
+    deadline = time.monotonic() + RUN_TIMEOUT
+
+    def state() -> dict:
+        try:
+            return json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            return {"rounds": [], "slots": []}
+
+    while run.poll() is None and time.monotonic() < deadline and \
+            not any(r["stage"] == "written" for r in state()["rounds"]):
+        time.sleep(0.2)
+    assert any(r["stage"] == "written" for r in state()["rounds"]), \
+        deployment.processes.log("release-1")[-3000:]
+    deployment.processes.kill("site_1", signal.SIGKILL)   # a hospital goes down mid-release
+    while run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    halted = state()
+    assert any(s["status"] == "pending" for s in halted["slots"]), halted   # state kept, unfinished
+    first_log = deployment.processes.log("release-1")
+    assert "fedsynth: " in first_log and "site_1" in first_log, first_log[-3000:]
+
+    # The hospital comes back; the same command resumes the release.
+    deployment.start_supernode("site_1-again", fed.site_yaml("site_1"), private_key=keys["site_1"][0])
+    resumed = deployment.processes.run(flwr_run_command(REPO, release_config), RUN_TIMEOUT)
+    final = state()
+    assert final["slots"] and all(s["status"] != "pending" for s in final["slots"]), \
+        resumed.stdout[-3000:]
+    assert final["release_id"] == halted["release_id"]
+    sent = [r["query_id"] for r in final["rounds"]]
+    for site_id in fed.site_ids:
+        answered = gate_log_queries(fed, site_id)
+        assert sorted(set(answered)) == sorted(sent), (site_id, answered, sent)
+        assert len(answered) == len(set(answered))   # a resumed query is replayed, not recomputed
+    released = [s for s in final["slots"] if s["status"] == "released"]
+    assert len(list((out / "images").glob("*.nii.gz"))) == len(released)
+    assert (out / "release_report.json").exists() and (out / "manifest.csv").exists()

@@ -155,11 +155,15 @@ class SimulatedCrash(RuntimeError):
 class CrashAfterSitesCommit(LoopbackGrid):
     """The server dies in round 2 after the sites trained and committed, before it saw the replies."""
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = super().send_and_receive(messages, timeout=timeout)
-        if int(next(iter(messages)).content["config"]["server-round"]) == 2:
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.round = int(messages[0].content["config"]["server-round"])
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        if self.round == 2:
             raise SimulatedCrash("server killed")
-        return replies
+        return super().pull_messages(message_ids)
 
 
 def _crash_after_ledger_append(monkeypatch):

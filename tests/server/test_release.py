@@ -27,7 +27,7 @@ from configs import (AutoencoderConfig, ConditioningConfig, DiffusionConfig, Mod
                      UNetConfig, config_to_dict, load_config)
 from experiments.cli import main
 from experiments.cohort import generate_cohort
-from experiments.commands.release import load_public_maps
+from server.release import load_public_maps
 from experiments.loopback import LoopbackGrid
 from models.autoencoder import build_autoencoder
 from models.checkpoint import DataGrid, load_checkpoint, save_checkpoint
@@ -62,11 +62,14 @@ class InProcessGrid(LoopbackGrid):
         self.calls, self.fail_on_call = 0, fail_on_call
         self.replies: list[Message] = []
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         self.calls += 1
         if self.calls == self.fail_on_call:
             raise ConnectionError("the link dropped")
-        replies = list(super().send_and_receive(messages, timeout=timeout))
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
         self.replies += replies
         return replies
 
