@@ -182,8 +182,10 @@ def _autoencoder(query: GateQuery, state: Mapping[str, torch.Tensor] | None
     return autoencoder.requires_grad_(False).eval()
 
 
-def _previous_answer(path: Path, query: GateQuery) -> GateOutcome | None:
-    """The answer this site already gave to the same query (id and candidates), from its log."""
+def _previous_answer(path: Path, query: GateQuery, site_id: str) -> GateOutcome | None:
+    """The answer this site already gave to the same query (id and candidates), from its log.
+
+    Keyed by the site too: sites that share a state folder (a research sweep) share the log."""
     if not path.exists():
         return None
     found = None
@@ -194,6 +196,7 @@ def _previous_answer(path: Path, query: GateQuery) -> GateOutcome | None:
             except json.JSONDecodeError:
                 continue  # a line cut by a crash: that query was never answered
             if entry.get("query_id") == query.query_id and "answer" in entry and \
+                    entry["answer"].get("site_id") == site_id and \
                     entry.get("candidates_sha256") == query.candidates_sha256:
                 found = entry
     if found is None:
@@ -352,7 +355,7 @@ def answer_gate_query(site: SiteConfig, query: GateQuery, views: torch.Tensor,
     started = time.perf_counter()
     log_path = gate_log_path(site)
     try:
-        previous = _previous_answer(log_path, query)
+        previous = _previous_answer(log_path, query, site.site_id)
     except OSError as err:
         log.warning("%s: cannot read the gate log %s (%s)", site.site_id, log_path, err)
         previous = None

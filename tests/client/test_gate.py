@@ -5,6 +5,8 @@ The site is one demo-cohort site at 16^3 (registered brains, a few of them with 
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import json
 from pathlib import Path
@@ -118,6 +120,18 @@ def test_the_same_query_gets_the_same_answer_without_new_work(site: SiteConfig) 
     assert again.passed.tolist() == first.passed.tolist() and len(log_entries(site)) == lines
     other = answer_gate_query(site, query_for(views, "rel-0002"), views)
     assert not other.answer.replayed and len(log_entries(site)) == lines + 1
+
+
+def test_a_site_never_replays_another_sites_answer_from_a_shared_log(site: SiteConfig) -> None:
+    # A research sweep may give several sites one state folder, hence one gate log.
+    views = views_of(candidates(site))
+    first = answer_gate_query(site, query_for(views), views)
+    neighbour = dataclasses.replace(site, site_id="site_neighbour")
+    assert gate_log_path(neighbour) == gate_log_path(site)
+    theirs = answer_gate_query(neighbour, query_for(views), views)
+    assert not theirs.answer.replayed and theirs.answer.site_id == "site_neighbour"
+    assert answer_gate_query(site, query_for(views), views).answer.replayed
+    assert not first.answer.replayed
 
 
 def test_latent_gate_embeds_the_site_scans_with_the_sent_encoder(site: SiteConfig) -> None:
