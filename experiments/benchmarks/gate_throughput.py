@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +34,7 @@ from models.autoencoder import build_autoencoder
 from privacy.gate import NO_SHIFT, latent_views, nearest_scans, translations, views_of
 
 CHUNK_SIZE = 64   # release.chunk_size's default
+LATENT_CHANNELS = 3
 
 
 def _timed(function, repeats: int = 1) -> float:
@@ -107,6 +109,134 @@ def run(quick: bool = False) -> dict:
         f"NRMSE; the server encodes each candidate's translates in "
         f"{results['encode_seconds_per_candidate']:.2f} s.")
     return results
+
+
+# --- a synthetic hospital ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hospital:
+    """A synthetic site: images (M, 32, 32, 32), their latents (M, 3, 16, 16, 16), patient ids
+    (M,), and candidates: views (N, 27, 3, 16, 16, 16) and what each candidate is."""
+
+    images: torch.Tensor
+    bank: torch.Tensor
+    patients: list[int]
+    candidate_views: torch.Tensor
+    candidate_kinds: list[str]
+
+    def scan_views(self, start: int, stop: int) -> torch.Tensor:
+        """The 27 translates of scans [start, stop), embedded: (n, 27, 3, 16, 16, 16)."""
+        return translate_views(self.images[start:stop])
+
+
+def _smooth_fields(count: int, size: int, generator: torch.Generator,
+                   correlation: float) -> torch.Tensor:
+    """Gaussian random fields (count, S, S, S), unit std, power spectrum ~ (1 + (f/f0)^2)^-1.5
+    (f0 = size / correlation): smooth at ``correlation`` voxels with a power-law tail."""
+    freq = torch.fft.fftfreq(size) * size
+    half = torch.fft.rfftfreq(size) * size
+    radius2 = freq[:, None, None] ** 2 + freq[None, :, None] ** 2 + half[None, None, :] ** 2
+    amplitude = (1 + radius2 * (correlation / size) ** 2) ** -0.75
+    noise = torch.randn((count, size, size, size), generator=generator)
+    fields = torch.fft.irfftn(torch.fft.rfftn(noise, dim=(1, 2, 3)) * amplitude,
+                              s=(size,) * 3, dim=(1, 2, 3))
+    return fields / fields.flatten(1).std(1)[:, None, None, None]
+
+
+_ENCODER = torch.Generator().manual_seed(1234)
+_ENCODER_WEIGHTS = torch.randn((LATENT_CHANNELS, 8), generator=_ENCODER)
+_ENCODER_WEIGHTS /= _ENCODER_WEIGHTS.norm(dim=1, keepdim=True)
+
+
+def stand_in_encoder(images: torch.Tensor) -> torch.Tensor:
+    """A fixed linear stand-in for the public encoder: (n, S, S, S) -> (n, 3, S/2, S/2, S/2), each
+    latent voxel 3 fixed random combinations of its 2x2x2 image voxels (the demo's latent grid)."""
+    n, s = images.shape[0], images.shape[-1] // 2
+    blocks = images.reshape(n, s, 2, s, 2, s, 2).permute(0, 1, 3, 5, 2, 4, 6).reshape(n, s, s, s, 8)
+    return (blocks @ _ENCODER_WEIGHTS.T).permute(0, 4, 1, 2, 3).contiguous()
+
+
+def translate_views(images: torch.Tensor, max_shift: int = 1) -> torch.Tensor:
+    """What the server sends for candidates: every translate embedded, (n, 27, 3, s, s, s)."""
+    return torch.stack([stand_in_encoder(torch.roll(images, o, dims=(1, 2, 3)))
+                        for o in translations(max_shift)], dim=1)
+
+
+def synthetic_hospital(scans: int, candidates: int, size: int = 32, seed: int = 0,
+                       protocols: int = 6, planted: int = 8) -> Hospital:
+    """A hospital with the demo cohort's kinds of variation, as smooth random fields.
+
+    Each scan is a tissue mixture (background, CSF, grey, white matter: a softmax of smooth logit
+    fields) drawn through one of ``protocols`` scanner contrasts, plus noise, scaled so that its brightest tissue is 1.
+    A patient = the template anatomy + age atrophy (CSF grows along a fixed field) + head size +
+    an own smooth deformation-like field; patients have 1-3 visits (follow-ups: older, new
+    noise; near duplicates). Candidates are new patients from the same model (what a generator
+    trained on such patients produces) plus ``planted`` copies of scans (exact, shifted by one
+    voxel, noised, brightened), all embedded by the stand-in encoder under 27 translates.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    axis = torch.linspace(-1, 1, size)
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"))
+    anatomy = _smooth_fields(3, size, generator, correlation=4.0)
+    atrophy = _smooth_fields(1, size, generator, correlation=6.0)[0]
+    contrasts = torch.rand((protocols, 4), generator=generator) * torch.tensor([0.05, 0.6, 0.6, 0.6]) \
+        + torch.tensor([0.0, 0.1, 0.3, 0.4])
+
+    def render(count: int, patient_fields, ages, heads, protocol, noise: float) -> torch.Tensor:
+        radius = (grid ** 2 * torch.tensor([1.0, 0.8, 0.9])[:, None, None, None]).sum(0).sqrt()
+        brain = torch.sigmoid((0.8 * heads[:, None, None, None] - radius[None]) * 12)
+        logits = torch.stack([1.5 * anatomy[0] + ages[:, None, None, None] * atrophy
+                              + patient_fields[:, 0],
+                              1.5 * anatomy[1] + patient_fields[:, 1],
+                              1.5 * anatomy[2] + patient_fields[:, 2]], dim=1)
+        tissue = torch.softmax(logits, dim=1) * brain[:, None]
+        fractions = torch.cat([(1 - brain)[:, None], tissue], dim=1)       # (n, 4, S, S, S)
+        image = (fractions * contrasts[protocol][:, :, None, None, None]).sum(1)
+        image = image + noise * torch.randn(image.shape, generator=generator)
+        return image / contrasts[protocol].amax(1)[:, None, None, None]     # brightest tissue 1
+
+    def patients(count: int):
+        fields = 0.8 * _smooth_fields(3 * count, size, generator, correlation=3.0)
+        return (fields.reshape(count, 3, size, size, size),
+                torch.rand(count, generator=generator) * 2.0,              # atrophy 0..2
+                1 + 0.04 * torch.randn(count, generator=generator),        # head size
+                torch.randint(0, protocols, (count,), generator=generator))
+
+    visits = torch.randint(1, 4, (scans,), generator=generator)
+    owner = torch.repeat_interleave(torch.arange(scans), visits)[:scans]
+    num_patients = int(owner.max()) + 1
+    fields, ages, heads, protocol = patients(num_patients)
+    first = torch.ones(scans, dtype=torch.bool)
+    first[1:] = owner[1:] != owner[:-1]
+    later = torch.rand(scans, generator=generator) * 0.3 * (~first)       # follow-up atrophy
+    images = torch.cat([render(e - s, fields[owner[s:e]], ages[owner[s:e]] + later[s:e],
+                               heads[owner[s:e]], protocol[owner[s:e]], noise=0.02)
+                        for s, e in _spans(scans, 512)])
+    fresh = candidates - min(planted, candidates)
+    new = patients(fresh)
+    novel = render(fresh, *new, noise=0.02)
+    picks = torch.randint(0, scans, (candidates - fresh,), generator=generator)
+    kinds = ["new"] * fresh
+    copies = []
+    for i, pick in enumerate(picks.tolist()):
+        kind = ("exact", "shifted", "noised", "brightened")[i % 4]
+        copy = images[pick]
+        if kind == "shifted":
+            copy = torch.roll(copy, (1, 0, -1), dims=(0, 1, 2))
+        elif kind == "noised":
+            copy = copy + 0.02 * torch.randn(copy.shape, generator=generator)
+        elif kind == "brightened":
+            copy = copy * 1.05
+        copies.append(copy)
+        kinds.append(f"copy-{kind}")
+    everything = torch.cat([novel, torch.stack(copies)]) if copies else novel
+    views = torch.cat([translate_views(everything[s:e]) for s, e in _spans(candidates, 128)])
+    bank = torch.cat([stand_in_encoder(images[s:e]) for s, e in _spans(scans, 512)])
+    return Hospital(images, bank, owner.tolist(), views, kinds)
+
+
+def _spans(total: int, step: int):
+    return [(s, min(s + step, total)) for s in range(0, total, step)]
 
 
 def main() -> None:
