@@ -235,9 +235,10 @@ def nearest_scans(candidates: torch.Tensor | ViewSource, bank: torch.Tensor | Sc
     if chunk_size <= 0:
         raise GateError(f"chunk_size must be > 0 (got {chunk_size})")
     if distance == "ssim":
-        if not isinstance(candidates, torch.Tensor) or isinstance(bank, ScanIndex):
-            raise GateError("the ssim distance needs candidate and scan tensors")
-        return brute_force_nearest_scans(candidates, bank, distance, offsets=offsets,
+        if not isinstance(candidates, torch.Tensor):
+            raise GateError("the ssim distance needs the candidate views as a tensor")
+        scans = bank.bank if isinstance(bank, ScanIndex) else bank
+        return brute_force_nearest_scans(candidates, scans, distance, offsets=offsets,
                                          chunk_size=chunk_size, candidate_groups=candidate_groups,
                                          bank_groups=bank_groups, progress=progress)
     index = bank if isinstance(bank, ScanIndex) else ScanIndex(bank, device=device)
