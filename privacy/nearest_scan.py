@@ -10,15 +10,14 @@ applied to the view before anything else and every bound below holds for the rol
 is). Brute force costs ``V * D`` multiply-adds per candidate-scan pair (V = T x offsets views, D
 values per volume). This search returns the SAME nearest distance with far fewer of them:
 
-1. **Projected lower bound, every pair.** ``P`` maps a volume (C, *S) to its block averages times
-   ``sqrt(block size)``: the coordinates of the orthogonal projection onto volumes that are
-   constant on blocks of ``factor``^3 voxels (a fixed, data-independent linear map; blocks at an
-   uneven border are smaller, and the scaling keeps it orthonormal). For any ``w``, ``s``:
+1. **Projected lower bound, every pair.** ``P`` maps a volume (C, *S) to its lowest ``f`` spatial
+   frequencies per axis (separable orthonormal DCT-II coefficients: a fixed, data-independent
+   orthogonal projection in an orthonormal basis; no PCA, nothing fitted). For any ``w``, ``s``:
    ``||w - s||^2 = ||P(w - s)||^2 + ||R(w - s)||^2`` with ``R`` the orthogonal remainder, and
    ``||R(w - s)|| >= | ||Rw|| - ||Rs|| |`` (triangle inequality). The first term costs one
-   (V x k) @ (k x M) product per candidate (k = D / factor^3, e.g. 192 for a 3x16^3 latent at
-   factor 4); the second is a scalar per view and scan.
-2. **Finer projected bound, survivors only**: the same at a smaller block factor (k 8x larger).
+   (V x k) @ (k x M) product per candidate (k = C f^3, e.g. 192 for a 3x16^3 latent at f = 4);
+   the second is a scalar per view and scan.
+2. **Finer projected bound, survivors only**: the same at twice the frequencies (k 8x larger).
 3. **Exact distances in increasing bound order**, a batch at a time, with early termination: a
    scan whose lower bound exceeds the running best cannot be nearer and is never computed.
 
@@ -34,12 +33,14 @@ not necessarily the same index as brute force.
 Memory: candidates go in blocks of at most ``chunk_size`` effective views, bounds are computed
 against ``bank_chunk`` scans at a time, and exact distances for ``exact_batch`` scans at a time;
 the index holds the bank, its norms and its projections (k + k' values per scan). Everything runs
-on the bank's device (CUDA included); matrix products use torch's intra-op threads.
+on the bank's device (CUDA included). On the CPU, blocks of candidates are shared among
+``torch.get_num_threads()`` worker threads, each running its products single-threaded.
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -68,28 +69,31 @@ def rolled(volumes: torch.Tensor, offset: Offset) -> torch.Tensor:
     return torch.roll(volumes, shifts=tuple(offset), dims=(-3, -2, -1))
 
 
-class BlockProjection:
-    """Orthonormal block-average coordinates: (B, C, *S) -> (B, C * prod(blocks)), float64.
+def dct_rows(size: int, frequencies: int) -> torch.Tensor:
+    """The ``frequencies`` lowest rows of the orthonormal DCT-II matrix of length ``size``:
+    float64 (min(frequencies, size), size), orthonormal rows."""
+    frequencies = min(frequencies, size)
+    position = torch.arange(size, dtype=torch.float64) + 0.5
+    rows = torch.stack([torch.cos(math.pi * position * f / size) for f in range(frequencies)])
+    rows[0] *= math.sqrt(1.0 / size)
+    rows[1:] *= math.sqrt(2.0 / size)
+    return rows
 
-    Per axis, voxels are split into consecutive blocks of ``factor`` (the last may be shorter);
-    a coordinate is the block's sum divided by ``sqrt(block volume)``, so the map is the
-    orthogonal projection onto block-constant volumes, in an orthonormal basis: it never
-    increases a distance.
+
+class LowFrequencyProjection:
+    """A volume's lowest spatial frequencies: (B, C, *S) -> (B, C * f1 f2 f3), float64.
+
+    The coefficients of the separable orthonormal DCT-II (per axis its ``frequencies`` lowest
+    rows): a fixed, data-independent orthogonal projection in an orthonormal basis, so it never
+    increases a distance. Smooth volumes (scans, latents) keep most of their differences there.
     """
 
-    def __init__(self, spatial: Sequence[int], factor: int, device: torch.device):
-        self.factor = int(factor)
-        self.axes = []
-        for size in spatial:
-            blocks = math.ceil(size / self.factor)
-            matrix = torch.zeros(blocks, size, dtype=torch.float64)
-            for b in range(blocks):
-                members = range(b * self.factor, min((b + 1) * self.factor, size))
-                matrix[b, members.start:members.stop] = 1.0 / math.sqrt(len(members))
-            self.axes.append(matrix.to(device))
+    def __init__(self, spatial: Sequence[int], frequencies: int, device: torch.device):
+        self.frequencies = int(frequencies)
+        self.axes = [dct_rows(size, self.frequencies).to(device) for size in spatial]
 
     @property
-    def blocks(self) -> int:
+    def values_per_channel(self) -> int:
         return math.prod(a.shape[0] for a in self.axes)
 
     def __call__(self, volumes: torch.Tensor) -> torch.Tensor:
@@ -101,21 +105,22 @@ class BlockProjection:
         return x.reshape(x.shape[0], -1)
 
 
-def coarse_factors(channels: int, spatial: Sequence[int]) -> tuple[int, ...]:
-    """Block factors of the two bounds: the smallest power of two whose projection keeps at most
-    :data:`COARSE_VALUES` values, then half of it (when that still pools, factor >= 2)."""
-    factor = 2
-    while channels * math.prod(math.ceil(s / factor) for s in spatial) > COARSE_VALUES and \
-            factor < max(spatial):
-        factor *= 2
-    return (factor, factor // 2) if factor >= 4 else (factor,)
+def projection_frequencies(channels: int, spatial: Sequence[int]) -> tuple[int, ...]:
+    """Frequencies per axis of the two bounds: the most whose projection keeps at most
+    :data:`COARSE_VALUES` values, then twice that (when it is still smaller than the volume)."""
+    frequencies = 1
+    while channels * math.prod(min(frequencies + 1, s) for s in spatial) <= COARSE_VALUES and \
+            frequencies < max(spatial):
+        frequencies += 1
+    finer = 2 * frequencies
+    return (frequencies, finer) if finer < max(spatial) else (frequencies,)
 
 
 @dataclass
 class _Level:
     """One projection of the bank: coordinates (M, k) and the remainders' norm intervals (M,)."""
 
-    projection: BlockProjection
+    projection: LowFrequencyProjection
     coords: torch.Tensor
     coords_sq: torch.Tensor
     rest_low: torch.Tensor
@@ -144,7 +149,7 @@ class ScanIndex:
     """
 
     def __init__(self, bank: torch.Tensor, *, device: torch.device | str | None = None,
-                 factors: Sequence[int] | None = None, bank_chunk: int = 4096):
+                 frequencies: Sequence[int] | None = None, bank_chunk: int = 4096):
         if bank.ndim != 5:
             raise ValueError(f"the bank must be volumes (M, C, D, H, W), got {tuple(bank.shape)}")
         self.device = torch.device(device) if device is not None else bank.device
@@ -160,8 +165,10 @@ class ScanIndex:
         self.norm = self.flat.norm(dim=1)
         # relative_l2 divides by the norm clamped the same way (a zero scan is infinitely far).
         self.safe_norm = self.norm.clamp_min(torch.finfo(torch.float64).tiny)
-        factors = coarse_factors(channels, spatial) if factors is None else tuple(factors)
-        self.levels = [self._level(BlockProjection(spatial, f, self.device)) for f in factors]
+        if frequencies is None:
+            frequencies = projection_frequencies(channels, spatial)
+        self.levels = [self._level(LowFrequencyProjection(spatial, f, self.device))
+                       for f in frequencies]
 
     def __len__(self) -> int:
         return self.bank.shape[0]
@@ -170,7 +177,7 @@ class ScanIndex:
         for start in range(0, len(self), self.bank_chunk):
             yield start, min(start + self.bank_chunk, len(self))
 
-    def _level(self, projection: BlockProjection) -> _Level:
+    def _level(self, projection: LowFrequencyProjection) -> _Level:
         if len(self) == 0:
             empty = torch.zeros(0, dtype=torch.float64, device=self.device)
             return _Level(projection, empty.reshape(0, 0), empty, empty, empty)
@@ -218,7 +225,6 @@ class ScanIndex:
         best = torch.full((num_queries,), math.inf, dtype=torch.float64)
         best_index = torch.full((num_queries,), -1, dtype=torch.long)
         best_view = torch.zeros((num_queries,), dtype=torch.long)
-        exact_pairs = 0
         if num_queries == 0 or len(self) == 0:
             return SearchResult(best.numpy(), best_index.numpy(), best_view.numpy(), 0, 0)
         source = views.__getitem__ if isinstance(views, torch.Tensor) else None
@@ -229,7 +235,8 @@ class ScanIndex:
             groups_q = torch.as_tensor(list(query_groups), device=self.device)
             groups_b = torch.as_tensor(list(bank_groups), device=self.device)
         rows = max(1, chunk_size // per_query)
-        for q0 in range(0, num_queries, rows):
+
+        def one_block(q0: int) -> int:
             q1 = min(q0 + rows, num_queries)
             block = self._views(views, source, q0, q1)
             if block.shape[0] != q1 - q0 or block.shape[2:] != self.bank.shape[1:]:
@@ -238,10 +245,25 @@ class ScanIndex:
             flat = torch.stack([rolled(block, o) for o in offsets], dim=1)  # (q, O, T, C, *S)
             flat = flat.reshape((q1 - q0) * per_query, *block.shape[2:])
             exclude = (groups_q[q0:q1, None] == groups_b[None]) if grouped else None
-            exact_pairs += self._search_block(flat, q1 - q0, per_query, exclude, exact_batch,
-                                              best[q0:q1], best_index[q0:q1], best_view[q0:q1])
+            pairs = self._search_block(flat, q1 - q0, per_query, exclude, exact_batch,
+                                       best[q0:q1], best_index[q0:q1], best_view[q0:q1])
             if progress is not None:
                 progress(q1 - q0)
+            return pairs
+
+        # One block per worker thread, each single-threaded inside: the per-query work is many
+        # small products, which intra-op threads slow down (badly so on a loaded machine).
+        threads = torch.get_num_threads() if self.device.type == "cpu" else 1
+        starts = range(0, num_queries, rows)
+        if threads <= 1:
+            exact_pairs = sum(map(one_block, starts))
+        else:
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(max_workers=threads) as pool:
+                    exact_pairs = sum(pool.map(one_block, starts))
+            finally:
+                torch.set_num_threads(threads)
         return SearchResult(best.numpy(), best_index.numpy(), best_view.numpy(), exact_pairs,
                             num_queries * len(self), first.shape[1])
 

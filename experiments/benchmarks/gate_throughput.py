@@ -24,17 +24,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from configs import AutoencoderConfig
 from models.autoencoder import build_autoencoder
-from privacy.gate import NO_SHIFT, latent_views, nearest_scans, translations, views_of
+from privacy.gate import (NO_SHIFT, between_patient_distances, brute_force_nearest_scans,
+                          latent_views, nearest_scans, translations, views_of)
+from privacy.nearest_scan import ScanIndex
 
 CHUNK_SIZE = 64   # release.chunk_size's default
 LATENT_CHANNELS = 3
+THREADS = 2        # the hospital run: the machine's cores
 
 
 def _timed(function, repeats: int = 1) -> float:
@@ -47,7 +52,61 @@ def _timed(function, repeats: int = 1) -> float:
     return best
 
 
-def run(quick: bool = False) -> dict:
+def pruned_versus_brute_force(hospital: "Hospital", candidates: int, scans: int) -> dict:
+    """One thread, one run: today's brute force and the exact pruned search on the same
+    candidates x scans of a synthetic hospital (latent 3x16^3, 27 translate views each)."""
+    torch.set_num_threads(1)
+    views, bank = hospital.candidate_views[:candidates], hospital.bank[:scans]
+    brute_force_nearest_scans(views[:1], bank[:64], "latent")          # warm-up
+    started = time.perf_counter()
+    brute = brute_force_nearest_scans(views, bank, "latent", chunk_size=CHUNK_SIZE)
+    brute_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    index = ScanIndex(bank)
+    index_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    found = index.search(views, candidates, chunk_size=CHUNK_SIZE)
+    pruned_seconds = time.perf_counter() - started
+    difference = np.abs(found.distance - brute.distance)
+    pairs = candidates * scans
+    return {"pairs": pairs, "brute_force/pairs_per_second": pairs / brute_seconds,
+            "pruned/pairs_per_second": pairs / pruned_seconds,
+            "pruned/index_seconds": index_seconds,
+            "pruned/speedup": brute_seconds / pruned_seconds,
+            "pruned/exact_pair_fraction": found.exact_pairs / found.pairs,
+            "max_abs_difference": float(difference.max()),
+            "max_relative_difference": float((difference / np.maximum(brute.distance, 1e-12)).max())}
+
+
+def hospital_gate(hospital: "Hospital") -> dict:
+    """Search + calibration for the whole synthetic hospital with torch's default threads: wall
+    time of each and the process's peak resident memory."""
+    torch.set_num_threads(THREADS)
+    patients = [str(p) for p in hospital.patients]
+    started = time.perf_counter()
+    index = ScanIndex(hospital.bank)
+    index_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    calibration = between_patient_distances(hospital.scan_views, index, patients, "latent",
+                                            chunk_size=CHUNK_SIZE)
+    calibration_seconds = time.perf_counter() - started
+    threshold = float(np.percentile(calibration, 5))
+    started = time.perf_counter()
+    found = nearest_scans(hospital.candidate_views, index, "latent", chunk_size=CHUNK_SIZE)
+    search_seconds = time.perf_counter() - started
+    copies = np.array([k.startswith("copy-") for k in hospital.candidate_kinds])
+    passed = found.distance >= threshold
+    return {"scans": len(hospital.bank), "candidates": len(found.distance), "threads": THREADS,
+            "index_seconds": index_seconds, "calibration_seconds": calibration_seconds,
+            "search_seconds": search_seconds,
+            "total_seconds": index_seconds + calibration_seconds + search_seconds,
+            "planted_copies_rejected": f"{int((~passed[copies]).sum())}/{int(copies.sum())}",
+            "new_candidates_passed": f"{int(passed[~copies].sum())}/{int((~copies).sum())}",
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def run(quick: bool = False, hospital_scans: int | None = None,
+        hospital_candidates: int | None = None) -> dict:
     """Time every distance space at three (candidates, scans) sizes; a flat dict of results."""
     torch.set_num_threads(1)
     size = 16 if quick else 32
@@ -68,14 +127,15 @@ def run(quick: bool = False) -> dict:
     latent_bank = latent_views(encoder, scans, 1.0)[:, 0]
 
     def image(distance: str, shifts=NO_SHIFT):
-        return lambda n, m: nearest_scans(views_of(candidates[:n]), scans[:m], distance,
-                                          offsets=shifts, chunk_size=CHUNK_SIZE)
+        return lambda n, m: brute_force_nearest_scans(views_of(candidates[:n]), scans[:m],
+                                                      distance, offsets=shifts,
+                                                      chunk_size=CHUNK_SIZE)
 
     spaces = {
         "nrmse": image("nrmse"),
         "nrmse_shift1": image("nrmse", offsets),
-        "latent_shift1": lambda n, m: nearest_scans(latent_candidates[:n], latent_bank[:m],
-                                                    "latent", chunk_size=CHUNK_SIZE),
+        "latent_shift1": lambda n, m: brute_force_nearest_scans(
+            latent_candidates[:n], latent_bank[:m], "latent", chunk_size=CHUNK_SIZE),
         "ssim": image("ssim"),
     }
     results: dict = {"volume": f"{size}^3", "latent": "x".join(map(str, latent_bank.shape[1:])),
@@ -100,6 +160,14 @@ def run(quick: bool = False) -> dict:
         results[f"ratio/nrmse_shift1_over_latent/{n}x{m}"] = shift1 / seconds["latent_shift1"]
         if seconds["ssim"] is not None:
             results[f"ratio/ssim_over_nrmse/{n}x{m}"] = seconds["ssim"] / seconds["nrmse"]
+    scans = hospital_scans or (400 if quick else 2000)
+    wanted = hospital_candidates or (20 if quick else 100)
+    started = time.perf_counter()
+    hospital = synthetic_hospital(scans, wanted, size=size, seed=0)
+    results["hospital/generate_seconds"] = time.perf_counter() - started
+    compare = pruned_versus_brute_force(hospital, min(wanted, 10 if quick else 40), scans)
+    results.update({f"one_thread/{k}": v for k, v in compare.items()})
+    results.update({f"hospital/{k}": v for k, v in hospital_gate(hospital).items()})
     n, m = sizes[-1]
     results["summary"] = (
         f"At {n}x{m} pairs of {size}^3 volumes the default latent distance (27 translates) checks "
@@ -107,7 +175,14 @@ def run(quick: bool = False) -> dict:
         f"{results[f'ratio/nrmse_shift1_over_latent/{n}x{m}']:.1f}x faster than shift-tolerant "
         f"image NRMSE, which costs {results[f'ratio/shift1_over_plain_nrmse/{n}x{m}']:.1f}x plain "
         f"NRMSE; the server encodes each candidate's translates in "
-        f"{results['encode_seconds_per_candidate']:.2f} s.")
+        f"{results['encode_seconds_per_candidate']:.2f} s. Exact pruned search on a synthetic "
+        f"hospital (one thread, {compare['pairs']} pairs): "
+        f"{compare['pruned/pairs_per_second']:.0f} pairs/s vs brute force "
+        f"{compare['brute_force/pairs_per_second']:.0f} ({compare['pruned/speedup']:.1f}x), max "
+        f"abs difference {compare['max_abs_difference']:.1e}; whole hospital "
+        f"({results['hospital/scans']} scans x {results['hospital/candidates']} candidates, "
+        f"{THREADS} threads): calibration {results['hospital/calibration_seconds']:.0f} s + "
+        f"search {results['hospital/search_seconds']:.0f} s.")
     return results
 
 
@@ -213,8 +288,7 @@ def synthetic_hospital(scans: int, candidates: int, size: int = 32, seed: int = 
                                heads[owner[s:e]], protocol[owner[s:e]], noise=0.02)
                         for s, e in _spans(scans, 512)])
     fresh = candidates - min(planted, candidates)
-    new = patients(fresh)
-    novel = render(fresh, *new, noise=0.02)
+    novel = render(fresh, *patients(fresh), noise=0.02) if fresh else images[:0]
     picks = torch.randint(0, scans, (candidates - fresh,), generator=generator)
     kinds = ["new"] * fresh
     copies = []
@@ -229,7 +303,7 @@ def synthetic_hospital(scans: int, candidates: int, size: int = 32, seed: int = 
             copy = copy * 1.05
         copies.append(copy)
         kinds.append(f"copy-{kind}")
-    everything = torch.cat([novel, torch.stack(copies)]) if copies else novel
+    everything = torch.cat([novel, *(c[None] for c in copies)])
     views = torch.cat([translate_views(everything[s:e]) for s, e in _spans(candidates, 128)])
     bank = torch.cat([stand_in_encoder(images[s:e]) for s, e in _spans(scans, 512)])
     return Hospital(images, bank, owner.tolist(), views, kinds)
@@ -242,8 +316,12 @@ def _spans(total: int, step: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16^3 volumes and smaller sets")
+    parser.add_argument("--hospital-scans", type=int, default=None,
+                        help="scans in the synthetic hospital (default 2000; the issue's 10000)")
+    parser.add_argument("--hospital-candidates", type=int, default=None,
+                        help="candidates gated against it (default 100; the issue's 1000)")
     args = parser.parse_args()
-    print(json.dumps(run(args.quick), indent=2))
+    print(json.dumps(run(args.quick, args.hospital_scans, args.hospital_candidates), indent=2))
 
 
 if __name__ == "__main__":

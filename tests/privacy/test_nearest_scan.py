@@ -16,7 +16,7 @@ import torch
 from experiments.benchmarks.gate_throughput import synthetic_hospital
 from privacy.gate import (between_patient_distances, brute_force_nearest_scans,
                           calibrated_threshold, decide, nearest_scans, translations)
-from privacy.nearest_scan import BlockProjection, ScanIndex, brute_force_search
+from privacy.nearest_scan import LowFrequencyProjection, ScanIndex, brute_force_search
 
 # Both sides use the matrix-product form of cdist in float64: a copy's distance (~0) carries its
 # cancellation, sqrt(1e-16) ~ 1e-8 of the norms; any pruning error would be of the data's scale.
@@ -32,7 +32,7 @@ def one_thread():
 
 
 def smooth(count: int, generator: torch.Generator, channels: int = 3, size: int = 8) -> torch.Tensor:
-    """Smooth random volumes (count, C, S, S, S): most of their energy survives block averaging,
+    """Smooth random volumes (count, C, S, S, S): most of their energy is in their low frequencies,
     so the bounds are tight enough to prune."""
     coarse = torch.randn((count, channels, size // 4, size // 4, size // 4), generator=generator)
     fine = torch.nn.functional.interpolate(coarse, size=(size,) * 3, mode="trilinear")
@@ -57,7 +57,7 @@ def tied_bank(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 def test_bounds_never_exceed_the_true_distance() -> None:
     generator = torch.Generator().manual_seed(0)
     bank = smooth(30, generator, size=12)
-    index = ScanIndex(bank, factors=(4, 2))
+    index = ScanIndex(bank, frequencies=(2, 4))
     queries = torch.cat([bank[:5] + 1e-6 * torch.randn(bank[:5].shape, generator=generator),
                          smooth(10, generator, size=12), torch.zeros((1, *bank.shape[1:]))])
     flat = queries.reshape(len(queries), -1).to(torch.float64)
@@ -70,8 +70,8 @@ def test_bounds_never_exceed_the_true_distance() -> None:
         assert bound.mean() > 0.5 * true.mean()   # and they are not trivially zero
 
 
-def test_block_projection_is_orthonormal_on_uneven_grids() -> None:
-    projection = BlockProjection((5, 6, 7), 4, torch.device("cpu"))
+def test_low_frequency_projection_is_orthonormal_on_uneven_grids() -> None:
+    projection = LowFrequencyProjection((5, 6, 7), 4, torch.device("cpu"))
     x = torch.randn((3, 2, 5, 6, 7), dtype=torch.float64)
     coords = projection(x)
     # P P^T = I: projecting the back-projected coordinates returns them, and norms never grow.
@@ -84,7 +84,7 @@ def test_block_projection_is_orthonormal_on_uneven_grids() -> None:
 def test_pruned_search_equals_brute_force_with_near_ties(chunk_size: int) -> None:
     generator = torch.Generator().manual_seed(1)
     bank, views = tied_bank(generator)
-    index = ScanIndex(bank, factors=(4, 2))
+    index = ScanIndex(bank, frequencies=(2, 4))
     found = index.search(views, len(views), chunk_size=chunk_size, exact_batch=8)
     reference = brute_force_search(views, bank)
     assert np.max(np.abs(found.distance - reference)) <= TOLERANCE
@@ -120,8 +120,11 @@ def test_calibration_equals_brute_force_from_a_tensor_or_on_demand() -> None:
     stored = between_patient_distances(views, bank, patients, "latent", chunk_size=6)
     on_demand = between_patient_distances(lambda a, b: views[a:b], ScanIndex(bank), patients,
                                           "latent", chunk_size=6)
+    torch.set_num_threads(2)   # blocks shared among two worker threads
+    threaded = between_patient_distances(views, bank, patients, "latent", chunk_size=6)
+    torch.set_num_threads(1)
     assert np.max(np.abs(stored - reference)) <= TOLERANCE
-    assert np.array_equal(stored, on_demand)
+    assert np.array_equal(stored, on_demand) and np.array_equal(stored, threaded)
     assert calibrated_threshold(stored, 5) == pytest.approx(calibrated_threshold(reference, 5),
                                                             abs=TOLERANCE)
 
