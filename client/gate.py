@@ -151,7 +151,11 @@ def _reference(site: SiteConfig, query: GateQuery, scans: SiteScans,
     else:
         scale = query.latent_scale_factor
         bank, offsets = latent_views(autoencoder, scans.images, scale)[:, 0], NO_SHIFT
-        queries = latent_views(autoencoder, scans.images, scale, shifts) if calibrated else None
+
+        def queries(start: int, stop: int) -> torch.Tensor:
+            # The scans' translates, embedded block by block as the calibration reaches them
+            # (all of them at once would be 27x the bank).
+            return latent_views(autoencoder, scans.images[start:stop], scale, shifts)
     calibration: dict[str, float] = {}
     index = ScanIndex(bank)  # built once per reference, used by calibration and every query
     if not calibrated:

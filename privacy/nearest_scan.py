@@ -159,10 +159,16 @@ class ScanIndex:
         self.values = channels * math.prod(spatial)
         # Worst-case relative rounding of a float64 dot product / squared norm of length <= D.
         self.slack = 4 * (self.values + 8) * _UNIT_ROUNDOFF
-        # float64 rows, as brute force compares them (exact distances gather from here).
-        self.flat = self.bank.reshape(len(self), -1).to(torch.float64)
-        self.norm_sq = self.flat.square().sum(1)
-        self.norm = self.flat.norm(dim=1)
+        # Norms in float64 as brute force computes them; the bank itself stays in its own dtype
+        # (exact distances convert the rows they need).
+        norm_sq, norm = [], []
+        for s0, s1 in self._chunks():
+            rows = self.rows(torch.arange(s0, s1, device=self.device))
+            norm_sq.append(rows.square().sum(1))
+            norm.append(rows.norm(dim=1))
+        empty = torch.zeros(0, dtype=torch.float64, device=self.device)
+        self.norm_sq = torch.cat(norm_sq) if norm_sq else empty
+        self.norm = torch.cat(norm) if norm else empty
         # relative_l2 divides by the norm clamped the same way (a zero scan is infinitely far).
         self.safe_norm = self.norm.clamp_min(torch.finfo(torch.float64).tiny)
         if frequencies is None:
@@ -172,6 +178,10 @@ class ScanIndex:
 
     def __len__(self) -> int:
         return self.bank.shape[0]
+
+    def rows(self, scans: torch.Tensor) -> torch.Tensor:
+        """Scans (indices) as float64 rows (n, D)."""
+        return self.bank[scans].reshape(scans.numel(), -1).to(torch.float64)
 
     def _chunks(self):
         for start in range(0, len(self), self.bank_chunk):
@@ -348,7 +358,7 @@ class ScanIndex:
 
     def _exact(self, vectors: torch.Tensor, scans: torch.Tensor) -> tuple[float, int, int]:
         """The exact nearest of ``scans`` (indices) for one query's views (V, D) float64."""
-        distances = relative_l2(vectors, self.flat[scans], self.norm[scans])  # (V, n)
+        distances = relative_l2(vectors, self.rows(scans), self.norm[scans])  # (V, n)
         per_scan, views = distances.min(dim=0)
         where = int(torch.argmin(per_scan))
         return float(per_scan[where]), int(scans[where]), int(views[where])

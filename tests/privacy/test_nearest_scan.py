@@ -61,7 +61,7 @@ def test_bounds_never_exceed_the_true_distance() -> None:
     queries = torch.cat([bank[:5] + 1e-6 * torch.randn(bank[:5].shape, generator=generator),
                          smooth(10, generator, size=12), torch.zeros((1, *bank.shape[1:]))])
     flat = queries.reshape(len(queries), -1).to(torch.float64)
-    true = torch.cdist(flat, index.flat)
+    true = torch.cdist(flat, index.rows(torch.arange(len(bank))))
     for level in index.levels:
         norm_sq = flat.square().sum(1)
         coords, coords_sq, low, high = index._view_level(level, queries, norm_sq)
