@@ -7,6 +7,10 @@ Where the site's own config comes from:
 - simulation: the experiment config (run config ``config-path``, or the path given to
   :func:`make_client_app`) and this node's ``partition-id``: ``federation.sites[partition-id]``.
 
+A deployed site (its own config file) must set ``budget.target_epsilon``; it never takes the
+consortium's default. In simulation a site entry without a budget takes the default once, locked
+into its ledger (:func:`privacy.budget.resolve_cap`).
+
 Everything else is in :mod:`client.site_runtime`; the reply is checked against the allow-list of
 :mod:`privacy.protocol` before it is returned.
 """
@@ -14,6 +18,7 @@ Everything else is in :mod:`client.site_runtime`; the reply is checked against t
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -32,10 +37,17 @@ log = logging.getLogger(__name__)
 SITE_CONFIG_KEY = "site-config"      # node config: the site's own YAML
 CONFIG_PATH_KEY = "config-path"      # run config: the experiment YAML (simulation)
 PARTITION_KEY = "partition-id"       # node config in simulation
+DEVICE_KEY = "device"                # run config (simulation): the --device override
 
 
 class SiteConfigMissing(ValueError):
     """The SuperNode was started without a site config. One line with the fix."""
+
+
+def is_deployment(context: Context) -> bool:
+    """True when this node runs from the site's own config file (a SuperNode's ``site-config``):
+    the consortium's default budget is then never taken (:func:`privacy.budget.resolve_cap`)."""
+    return SITE_CONFIG_KEY in dict(context.node_config)
 
 
 def resolve_site(context: Context, defaults: Mapping[str, Any]) -> SiteConfig:
@@ -44,13 +56,17 @@ def resolve_site(context: Context, defaults: Mapping[str, Any]) -> SiteConfig:
     if SITE_CONFIG_KEY in node_config:
         return load_site_config(str(node_config[SITE_CONFIG_KEY]))
     if PARTITION_KEY in node_config and run_config.get(CONFIG_PATH_KEY):
-        sites = load_config(str(run_config[CONFIG_PATH_KEY])).federation.sites
+        config = load_config(str(run_config[CONFIG_PATH_KEY]))
+        sites = config.federation.sites
         partition = int(node_config[PARTITION_KEY])
         if not 0 <= partition < len(sites):
             raise SiteConfigMissing(f"{run_config[CONFIG_PATH_KEY]}: federation.sites has {len(sites)} "
                                     f"entries, simulation node {partition} has none; list one site "
                                     f"per node")
-        return sites[partition]
+        # Simulated sites share this machine: the run's device (--device, else the config's).
+        device = run_config.get(DEVICE_KEY) or config.device
+        return replace(sites[partition], device=sites[partition].device or device,
+                       precision=sites[partition].precision or config.precision)
     raise SiteConfigMissing("this SuperNode has no site config; start it with "
                             "--node-config 'site-config=\"/path/to/site.yaml\"'")
 
@@ -91,7 +107,7 @@ def handle_train(message: Message, context: Context, defaults: Mapping[str, Any]
         reply = TrainReply(status=ReplyStatus.REFUSED, reason=RefusalReason.PROTOCOL_MISMATCH,
                            site_id=site.site_id, round=int(round_config.get("server-round", 0)))
         return Message(encode_reply(SiteOutcome(reply, None, 0.0), {}), reply_to=message)
-    outcome = run_site_round(site, instruction)
+    outcome = run_site_round(site, instruction, deployment=is_deployment(context))
     shapes = {name: tuple(tensor.shape) for name, tensor in instruction.global_state.items()}
     log.info("%s: round %d %s%s (epsilon %.4g of %g)", site.site_id, outcome.reply.round,
              outcome.reply.status.value, f" ({outcome.reply.reason.value})" if outcome.reply.reason.value
@@ -99,9 +115,12 @@ def handle_train(message: Message, context: Context, defaults: Mapping[str, Any]
     return Message(encode_reply(outcome, shapes), reply_to=message)
 
 
-def make_client_app(config_path: str | None = None) -> ClientApp:
-    """A ClientApp whose default run config names the experiment YAML (used in simulation)."""
+def make_client_app(config_path: str | None = None, device: str | None = None) -> ClientApp:
+    """A ClientApp whose default run config names the experiment YAML (used in simulation) and,
+    with ``device``, overrides the config's device for the simulated sites."""
     defaults = {CONFIG_PATH_KEY: config_path} if config_path else {}
+    if device:
+        defaults[DEVICE_KEY] = device
     client_app = ClientApp()
 
     @client_app.train()
@@ -111,7 +130,8 @@ def make_client_app(config_path: str | None = None) -> ClientApp:
     @client_app.query("gate")  # privacy.protocol.GATE_MESSAGE_TYPE: the release gate (client.gate)
     def gate(message: Message, context: Context) -> Message:
         from client.gate import answer_gate_message
-        answer = answer_gate_message(resolve_site(context, defaults), message.content)
+        answer = answer_gate_message(resolve_site(context, defaults), message.content,
+                                     deployment=is_deployment(context))
         return Message(answer, reply_to=message)
 
     return client_app

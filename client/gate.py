@@ -13,7 +13,9 @@ For a query (:class:`privacy.gate.GateQuery`) and its candidates' views, the sit
    nearest-neighbour distances between scans of DIFFERENT patients, see :mod:`privacy.gate`);
 5. measures each candidate's distance to its nearest scan (shift-tolerant) and passes it when
    that distance is at or above the threshold - or, with the DP gate, charges the site ledger
-   first (refusing past the cap) and answers with AboveThreshold (:mod:`privacy.dp_gate`);
+   first (refusing past the cap) and answers with AboveThreshold (:mod:`privacy.dp_gate`). Before
+   anything, it checks that its ledger holds the entry the consortium last saw from it (the
+   query's expected head); a rolled-back ledger raises the durable rollback alarm and refuses;
 6. writes the EXACT distances, the nearest patient and the threshold to its local gate log
    (``gate_log.jsonl`` next to its ledger; never sent), and returns only the pass/fail array, the
    counts, and accounting figures from its own ledger (:class:`privacy.gate.GateAnswer`).
@@ -38,8 +40,10 @@ import torch
 from client.site_data import SiteDataError, load_site
 from configs.schema import DataConfig, SiteConfig
 from models.autoencoder import build_autoencoder
+from models.device import resolve_device
+from privacy.budget import CapSetting, NoSiteBudget
 from privacy.dp_gate import (GateBudgetExhausted, above_threshold, charge_gate, closeness,
-                             noise_generator, site_spend)
+                             noise_generator)
 from privacy.durable import fsync_directory
 from privacy.gate import (IMAGE_DISTANCES, NO_SHIFT, GateAnswer, GateError, GateQuery,
                           GateRefusal, GateStatus, between_patient_distances,
@@ -48,8 +52,9 @@ from privacy.gate import (IMAGE_DISTANCES, NO_SHIFT, GateAnswer, GateError, Gate
 from privacy.ledger import Ledger, LedgerError
 from privacy.nearest_scan import ScanIndex
 from privacy.outbox import weights_hash
-from privacy.rollback_guard import pending_alarm
-from privacy.site_ledger import utc_timestamp
+from privacy.rollback_guard import LedgerRollback, check_expected_head, pending_alarm
+from privacy.site_ledger import SiteLedger, utc_timestamp
+from privacy.spend import site_spend
 
 log = logging.getLogger(__name__)
 
@@ -222,23 +227,31 @@ def _append_log(path: Path, entry: Mapping[str, Any]) -> None:
         fsync_directory(path.parent)
 
 
-def _budget_defaults(site: SiteConfig, query: GateQuery) -> tuple[float, float]:
-    if site.budget is not None:
-        return site.budget.target_epsilon, site.budget.delta
-    return query.default_target_epsilon, query.default_delta
+def _caps(site: SiteConfig, query: GateQuery,
+          deployment: bool) -> tuple[CapSetting | None, CapSetting | None]:
+    """The site's own cap setting, and the query's default (never taken in deployment)."""
+    own = CapSetting(site.budget.target_epsilon, site.budget.delta) if site.budget else None
+    consortium = None if deployment else CapSetting(query.default_target_epsilon,
+                                                    query.default_delta)
+    return own, consortium
 
 
-def _ledger_figures(site: SiteConfig, query: GateQuery) -> dict[str, Any]:
-    """Accounting figures of the site's ledger (spends, cap, head); {} when it cannot be read."""
-    cap, delta = _budget_defaults(site, query)
+def _ledger_figures(site: SiteConfig) -> dict[str, Any]:
+    """Accounting figures of the site's ledger (:func:`privacy.spend.site_spend`: DP-SGD + DP
+    gate, the cap in force, the head); {} when it cannot be read."""
     try:
-        spend = site_spend(site.ledger_path, default_cap=cap, default_delta=delta)
         entries = Ledger(site.ledger_path).entries() if Path(site.ledger_path).exists() else []
+        state = SiteLedger(site.ledger_path).state() if entries else None
     except (LedgerError, ValueError):
         return {}
     seq, head = (entries[-1].seq, entries[-1].hash) if entries else (0, "")
-    return {"epsilon_gate": spend.gate, "epsilon_total": spend.total, "target_epsilon": spend.cap,
-            "delta": spend.delta, "ledger_seq": seq, "ledger_head": head}
+    figures: dict[str, Any] = {"ledger_seq": seq, "ledger_head": head}
+    if state is not None and state.cap_in_force is not None:
+        spend = site_spend(state)
+        figures.update(epsilon_gate=spend.gate, epsilon_total=spend.total,
+                       target_epsilon=state.cap,
+                       delta=spend.delta if spend.delta is not None else state.cap_in_force[1])
+    return figures
 
 
 def _refused(site: SiteConfig, query: GateQuery, reason: GateRefusal,
@@ -246,6 +259,24 @@ def _refused(site: SiteConfig, query: GateQuery, reason: GateRefusal,
     return GateOutcome(GateAnswer(status=status, reason=reason, site_id=site.site_id,
                                   query_id=query.query_id, num_candidates=query.num_candidates,
                                   **figures), None)
+
+
+def _check_expected_head(site: SiteConfig, query: GateQuery) -> None:
+    """Refuse (and raise the durable rollback alarm) when the site's ledger lacks the entry the
+    consortium last saw from it (its newest train reply or gate answer)."""
+    seq, digest = query.expected_heads.get(site.site_id, (0, ""))
+    if seq <= 0:
+        return
+    try:
+        entries = Ledger(site.ledger_path).entries() if Path(site.ledger_path).exists() else []
+    except LedgerError as err:
+        log.error("%s: refusing gate query %s: %s", site.site_id, query.query_id, err)
+        raise _Refusal(GateRefusal.LEDGER_DAMAGED) from None
+    try:
+        check_expected_head(site.ledger_path, entries, seq, digest, 0)
+    except LedgerRollback as err:
+        log.error("%s: refusing gate query %s: %s", site.site_id, query.query_id, err)
+        raise _Refusal(GateRefusal.LEDGER_ROLLBACK) from None
 
 
 def _check_dp_ledger(site: SiteConfig, query: GateQuery) -> None:
@@ -262,14 +293,19 @@ def _check_dp_ledger(site: SiteConfig, query: GateQuery) -> None:
 
 
 def _answer(site: SiteConfig, query: GateQuery, views: torch.Tensor,
-            autoencoder_state: Mapping[str, torch.Tensor] | None
+            autoencoder_state: Mapping[str, torch.Tensor] | None, deployment: bool = False
             ) -> tuple[GateOutcome, dict[str, Any]]:
     if views.shape[0] != query.num_candidates or \
             weights_hash({"views": views}) != query.candidates_sha256:
         log.error("%s: gate query %s: the candidates do not match the query's count or hash",
                   site.site_id, query.query_id)
         raise _Refusal(GateRefusal.MODEL_MISMATCH)
+    _check_expected_head(site, query)
+    if query.dp_enabled:
+        _check_dp_ledger(site, query)
     autoencoder = _autoencoder(query, autoencoder_state)
+    if autoencoder is not None:  # the site's own device embeds candidates and scans alike
+        autoencoder.to(resolve_device(site.device))
     scans = load_scans(site, query.data)
     reference = _reference(site, query, scans, autoencoder)
     try:
@@ -282,23 +318,25 @@ def _answer(site: SiteConfig, query: GateQuery, views: torch.Tensor,
     exact = decide(nearest.distance, reference.threshold)
     passed, charged = exact, None
     if query.dp_enabled:
-        _check_dp_ledger(site, query)
-        cap, delta = _budget_defaults(site, query)
+        own, consortium = _caps(site, query, deployment)
         try:
             charged = charge_gate(site.ledger_path, query_id=query.query_id,
                                   epsilon=query.dp_epsilon, num_candidates=query.num_candidates,
                                   threshold_policy=query.threshold.policy,
-                                  candidates_sha256=query.candidates_sha256, default_cap=cap,
-                                  default_delta=delta)
+                                  candidates_sha256=query.candidates_sha256, own=own,
+                                  consortium=consortium, where=site.site_id)
         except GateBudgetExhausted as err:
             log.warning("%s: %s", site.site_id, err)
             raise _Refusal(GateRefusal.NONE, GateStatus.BUDGET_EXHAUSTED) from None
+        except NoSiteBudget as err:
+            log.error("%s: refusing DP gate query %s: %s", site.site_id, query.query_id, err)
+            raise _Refusal(GateRefusal.NO_SITE_BUDGET) from None
         passed = above_threshold(closeness(nearest.distance, reference.threshold),
                                  query.dp_epsilon, noise_generator())
     answer = GateAnswer(status=GateStatus.OK, site_id=site.site_id, query_id=query.query_id,
                         num_candidates=query.num_candidates, num_passed=int(passed.sum()),
                         epsilon_charged=charged.epsilon if charged else 0.0,
-                        **_ledger_figures(site, query))
+                        **_ledger_figures(site))
     candidates = []
     for d, i, o, e, p in zip(nearest.distance, nearest.index, nearest.offset, exact, passed):
         candidates.append({"distance": float(d), "offset": list(o), "passed_exact": bool(e),
@@ -311,7 +349,8 @@ def _answer(site: SiteConfig, query: GateQuery, views: torch.Tensor,
 
 
 def answer_gate_query(site: SiteConfig, query: GateQuery, views: torch.Tensor,
-                      autoencoder_state: Mapping[str, torch.Tensor] | None = None) -> GateOutcome:
+                      autoencoder_state: Mapping[str, torch.Tensor] | None = None, *,
+                      deployment: bool = False) -> GateOutcome:
     """Answer one gate query. Never raises: every outcome is a :class:`GateAnswer`.
 
     views: (N, T, C, *S) candidate views (images (N, 1, 1, D, H, W) for ``nrmse``/``ssim``,
@@ -330,10 +369,9 @@ def answer_gate_query(site: SiteConfig, query: GateQuery, views: torch.Tensor,
         return previous
     details: dict[str, Any] = {}
     try:
-        outcome, details = _answer(site, query, views, autoencoder_state)
+        outcome, details = _answer(site, query, views, autoencoder_state, deployment)
     except _Refusal as refusal:
-        outcome = _refused(site, query, refusal.reason, refusal.status,
-                           **_ledger_figures(site, query))
+        outcome = _refused(site, query, refusal.reason, refusal.status, **_ledger_figures(site))
     except SiteDataError as err:
         log.error("%s: refusing gate query %s: %s", site.site_id, query.query_id, err)
         outcome = _refused(site, query, GateRefusal.SITE_ERROR)
@@ -361,7 +399,7 @@ def answer_gate_query(site: SiteConfig, query: GateQuery, views: torch.Tensor,
     return outcome
 
 
-def answer_gate_message(site: SiteConfig, content: Any) -> Any:
+def answer_gate_message(site: SiteConfig, content: Any, *, deployment: bool = False) -> Any:
     """Flower glue: a gate query's RecordDict -> the answer's RecordDict (checked against the
     allow-list of :func:`privacy.gate.check_gate_reply` before it is returned)."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -376,7 +414,7 @@ def answer_gate_message(site: SiteConfig, content: Any) -> Any:
         views = content[GATE_CANDIDATES].to_torch_state_dict()["views"]
         autoencoder = content[GATE_AUTOENCODER].to_torch_state_dict() \
             if GATE_AUTOENCODER in content else None
-        outcome = answer_gate_query(site, query, views, autoencoder)
+        outcome = answer_gate_query(site, query, views, autoencoder, deployment=deployment)
         num_candidates = query.num_candidates
     except (ProtocolViolation, KeyError) as err:
         log.error("%s: refusing a malformed gate query: %s", site.site_id, err)

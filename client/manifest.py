@@ -3,12 +3,18 @@
 The manifest is CSV (header row) or YAML (a list of mappings), chosen by the file's
 extension. Image and label paths are relative to the site folder. Every problem is one
 :class:`SiteDataError` line: ``<file or row>: <problem>; <fix>``.
+
+Patient ids are compared case- and whitespace-insensitively (:func:`patient_key`): "P1", "p1"
+and "P 1" name one patient, and the normalised key is what groups, samples and counts patients.
+Two spellings of one key in a manifest are refused, naming both rows: a person split into two
+"patients" would be clipped twice, doubling their sensitivity.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +30,12 @@ class SiteDataError(ValueError):
     """Site data that cannot be used. One line: ``<file or manifest row>: <problem>; <fix>``."""
 
 
+def patient_key(patient_id: str) -> str:
+    """The identity of a patient id: Unicode-normalised (NFKC), case-folded, without any
+    whitespace. Ids with the same key are the same patient."""
+    return "".join(unicodedata.normalize("NFKC", patient_id).casefold().split())
+
+
 @dataclass(frozen=True)
 class ScanRecord:
     """One manifest row. ``attributes`` holds the optional columns as raw text."""
@@ -34,6 +46,16 @@ class ScanRecord:
     attributes: dict[str, str]
     # Where the row is written ("manifest.csv line 3"), for messages only.
     where: str = field(default="", compare=False, repr=False)
+
+    @property
+    def patient_key(self) -> str:
+        """The normalised patient id (:func:`patient_key`) that groups this row's patient."""
+        return patient_key(self.patient_id)
+
+
+def _cell(column: str, text: str) -> str:
+    # patient_id keeps its spaces until the collision check, so "P1 " next to "P1" is reported.
+    return text if column == "patient_id" else text.strip()
 
 
 def _read_rows(path: Path) -> list[tuple[str, dict[str, str]]]:
@@ -46,7 +68,8 @@ def _read_rows(path: Path) -> list[tuple[str, dict[str, str]]]:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle, skipinitialspace=True)
             rows = [(f"{path} line {reader.line_num}",
-                     {k.strip(): (v or "").strip() for k, v in row.items() if k is not None})
+                     {k.strip(): _cell(k.strip(), v or "") for k, v in row.items()
+                      if k is not None})
                     for row in reader]
     elif suffix in (".yaml", ".yml"):
         try:
@@ -61,7 +84,7 @@ def _read_rows(path: Path) -> list[tuple[str, dict[str, str]]]:
             raise SiteDataError(f"{path}: must be a list of mappings (one per scan); write "
                                 f"'- {{patient_id: ..., image: ..., label: ...}}' entries")
         rows = [(f"{path} entry {i}",
-                 {str(k): "" if v is None else str(v).strip() for k, v in row.items()})
+                 {str(k): "" if v is None else _cell(str(k), str(v)) for k, v in row.items()})
                 for i, row in enumerate(data, start=1)]
     else:
         raise SiteDataError(f"{path}: unsupported manifest type {path.suffix!r}; "
@@ -89,9 +112,10 @@ def inspect_manifest(site_dir: Path, manifest: str = "manifest.csv"
     problems: list[str] = []
     seen_rows: dict[tuple, str] = {}
     seen_images: dict[Path, str] = {}
+    spellings: dict[str, tuple[str, str]] = {}   # patient key -> (first spelling, its row)
     for where, row in _read_rows(site_dir / manifest):
         missing = [c for c in REQUIRED_COLUMNS if c not in row]
-        empty = [c for c in REQUIRED_COLUMNS if c in row and not row[c]]
+        empty = [c for c in REQUIRED_COLUMNS if c in row and not row[c].strip()]
         if missing:
             problems.append(f"{where}: missing column {', '.join(map(repr, missing))}; every row "
                             f"needs the required columns {_REQUIRED_TEXT}")
@@ -100,7 +124,7 @@ def inspect_manifest(site_dir: Path, manifest: str = "manifest.csv"
             problems.append(f"{where}: empty {', '.join(empty)}; fill it in (patient_id groups "
                             f"a patient's scans; image and label are paths in the site folder)")
             continue
-        key = tuple(sorted(row.items()))
+        key = tuple(sorted({**row, "patient_id": row["patient_id"].strip()}.items()))
         image, label = (site_dir / row["image"]).resolve(), (site_dir / row["label"]).resolve()
         if key in seen_rows:
             problems.append(f"{where}: repeats {seen_rows[key]} exactly; remove the duplicate row")
@@ -109,9 +133,17 @@ def inspect_manifest(site_dir: Path, manifest: str = "manifest.csv"
             problems.append(f"{where}: image {row['image']} is already listed at "
                             f"{seen_images[image]}; list each scan once")
             continue
+        pid = row["patient_id"]
+        first = spellings.setdefault(patient_key(pid), (pid, where))
+        if first[0] != pid:
+            problems.append(f"{where}: patient_id {pid!r} and {first[1]}: patient_id "
+                            f"{first[0]!r} are the same patient when case and spaces are "
+                            f"ignored; spell one patient's id the same way in every row (or give "
+                            f"two patients distinct ids)")
+            continue
         seen_rows[key], seen_images[image] = where, where
         attributes = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS}
-        records.append(ScanRecord(row["patient_id"], image, label, attributes, where))
+        records.append(ScanRecord(pid.strip(), image, label, attributes, where))
     return records, problems
 
 

@@ -189,7 +189,7 @@ class SiteDataset(torch.utils.data.Dataset):
             dtype=torch.float32)
         self.patients: dict[str, list[int]] = {}
         for i, record in enumerate(self.records):
-            self.patients.setdefault(record.patient_id, []).append(i)
+            self.patients.setdefault(record.patient_key, []).append(i)
         # No random transforms follow, so cached items need no defensive copy.
         self._cache = CacheDataset([{"image": str(r.image), "label": str(r.label)}
                                     for r in self.records], _preprocessing(data),

@@ -9,16 +9,22 @@ The round, in order (nothing here imports Flower; :mod:`client.client_app` only 
    grid and encoded ONCE by the frozen public autoencoder under ``no_grad``: latents (N, Cz, d, h, w)
    scaled by the public latent scale factor, label maps as class fractions on the latent grid
    (N, C, d, h, w), attributes (N, A). The encoded site is cached in memory for later rounds.
-3. Budget. The site's own config sets its cap (``SiteConfig.budget``); only a site that sets none
-   takes the consortium default. Sigma is calibrated for the planned rounds and written to the
-   ledger as the site's plan on first use (:class:`privacy.budget.SiteBudget`).
+3. Budget. The site's own config sets its cap (``SiteConfig.budget``). A deployed site without one
+   refuses (``no-site-budget``); in simulation a site config without one takes the consortium
+   default ONCE: it is locked into the ledger at first use and never raised by the server later
+   (:func:`privacy.budget.resolve_cap`). Sigma is calibrated for the planned rounds and written to
+   the ledger as the site's plan on first use (:class:`privacy.budget.SiteBudget`).
 4. DP fine-tune. :class:`privacy.dp_trainer.DPTrainer` wraps the latent denoiser, samples patients,
    and trains with ``models.diffusion.diffusion_loss`` (one loss per scan). It commits the round to
    the ledger before it returns the weights (write-ahead), and resends the committed weights instead
    of charging again when the same round is asked twice with the same starting weights.
 5. Reply. Only the trained parameters, the patient count, the accounting figures and the ledger head
-   leave (:class:`privacy.protocol.TrainReply`). No training loss is computed for the reply; the
-   round's compute time stays in the site's local activity log (``<ledger>.activity.jsonl``).
+   leave (:class:`privacy.protocol.TrainReply`). Every epsilon in it (``epsilon``,
+   ``epsilon-next``, refusal figures) is :func:`privacy.spend.site_spend` of the ledger: DP-SGD
+   rounds plus DP-gate charges, the figure the site enforces. Weights with a non-finite value are
+   never sent: the round is refused (``non-finite-weights``) before its ledger commit. No training
+   loss is computed for the reply; the round's compute time stays in the site's local activity log
+   (``<ledger>.activity.jsonl``).
 
 Non-private rounds (``privacy.enabled: false``). A site refuses them (``privacy-disabled``) unless its
 OWN config sets ``allow_non_private: true`` (research and demo data only). Such a site trains steps
@@ -44,22 +50,25 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from client.membership_audit import MembershipAuditError, apply_holdout
 from client.site_data import SiteDataError, load_site
-from configs.schema import DataConfig, SiteBudgetConfig, SiteConfig
+from configs.schema import DataConfig, SiteConfig
 from models.autoencoder import build_autoencoder, encode_latents
 from models.conditioning import label_map_to_latent_grid
+from models.device import autocast, check_precision, resolve_device
 from models.diffusion import build_scheduler, diffusion_loss
 from models.latent_unet import build_latent_unet
-from privacy.accounting import epsilon as epsilon_of, history_of
-from privacy.budget import BudgetExhausted, PlanMismatch, SiteBudget, check_private_history
+from privacy.budget import (BudgetExhausted, CapSetting, NoSiteBudget, PlanMismatch, SiteBudget,
+                            check_private_history, resolve_cap)
 from privacy.calibration import CalibrationError, calibrate
-from privacy.dp_trainer import DPSettings, DPTrainer
+from privacy.dp_trainer import DPSettings, DPTrainer, NonFiniteWeights, non_finite_tensors
 from privacy.ledger import LedgerEntry, LedgerError
 from privacy.nonprivate_trainer import NonPrivateSettings, NonPrivateTrainer
 from privacy.outbox import weights_hash
 from privacy.protocol import NOT_PRIVATE, RefusalReason, ReplyStatus, RoundConfig, TrainReply
 from privacy.rollback_guard import LedgerRollback, check_expected_head, pending_alarm
 from privacy.site_ledger import SiteLedger, SiteLedgerState, utc_timestamp
+from privacy.spend import site_spend
 from privacy.trainable import trainable_parameter_names
 
 log = logging.getLogger(__name__)
@@ -164,13 +173,15 @@ def _cached_encoding(site: SiteConfig, config: RoundConfig, data: DataConfig,
     return encoded
 
 
-def site_budget(site: SiteConfig, privacy: Mapping[str, Any]) -> SiteBudgetConfig:
-    """The site's own cap when its config sets one; else the consortium default from the server."""
-    if site.budget is not None:
-        return site.budget
-    log.warning("%s: the site config sets no budget; using the consortium default epsilon %g at "
-                "delta %g", site.site_id, privacy["target_epsilon"], privacy["delta"])
-    return SiteBudgetConfig(float(privacy["target_epsilon"]), float(privacy["delta"]))
+def site_cap(site: SiteConfig, ledger: SiteLedger, privacy: Mapping[str, Any],
+             deployment: bool) -> CapSetting:
+    """The cap in force (:func:`privacy.budget.resolve_cap`): the site's own budget; else, in
+    simulation only, the consortium default locked into the ledger at first use (never raised by
+    the server afterwards); in deployment :class:`privacy.budget.NoSiteBudget`."""
+    own = CapSetting(site.budget.target_epsilon, site.budget.delta) if site.budget else None
+    consortium = None if deployment else CapSetting(float(privacy["target_epsilon"]),
+                                                    float(privacy["delta"]))
+    return resolve_cap(ledger, own, consortium, where=site.site_id)
 
 
 def activity_log_path(ledger_path: Path) -> Path:
@@ -201,35 +212,57 @@ def _spend(ledger: SiteLedger) -> dict[str, Any]:
     seq, head = _head(entries)
     fields: dict[str, Any] = {"ledger_seq": seq, "ledger_head": head}
     plan = state.plan
+    spend = site_spend(state)
     if state.non_private:
         # Non-private weights were released: the spend is infinite, whatever the DP rounds say.
         fields.update(num_patients=state.non_private[-1].num_patients, epsilon=NOT_PRIVATE,
                       epsilon_next=NOT_PRIVATE,
-                      target_epsilon=plan.target_epsilon if plan else NOT_PRIVATE)
+                      target_epsilon=state.cap if state.cap is not None else NOT_PRIVATE)
     elif plan is not None:
-        fields.update(num_patients=plan.num_patients, target_epsilon=plan.target_epsilon,
+        fields.update(num_patients=plan.num_patients, target_epsilon=state.cap,
                       delta=plan.delta, noise_multiplier=plan.noise_multiplier,
-                      sample_rate=plan.sample_rate,
-                      epsilon=epsilon_of(history_of(state.rounds), plan.delta, plan.accountant),
+                      sample_rate=plan.sample_rate, epsilon=spend.total,
                       epsilon_next=_epsilon_next(state))
+    elif state.cap_in_force is not None:
+        # No DP-SGD round yet, maybe DP-gate charges: their spend against the locked cap.
+        fields.update(target_epsilon=state.cap, delta=state.cap_in_force[1], epsilon=spend.total)
     return fields
 
 
 def _epsilon_next(state: SiteLedgerState) -> float:
-    plan = state.plan
-    history = history_of(state.rounds) + [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
-    return epsilon_of(history, plan.delta, plan.accountant)
+    """The spend after one more round of the plan in force (DP-SGD + gate charges)."""
+    return site_spend(state, extra_steps=state.plan.steps_per_round).total
 
 
-def _loss_fn(scheduler, dropout: float, has_attributes: bool, generator: torch.Generator):
+def _loss_fn(scheduler, dropout: float, has_attributes: bool, generator: torch.Generator,
+             device: torch.device = torch.device("cpu"), precision: str = "fp32"):
     def loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return diffusion_loss(model, scheduler, batch["latents"], batch["labels"],
-                              batch["attributes"] if has_attributes else None, generator=generator,
-                              condition_dropout=dropout)
+        # The forward pass may be bf16; the loss, and under DP every per-sample gradient, is fp32.
+        with autocast(device, precision):
+            losses = diffusion_loss(model, scheduler, batch["latents"], batch["labels"],
+                                    batch["attributes"] if has_attributes else None,
+                                    generator=generator, condition_dropout=dropout)
+        return losses.float()
     return loss
 
 
-def _guard(site: SiteConfig, ledger: SiteLedger, config: RoundConfig) -> None:
+def site_compute(site: SiteConfig, privacy: Mapping[str, Any]) -> tuple[torch.device, str]:
+    """The site's device (its config's, else auto) and forward precision (else fp32).
+
+    bf16 applies under DP only with Opacus' ``hooks`` mode, whose grad samplers upcast to fp32
+    (:mod:`privacy.grad_samplers`); the other modes run fp32.
+    """
+    device = resolve_device(site.device)
+    precision = site.precision or "fp32"
+    mode = str(privacy.get("grad_sample_mode", "hooks"))
+    if precision != "fp32" and privacy.get("enabled", True) and mode != "hooks":
+        log.info("%s: grad_sample_mode %s computes per-sample gradients outside Opacus' fp32 "
+                 "hooks; training in fp32", site.site_id, mode)
+        precision = "fp32"
+    return device, check_precision(precision, device)
+
+
+def _guard(site: SiteConfig, ledger: SiteLedger, config: RoundConfig, deployment: bool) -> None:
     alarm = pending_alarm(ledger.path)
     if alarm is not None:
         log.error("%s: refusing round %d: a rollback alarm is pending (%s); a privacy officer must "
@@ -247,6 +280,9 @@ def _guard(site: SiteConfig, ledger: SiteLedger, config: RoundConfig) -> None:
     except LedgerRollback as err:
         log.error("%s: refusing round %d: %s", site.site_id, config.server_round, err)
         raise _Refusal(RefusalReason.LEDGER_ROLLBACK) from None
+    if deployment and site.budget is None:
+        log.error("refusing round %d: %s", config.server_round, NoSiteBudget(site.site_id))
+        raise _Refusal(RefusalReason.NO_SITE_BUDGET)
     if not config.privacy.get("enabled", True) and not site.allow_non_private:
         log.error("%s: refusing round %d: privacy.enabled is false and this site does not release "
                   "non-private weights (its own config would have to set allow_non_private: true, "
@@ -266,7 +302,8 @@ def _released(site: SiteConfig, ledger: SiteLedger, denoiser: torch.nn.Module, t
     return SiteOutcome(reply, released, 0.0)
 
 
-def _train(site: SiteConfig, ledger: SiteLedger, instruction: TrainInstruction) -> SiteOutcome:
+def _train(site: SiteConfig, ledger: SiteLedger, instruction: TrainInstruction,
+           deployment: bool) -> SiteOutcome:
     config = instruction.round_config
     privacy = config.privacy
     if weights_hash(instruction.global_state) != config.global_sha256 or \
@@ -274,22 +311,34 @@ def _train(site: SiteConfig, ledger: SiteLedger, instruction: TrainInstruction) 
         log.error("%s: the received weights do not match the hashes in the round config",
                   site.site_id)
         raise _Refusal(RefusalReason.MODEL_MISMATCH)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    received = non_finite_tensors(instruction.global_state) + \
+        non_finite_tensors(instruction.autoencoder_state)
+    if received:
+        log.error("%s: the received weights hold non-finite values (%s); refusing to train on them",
+                  site.site_id, ", ".join(received[:3]))
+        raise _Refusal(RefusalReason.MODEL_MISMATCH)
+    device, precision = site_compute(site, privacy)
     data = data_config(config)
     autoencoder = build_autoencoder(config.model["autoencoder"])
     autoencoder.load_state_dict(instruction.autoencoder_state)
     autoencoder.requires_grad_(False)  # public and frozen: never trained on private data
     encoded = _cached_encoding(site, config, data, autoencoder.to(device))
+    try:  # patients held out for the membership audit never train (recorded in the ledger)
+        encoded = EncodedSite(encoded.scans,
+                              apply_holdout(ledger, site.membership_holdout, encoded.patients))
+    except MembershipAuditError as err:
+        log.error("%s: refusing round %d: %s", site.site_id, config.server_round, err)
+        raise _Refusal(RefusalReason.PLAN_MISMATCH) from None
 
     denoiser = build_latent_unet(config.model, data.num_classes, len(config.attributes))
     denoiser.load_state_dict(instruction.global_state)
     denoiser.to(device)
     generator = torch.Generator().manual_seed(secrets.randbits(63))
     loss = _loss_fn(build_scheduler(config.model), float(config.model["conditioning"]["dropout"]),
-                    bool(config.attributes), generator)
+                    bool(config.attributes), generator, device, precision)
     if not privacy.get("enabled", True):  # _guard let it through: the site opted in
         return _train_non_private(site, ledger, config, denoiser, loss, encoded)
-    return _train_dp(site, ledger, config, denoiser, loss, encoded)
+    return _train_dp(site, ledger, config, denoiser, loss, encoded, deployment)
 
 
 def _train_non_private(site: SiteConfig, ledger: SiteLedger, config: RoundConfig,
@@ -307,22 +356,25 @@ def _train_non_private(site: SiteConfig, ledger: SiteLedger, config: RoundConfig
 
 
 def _train_dp(site: SiteConfig, ledger: SiteLedger, config: RoundConfig, denoiser: torch.nn.Module,
-              loss, encoded: EncodedSite) -> SiteOutcome:
+              loss, encoded: EncodedSite, deployment: bool) -> SiteOutcome:
     privacy = config.privacy
-    budget_cfg = site_budget(site, privacy)
     try:
-        check_private_history(ledger.path, config.server_round, ledger.state(),
-                              cap=budget_cfg.target_epsilon, delta=budget_cfg.delta)
-        plan = calibrate(target_epsilon=budget_cfg.target_epsilon, delta=budget_cfg.delta,
+        check_private_history(ledger.path, config.server_round, ledger.state())
+        cap = site_cap(site, ledger, privacy, deployment)
+        plan = calibrate(target_epsilon=cap.target_epsilon, delta=cap.delta,
                          num_patients=encoded.num_patients,
                          expected_batch_size=int(privacy["expected_batch_size"]),
                          rounds=config.planned_rounds, local_epochs=config.local_epochs,
-                         accountant=str(privacy["accountant"]), where=site.site_id)
+                         accountant=str(privacy["accountant"]), where=site.site_id,
+                         allow_large_delta=bool(site.budget and site.budget.allow_large_delta))
         budget = SiteBudget.open(ledger, plan, max_grad_norm=float(privacy["max_grad_norm"]),
                                  clipping=str(privacy["clipping"]))
     except BudgetExhausted as err:
         log.warning("%s: %s", site.site_id, err)
         raise _Refusal(RefusalReason.NONE, ReplyStatus.BUDGET_EXHAUSTED) from None
+    except NoSiteBudget as err:
+        log.error("%s: refusing round %d: %s", site.site_id, config.server_round, err)
+        raise _Refusal(RefusalReason.NO_SITE_BUDGET) from None
     except CalibrationError as err:
         log.error("%s: refusing round %d: %s", site.site_id, config.server_round, err)
         raise _Refusal(RefusalReason.INVALID_BUDGET) from None
@@ -340,6 +392,9 @@ def _train_dp(site: SiteConfig, ledger: SiteLedger, config: RoundConfig, denoise
     except PlanMismatch as err:
         log.error("%s: refusing round %d: %s", site.site_id, config.server_round, err)
         raise _Refusal(RefusalReason.PLAN_MISMATCH) from None
+    except NonFiniteWeights as err:
+        log.error("%s: refusing round %d: %s", site.site_id, config.server_round, err)
+        raise _Refusal(RefusalReason.NON_FINITE_WEIGHTS) from None
 
     record = result.record
     return _released(site, ledger, denoiser, settings.trainable, result.weights,
@@ -350,17 +405,20 @@ def _train_dp(site: SiteConfig, ledger: SiteLedger, config: RoundConfig, denoise
                      steps=record.steps)
 
 
-def run_site_round(site: SiteConfig, instruction: TrainInstruction) -> SiteOutcome:
+def run_site_round(site: SiteConfig, instruction: TrainInstruction, *,
+                   deployment: bool = False) -> SiteOutcome:
     """Answer one train instruction. Never raises: every outcome is a :class:`TrainReply`.
 
-    An unexpected error is logged here, at the site, in full; the reply only says ``site-error``.
+    ``deployment``: the site config is the site's own file (a SuperNode), so the consortium's
+    default budget is never taken. An unexpected error is logged here, at the site, in full; the
+    reply only says ``site-error``.
     """
     started = time.perf_counter()
     ledger = SiteLedger(site.ledger_path)
     round = instruction.round_config.server_round
     try:
-        _guard(site, ledger, instruction.round_config)
-        outcome = _train(site, ledger, instruction)
+        _guard(site, ledger, instruction.round_config, deployment)
+        outcome = _train(site, ledger, instruction, deployment)
     except _Refusal as refusal:
         outcome = SiteOutcome(TrainReply(status=refusal.status, reason=refusal.reason,
                                          site_id=site.site_id, round=round, **_spend(ledger)), None, 0.0)

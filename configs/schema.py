@@ -9,9 +9,13 @@ enforces (``gt``, ``ge``, ``lt``, ``le``) and ``must_exist`` for input paths.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def _f(default=None, *, factory=None, **meta):
@@ -158,6 +162,8 @@ class PretrainConfig:
 class SiteBudgetConfig:
     target_epsilon: float = _f(10.0, gt=0)
     delta: float = _f(1e-5, gt=0, lt=1)
+    # The site's own override of the delta policy: accept 1/(10 N) < delta < 1/N.
+    allow_large_delta: bool = False
 
 
 @dataclass(frozen=True)
@@ -168,11 +174,19 @@ class SiteConfig:
     data_dir: Path = field(metadata={"must_exist": True})
     manifest: str = "manifest.csv"
     ledger: Optional[Path] = None
-    # None: take the consortium default from ``privacy.target_epsilon``/``privacy.delta``.
+    # None: in simulation only, the consortium default (``privacy.target_epsilon``/``delta``),
+    # locked into the site's ledger at first use; a deployed site without a budget refuses.
     budget: Optional[SiteBudgetConfig] = None
     # The site's own opt-in to NON-private rounds when the consortium sets privacy.enabled: false
     # (research and demo data only): its weights then carry no DP guarantee (epsilon = infinity).
     allow_non_private: bool = False
+    # Fraction of the site's patients held out of training from its first round on, as the
+    # non-members of ``fedsynth audit membership`` (0: off). Fixed in the site's ledger.
+    membership_holdout: float = _f(0.0, ge=0, lt=1)
+    # This hospital's own machine for its DP training and gate: None takes the experiment config's
+    # device/precision in simulation, else auto (CUDA when present) and fp32.
+    device: Optional[str] = None
+    precision: Optional[Literal["fp32", "bf16"]] = None
 
     @property
     def manifest_path(self) -> Path:
@@ -187,6 +201,8 @@ class SiteConfig:
     def validate(self):
         if not self.site_id or any(c in self.site_id for c in "/\\ "):
             return "site_id", f"must be a non-empty name without spaces or slashes (got {self.site_id!r})"
+        if self.device is not None and not _DEVICE.match(self.device):
+            return "device", f"must be auto, cpu, cuda or cuda:N (got {self.device!r})"
         return None
 
 
@@ -264,10 +280,36 @@ class TrackingConfig:
     experiment: str = "fedsynth"
 
 
+def _compute_problem(config: "Config"):
+    """The device setting and the crop size (validated here, resolved by ``models.device``)."""
+    if not _DEVICE.match(config.device):
+        return "device", f"must be auto, cpu, cuda or cuda:N (got {config.device!r})"
+    crop, factor = config.memory.autoencoder_crop, config.model.autoencoder.downsampling
+    if crop is not None and any(c % factor or c > s for c, s in zip(crop, config.data.shape)):
+        return "memory.autoencoder_crop", (f"each size must be a multiple of the autoencoder's "
+                                           f"downsampling {factor} and at most data.shape "
+                                           f"{list(config.data.shape)} (got {list(crop)})")
+    return None
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Memory options for large volumes (``models.memory``); none changes a model's weights."""
+
+    flash_attention: bool = False
+    gradient_checkpointing: bool = False
+    autoencoder_crop: Optional[tuple[int, int, int]] = _f(None, gt=0)
+    stream_from_disk: bool = False
+    num_workers: int = _f(0, ge=0)
+    decode_tile: Optional[tuple[int, int, int]] = _f(None, gt=0)
+
+
 @dataclass(frozen=True)
 class Config:
     seed: int = _f(0, ge=0)
     run_dir: Optional[Path] = None
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
     data: DataConfig = _f(factory=DataConfig)
     model: ModelConfig = _f(factory=ModelConfig)
     pretrain: PretrainConfig = _f(factory=PretrainConfig)
@@ -275,6 +317,7 @@ class Config:
     privacy: PrivacyConfig = _f(factory=PrivacyConfig)
     release: ReleaseConfig = _f(factory=ReleaseConfig)
     tracking: TrackingConfig = _f(factory=TrackingConfig)
+    memory: MemoryConfig = _f(factory=MemoryConfig)
 
     @property
     def total_downsampling(self) -> int:
@@ -282,6 +325,9 @@ class Config:
         return self.model.autoencoder.downsampling * self.model.unet.downsampling
 
     def validate(self):
+        problem = _compute_problem(self)
+        if problem:
+            return problem
         factor = self.total_downsampling
         if any(s % factor for s in self.data.shape):
             fixed = [max(factor, int(math.ceil(s / factor)) * factor) for s in self.data.shape]

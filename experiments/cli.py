@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "experiments.commands.budget",
     "experiments.commands.audit",
     "experiments.commands.report",
+    "experiments.commands.dossier",
     "experiments.commands.federate",
     "experiments.commands.deploy",
     "experiments.commands.release",
@@ -64,6 +65,10 @@ USER_ERRORS = [
     ("server.release", "ReleaseError"),
     ("privacy.gate", "GateError"),
     ("client.memorization", "MemorizationAuditError"),
+    ("privacy.canary_audit", "CanaryAuditError"),
+    ("client.membership_audit", "MembershipAuditError"),
+    ("server.dossier", "DossierError"),
+    ("models.device", "DeviceError"),
 ]
 
 log = logging.getLogger("fedsynth")

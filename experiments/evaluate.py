@@ -32,6 +32,7 @@ import torch
 
 from client.site_data import load_site, read_manifest
 from configs.schema import DataConfig
+from models.device import autocast, resolve_device
 from models.metrics import (RANDOM_FEATURE_SEED, QualityReport, build_medicalnet_feature_net,
                             build_random_feature_net, evaluate_quality, feature_net_fingerprint,
                             ms_ssim_settings)
@@ -162,7 +163,7 @@ def evaluate_folders(real_dir: Path, synthetic_dir: Path, data: DataConfig | Non
                      medicalnet_weights: Path | None = None,
                      holdout_fraction: float = HOLDOUT_FRACTION,
                      seg_batch_size: int = DEFAULT_SEG_BATCH_SIZE,
-                     device: str | None = None) -> EvaluationResult:
+                     device: str | None = None, precision: str = "fp32") -> EvaluationResult:
     """All quality metrics of the synthetic folder against the real folder.
 
     ``data`` None: built-in label names, the real folder's own grid (see the module
@@ -173,7 +174,7 @@ def evaluate_folders(real_dir: Path, synthetic_dir: Path, data: DataConfig | Non
     if seg_steps < 1:
         raise EvaluationError(f"--seg-steps: must be >= 1 (got {seg_steps}); "
                               f"give the segmenters a training budget")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(device))  # None / auto: CUDA when present
     manifest = (data or DataConfig()).manifest
     _check_folder(real_dir, "real", manifest)
     _check_folder(synthetic_dir, "synthetic", manifest)
@@ -199,12 +200,13 @@ def evaluate_folders(real_dir: Path, synthetic_dir: Path, data: DataConfig | Non
         raise EvaluationError(f"{real_dir}: the held-out real label maps hold no foreground; "
                               f"the segmentation utility needs labelled structures")
 
-    report = evaluate_quality(
-        real.images, synthetic.images, synthetic.labels,
-        real.images[train_idx], real.labels[train_idx],
-        real.images[heldout_idx], real.labels[heldout_idx],
-        data.num_classes, seg_steps=seg_steps, seed=seed, feature_seed=RANDOM_FEATURE_SEED,
-        medicalnet=medicalnet, seg_batch_size=seg_batch_size, device=device)
+    with autocast(device, precision):  # bf16 only when asked (the config's precision)
+        report = evaluate_quality(
+            real.images, synthetic.images, synthetic.labels,
+            real.images[train_idx], real.labels[train_idx],
+            real.images[heldout_idx], real.labels[heldout_idx],
+            data.num_classes, seg_steps=seg_steps, seed=seed, feature_seed=RANDOM_FEATURE_SEED,
+            medicalnet=medicalnet, seg_batch_size=seg_batch_size, device=device)
 
     ms_ssim = ms_ssim_settings(tuple(synthetic.images.shape[2:]))
     heldout_patients = {real.patient_ids[i] for i in heldout_idx}

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from configs import Config, load_config
+from models.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +43,27 @@ def prepare_public_validation(config: Config, run_dir: Path) -> Path | None:
                                                          cohort.attributes[keep]))
 
 
-def backend_config(num_sites: int) -> dict:
-    """Ray settings for a small machine: one CPU per ClientApp, no dashboard."""
+def backend_config(num_sites: int, gpu: bool = False) -> dict:
+    """Ray settings for a small machine: one CPU per ClientApp, no dashboard.
+
+    ``gpu``: the simulated sites share this machine's GPU (Ray hides the GPU from an actor that
+    asks for none, so each asks for an equal share).
+    """
     cpus = max(1, min(os.cpu_count() or 1, num_sites))
-    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "include_dashboard": False}}
+    init_args = {"num_cpus": cpus, "include_dashboard": False}
+    if gpu:
+        init_args["num_gpus"] = 1
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 1.0 / num_sites if gpu else 0.0},
+            "init_args": init_args}
 
 
 def simulate(config_path: Path, run_dir: Path | None = None, *, checkpoint: Path | None = None,
-             resume: bool = False, tracking: bool = True, run_tags: dict[str, str] | None = None):
+             resume: bool = False, tracking: bool = True, run_tags: dict[str, str] | None = None,
+             device: str | None = None):
     """Run (or resume) the federation of ``config_path`` in simulation; returns the FederationResult.
 
     ``run_tags`` are set on a new MLflow run (a sweep nests the federation under its parent run).
+    ``device`` overrides the config's device for the server and the simulated sites.
 
     Raises ``server.federation.FederationError`` (bad input) or ``FederationHalted`` (a round below
     ``federation.min_sites``).
@@ -65,6 +76,10 @@ def simulate(config_path: Path, run_dir: Path | None = None, *, checkpoint: Path
 
     config_path = Path(config_path).resolve()
     config = load_config(config_path)
+    if device is not None:
+        config = replace(config, device=device)
+    # A GPU run on a machine without one stops here, before Ray starts.
+    gpu = resolve_device(config.device).type == "cuda"
     if not config.federation.sites:
         raise FederationError(f"{config_path}: federation.sites is empty; simulation needs one entry per "
                               f"site (see configs/site.example.yaml)")
@@ -77,9 +92,9 @@ def simulate(config_path: Path, run_dir: Path | None = None, *, checkpoint: Path
     prepare_public_validation(config, run_dir)
     results: list = []
     run_simulation(server_app=make_server_app(settings, results.append),
-                   client_app=make_client_app(str(config_path)),
+                   client_app=make_client_app(str(config_path), device=device),
                    num_supernodes=len(config.federation.sites), backend_name="ray",
-                   backend_config=backend_config(len(config.federation.sites)))
+                   backend_config=backend_config(len(config.federation.sites), gpu))
     if not results:
         raise RuntimeError("the simulation ended without a federation result; see the log above")
     result = results[0]

@@ -29,11 +29,14 @@ import torch
 from tqdm.auto import tqdm
 
 from client.site_data import load_site
+from client.streaming import affine_stack, image_stack, iterate_batches, label_stack, stream_site
 from configs import Config, config_to_dict, flatten_config
 from models.autoencoder import (AutoencoderLoss, PerceptualWeightsError, build_autoencoder,
                                 build_discriminator, decode_latents, encode_latents, reconstruct)
 from models.checkpoint import Checkpoint, DataGrid, atomic_torch_save, save_checkpoint
 from models.conditioning import label_map_to_latent_grid
+from models.device import autocast, check_precision, cpu_state_dict, module_device, resolve_device
+from models.memory import configure, random_crop
 from models.diffusion import LatentDiffusion, build_scheduler, diffusion_loss
 from models.latent_unet import build_latent_unet
 from models.previews import save_preview
@@ -87,6 +90,14 @@ def load_public_cohort(config: Config) -> PublicCohort:
     if config.data.public_dir is None:
         raise PretrainError("data.public_dir: not set; pretraining needs a public cohort in site "
                             "format (e.g. `fedsynth cohort` writes one to <out>/public)")
+    if config.memory.stream_from_disk:  # read per batch from disk, nothing held (client.streaming)
+        scans = stream_site(Path(config.data.public_dir), config.data, config.data.manifest,
+                            config.model.conditioning.attributes)
+        if len(scans) == 0:
+            raise PretrainError(f"{config.data.public_dir}: the public manifest lists no scans; "
+                                f"add scans")
+        return PublicCohort(images=image_stack(scans), labels=label_stack(scans),
+                            attributes=scans.attributes, affines=affine_stack(scans))
     dataset = load_site(Path(config.data.public_dir), config.data, config.data.manifest,
                         config.model.conditioning.attributes)
     if len(dataset) == 0:
@@ -119,16 +130,23 @@ class _Training:
 
     def __init__(self, config: Config):
         settings = config.pretrain
+        self.device = resolve_device(config.device)
+        self.precision = check_precision(config.precision, self.device)
         torch.manual_seed(config.seed)
-        self.autoencoder = build_autoencoder(config.model.autoencoder)
-        self.discriminator = build_discriminator(config.model.autoencoder, config.data.shape)
+        self.autoencoder = configure(build_autoencoder(config.model.autoencoder), config.memory,
+                                     training=True).to(self.device)
+        # Sized for what it sees: the autoencoder's training crops when configured.
+        self.discriminator = build_discriminator(
+            config.model.autoencoder,
+            config.memory.autoencoder_crop or config.data.shape).to(self.device)
         self.autoencoder_optimizer = torch.optim.Adam(
             self.autoencoder.parameters(), lr=settings.autoencoder.learning_rate)
         self.discriminator_optimizer = torch.optim.Adam(
             self.discriminator.parameters(), lr=settings.autoencoder.learning_rate)
         torch.manual_seed(config.seed + 1)
-        self.denoiser = build_latent_unet(config.model, config.data.num_classes,
-                                          len(config.model.conditioning.attributes))
+        self.denoiser = configure(build_latent_unet(config.model, config.data.num_classes,
+                                                    len(config.model.conditioning.attributes)),
+                                  config.memory, training=True).to(self.device)
         self.unet_optimizer = torch.optim.AdamW(self.denoiser.parameters(),
                                                 lr=settings.unet.learning_rate)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -140,7 +158,7 @@ class _Training:
                 "denoiser", "unet_optimizer")
 
     def state_dict(self) -> dict[str, Any]:
-        state = {name: getattr(self, name).state_dict() for name in self._MODULES}
+        state = {name: cpu_state_dict(getattr(self, name).state_dict()) for name in self._MODULES}
         return {**state, "generator": self.generator.get_state(),
                 "autoencoder_epochs": self.autoencoder_epochs, "unet_epochs": self.unet_epochs,
                 "latent_scale_factor": self.latent_scale_factor}
@@ -180,18 +198,22 @@ def _autoencoder_epoch(training: _Training, losses: AutoencoderLoss, cohort: Pub
     training.discriminator.train()
     sums: dict[str, float] = {}
     batches = _batches(len(cohort), settings.batch_size, training.generator)
+    stream = iterate_batches(cohort.images, batches, config.memory.num_workers)
     for index in tqdm(batches, desc=f"autoencoder epoch {epoch + 1}/{settings.epochs}",
                       unit="batch", disable=None, leave=False):
-        images = cohort.images[index]
-        reconstruction, regularisation = reconstruct(training.autoencoder, images,
-                                                     training.generator)
-        loss, parts = losses.generator_loss(images, reconstruction, regularisation,
-                                            training.discriminator if adversarial else None)
+        images = random_crop(next(stream), config.memory.autoencoder_crop,
+                             training.generator).to(training.device)
+        with autocast(training.device, training.precision):
+            reconstruction, regularisation = reconstruct(training.autoencoder, images,
+                                                         training.generator)
+            loss, parts = losses.generator_loss(images, reconstruction, regularisation,
+                                                training.discriminator if adversarial else None)
         training.autoencoder_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         training.autoencoder_optimizer.step()
         if adversarial:
-            d_loss = losses.discriminator_loss(training.discriminator, images, reconstruction)
+            with autocast(training.device, training.precision):
+                d_loss = losses.discriminator_loss(training.discriminator, images, reconstruction)
             training.discriminator_optimizer.zero_grad(set_to_none=True)
             d_loss.backward()
             training.discriminator_optimizer.step()
@@ -211,10 +233,12 @@ def _unet_epoch(training: _Training, scheduler, latents: torch.Tensor, label_gri
     batches = _batches(latents.shape[0], settings.batch_size, training.generator)
     for index in tqdm(batches, desc=f"UNet epoch {epoch + 1}/{settings.epochs}", unit="batch",
                       disable=None, leave=False):
-        loss = diffusion_loss(training.denoiser, scheduler, latents[index], label_grid[index],
-                              attributes[index] if attributes.shape[1] else None,
-                              generator=training.generator,
-                              condition_dropout=config.model.conditioning.dropout).mean()
+        with autocast(training.device, training.precision):
+            loss = diffusion_loss(training.denoiser, scheduler, latents[index], label_grid[index],
+                                  attributes[index] if attributes.shape[1] else None,
+                                  generator=training.generator,
+                                  condition_dropout=config.model.conditioning.dropout)
+            loss = loss.float().mean()
         training.unet_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         training.unet_optimizer.step()
@@ -223,11 +247,14 @@ def _unet_epoch(training: _Training, scheduler, latents: torch.Tensor, label_gri
 
 
 @torch.no_grad()
-def _public_latents(autoencoder, cohort: PublicCohort, batch_size: int) -> torch.Tensor:
-    """Unscaled latents (N, Cz, d, h, w) of every public scan."""
+def _public_latents(autoencoder, cohort: PublicCohort, batch_size: int,
+                    num_workers: int = 0) -> torch.Tensor:
+    """Unscaled latents (N, Cz, d, h, w) of every public scan, on the autoencoder's device."""
     autoencoder.eval()
-    return torch.cat([encode_latents(autoencoder, cohort.images[i:i + batch_size])
-                      for i in range(0, len(cohort), batch_size)])
+    device = module_device(autoencoder)
+    batches = torch.arange(len(cohort)).split(batch_size)
+    return torch.cat([encode_latents(autoencoder, images.to(device))
+                      for images in iterate_batches(cohort.images, batches, num_workers)])
 
 
 def _attribute_statistics(attributes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,6 +273,7 @@ def pretrain(config: Config, run_dir: Path, *, resume: bool = False, tracking: b
     ``run_tags`` are set on a new MLflow run (a sweep nests pretraining under its parent run).
     """
     run_dir = Path(run_dir)
+    check_precision(config.precision, resolve_device(config.device))  # fail before any work
     state_path, checkpoint_path = run_dir / STATE_FILE, run_dir / CHECKPOINT_FILE
     if state_path.exists() and not resume:
         raise PretrainError(f"{state_path}: a pretraining run already exists here; pass --resume "
@@ -316,7 +344,8 @@ def _train_stages(training: _Training, losses: AutoencoderLoss, cohort: PublicCo
                  metrics["autoencoder/l1"])
         save("autoencoder", epoch)
 
-    latents = _public_latents(training.autoencoder, cohort, ae_settings.batch_size)
+    latents = _public_latents(training.autoencoder, cohort, ae_settings.batch_size,
+                              config.memory.num_workers)
     if training.latent_scale_factor is None:
         # From PUBLIC latents only; federation and release reuse this number.
         scale = float(1.0 / latents.std())
@@ -335,7 +364,7 @@ def _train_stages(training: _Training, losses: AutoencoderLoss, cohort: PublicCo
     latents = latents * training.latent_scale_factor
     label_grid = torch.cat([
         label_map_to_latent_grid(cohort.onehot(index, config.data.num_classes), latents.shape[2:])
-        for index in torch.arange(len(cohort)).split(16)])
+        for index in torch.arange(len(cohort)).split(16)]).to(training.device)
 
     if not config.pretrain.enabled:
         log.info("pretrain.enabled is false: the UNet keeps its random initialisation")
@@ -343,8 +372,8 @@ def _train_stages(training: _Training, losses: AutoencoderLoss, cohort: PublicCo
     scheduler = build_scheduler(config.model)
     for epoch in range(training.unet_epochs, unet_settings.epochs):
         started = time.perf_counter()
-        metrics = _unet_epoch(training, scheduler, latents, label_grid, cohort.attributes,
-                              config, epoch)
+        metrics = _unet_epoch(training, scheduler, latents, label_grid,
+                              cohort.attributes.to(training.device), config, epoch)
         metrics["unet/epoch_seconds"] = time.perf_counter() - started
         training.unet_epochs = epoch + 1
         tracker.metrics(metrics, step=epoch)
@@ -359,7 +388,9 @@ def _reconstruction_preview(autoencoder, cohort: PublicCohort, run_dir: Path,
                             num_classes: int) -> Path:
     """Public scan 0 and its reconstruction, with its label map."""
     image = cohort.images[:1]
-    reconstruction = decode_latents(autoencoder, encode_latents(autoencoder, image))
+    device = module_device(autoencoder)
+    reconstruction = decode_latents(autoencoder, encode_latents(autoencoder, image.to(device)))
+    reconstruction = reconstruction.float().cpu()
     label = cohort.labels[0].numpy()
     return save_preview(run_dir / "previews" / RECONSTRUCTION_PREVIEW,
                         [image[0, 0].numpy(), reconstruction[0, 0].numpy()], [label, label],
@@ -370,12 +401,15 @@ def _reconstruction_preview(autoencoder, cohort: PublicCohort, run_dir: Path,
 def _sample_preview(checkpoint: Checkpoint, cohort: PublicCohort, run_dir: Path,
                     config: Config) -> Path:
     """Samples conditioned on (up to) the first two PUBLIC maps, next to those public scans."""
-    model: LatentDiffusion = checkpoint.build_model()
+    device = resolve_device(config.device)
+    model: LatentDiffusion = configure(checkpoint.build_model(device), config.memory)
     count = min(2, len(cohort))
     index = torch.arange(count)
-    attributes = cohort.attributes[index] if cohort.attributes.shape[1] else None
-    samples = model.sample(cohort.onehot(index, config.data.num_classes), attributes,
-                           generator=torch.Generator().manual_seed(config.seed))
+    attributes = cohort.attributes[index].to(device) if cohort.attributes.shape[1] else None
+    with autocast(device, config.precision):
+        samples = model.sample(cohort.onehot(index, config.data.num_classes).to(device),
+                               attributes, generator=torch.Generator().manual_seed(config.seed))
+    samples = samples.float().cpu()
     images = [v for i in range(count) for v in (cohort.images[i, 0].numpy(), samples[i, 0].numpy())]
     labels = [cohort.labels[i].numpy() for i in range(count) for _ in range(2)]
     titles = [t for i in range(count) for t in (f"public {i}", f"sample {i}")]

@@ -83,21 +83,27 @@ def find_maps(masks: Path, attribute_names: tuple[str, ...]) -> list[ConditionMa
 
 def sample_folder(checkpoint_path: Path, masks: Path, num: int, out: Path, *, seed: int = 0,
                   guidance: float | None = None, steps: int | None = None,
-                  batch_size: int = 4) -> SampledFolder:
+                  batch_size: int = 4, device: str | None = None, precision: str = "fp32",
+                  memory=None) -> SampledFolder:
     """Generate ``num`` volumes with the checkpoint, each conditioned on a map of ``masks``
     (cycled in order), into the new or empty folder ``out`` (see the module docstring).
 
     ``guidance`` / ``steps`` None: the checkpoint's own. Every map is read and checked before
     anything is generated; bad input raises :class:`SampleInputError` or the loaders' one-line
-    errors.
+    errors. ``device`` (``auto`` when None) and ``precision`` (``fp32`` | ``bf16``) say where and
+    how to sample; ``memory`` (a ``MemoryConfig``) adds flash attention and tiled decoding.
     """
     import numpy as np
     import torch
 
     from models.checkpoint import load_checkpoint
+    from models.device import check_precision, resolve_device
+    from models.memory import configure
     from models.volume_io import read_label_map
 
     out = Path(out)
+    device = resolve_device(device)
+    check_precision(precision, device)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SampleInputError(f"{out}: output folder exists and is not empty; "
                                f"choose a new folder")
@@ -115,7 +121,9 @@ def sample_folder(checkpoint_path: Path, masks: Path, num: int, out: Path, *, se
                         "scale may look off", condition.path, np.round(spacing, 3).tolist(),
                         list(grid.spacing))
 
-    model = checkpoint.build_model()
+    model = checkpoint.build_model(device)
+    if memory is not None:
+        configure(model, memory)
     embedding = model.denoiser.attribute_embedding
     means = tuple(embedding.mean.tolist()) if embedding is not None else ()
     if embedding is not None and any(m.attributes is None for m in maps):
@@ -129,7 +137,7 @@ def sample_folder(checkpoint_path: Path, masks: Path, num: int, out: Path, *, se
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write_samples(staging, model, maps, loaded, means, num, batch_size,
-                      torch.Generator().manual_seed(seed), guidance, steps, grid)
+                      torch.Generator().manual_seed(seed), guidance, steps, grid, precision)
         if out.exists():
             out.rmdir()  # checked empty above
         os.replace(staging, out)
@@ -141,13 +149,17 @@ def sample_folder(checkpoint_path: Path, masks: Path, num: int, out: Path, *, se
 
 def write_samples(folder: Path, model, maps: list[ConditionMap], loaded, means: tuple,
                   num: int, batch_size: int, generator, guidance: float, steps: int,
-                  grid) -> None:
-    """Generate ``num`` volumes into ``folder``: images/, labels/, manifest.csv, preview.png."""
+                  grid, precision: str = "fp32") -> None:
+    """Generate ``num`` volumes into ``folder``: images/, labels/, manifest.csv, preview.png.
+
+    The model samples on its own device (at ``precision``); what is written comes from CPU copies.
+    """
     import numpy as np
     import torch
     from monai.networks.utils import one_hot
     from tqdm.auto import tqdm
 
+    from models.device import autocast, module_device
     from models.previews import save_preview
     from models.volume_io import write_volume
 
@@ -160,8 +172,12 @@ def write_samples(folder: Path, model, maps: list[ConditionMap], loaded, means: 
         if means:
             attributes = torch.tensor([maps[c].attributes or means for c in chosen],
                                       dtype=torch.float32)
-        images = model.sample(one_hot(labels, grid.num_classes, dim=1).float(), attributes,
-                              generator=generator, guidance_scale=guidance, steps=steps)
+        device = module_device(model)
+        with autocast(device, precision):
+            images = model.sample(one_hot(labels, grid.num_classes, dim=1).float().to(device),
+                                  None if attributes is None else attributes.to(device),
+                                  generator=generator, guidance_scale=guidance, steps=steps)
+        images = images.float().cpu()
         for row, (i, c) in enumerate(zip(indices, chosen)):
             name = f"synth_{i:04d}"
             label_array, affine = loaded[c]

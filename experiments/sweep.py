@@ -530,10 +530,12 @@ def _measured(plan: SweepPlan, setting: Setting, config: Config, final: Path, re
     if not (samples / "manifest.csv").exists():
         echo(f"      sampling {plan.quality['samples']} volumes on public maps")
         sample_folder(final, config.data.public_dir, plan.quality["samples"], samples,
-                      seed=config.seed)
+                      seed=config.seed, device=config.device, precision=config.precision,
+                      memory=config.memory)
     echo(f"      quality against {reference}")
     evaluation = evaluate_folders(reference, samples, config.data,
-                                  seg_steps=plan.quality["seg_steps"], seed=config.seed)
+                                  seg_steps=plan.quality["seg_steps"], seed=config.seed,
+                                  device=config.device, precision=config.precision)
     write_json_atomic(folder / "quality.json", evaluation.to_json_dict())
     return evaluation.report.to_json_dict()
 

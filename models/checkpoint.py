@@ -93,10 +93,11 @@ class Checkpoint:
         denoiser.load_state_dict(self.denoiser_state, strict=True)
         return denoiser.eval()
 
-    def build_model(self) -> LatentDiffusion:
-        """Both stages, ready to sample."""
-        return LatentDiffusion(self.build_autoencoder(), self.build_denoiser(), self.model_config,
-                               self.latent_scale_factor).eval()
+    def build_model(self, device: torch.device | str | None = None) -> LatentDiffusion:
+        """Both stages, ready to sample, on ``device`` (None: the CPU)."""
+        model = LatentDiffusion(self.build_autoencoder(), self.build_denoiser(), self.model_config,
+                                self.latent_scale_factor).eval()
+        return model if device is None else model.to(device)
 
 
 def _state_dict(weights: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from models.autoencoder import Autoencoder, decode_latents, downsampling_factor, encode_latents
 from models.conditioning import draw_condition_mask
 from models.latent_unet import LatentDenoiser
+from models.memory import decode_tiled
 
 # The Stable-Diffusion / MONAI latent-diffusion endpoints for the scaled linear schedule; the plain
 # linear schedule keeps DDPM's 1e-4 .. 2e-2.
@@ -154,6 +155,8 @@ class LatentDiffusion(nn.Module):
         self.downsampling = downsampling_factor(_field(model_cfg, "autoencoder"))
         self.latent_channels = int(_field(_field(model_cfg, "autoencoder"), "latent_channels"))
         self.guidance_scale = float(_field(_field(model_cfg, "conditioning"), "guidance_scale"))
+        # Latent voxels per decoding tile (models.memory.decode_tiled); None: decode in one piece.
+        self.decode_tile: tuple[int, int, int] | None = None
 
     def latent_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
         """(Cz, d, h, w) for an image grid (D, H, W)."""
@@ -167,6 +170,9 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, Cz, d, h, w) -> images (B, 1, D, H, W)."""
+        if self.decode_tile is not None:
+            return decode_tiled(lambda z: decode_latents(self.autoencoder, z),
+                                latents / self.latent_scale_factor, self.decode_tile)
         return decode_latents(self.autoencoder, latents / self.latent_scale_factor)
 
     @torch.no_grad()

@@ -15,6 +15,12 @@ Rules (the site is the authority on its own budget):
   earlier.
 - A ``non-private-round`` entry (a site that opted in to non-private training) makes the spend
   infinite for good: every later DP-SGD round is refused with :class:`NonPrivateHistory`.
+- The spend is :func:`privacy.spend.site_spend`: DP-SGD rounds plus DP-gate charges, the one figure
+  every check, reply and report uses.
+- The cap comes only from the site (:func:`resolve_cap`): its own config, or - in simulation, for a
+  site config without a budget - the consortium default, locked into the ledger (a ``budget``
+  entry) at first use. A locked default is never raised by what the server sends later; only the
+  site's own config can change the cap.
 """
 
 from __future__ import annotations
@@ -23,11 +29,14 @@ import logging
 import math
 from pathlib import Path
 
-from privacy.accounting import epsilon, history_of
+from dataclasses import dataclass
+
+from privacy.accounting import epsilon
 from privacy.calibration import SchedulePlan, calibrate, sampling, steps_per_epoch
-from privacy.dp_gate import GATE_KIND
-from privacy.site_ledger import (PlanRecord, RoundRecord, SiteLedger, SiteLedgerState,
-                                 fedsynth_version, utc_timestamp)
+from privacy.site_ledger import (CONSORTIUM_DEFAULT, SITE_CONFIG, BudgetRecord, PlanRecord,
+                                 RoundRecord, SiteLedger, SiteLedgerState, fedsynth_version,
+                                 utc_timestamp)
+from privacy.spend import site_spend
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +113,60 @@ def _mismatch(ledger: Path, stored: PlanRecord, plan: SchedulePlan) -> str | Non
     return None
 
 
-def _gate_spend(state: SiteLedgerState) -> float:
-    """Epsilon charged by DP-gate answers (:mod:`privacy.dp_gate`) recorded in the ledger."""
-    return float(sum(entry.payload["epsilon"] for entry in state.other
-                     if entry.kind == GATE_KIND))
+class NoSiteBudget(ValueError):
+    """A site that must set its own budget (deployment) but does not. One line naming the key."""
+
+    def __init__(self, where: str = ""):
+        prefix = f"{where}: " if where else ""
+        super().__init__(f"{prefix}budget.target_epsilon is not set in the site config; a site "
+                         f"sets its own cap - add 'budget: {{target_epsilon: ..., delta: ...}}' to "
+                         f"its site config")
+
+
+@dataclass(frozen=True)
+class CapSetting:
+    """A cap as a config states it: ``target_epsilon`` at ``delta``."""
+
+    target_epsilon: float
+    delta: float
+
+
+def resolve_cap(ledger: SiteLedger, own: CapSetting | None, consortium: CapSetting | None, *,
+                where: str = "") -> CapSetting:
+    """The cap in force for this site, recorded in its ledger (a ``budget`` entry when it changes).
+
+    - ``own`` (the site's own config) wins, and may raise or lower the cap;
+    - else a cap already locked in the ledger (a ``budget`` or ``plan`` entry) stays, whatever
+      ``consortium`` (the server's default) says now;
+    - else ``consortium`` is locked into the ledger (simulation: a site config without a budget);
+    - else (deployment: the server's default is never taken) :class:`NoSiteBudget`.
+    """
+    prefix = f"{where}: " if where else ""
+    with ledger.locked():
+        state = ledger.state()
+        locked = state.cap_in_force
+        if own is not None:
+            # A fresh ledger records the site's cap in its first plan or gate charge; a change
+            # of a cap already in force is recorded here.
+            if locked is not None and locked != (own.target_epsilon, own.delta):
+                ledger.append(BudgetRecord(float(own.target_epsilon), float(own.delta), SITE_CONFIG,
+                                           utc_timestamp(), fedsynth_version()))
+            return own
+        if locked is not None:
+            if consortium is not None and (consortium.target_epsilon, consortium.delta) != locked:
+                log.warning("%sthe server's default budget (epsilon %g, delta %g) is ignored: the "
+                            "ledger holds the cap %g at delta %g; only the site's own config "
+                            "(budget.target_epsilon) changes it", prefix,
+                            consortium.target_epsilon, consortium.delta, *locked)
+            return CapSetting(*locked)
+        if consortium is None:
+            raise NoSiteBudget(where)
+        ledger.append(BudgetRecord(float(consortium.target_epsilon), float(consortium.delta),
+                                   CONSORTIUM_DEFAULT, utc_timestamp(), fedsynth_version()))
+        log.warning("%sthe site config sets no budget: the consortium default epsilon %g at delta "
+                    "%g is now locked into %s; the server cannot raise it later", prefix,
+                    consortium.target_epsilon, consortium.delta, ledger.path)
+        return consortium
 
 
 class SiteBudget:
@@ -171,14 +230,11 @@ class SiteBudget:
         return state.plan
 
     def spent(self, state: SiteLedgerState | None = None) -> float:
-        """Cumulative epsilon of the ledger: the DP-SGD rounds replayed, plus any DP-gate
-        charges (basic composition), which the same cap covers; infinite after a non-private
-        round."""
+        """Cumulative epsilon of the ledger (:func:`privacy.spend.site_spend`): the DP-SGD rounds
+        replayed plus the DP-gate charges; infinite after a non-private round."""
         state = state or self.state()
-        plan = self.plan(state)
-        if not state.differentially_private:
-            return math.inf
-        return epsilon(history_of(state.rounds), plan.delta, plan.accountant) + _gate_spend(state)
+        self.plan(state)
+        return site_spend(state).total
 
     def check(self, round: int, steps: int | None = None,
               state: SiteLedgerState | None = None) -> float:
@@ -187,13 +243,13 @@ class SiteBudget:
         after a non-private round)."""
         state = state or self.state()
         plan = self.plan(state)
-        check_private_history(self.path, round, state, cap=plan.target_epsilon, delta=plan.delta)
+        cap = state.cap
+        check_private_history(self.path, round, state, cap=cap, delta=plan.delta)
         steps = plan.steps_per_round if steps is None else steps
-        history = history_of(state.rounds) + [(plan.noise_multiplier, plan.sample_rate, steps)]
-        would_be = epsilon(history, plan.delta, plan.accountant) + _gate_spend(state)
-        if would_be > plan.target_epsilon:
-            raise BudgetExhausted(ledger=self.path, round=round, spent=self.spent(state),
-                                  would_be=would_be, cap=plan.target_epsilon, delta=plan.delta)
+        would_be = site_spend(state, extra_steps=steps).total
+        if would_be > cap:
+            raise BudgetExhausted(ledger=self.path, round=round, spent=site_spend(state).total,
+                                  would_be=would_be, cap=cap, delta=plan.delta)
         return would_be
 
     def charge(self, round: int, *, model_hash_before: str, model_hash_after: str,
@@ -207,20 +263,20 @@ class SiteBudget:
             record = RoundRecord(
                 round=int(round), noise_multiplier=plan.noise_multiplier,
                 sample_rate=plan.sample_rate, steps=int(steps), accountant=plan.accountant,
-                delta=plan.delta, epsilon=epsilon_after, target_epsilon=plan.target_epsilon,
+                delta=plan.delta, epsilon=epsilon_after, target_epsilon=state.cap,
                 num_patients=plan.num_patients, model_hash_before=model_hash_before,
                 model_hash_after=model_hash_after, timestamp=utc_timestamp(),
                 fedsynth_version=fedsynth_version())
             self.ledger.append(record)
         log.info("%s: round %d committed, epsilon %.4g of %g", self.path, round, epsilon_after,
-                 plan.target_epsilon)
+                 record.target_epsilon)
         return record
 
 
 def open_site_budget(ledger: SiteLedger | Path | str, *, target_epsilon: float, delta: float,
                      num_patients: int, expected_batch_size: int, rounds: int, local_epochs: int,
                      accountant: str, max_grad_norm: float, clipping: str = "flat",
-                     where: str = "") -> SiteBudget:
+                     where: str = "", allow_large_delta: bool = False) -> SiteBudget:
     """The site's budget for this run's settings: calibrates sigma on a fresh ledger, otherwise
     checks the settings against the stored plan (sigma is the stored one, not recalibrated)."""
     site_ledger = ledger if isinstance(ledger, SiteLedger) else SiteLedger(ledger)
@@ -228,7 +284,8 @@ def open_site_budget(ledger: SiteLedger | Path | str, *, target_epsilon: float, 
     if stored is None:
         plan = calibrate(target_epsilon=target_epsilon, delta=delta, num_patients=num_patients,
                          expected_batch_size=expected_batch_size, rounds=rounds,
-                         local_epochs=local_epochs, accountant=accountant, where=where)
+                         local_epochs=local_epochs, accountant=accountant, where=where,
+                         allow_large_delta=allow_large_delta)
     else:
         q = sampling(num_patients, expected_batch_size, where)
         plan = SchedulePlan(target_epsilon=float(target_epsilon), delta=float(delta),

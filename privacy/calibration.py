@@ -78,18 +78,34 @@ def sampling(num_patients: int, expected_batch_size: int, where: str = "") -> fl
     return expected_batch_size / num_patients
 
 
-def check_delta(delta: float, num_patients: int, where: str = "") -> None:
-    """Refuse ``delta >= 1/N``: such a delta allows a mechanism that publishes a whole patient."""
+# The delta policy: delta >= 1/N is always refused (publishing one random patient's scans in full
+# would satisfy it); above 1/(LARGE_DELTA_FACTOR * N) only with the site's own override.
+LARGE_DELTA_FACTOR = 10
+LARGE_DELTA_KEY = "budget.allow_large_delta"
+
+
+def check_delta(delta: float, num_patients: int, where: str = "",
+                allow_large_delta: bool = False) -> None:
+    """The delta policy. Refuse ``delta >= 1/N`` always (such a delta allows a mechanism that
+    publishes one random patient's scans), and ``delta > 1/(10 N)`` unless the site's own config
+    sets ``budget.allow_large_delta: true``."""
+    prefix = f"{where}: " if where else ""
+    suggestion = f"{min(1e-5, 0.1 / num_patients):.0e}"
     if not 0 < delta < 1 / num_patients:
-        prefix = f"{where}: " if where else ""
         raise CalibrationError(f"{prefix}delta={delta:g} must be below 1/N = 1/{num_patients} = "
                                f"{1 / num_patients:.3g} (N patients); set the site budget's delta "
-                               f"smaller, e.g. {min(1e-5, 0.1 / num_patients):.0e}")
+                               f"smaller, e.g. {suggestion}")
+    limit = 1 / (LARGE_DELTA_FACTOR * num_patients)
+    if delta > limit and not allow_large_delta:
+        raise CalibrationError(f"{prefix}delta={delta:g} is above 1/(10N) = {limit:.3g} "
+                               f"(N={num_patients} patients); set the site budget's delta to "
+                               f"{suggestion} or below, or set {LARGE_DELTA_KEY}: true in the "
+                               f"site's own config to accept it")
 
 
 def calibrate(*, target_epsilon: float, delta: float, num_patients: int, expected_batch_size: int,
               rounds: int, local_epochs: int, accountant: str = "rdp",
-              where: str = "") -> SchedulePlan:
+              where: str = "", allow_large_delta: bool = False) -> SchedulePlan:
     """Sigma for ``(target_epsilon, delta)`` over ``rounds`` x ``local_epochs`` epochs, q = B/N."""
     check_mechanism(accountant)
     prefix = f"{where}: " if where else ""
@@ -99,7 +115,7 @@ def calibrate(*, target_epsilon: float, delta: float, num_patients: int, expecte
         raise CalibrationError(f"{prefix}rounds and local_epochs must be >= 1 "
                                f"(got {rounds}, {local_epochs})")
     q = sampling(num_patients, expected_batch_size, where)
-    check_delta(delta, num_patients, where)
+    check_delta(delta, num_patients, where, allow_large_delta)
     per_round = local_epochs * steps_per_epoch(q)
     try:
         sigma = _noise_multiplier(float(target_epsilon), float(delta), q, per_round * rounds,

@@ -17,14 +17,16 @@ AboveThreshold (Dwork & Roth, *The Algorithmic Foundations of DP*, Algorithm 1),
 
 Accounting. A gate query is pure ``epsilon``-DP; a site's DP-SGD rounds are
 ``(eps_sgd, delta)``-DP. Basic composition gives ``(eps_sgd + sum of gate epsilons, delta)``:
-:func:`site_spend` reports that total, and a site refuses a gate query that would take the total
-past its cap (the latest ``plan`` entry's ``target_epsilon``, else the site's configured budget).
-After a ``non-private-round`` entry the DP-SGD spend is infinite, so every DP gate query is refused.
+:func:`privacy.spend.site_spend` computes that total (the one spend figure every check and report
+uses), and a site refuses a gate query that would take the total past its cap in force. The cap
+comes from :func:`privacy.budget.resolve_cap`: the site's own config, else a cap already locked in
+its ledger, else (simulation) the consortium default, locked at this first use. After a
+``non-private-round`` entry the spend is infinite, so every DP gate query is refused.
 
 Ledger entry kind ``dp-gate`` (:class:`GateChargeRecord`): written BEFORE the noisy answers exist
-(write-ahead, under the ledger lock), so a crash can only over-count. Entries are read here
-directly from the hash-chained :class:`~privacy.ledger.Ledger` (kind by kind), so this module
-works whatever the typed site-ledger reader accepts.
+(write-ahead, under the ledger lock), so a crash can only over-count. The consortium mirrors each
+charge (``site-gate`` entries of its ledger) with the site's ledger head, so ``fedsynth audit
+reconcile`` catches a site ledger restored from before its gate charges.
 
 What the epsilon does NOT cover: with ``threshold.policy: calibrated`` the threshold ``tau`` is
 itself computed from the site's scans; the guarantee then holds for the answers given that
@@ -37,27 +39,26 @@ Utility, measured (one candidate, many draws): P(fail | exact copy) vs P(fail | 
 from __future__ import annotations
 
 import logging
-import math
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 
-from privacy.accounting import epsilon as dp_sgd_epsilon, history_of
-from privacy.ledger import Ledger, LedgerEntry, LedgerError
-from privacy.site_ledger import (NonPrivateRoundRecord, PlanRecord, RoundRecord, _Record,
-                                 fedsynth_version, utc_timestamp)
+from privacy.budget import CapSetting, resolve_cap
+from privacy.site_ledger import GateChargeRecord, SiteLedger, fedsynth_version, utc_timestamp
+from privacy.spend import site_spend
 
 log = logging.getLogger(__name__)
 
-GATE_KIND = "dp-gate"
+GATE_KIND = GateChargeRecord.kind
 MECHANISM = "above-threshold"
 # AboveThreshold's threshold on the closeness scale: half-way between "no scan within tau" (0) and
 # "an exact copy" (1).
 CLOSENESS_THRESHOLD = 0.5
 SENSITIVITY = 1.0
+
+__all__ = ["GATE_KIND", "GateChargeRecord", "GateBudgetExhausted", "charge_gate", "gate_charges",
+           "closeness", "above_threshold", "noise_generator"]
 
 
 class GateBudgetExhausted(ValueError):
@@ -72,117 +73,43 @@ class GateBudgetExhausted(ValueError):
                          f"release.dp_gate.epsilon")
 
 
-@dataclass(frozen=True)
-class GateChargeRecord(_Record):
-    """One DP gate query charged to the site: its ``epsilon`` and the spends after it.
-
-    ``gate_epsilon`` is the sum of every gate charge so far (this one included);
-    ``total_epsilon`` = DP-SGD epsilon at ``delta`` + ``gate_epsilon`` (basic composition).
-    """
-
-    kind: ClassVar[str] = GATE_KIND
-    query_id: str
-    mechanism: str
-    epsilon: float
-    gate_epsilon: float
-    dp_sgd_epsilon: float
-    total_epsilon: float
-    delta: float
-    target_epsilon: float
-    num_candidates: int
-    threshold_policy: str
-    candidates_sha256: str
-    timestamp: str
-    fedsynth_version: str
-
-
-@dataclass(frozen=True)
-class SiteSpend:
-    """A site's spend from its ledger: DP-SGD (replayed rounds) + DP gate charges, and its cap."""
-
-    dp_sgd: float
-    gate: float
-    delta: float
-    cap: float
-    accountant: str
-    rounds: int
-    gate_queries: int
-    non_private_rounds: int = 0   # > 0: non-private weights were released, dp_sgd is infinite
-
-    @property
-    def total(self) -> float:
-        return self.dp_sgd + self.gate
-
-
-_KINDS: dict[str, type[_Record]] = {record.kind: record for record in (
-    PlanRecord, RoundRecord, NonPrivateRoundRecord, GateChargeRecord)}
-
-
-def _typed(entries: list[LedgerEntry], path: Path) -> dict[str, list]:
-    """The typed records of a site ledger by kind (every kind of :data:`_KINDS`, maybe empty)."""
-    typed: dict[str, list] = {kind: [] for kind in _KINDS}
-    for entry in entries:
-        record_type = _KINDS.get(entry.kind)
-        if record_type is None:
-            raise LedgerError(f"{path}: seq {entry.seq} has kind {entry.kind!r}, which a site "
-                              f"ledger does not hold (expected {', '.join(_KINDS)})")
-        typed[entry.kind].append(record_type.from_entry(entry, path))
-    return typed
-
-
 def gate_charges(ledger_path: Path | str) -> list[GateChargeRecord]:
     """Every ``dp-gate`` entry of a site ledger (verified chain); [] for a missing ledger."""
     path = Path(ledger_path)
-    return _typed(Ledger(path).entries(), path)[GATE_KIND] if path.exists() else []
-
-
-def site_spend(ledger_path: Path | str, *, default_cap: float, default_delta: float) -> SiteSpend:
-    """The site's total spend from its ledger (verified chain).
-
-    Cap and delta come from the latest plan entry; a site that never trained (no plan) uses
-    ``default_cap``/``default_delta`` (its configured budget).
-    """
-    path = Path(ledger_path)
-    typed = _typed(Ledger(path).entries() if path.exists() else [], path)
-    plans, rounds, gates = typed[PlanRecord.kind], typed[RoundRecord.kind], typed[GATE_KIND]
-    plan = plans[-1] if plans else None
-    delta = plan.delta if plan else float(default_delta)
-    accountant = plan.accountant if plan else "rdp"
-    sgd = dp_sgd_epsilon(history_of(rounds), delta, accountant) if rounds else 0.0
-    if typed[NonPrivateRoundRecord.kind]:
-        sgd = math.inf  # the site released non-private weights: no finite epsilon
-    return SiteSpend(dp_sgd=sgd, gate=float(sum(g.epsilon for g in gates)), delta=delta,
-                     cap=plan.target_epsilon if plan else float(default_cap),
-                     accountant=accountant, rounds=len(rounds), gate_queries=len(gates),
-                     non_private_rounds=len(typed[NonPrivateRoundRecord.kind]))
+    return SiteLedger(path).state().gate_charges if path.exists() else []
 
 
 def charge_gate(ledger_path: Path | str, *, query_id: str, epsilon: float, num_candidates: int,
-                threshold_policy: str, candidates_sha256: str, default_cap: float,
-                default_delta: float) -> GateChargeRecord:
+                threshold_policy: str, candidates_sha256: str, own: CapSetting | None,
+                consortium: CapSetting | None, where: str = "") -> GateChargeRecord:
     """Check the cap and append one ``dp-gate`` entry, durably, under the ledger lock.
 
-    Raises :class:`GateBudgetExhausted` (nothing written) when the total would exceed the cap.
+    The cap is :func:`privacy.budget.resolve_cap` of ``own`` (the site's config) and
+    ``consortium`` (the query's default; None in deployment). Raises
+    :class:`GateBudgetExhausted` (no charge written) when the total would exceed it.
     """
     if not epsilon > 0:
         raise ValueError(f"a DP gate query needs epsilon > 0 (got {epsilon})")
-    ledger = Ledger(ledger_path)
+    ledger = SiteLedger(ledger_path)
     with ledger.locked():
-        spend = site_spend(ledger.path, default_cap=default_cap, default_delta=default_delta)
-        would_be = spend.total + epsilon
-        if would_be > spend.cap:
-            raise GateBudgetExhausted(ledger=ledger.path, spent=spend.total, would_be=would_be,
-                                      cap=spend.cap, delta=spend.delta)
+        cap = resolve_cap(ledger, own, consortium, where=where)
+        state = ledger.state()
+        spend, after = site_spend(state), site_spend(state, extra_gate=float(epsilon))
+        if after.total > cap.target_epsilon:
+            raise GateBudgetExhausted(ledger=ledger.path, spent=spend.total, would_be=after.total,
+                                      cap=cap.target_epsilon,
+                                      delta=spend.delta if spend.delta is not None else cap.delta)
+        delta = spend.delta if spend.delta is not None else cap.delta
         record = GateChargeRecord(
             query_id=query_id, mechanism=MECHANISM, epsilon=float(epsilon),
-            gate_epsilon=spend.gate + float(epsilon), dp_sgd_epsilon=spend.dp_sgd,
-            total_epsilon=would_be, delta=spend.delta, target_epsilon=spend.cap,
+            gate_epsilon=after.gate, dp_sgd_epsilon=after.dp_sgd, total_epsilon=after.total,
+            delta=float(delta), target_epsilon=float(cap.target_epsilon),
             num_candidates=int(num_candidates), threshold_policy=threshold_policy,
             candidates_sha256=candidates_sha256, timestamp=utc_timestamp(),
             fedsynth_version=fedsynth_version())
-        ledger.append(record.kind, record.to_payload())
+        ledger.append(record)
     log.info("%s: DP gate query %s charged epsilon %g (total %.4g of %g)", ledger.path, query_id,
-             epsilon, would_be, spend.cap)
+             epsilon, after.total, cap.target_epsilon)
     return record
 
 

@@ -10,8 +10,12 @@ The model is trained through ``loss_fn(model, batch) -> Tensor (R,)``, one loss 
    K noise/timestep draws per scan; ``loss_fn`` draws the noise, so each copy gets its own).
 3. After the backward pass, each parameter's per-row gradients (``p.grad_sample``, rows = scans x K)
    are averaged per patient (:func:`reduce_grad_samples_by_patient`): the per-patient gradient is
-   the gradient of the patient's mean loss. Only then does Opacus' ``DPOptimizer`` clip (each
-   patient to norm C), sum, add N(0, sigma^2 C^2) and divide by B.
+   the gradient of the patient's mean loss. A patient whose gradient holds a NaN or an infinity
+   gets a zero gradient (:func:`zero_non_finite_patients`): Opacus' clip factor for an infinite
+   norm is 0 and 0 * inf is NaN, which would turn the whole noisy sum into NaN and tell the server
+   that some sampled patient misbehaved. A zero row keeps each patient's contribution within norm C.
+   Only then does Opacus' ``DPOptimizer`` clip (each patient to norm C), sum, add
+   N(0, sigma^2 C^2) and divide by B.
 
 Multiplicity, the trainable subset and the EMA change none of q, sigma or the step count, so the
 accounted epsilon is the same (tested). Steps per round are ``local_epochs x int(1/q)``.
@@ -34,9 +38,10 @@ history must equal the ledger's plus this round, or the round is abandoned.
 Opacus pitfalls handled here: a model already wrapped or hooked by Opacus is refused (privatising
 twice stacks hooks) and the hooks are removed after each round; ghost clipping gets one loss per row
 through ``DPTensorFastGradientClipping`` and is only allowed when every patient has exactly one row
-(it clips rows, and cannot average a patient's rows first). Opacus' ``secure_mode`` needs
-torchcsprng, which is not installed; noise comes from a ``torch.Generator`` seeded from the OS
-entropy pool unless a seed is given (tests).
+(it clips rows, and cannot average a patient's rows first; it has no per-sample gradient to zero,
+so there a non-finite row is caught by the weights check before the commit instead). Opacus'
+``secure_mode`` needs torchcsprng, which is not installed; noise comes from a ``torch.Generator``
+seeded from the OS entropy pool unless a seed is given (tests).
 """
 
 from __future__ import annotations
@@ -85,6 +90,16 @@ class DPSetupError(ValueError):
 
 class AccountingMismatch(RuntimeError):
     """Opacus' accountant and the ledger disagree after a round; the round is not committed."""
+
+
+class NonFiniteWeights(RuntimeError):
+    """A round's weights hold NaN or infinite values; they are not committed, kept or sent."""
+
+
+def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` that hold a NaN or an infinity."""
+    return [name for name, tensor in state.items()
+            if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all())]
 
 
 @dataclass(frozen=True)
@@ -227,6 +242,31 @@ def reduce_grad_samples_by_patient(params: Sequence[nn.Parameter], patient_of_ro
         p.grad_sample = summed / counts.view(-1, *([1] * (samples.dim() - 1)))
 
 
+def zero_non_finite_patients(params: Sequence[nn.Parameter]) -> int:
+    """Zero every patient's per-sample gradient row (``p.grad_sample`` (P, *p.shape), all
+    parameters) that holds a NaN or an infinity in any parameter; returns how many were zeroed.
+
+    Runs after :func:`reduce_grad_samples_by_patient` and before the DP optimizer clips, so a
+    patient contributes either its clipped gradient or nothing: the sensitivity stays C.
+    """
+    finite = None
+    for p in params:
+        samples = getattr(p, "grad_sample", None)
+        if samples is None or samples.shape[0] == 0:
+            continue
+        rows = torch.isfinite(samples.reshape(samples.shape[0], -1)).all(dim=1)
+        finite = rows if finite is None else finite & rows.to(finite.device)
+    if finite is None or bool(finite.all()):
+        return 0
+    for p in params:
+        samples = getattr(p, "grad_sample", None)
+        if samples is not None and samples.shape[0]:
+            keep = finite.to(samples.device).view(-1, *([1] * (samples.dim() - 1)))
+            p.grad_sample = torch.where(keep, samples, torch.zeros((), dtype=samples.dtype,
+                                                                   device=samples.device))
+    return int((~finite).sum())
+
+
 def backward_per_patient(module: AbstractGradSampleModule, optimizer: DPOptimizer, loss_fn: LossFn,
                          batch: Any, patient_of_row: torch.Tensor, num_patients: int,
                          mode: GradSampleMode) -> torch.Tensor:
@@ -260,6 +300,10 @@ def backward_per_patient(module: AbstractGradSampleModule, optimizer: DPOptimize
             losses.sum().backward()
     if mode != "ghost":
         reduce_grad_samples_by_patient(optimizer.params, patient_of_row, num_patients)
+        zeroed = zero_non_finite_patients(optimizer.params)
+        if zeroed:
+            log.warning("%d sampled patient(s) had a non-finite gradient; their gradient is zero "
+                        "in this step (the noisy sum stays finite)", zeroed)
     return losses.detach()
 
 
@@ -376,6 +420,12 @@ class DPTrainer:
                      for name, tensor in self.model.state_dict().items()}
             try:
                 weights = self._train(round, plan, state)
+                bad = non_finite_tensors(weights)
+                if bad:
+                    raise NonFiniteWeights(
+                        f"{self.budget.path}: round {round} produced non-finite weights "
+                        f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); nothing is "
+                        f"committed or sent - lower the learning rate or check the model")
                 after = weights_hash(weights)
                 write_outbox(outbox_path(self.budget.path),
                              OutboxItem(round, before, after, weights))

@@ -388,6 +388,8 @@ class GateRefusal(str, Enum):
     TOO_FEW_PATIENTS = "too-few-patients"  # calibration needs scans of two patients or more
     LEDGER_DAMAGED = "ledger-damaged"      # DP gate: the site's ledger failed its chain check
     ROLLBACK_ALARM = "rollback-alarm"      # DP gate: a ledger rollback alarm is pending
+    LEDGER_ROLLBACK = "ledger-rollback"    # the ledger lacks an entry the consortium saw
+    NO_SITE_BUDGET = "no-site-budget"      # DP gate: a deployed site's own config sets no budget
     PROTOCOL_MISMATCH = "protocol-mismatch"  # malformed query or another protocol version
     MODEL_MISMATCH = "model-mismatch"      # candidates or autoencoder do not match their hashes
     SITE_ERROR = "site-error"              # anything else
@@ -405,7 +407,10 @@ class GateQuery:
     config section, whose weights travel in the query's ``autoencoder`` ArrayRecord with hash
     ``autoencoder_sha256``. ``candidates_sha256`` is :func:`privacy.outbox.weights_hash` of
     ``{"views": views}``. ``default_target_epsilon``/``default_delta``: the consortium's default
-    budget, used by a site that sets none and never trained (DP gate only).
+    budget, which only a simulated site whose config sets none takes, and only until a cap is
+    locked in its ledger (DP gate only; :func:`privacy.budget.resolve_cap`). ``expected_heads``
+    maps each site id to the ``(seq, hash)`` of the newest entry of its ledger the consortium has
+    seen (train replies and gate answers): a site whose ledger lacks it was rolled back and refuses.
     """
 
     query_id: str
@@ -424,11 +429,14 @@ class GateQuery:
     dp_epsilon: float = 0.0
     default_target_epsilon: float = 10.0
     default_delta: float = 1e-5
+    expected_heads: dict[str, tuple[int, str]] = field(default_factory=dict)
     protocol: int = PROTOCOL_VERSION
 
     def to_record(self) -> dict[str, Any]:
         """ConfigRecord content: scalars as is, nested values as canonical JSON strings."""
         return {"protocol": self.protocol, "query-id": self.query_id, "distance": self.distance,
+                "expected-heads": compact_json({k: [int(s), str(h)]
+                                                for k, (s, h) in self.expected_heads.items()}),
                 "threshold": compact_json(self.threshold.to_json()), "max-shift": int(self.max_shift),
                 "chunk-size": int(self.chunk_size), "num-candidates": int(self.num_candidates),
                 "candidates-sha256": self.candidates_sha256, "data": compact_json(self.data),
@@ -467,7 +475,10 @@ class GateQuery:
             dp_enabled=record_field(record, "dp-enabled", bool),
             dp_epsilon=float(record_field(record, "dp-epsilon", _NUMBER)),
             default_target_epsilon=float(record_field(record, "default-target-epsilon", _NUMBER)),
-            default_delta=float(record_field(record, "default-delta", _NUMBER)), protocol=protocol)
+            default_delta=float(record_field(record, "default-delta", _NUMBER)),
+            expected_heads={str(k): (int(v[0]), str(v[1]))
+                            for k, v in record_json_field(record, "expected-heads").items()},
+            protocol=protocol)
 
 
 @dataclass(frozen=True)

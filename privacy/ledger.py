@@ -14,8 +14,10 @@ The format is generic: the site ledger (``plan`` and ``round`` entries, see
   folder is fsync'd when the file is created.
 - A head record next to the ledger (``<ledger>.head``, replaced atomically after every append) holds
   the last ``seq`` and ``hash``, so entries cut from the end are detected too, not only a cut
-  mid-line. Someone who rewrites both files consistently is caught by reconciling with the server's
-  consortium ledger, which mirrors every site's spend.
+  mid-line. It is written (at seq 0) before the ledger file is created, so a ledger with entries and
+  no head record, or an empty ledger file, is reported as a problem, never as intact. Someone who
+  rewrites both files consistently is caught by reconciling with the server's consortium ledger,
+  which mirrors every site's spend.
 
 A ledger with any problem (edited value, deleted, inserted or moved line, cut tail, missing entries
 named by the head record) is reported with the first bad line and never silently repaired: reading
@@ -148,7 +150,13 @@ def _parse_line(raw: bytes, line: int, expected_seq: int,
 
 def _head_problem(head_path: Path, entries: list[LedgerEntry]) -> LedgerProblem | None:
     if not head_path.exists():
-        return None
+        if not entries:
+            return None
+        # append() writes the head record before it creates the file, so a ledger with entries
+        # always has one: without it, entries cut from the end could not be detected.
+        return LedgerProblem(len(entries) + 1, None,
+                             f"the head record {head_path.name} is missing (deleted?), so entries "
+                             f"cut from the end cannot be detected; restore it from a trusted copy")
     try:
         head = json.loads(head_path.read_bytes().decode("ascii"))
         head_seq, head_hash = int(head["seq"]), str(head["hash"])
@@ -177,6 +185,11 @@ def verify_ledger(path: Path | str) -> VerifyResult:
         raise LedgerError(f"{path}: cannot be read ({err.strerror}); check its "
                           f"permissions") from None
     entries: list[LedgerEntry] = []
+    if not data:
+        return VerifyResult(path, entries, LedgerProblem(
+            1, None, "the file is empty: a ledger file holds at least one entry (it was truncated "
+                     "or its first write was interrupted); restore it from a trusted copy, or "
+                     "delete it only if nothing was ever recorded"))
     lines = data.split(b"\n")
     complete, tail = lines[:-1], lines[-1]
     prev_hash = GENESIS_HASH
@@ -267,6 +280,11 @@ class Ledger:
             line = canonical_bytes(entry.to_json()) + b"\n"
             created = not self.path.exists()
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if created and not self.head_path.exists():
+                # The head record exists before the file does: a ledger without one was tampered
+                # with (a crash here leaves head seq 0 and no file, a fresh ledger).
+                atomic_write_bytes(self.head_path,
+                                   canonical_bytes({"seq": 0, "hash": GENESIS_HASH}))
             descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 view = memoryview(line)

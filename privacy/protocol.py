@@ -102,6 +102,8 @@ class RefusalReason(str, Enum):
     LEDGER_DAMAGED = "ledger-damaged"      # the site's own chain or head record check failed
     PLAN_MISMATCH = "plan-mismatch"        # this run's mechanism differs from the ledger's plan
     INVALID_BUDGET = "invalid-budget"      # no noise level fits the site's budget and data
+    NO_SITE_BUDGET = "no-site-budget"      # a deployed site's own config sets no budget
+    NON_FINITE_WEIGHTS = "non-finite-weights"  # training gave non-finite weights; none sent
     PRIVACY_DISABLED = "privacy-disabled"  # the site never releases non-private weights
     PROTOCOL_MISMATCH = "protocol-mismatch"  # the server speaks another protocol version
     MODEL_MISMATCH = "model-mismatch"      # the received weights do not match their hashes

@@ -1,9 +1,12 @@
 """The privacy officer's epsilon report for one site ledger (Markdown, JSON or HTML; PNG plot).
 
-For every round: its steps, the cumulative epsilon the site recorded, that epsilon replayed with
-Opacus from the ledger, and an independent recomputation with Google's ``dp_accounting`` (RDP for an
-``rdp`` ledger, PLD for a ``prv`` ledger) with the stated tolerance. Then the remaining budget, and
-a plain statement of what the guarantee covers and what it does not.
+For every privacy event (a DP-SGD round or a DP release-gate charge, in ledger order): the
+cumulative epsilon the site recorded, the total replayed from the ledger with the site's own spend
+function (:func:`privacy.spend.site_spend`: DP-SGD with Opacus plus the gate charges), the increase
+(the rows add up to the spend), and an independent recomputation: Google's ``dp_accounting`` (RDP
+for an ``rdp`` ledger, PLD for a ``prv`` ledger) for the DP-SGD part plus the gate charges, with the
+stated tolerance. Then the remaining budget, and a plain statement of what the guarantee covers and
+what it does not.
 
 A ledger with ``non-private-round`` entries (a site that opted in to non-private training) is
 reported as NOT differentially private: spent = infinity, the non-private rounds are counted and
@@ -22,11 +25,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privacy.accounting import (INDEPENDENT_METHOD, INDEPENDENT_TOLERANCE, epsilon, history_of,
+from privacy.accounting import (INDEPENDENT_METHOD, INDEPENDENT_TOLERANCE, history_of,
                                 independent_curve, independent_epsilon, merge_history)
 from privacy.ledger import LedgerError, verify_ledger
-from privacy.site_ledger import (NonPrivateRoundRecord, PlanRecord, RoundRecord, SiteLedger,
-                                 utc_timestamp)
+from privacy.site_ledger import (GateChargeRecord, NonPrivateRoundRecord, PlanRecord, RoundRecord,
+                                 SiteLedger, SiteLedgerState, state_of, utc_timestamp)
+from privacy.spend import site_spend
 
 # Rounds to look ahead when counting how many more rounds of the current plan fit under the cap.
 _MAX_LOOKAHEAD_ROUNDS = 10_000
@@ -37,9 +41,13 @@ def coverage_statement(plan: PlanRecord) -> tuple[list[str], list[str]]:
     covers = [
         "The model weights this site sent to the server in the rounds listed in this ledger, "
         "and anything computed from them afterwards (post-processing, including the EMA of the "
-        "weights, aggregation by the server and synthetic images sampled from the model).",
-        "At the level of a patient: adding or removing all scans of any one patient changes the "
-        "distribution of those weights by at most the stated (epsilon, delta).",
+        "weights, aggregation by the server and synthetic images sampled from the model). WHICH "
+        "sampled images are released is decided by the release gate, whose answers depend on "
+        "private scans: that choice is covered only by a DP gate's charges in this ledger, never "
+        "by the DP-SGD epsilon alone.",
+        "At the level of a patient (the neighbouring relation: add or remove all scans of one "
+        "patient, with the number of patients N treated as public): the distribution of those "
+        "weights changes by at most the stated (epsilon, delta).",
         f"Under the training that was run: Poisson sampling of patients at rate q = "
         f"{plan.sample_rate:.4g}, each patient's gradient (over all its scans and noise draws) "
         f"clipped to norm {plan.max_grad_norm:g} ({plan.clipping}), Gaussian noise with multiplier "
@@ -47,8 +55,10 @@ def coverage_statement(plan: PlanRecord) -> tuple[list[str], list[str]]:
         f"({plan.accountant.upper()} accountant).",
     ]
     not_covered = [
-        "Release-gate answers: the pass/fail of each candidate is computed from the site's private "
-        "scans and is not protected by this epsilon (see the release report's gate caveat).",
+        "Release-gate answers without the DP gate: the pass/fail of each candidate is computed "
+        "from the site's private scans and is not protected by this epsilon (see the release "
+        "report's gate caveat), and so neither is the choice of which synthetic images are "
+        "released.",
         f"The number of patients (N = {plan.num_patients}) and the sample count: public metadata, "
         "used to set q.",
         "Anything outside the DP-SGD steps: a training loss or other statistic computed on "
@@ -92,6 +102,12 @@ def non_private_statement(records: list[NonPrivateRoundRecord], dp_rounds: int
 
 @dataclass(frozen=True)
 class ReportRow:
+    """One privacy event of the ledger, in ledger order: a DP-SGD ``round`` or a ``dp-gate``
+    charge. ``epsilon`` is the cumulative total the site recorded with it, ``replayed_epsilon`` the
+    total :func:`privacy.spend.site_spend` computes from the ledger up to it, ``spend`` the
+    increase of that total (so the rows add up to the spend), ``independent_epsilon`` the total
+    recomputed with dp_accounting (DP-SGD) plus the gate charges."""
+
     round: int
     steps: int
     noise_multiplier: float
@@ -103,6 +119,9 @@ class ReportRow:
     agrees: bool
     timestamp: str
     model_hash_after: str
+    kind: str = RoundRecord.kind
+    query_id: str = ""
+    gate_epsilon: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -131,18 +150,22 @@ class PrivacyReport:
     differentially_private: bool = True
     non_private_rounds: int = 0
     non_private: list[dict[str, Any]] = field(default_factory=list)
+    # The spend split: DP-SGD (replayed) and DP-gate charges; spent = dp_sgd_spent + gate_spent.
+    dp_sgd_spent: float = 0.0
+    gate_spent: float = 0.0
+    gate_queries: int = 0
+    cap_source: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _rounds_remaining(plan: PlanRecord, rounds: list[RoundRecord]) -> int:
+def _rounds_remaining(plan: PlanRecord, state: SiteLedgerState) -> int:
     """How many more rounds of the plan in force fit under its cap (bisection on the count)."""
-    history = history_of(rounds)
+    cap = state.cap
 
     def fits(extra: int) -> bool:
-        step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round * extra)
-        return epsilon(history + [step], plan.delta, plan.accountant) <= plan.target_epsilon
+        return site_spend(state, extra_steps=plan.steps_per_round * extra).total <= cap
 
     low, high = 0, 1
     while fits(high):
@@ -155,12 +178,64 @@ def _rounds_remaining(plan: PlanRecord, rounds: list[RoundRecord]) -> int:
     return low
 
 
+def _agrees_exactly(recorded: float, replayed: float) -> bool:
+    # The site wrote the figure with the same function: equal up to float summation order.
+    return math.isclose(recorded, replayed, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def _event_rows(entries: list, path: Path, plan: PlanRecord, method: str,
+                tolerance) -> list[ReportRow]:
+    """One row per ``round`` and ``dp-gate`` entry, with the totals of the ledger up to it."""
+    state = state_of(entries, path)
+    independent_sgd = independent_curve([history_of([r]) for r in state.rounds], plan.delta,
+                                        method)
+    rows: list[ReportRow] = []
+    previous, rounds_seen, gates_seen = 0.0, 0, []
+    for index, entry in enumerate(entries):
+        if entry.kind not in (RoundRecord.kind, GateChargeRecord.kind):
+            continue
+        replayed = site_spend(state_of(entries[:index + 1], path)).total
+        if entry.kind == RoundRecord.kind:
+            record = state.rounds[rounds_seen]
+            rounds_seen += 1
+        else:
+            record = state.gate_charges[len(gates_seen)]
+            gates_seen.append(record.epsilon)
+        independent = (independent_sgd[rounds_seen - 1] if rounds_seen else 0.0) + \
+            math.fsum(gates_seen)
+        if isinstance(record, RoundRecord):
+            rows.append(ReportRow(
+                round=record.round, steps=record.steps, noise_multiplier=record.noise_multiplier,
+                sample_rate=record.sample_rate, epsilon=record.epsilon,
+                spend=replayed - previous, replayed_epsilon=replayed,
+                independent_epsilon=independent,
+                agrees=_agrees_exactly(record.epsilon, replayed) and
+                tolerance.agrees(replayed, independent),
+                timestamp=record.timestamp, model_hash_after=record.model_hash_after))
+        else:
+            rows.append(ReportRow(
+                round=state.rounds[rounds_seen - 1].round if rounds_seen else 0, steps=0,
+                noise_multiplier=0.0, sample_rate=0.0, epsilon=record.total_epsilon,
+                spend=replayed - previous, replayed_epsilon=replayed,
+                independent_epsilon=independent,
+                agrees=_agrees_exactly(record.total_epsilon, replayed) and
+                tolerance.agrees(replayed, independent),
+                timestamp=record.timestamp, model_hash_after="", kind=GateChargeRecord.kind,
+                query_id=record.query_id, gate_epsilon=record.epsilon))
+        previous = replayed
+    return rows
+
+
 def build_report(ledger_path: Path | str) -> PrivacyReport:
     """Read and verify a site ledger and recompute every figure. :class:`LedgerError` if it is
-    broken (an officer first runs ``fedsynth audit verify``) or holds no plan."""
+    broken (an officer first runs ``fedsynth audit verify``) or holds no plan.
+
+    The spend is :func:`privacy.spend.site_spend` (DP-SGD rounds plus DP-gate charges), the same
+    figure the site enforces; the rows (rounds and gate charges in ledger order) add up to it."""
     path = Path(ledger_path)
     verified = verify_ledger(path)
-    state = SiteLedger(path).state()
+    entries = SiteLedger(path).ledger.entries()
+    state = state_of(entries, path)
     plan = state.plan
     if plan is None and state.non_private:
         return _non_private_only(path, verified.ok, len(verified.entries), state)
@@ -169,37 +244,34 @@ def build_report(ledger_path: Path | str) -> PrivacyReport:
                           f"pass the site's ledger (<data_dir>/.fedsynth/ledger.jsonl)")
     method = INDEPENDENT_METHOD[plan.accountant]
     tolerance = INDEPENDENT_TOLERANCE[plan.accountant]
-    independent = independent_curve([history_of([r]) for r in state.rounds], plan.delta, method)
-    rows, previous = [], 0.0
-    for i, record in enumerate(state.rounds):
-        replayed = epsilon(history_of(state.rounds[:i + 1]), record.delta, record.accountant)
-        rows.append(ReportRow(
-            round=record.round, steps=record.steps, noise_multiplier=record.noise_multiplier,
-            sample_rate=record.sample_rate, epsilon=record.epsilon, spend=record.epsilon - previous,
-            replayed_epsilon=replayed, independent_epsilon=independent[i],
-            agrees=replayed == record.epsilon and tolerance.agrees(record.epsilon, independent[i]),
-            timestamp=record.timestamp, model_hash_after=record.model_hash_after))
-        previous = record.epsilon
+    rows = _event_rows(entries, path, plan, method, tolerance)
+    spend = site_spend(state)
     history = merge_history(history_of(state.rounds))
-    spent = epsilon(history, plan.delta, plan.accountant)
     covers, not_covered = coverage_statement(plan)
+    if spend.gate_queries:
+        covers.append(f"The {spend.gate_queries} DP release-gate answer(s) charged to this ledger "
+                      f"(pure epsilon {spend.gate:.4g} in all, AboveThreshold), composed with the "
+                      f"DP-SGD epsilon by basic composition: the spend is their sum.")
     if state.non_private:
-        spent = math.inf
         covers, extra = non_private_statement(state.non_private, len(state.rounds))
         not_covered = extra + not_covered
+    source = state.locked_budget.source if state.locked_budget else "plan"
+    cap = state.cap
     return PrivacyReport(
         ledger=str(path), generated=utc_timestamp(), chain_intact=verified.ok,
         entries=len(verified.entries), accountant=plan.accountant, delta=plan.delta,
-        cap=plan.target_epsilon, spent=spent, remaining=max(0.0, plan.target_epsilon - spent),
-        rounds_remaining=0 if state.non_private else _rounds_remaining(plan, state.rounds),
+        cap=cap, spent=spend.total, remaining=max(0.0, cap - spend.total),
+        rounds_remaining=0 if state.non_private else _rounds_remaining(plan, state),
         plan=asdict(plan), independent_method=method,
-        independent_total_rdp=independent_epsilon(history, plan.delta, "rdp"),
-        independent_total_pld=independent_epsilon(history, plan.delta, "pld"),
+        independent_total_rdp=independent_epsilon(history, plan.delta, "rdp") + spend.gate,
+        independent_total_pld=independent_epsilon(history, plan.delta, "pld") + spend.gate,
         tolerance=tolerance.describe(), all_agree=all(row.agrees for row in rows),
         other_entries=dict(Counter(entry.kind for entry in state.other)),
         rows=rows, covers=covers, not_covered=not_covered,
         differentially_private=not state.non_private, non_private_rounds=len(state.non_private),
-        non_private=[asdict(record) for record in state.non_private])
+        non_private=[asdict(record) for record in state.non_private],
+        dp_sgd_spent=spend.dp_sgd, gate_spent=spend.gate, gate_queries=spend.gate_queries,
+        cap_source=source)
 
 
 def _non_private_only(path: Path, intact: bool, entries: int, state) -> PrivacyReport:
@@ -225,7 +297,9 @@ def plot_png(report: PrivacyReport) -> bytes:
 
     figure = Figure(figsize=(6, 3.6), dpi=100)
     axes = figure.add_subplot()
-    rounds = [row.round for row in report.rows]
+    # A gate charge is drawn half-way after the round it followed.
+    rounds = [row.round + (0.5 if row.kind == GateChargeRecord.kind else 0.0)
+              for row in report.rows]
     axes.plot(rounds, [row.epsilon for row in report.rows], "o-",
               label=f"ledger ({report.accountant})")
     axes.plot(rounds, [row.independent_epsilon for row in report.rows], "x--",
@@ -277,8 +351,11 @@ def _summary(report: PrivacyReport) -> list[tuple[str, str]]:
         ("Hash chain", f"intact ({report.entries} entries)" if report.chain_intact else "BROKEN"),
         ("Accountant", f"{report.accountant} (Opacus)"),
         ("Delta", f"{report.delta:g}"),
-        ("Cap (target epsilon)", f"{report.cap:g}"),
-        ("Spent", f"{report.spent:.4f}"),
+        ("Cap (target epsilon)", f"{report.cap:g}" + (f" ({report.cap_source})"
+                                                       if report.cap_source else "")),
+        ("Spent", f"{report.spent:.4f} = DP-SGD {report.dp_sgd_spent:.4f} + DP gate "
+                  f"{report.gate_spent:.4f} ({report.gate_queries} charge(s)), as the site "
+                  f"enforces it"),
         ("Remaining", f"{report.remaining:.4f} (about {report.rounds_remaining} more rounds of "
                       f"{plan['steps_per_round']} steps)"),
         ("Noise multiplier sigma", f"{plan['noise_multiplier']:.4f}"),
@@ -286,22 +363,29 @@ def _summary(report: PrivacyReport) -> list[tuple[str, str]]:
                      f"{plan['num_patients']} patients per step, Poisson)"),
         ("Clipping", f"{plan['clipping']}, per-patient norm C = {plan['max_grad_norm']:g}"),
         ("Independent total", f"RDP {report.independent_total_rdp:.4f}, PLD "
-                              f"{report.independent_total_pld:.4f} (dp_accounting)"),
-        ("Agreement", ("all rounds agree" if report.all_agree else "DISAGREEMENT, see the table")
+                              f"{report.independent_total_pld:.4f} (dp_accounting for DP-SGD, "
+                              f"plus the gate charges)"),
+        ("Agreement", ("every round and gate charge agrees" if report.all_agree
+                       else "DISAGREEMENT, see the table")
          + f"; tolerance {report.tolerance}"),
     ] + ([("Other entries", ", ".join(f"{n} {kind}" for kind, n in report.other_entries.items())
-           + ": not DP-SGD, not in the epsilon above (see the release report)")]
+           + ": not privacy events, not in the epsilon above")]
          if report.other_entries else [])
 
 
-_COLUMNS = ("round", "steps", "sigma", "q", "spend", "epsilon (ledger)", "epsilon (replayed)",
+_COLUMNS = ("event", "steps", "sigma", "q", "spend", "epsilon (ledger)", "epsilon (replayed)",
             "epsilon (independent)", "agrees")
 
 
 def _cells(row: ReportRow) -> list[str]:
-    return [str(row.round), str(row.steps), f"{row.noise_multiplier:.4f}", f"{row.sample_rate:.4g}",
-            f"{row.spend:.4f}", f"{row.epsilon:.4f}", f"{row.replayed_epsilon:.4f}",
-            f"{row.independent_epsilon:.4f}", "yes" if row.agrees else "NO"]
+    if row.kind == GateChargeRecord.kind:
+        return [f"DP gate {row.query_id} (epsilon {row.gate_epsilon:g})", "-", "-", "-",
+                f"{row.spend:.4f}", f"{row.epsilon:.4f}", f"{row.replayed_epsilon:.4f}",
+                f"{row.independent_epsilon:.4f}", "yes" if row.agrees else "NO"]
+    return [f"round {row.round}", str(row.steps), f"{row.noise_multiplier:.4f}",
+            f"{row.sample_rate:.4g}", f"{row.spend:.4f}", f"{row.epsilon:.4f}",
+            f"{row.replayed_epsilon:.4f}", f"{row.independent_epsilon:.4f}",
+            "yes" if row.agrees else "NO"]
 
 
 _NON_PRIVATE_COLUMNS = ("round", "steps", "patients", "batch", "timestamp", "weights after")
@@ -323,7 +407,8 @@ def render_markdown(report: PrivacyReport, plot_name: str | None = None) -> str:
     lines = ["# Privacy report", "", f"Generated {report.generated}.", ""] + _warning(report) + [
              "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in _summary(report)]
-    lines += ["", "## Rounds", "", "| " + " | ".join(_COLUMNS) + " |",
+    lines += ["", "## Privacy events (DP-SGD rounds and DP-gate charges)", "",
+              "| " + " | ".join(_COLUMNS) + " |",
               "|" + "---|" * len(_COLUMNS)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in report.rows]
     if not report.rows:
@@ -351,7 +436,8 @@ def render_html(report: PrivacyReport, png: bytes | None = None) -> str:
               for line in _warning(report) if line]
     parts.append("<table>")
     parts += [f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in _summary(report)]
-    parts += ["</table>", "<h2>Rounds</h2>", "<table><tr>"
+    parts += ["</table>", "<h2>Privacy events (DP-SGD rounds and DP-gate charges)</h2>",
+              "<table><tr>"
               + "".join(f"<th>{esc(c)}</th>" for c in _COLUMNS) + "</tr>"]
     parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in _cells(row)) + "</tr>"
               for row in report.rows]

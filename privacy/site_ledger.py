@@ -10,9 +10,15 @@
   that opted in with ``allow_non_private``, research and demo data only): the patients, steps and
   the hashes of the weights. It has no epsilon field: from this entry on, the site's epsilon is
   infinite, and no later DP-SGD round can be accounted (:mod:`privacy.budget` refuses it).
+- ``dp-gate``: one DP release-gate query charged to the site (:mod:`privacy.dp_gate`): its pure
+  epsilon, composed with the DP-SGD epsilon by basic composition.
+- ``budget``: the cap in force and where it came from: the site's own config, or (simulation only,
+  a site config without a budget) the consortium default, locked here at first use so that the
+  server can never raise it later (:func:`privacy.budget.resolve_cap`).
 
-The round entries are the single source of truth for the spend: the accountant is rebuilt by
-replaying them (:func:`privacy.accounting.replay_accountant`).
+The entries are the single source of truth for the spend: :func:`privacy.spend.site_spend` replays
+the round entries into an accountant and adds the gate charges; enforcement, replies and reports all
+call it.
 """
 
 from __future__ import annotations
@@ -145,15 +151,63 @@ class NonPrivateRoundRecord(_Record):
 
 
 @dataclass(frozen=True)
+class GateChargeRecord(_Record):
+    """One DP gate query charged to the site (:mod:`privacy.dp_gate`): its ``epsilon`` and the
+    spends after it. ``gate_epsilon`` is the sum of every gate charge so far (this one included);
+    ``total_epsilon`` = DP-SGD epsilon at ``delta`` + ``gate_epsilon`` (basic composition)."""
+
+    kind: ClassVar[str] = "dp-gate"
+    query_id: str
+    mechanism: str
+    epsilon: float
+    gate_epsilon: float
+    dp_sgd_epsilon: float
+    total_epsilon: float
+    delta: float
+    target_epsilon: float
+    num_candidates: int
+    threshold_policy: str
+    candidates_sha256: str
+    timestamp: str
+    fedsynth_version: str
+
+
+# Where a cap in force came from (``BudgetRecord.source``).
+SITE_CONFIG, CONSORTIUM_DEFAULT = "site-config", "consortium-default"
+
+
+@dataclass(frozen=True)
+class BudgetRecord(_Record):
+    """The site's cap (``target_epsilon`` at ``delta``) from this entry on, and its ``source``:
+    ``site-config`` (the site's own config) or ``consortium-default`` (simulation only: a site
+    config without a budget; locked at first use, never raised by the server afterwards)."""
+
+    kind: ClassVar[str] = "budget"
+    target_epsilon: float
+    delta: float
+    source: str
+    timestamp: str
+    fedsynth_version: str
+
+
+@dataclass(frozen=True)
 class SiteLedgerState:
     """A verified read of a site ledger: the plans (the latest is in force), the DP-SGD rounds, the
-    non-private rounds, and the entries of other kinds the site ledger may hold (e.g. ``dp-gate``
-    charges of :mod:`privacy.dp_gate`), which DP-SGD accounting leaves to their own modules."""
+    non-private rounds, the DP-gate charges, the budget entries, the cap in force (the latest
+    ``plan``, ``budget`` or ``dp-gate`` entry's, in ledger order) and any entries of other
+    kinds."""
 
     plans: list[PlanRecord]
     rounds: list[RoundRecord]
     other: list[LedgerEntry] = field(default_factory=list)
     non_private: list[NonPrivateRoundRecord] = field(default_factory=list)
+    gate_charges: list[GateChargeRecord] = field(default_factory=list)
+    budgets: list[BudgetRecord] = field(default_factory=list)
+    # (target_epsilon, delta) of the newest plan, budget or dp-gate entry (each records the cap it
+    # was written under); None when there is none.
+    cap_in_force: tuple[float, float] | None = None
+    # The ledger's events in order (plan, budget, round, non-private-round, dp-gate records).
+    events: list = field(default_factory=list)
 
     @property
     def differentially_private(self) -> bool:
@@ -168,13 +222,24 @@ class SiteLedgerState:
     def first_plan(self) -> PlanRecord | None:
         return self.plans[0] if self.plans else None
 
+    @property
+    def cap(self) -> float | None:
+        """The cap in force (None on a ledger without plan or budget entry)."""
+        return None if self.cap_in_force is None else self.cap_in_force[0]
+
+    @property
+    def locked_budget(self) -> BudgetRecord | None:
+        """The newest ``budget`` entry, if any."""
+        return self.budgets[-1] if self.budgets else None
+
 
 class SiteLedger:
     """Typed access to a site's ledger file (hash chain, fsync and lock from :class:`Ledger`)."""
 
     KINDS: ClassVar[dict[str, type[_Record]]] = {
         PlanRecord.kind: PlanRecord, RoundRecord.kind: RoundRecord,
-        NonPrivateRoundRecord.kind: NonPrivateRoundRecord}
+        NonPrivateRoundRecord.kind: NonPrivateRoundRecord, GateChargeRecord.kind: GateChargeRecord,
+        BudgetRecord.kind: BudgetRecord}
 
     def __init__(self, path: Path | str):
         self.ledger = Ledger(path)
@@ -189,23 +254,34 @@ class SiteLedger:
 
     def state(self) -> SiteLedgerState:
         """Verify the chain and decode the plan and round entries (other kinds kept as they are)."""
-        typed: dict[str, list] = {kind: [] for kind in self.KINDS}
-        other: list[LedgerEntry] = []
-        for entry in self.ledger.entries():
-            record_type = self.KINDS.get(entry.kind)
-            if record_type is None:
-                other.append(entry)
-                continue
-            typed[entry.kind].append(record_type.from_entry(entry, self.path))
-        plans, rounds = typed[PlanRecord.kind], typed[RoundRecord.kind]
-        if rounds and not plans:
-            raise LedgerError(f"{self.path}: has round entries but no plan entry; restore the "
-                              f"ledger")
-        return SiteLedgerState(plans, rounds, other, typed[NonPrivateRoundRecord.kind])
+        return state_of(self.ledger.entries(), self.path)
 
     def append(self, record: _Record) -> LedgerEntry:
         """Append a typed record durably."""
         return self.ledger.append(record.kind, record.to_payload())
+
+
+def state_of(entries: list[LedgerEntry], path: Path | str = "ledger") -> SiteLedgerState:
+    """Decode verified ``entries`` of a site ledger (a prefix gives the state at that point)."""
+    typed: dict[str, list] = {kind: [] for kind in SiteLedger.KINDS}
+    other: list[LedgerEntry] = []
+    events: list = []
+    cap: tuple[float, float] | None = None
+    for entry in entries:
+        record_type = SiteLedger.KINDS.get(entry.kind)
+        if record_type is None:
+            other.append(entry)
+            continue
+        record = record_type.from_entry(entry, path)
+        typed[entry.kind].append(record)
+        events.append(record)
+        if isinstance(record, (PlanRecord, BudgetRecord, GateChargeRecord)):
+            cap = (record.target_epsilon, record.delta)
+    plans, rounds = typed[PlanRecord.kind], typed[RoundRecord.kind]
+    if rounds and not plans:
+        raise LedgerError(f"{path}: has round entries but no plan entry; restore the ledger")
+    return SiteLedgerState(plans, rounds, other, typed[NonPrivateRoundRecord.kind],
+                           typed[GateChargeRecord.kind], typed[BudgetRecord.kind], cap, events)
 
 
 def read_site_ledger(path: Path | str) -> SiteLedgerState:

@@ -7,6 +7,10 @@ the previous entry's hash, fsync'd appends, a head record). Entry kinds and thei
 - ``site-round``: one site's reply in one round, as reported: status, reason code, cumulative
   epsilon, the mechanism (sigma, q, steps), patients, and the head ``(seq, hash)`` of the SITE's
   ledger after the round - what :mod:`server.reconcile` later compares with the site's own ledger;
+- ``site-gate``: one site's answer to one release-gate query, as reported: status, reason code, the
+  DP-gate charge and the site's totals after it (DP-SGD + gate), and the head ``(seq, hash)`` of the
+  SITE's ledger after the answer - so a site ledger restored from before its gate charges is caught
+  by :mod:`server.reconcile` and by the site itself (the next query's expected head);
 - ``site-failure``: a site (node) that failed or did not answer in time;
 - ``round``: the round closed - ``aggregated`` (with the new global weights' hash and the sites that
   took part) or ``failed`` (fewer than ``federation.min_sites`` trained; the global model is unchanged);
@@ -34,9 +38,10 @@ from privacy.ledger import Ledger, LedgerEntry, LedgerError
 from privacy.protocol import TrainReply
 from privacy.site_ledger import fedsynth_version, utc_timestamp
 
-START, SITE_ROUND, SITE_FAILURE, ROUND, RESUME, END = (
-    "federation-start", "site-round", "site-failure", "round", "resume", "federation-end")
-KINDS = (START, SITE_ROUND, SITE_FAILURE, ROUND, RESUME, END)
+START, SITE_ROUND, SITE_GATE, SITE_FAILURE, ROUND, RESUME, END = (
+    "federation-start", "site-round", "site-gate", "site-failure", "round", "resume",
+    "federation-end")
+KINDS = (START, SITE_ROUND, SITE_GATE, SITE_FAILURE, ROUND, RESUME, END)
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,22 @@ class SiteReport:
     site_ledger_seq: int
     site_ledger_head: str
     superseded: bool
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """A ``site-gate`` entry, decoded: one site's answer to one gate query."""
+
+    seq: int                 # of the consortium entry
+    query_id: str
+    site_id: str
+    status: str
+    reason: str
+    epsilon_charged: float
+    epsilon_total: float
+    site_ledger_seq: int
+    site_ledger_head: str
+    replayed: bool
 
 
 @dataclass(frozen=True)
@@ -82,14 +103,31 @@ class ConsortiumView:
                                       entry.seq in self.superseded))
         return reports
 
+    def gate_reports(self, site_id: str | None = None) -> list[GateReport]:
+        """Every ``site-gate`` entry (of one site if given), in order."""
+        reports = []
+        for entry in self.entries:
+            if entry.kind != SITE_GATE:
+                continue
+            p = entry.payload
+            if site_id is not None and p["site_id"] != site_id:
+                continue
+            reports.append(GateReport(entry.seq, str(p["query_id"]), str(p["site_id"]),
+                                      str(p["status"]), str(p["reason"]),
+                                      float(p["epsilon_charged"]), float(p["epsilon_total"]),
+                                      int(p["site_ledger_seq"]), str(p["site_ledger_head"]),
+                                      bool(p["replayed"])))
+        return reports
+
     def site_ids(self) -> list[str]:
-        return sorted({r.site_id for r in self.site_reports()})
+        return sorted({r.site_id for r in self.site_reports()} |
+                      {r.site_id for r in self.gate_reports()})
 
     def expected_heads(self) -> dict[str, tuple[int, str]]:
-        """Per site, the newest ledger head it reported (superseded reports count: the sites did
-        commit those entries)."""
+        """Per site, the newest ledger head it reported in a train reply or a gate answer
+        (superseded reports count: the sites did commit those entries)."""
         heads: dict[str, tuple[int, str]] = {}
-        for report in self.site_reports():
+        for report in [*self.site_reports(), *self.gate_reports()]:
             if report.site_ledger_seq > heads.get(report.site_id, (0, ""))[0]:
                 heads[report.site_id] = (report.site_ledger_seq, report.site_ledger_head)
         return heads
@@ -104,6 +142,8 @@ class ConsortiumView:
         latest: dict[str, float] = {}
         for report in self.site_reports():
             latest[report.site_id] = max(report.epsilon, latest.get(report.site_id, 0.0))
+        for gate in self.gate_reports():
+            latest[gate.site_id] = max(gate.epsilon_total, latest.get(gate.site_id, 0.0))
         return latest
 
 
@@ -163,6 +203,19 @@ class ConsortiumLedger:
             "sample_rate": reply.sample_rate, "steps": reply.steps, "num_patients": reply.num_patients,
             "site_ledger_seq": reply.ledger_seq, "site_ledger_head": reply.ledger_head,
             "weights_sha256": reply.weights_sha256, "resumed": reply.resumed})
+
+    def record_gate(self, node_id: int, answer: Any) -> LedgerEntry:
+        """Mirror one gate answer (a :class:`privacy.gate.GateAnswer`)."""
+        return self._append(SITE_GATE, {
+            "query_id": answer.query_id, "node_id": str(node_id), "site_id": answer.site_id,
+            "status": answer.status.value, "reason": answer.reason.value,
+            "num_candidates": int(answer.num_candidates), "num_passed": int(answer.num_passed),
+            "epsilon_charged": float(answer.epsilon_charged),
+            "epsilon_gate": float(answer.epsilon_gate),
+            "epsilon_total": json_number(answer.epsilon_total),
+            "target_epsilon": json_number(answer.target_epsilon), "delta": float(answer.delta),
+            "site_ledger_seq": int(answer.ledger_seq), "site_ledger_head": answer.ledger_head,
+            "replayed": bool(answer.replayed)})
 
     def record_failure(self, round: int, node_id: int, site_id: str, error: str) -> LedgerEntry:
         return self._append(SITE_FAILURE, {"round": int(round), "node_id": str(node_id),

@@ -42,6 +42,8 @@ from flwr.serverapp import Grid
 
 from configs import Config, config_to_dict, flatten_config
 from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from models.device import autocast, resolve_device
+from models.memory import configure
 from privacy.ledger import LedgerError
 from privacy.outbox import weights_hash
 from privacy.protocol import RoundConfig
@@ -335,10 +337,13 @@ def run_federation(grid: Grid, settings: FederationSettings,
             metrics = _round_metrics(summary, strategy, wall)
             if validation is not None:
                 evaluated = time.perf_counter()
-                metrics.update(evaluate_public(
-                    checkpoint.build_model(), validation, base.data.num_classes, seed=config.seed,
-                    sampling_steps=min(10, config.model.diffusion.sampling_steps),
-                    preview=folder / "previews" / f"round_{server_round:04d}.png"))
+                device = resolve_device(config.device)
+                with autocast(device, config.precision):
+                    metrics.update(evaluate_public(
+                        configure(checkpoint.build_model(device), config.memory), validation,
+                        base.data.num_classes, seed=config.seed,
+                        sampling_steps=min(10, config.model.diffusion.sampling_steps),
+                        preview=folder / "previews" / f"round_{server_round:04d}.png"))
                 metrics["round/eval_seconds"] = time.perf_counter() - evaluated
             write_state(folder, FederationState(
                 round=server_round,

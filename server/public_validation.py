@@ -21,6 +21,7 @@ import torch
 
 from models.checkpoint import atomic_torch_save
 from models.conditioning import label_map_to_latent_grid
+from models.device import module_device
 from models.diffusion import LatentDiffusion, build_scheduler, diffusion_loss
 from models.metrics import volume_mmd
 from models.previews import save_preview
@@ -76,10 +77,11 @@ def evaluate_public(model: LatentDiffusion, validation: PublicValidationSet, num
                     preview: Path | None = None) -> dict[str, float]:
     """``val/diffusion_loss`` and (with 2+ public scans) ``val/mmd``; writes ``preview`` if given."""
     model.eval()
+    device = module_device(model)  # the model's device; metrics and previews from CPU copies
     generator = torch.Generator().manual_seed(seed)
-    onehot = validation.onehot(num_classes)
-    attributes = validation.attributes if validation.attributes.shape[1] else None
-    latents = model.encode(validation.images)
+    onehot = validation.onehot(num_classes).to(device)
+    attributes = validation.attributes.to(device) if validation.attributes.shape[1] else None
+    latents = model.encode(validation.images.to(device))
     loss = diffusion_loss(model.denoiser, build_scheduler(model.model_cfg), latents,
                           label_map_to_latent_grid(onehot, latents.shape[2:]), attributes,
                           generator=generator).mean()
@@ -88,7 +90,7 @@ def evaluate_public(model: LatentDiffusion, validation: PublicValidationSet, num
     if count >= 2:
         synthetic = model.sample(onehot[:count], None if attributes is None else attributes[:count],
                                  generator=torch.Generator().manual_seed(seed), steps=sampling_steps,
-                                 progress=False)
+                                 progress=False).float().cpu()
         metrics["val/mmd"] = volume_mmd(validation.images, synthetic.clamp(0, 1), seed=seed)
         if preview is not None:
             images = [v for i in range(count) for v in (validation.images[i, 0].numpy(),

@@ -10,8 +10,14 @@ site's ledger at that time and the cumulative epsilon the site reported. For eac
   ``non-private-round`` entry must have been reported with epsilon = +inf);
 - the site's ledger failing its own chain check is reported as such (with the first bad line).
 
-Round entries of the site that the consortium never mirrored (e.g. the server stopped before it
-recorded a reply) are listed as notes: the site spent them, the consortium does not know it yet.
+Every gate answer the consortium mirrored (``site-gate``) is checked the same way: the site's
+ledger must hold the entry the answer named (else **rollback**: e.g. a ledger restored from before
+its DP-gate charges), with the same hash (else **divergence**), and an answer that charged epsilon
+must name that query's ``dp-gate`` entry with the reported total.
+
+Round and DP-gate entries of the site that the consortium never mirrored (e.g. the server stopped
+before it recorded a reply) are listed as notes: the site spent them, the consortium does not know
+it yet.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ from pathlib import Path
 
 from privacy.ledger import LedgerEntry, LedgerError, verify_ledger
 from privacy.rollback_guard import AlarmNotResolved, clear_alarm, pending_alarm
-from privacy.site_ledger import NonPrivateRoundRecord, RoundRecord
-from server.consortium_ledger import SiteReport, read_consortium_ledger
+from privacy.site_ledger import GateChargeRecord, NonPrivateRoundRecord, RoundRecord
+from server.consortium_ledger import GateReport, SiteReport, read_consortium_ledger
 
 ROLLBACK, DIVERGENCE, DAMAGED = "rollback", "divergence", "damaged"
 # Site ledger entries that release weights: DP-SGD rounds and non-private rounds.
 _RELEASES = frozenset({RoundRecord.kind, NonPrivateRoundRecord.kind})
+# Site ledger entries that spend privacy: the releases and the DP-gate charges.
+_SPENDS = _RELEASES | {GateChargeRecord.kind}
 _EPSILON_TOLERANCE = 1e-9
 
 
@@ -62,7 +70,33 @@ class ReconcileReport:
         return out
 
 
-def _infer_site(reports: list[SiteReport], entries: list[LedgerEntry]) -> str | None:
+def _check_gate(report: GateReport, entries: list[LedgerEntry]) -> Finding | None:
+    seq = report.site_ledger_seq
+    where = f"gate query {report.query_id} (consortium seq {report.seq})"
+    if seq > len(entries):
+        return Finding(ROLLBACK, f"the consortium saw site ledger entry seq {seq} in {where}, "
+                                 f"reported total epsilon {report.epsilon_total:.4g}, but the site "
+                                 f"ledger has only {len(entries)} entries: entries (DP-gate "
+                                 f"charges) were cut or an older copy restored")
+    entry = entries[seq - 1]
+    if entry.hash != report.site_ledger_head:
+        return Finding(DIVERGENCE, f"site ledger entry seq {seq} has hash {entry.hash[:12]}, the "
+                                   f"site reported {report.site_ledger_head[:12]} in {where}: the "
+                                   f"ledger was rewritten")
+    if report.status == "ok" and report.epsilon_charged > 0:
+        if entry.kind != GateChargeRecord.kind or entry.payload.get("query_id") != report.query_id:
+            return Finding(DIVERGENCE, f"site ledger entry seq {seq} is not the DP-gate charge of "
+                                       f"{where}")
+        recorded = float(entry.payload.get("total_epsilon", -1.0))
+        if recorded != report.epsilon_total and \
+                not abs(recorded - report.epsilon_total) <= _EPSILON_TOLERANCE:
+            return Finding(DIVERGENCE, f"{where}: the consortium mirrored total epsilon "
+                                       f"{report.epsilon_total:.6g}, the site ledger records "
+                                       f"{recorded:.6g}")
+    return None
+
+
+def _infer_site(reports: list, entries: list[LedgerEntry]) -> str | None:
     hashes = {e.hash for e in entries}
     matching = {r.site_id for r in reports if r.site_ledger_head in hashes}
     if len(matching) == 1:
@@ -117,12 +151,14 @@ def reconcile(site_ledger: Path | str, consortium_ledger: Path | str,
         raise ReconcileError(f"{err}") from None
     entries = result.entries
     reports_all = view.site_reports()
-    site_id = site_id or _infer_site(reports_all, entries)
+    gates_all = view.gate_reports()
+    site_id = site_id or _infer_site([*reports_all, *gates_all], entries)
     if site_id is None:
         raise ReconcileError(f"{consortium_ledger}: cannot tell which site {site_ledger} belongs to "
                              f"(sites: {', '.join(view.site_ids()) or 'none'}); pass --site SITE_ID")
     reports = [r for r in reports_all if r.site_id == site_id and r.site_ledger_seq > 0]
-    report = ReconcileReport(site_id, len(entries), len(reports))
+    gates = [g for g in gates_all if g.site_id == site_id and g.site_ledger_seq > 0]
+    report = ReconcileReport(site_id, len(entries), len(reports) + len(gates))
     if result.problem is not None:
         kind = ROLLBACK if "missing" in result.problem.message else DAMAGED
         report.findings.append(Finding(kind, f"the site ledger fails its own check at "
@@ -135,11 +171,16 @@ def reconcile(site_ledger: Path | str, consortium_ledger: Path | str,
         finding = _check_report(item, entries)
         if finding is not None:
             report.findings.append(finding)
-    mirrored = {r.site_ledger_seq for r in reports}
+    for gate in gates:
+        finding = _check_gate(gate, entries)
+        if finding is not None:
+            report.findings.append(finding)
+    mirrored = {r.site_ledger_seq for r in [*reports, *gates]}
     newest = max(mirrored, default=0)
-    unmirrored = [e for e in entries if e.kind in _RELEASES and e.seq > newest]
+    unmirrored = [e for e in entries if e.kind in _SPENDS and e.seq > newest]
     if unmirrored:
-        report.notes.append(f"{len(unmirrored)} round entr{'y' if len(unmirrored) == 1 else 'ies'} of "
+        plural = "y" if len(unmirrored) == 1 else "ies"
+        report.notes.append(f"{len(unmirrored)} round or DP-gate entr{plural} of "
                             f"the site (seq {', '.join(str(e.seq) for e in unmirrored)}) not mirrored by "
                             f"the consortium (the server stopped before recording them, or another "
                             f"federation used this ledger)")

@@ -11,8 +11,10 @@ released or has used ``release.max_attempts`` candidates:
    ``release.chunk_size`` slots. The round's candidates are cached to disk BEFORE they are sent.
 2. **Gate.** One Flower query message (``query.gate``) per site: the candidate volumes (or, for
    the ``latent`` distance, the embeddings of every translate by the frozen public encoder, plus
-   the encoder itself so the site can embed its scans) and a :class:`privacy.gate.GateQuery`.
-   Every site answers pass/fail per candidate (:mod:`client.gate`); only that and counts return.
+   the encoder itself so the site can embed its scans) and a :class:`privacy.gate.GateQuery`, which
+   carries each site's expected ledger head from the consortium ledger. Every site answers
+   pass/fail per candidate (:mod:`client.gate`); only that and counts return. Every answer (its
+   DP-gate charge, totals and ledger head) is mirrored in the consortium ledger (``site-gate``).
 3. **Decide.** A candidate is released only if EVERY site passed it. A rejected slot moves to its
    next attempt (a new seed, so a new candidate); a slot out of attempts stays empty. Every
    rejection is counted, per site. The decision is written to the state file before any file.
@@ -56,7 +58,9 @@ from tqdm.auto import tqdm
 
 from configs import Config, config_to_dict
 from models.checkpoint import Checkpoint, CheckpointError, atomic_torch_save, load_checkpoint
+from models.device import autocast, module_device, resolve_device, to_device
 from models.diffusion import build_sampler, initial_noise, sample_latents, sampling_steps
+from models.memory import configure
 from models.previews import save_preview
 from models.volume_io import write_volume
 from privacy.durable import atomic_write_bytes
@@ -145,6 +149,7 @@ class GateRoundResult:
     answers: dict[str, GateAnswer] = field(default_factory=dict)
     passed: dict[str, np.ndarray] = field(default_factory=dict)
     failed: list[tuple[int, str]] = field(default_factory=list)
+    nodes: dict[str, int] = field(default_factory=dict)   # site id -> the node that answered
 
 
 @dataclass(frozen=True)
@@ -301,6 +306,7 @@ def generate(model: torch.nn.Module, plan: ReleasePlan, conditions: Sequence[Con
     labels = torch.stack([deformed_map(plan.maps.labels[c.map_index], c.deform_seed)
                           for c in conditions])
     latent_shape = model.latent_shape(grid.shape)
+    device = module_device(model)
     images = []
     for start in range(0, len(conditions), plan.batch_size):
         batch = conditions[start:start + plan.batch_size]
@@ -311,10 +317,12 @@ def generate(model: torch.nn.Module, plan: ReleasePlan, conditions: Sequence[Con
                                              grid.num_classes).permute(0, 4, 1, 2, 3).float()
         attributes = torch.tensor([c.attributes for c in batch], dtype=torch.float32) \
             if grid.attributes else None
-        latents = sample_latents(model.denoiser, build_sampler(model.model_cfg), noise, onehot,
-                                 attributes, steps=sampling_steps(model.model_cfg),
-                                 guidance_scale=model.guidance_scale, progress=False)
-        images.append(model.decode(latents))
+        with autocast(device, plan.config.precision):
+            latents = sample_latents(model.denoiser, build_sampler(model.model_cfg),
+                                     *to_device((noise, onehot, attributes), device),
+                                     steps=sampling_steps(model.model_cfg),
+                                     guidance_scale=model.guidance_scale, progress=False)
+            images.append(model.decode(latents).float().cpu())
     return torch.cat(images), labels
 
 
@@ -329,6 +337,35 @@ def candidate_views(model: torch.nn.Module, images: torch.Tensor, distance: str,
 
 
 # --- the gate round over a Flower Grid -----------------------------------------------------------
+
+def consortium_ledger_path(plan: ReleasePlan) -> Path | None:
+    """The consortium ledger of the release's run (None without a run folder)."""
+    from server.federation import LEDGER_FILE, federation_dir
+
+    return None if plan.run_dir is None else federation_dir(plan.run_dir) / LEDGER_FILE
+
+
+def expected_heads(plan: ReleasePlan) -> dict[str, tuple[int, str]]:
+    """Per site, the newest ledger head the consortium saw (train replies and gate answers)."""
+    from server.consortium_ledger import ConsortiumLedger
+
+    path = consortium_ledger_path(plan)
+    if path is None or not path.exists():
+        return {}
+    return ConsortiumLedger(path).view().expected_heads()
+
+
+def mirror_gate_answers(plan: ReleasePlan, result: GateRoundResult) -> None:
+    """Mirror every site's gate answer (charge, totals, ledger head) in the consortium ledger."""
+    from server.consortium_ledger import ConsortiumLedger
+
+    path = consortium_ledger_path(plan)
+    if path is None:
+        return
+    ledger = ConsortiumLedger(path)
+    for site_id in sorted(result.answers):
+        ledger.record_gate(result.nodes.get(site_id, 0), result.answers[site_id])
+
 
 def gate_query(plan: ReleasePlan, query_id: str, views: torch.Tensor) -> GateQuery:
     release, base = plan.config.release, plan.checkpoint
@@ -347,7 +384,7 @@ def gate_query(plan: ReleasePlan, query_id: str, views: torch.Tensor) -> GateQue
         latent_scale_factor=base.latent_scale_factor, dp_enabled=release.dp_gate.enabled,
         dp_epsilon=release.dp_gate.epsilon if release.dp_gate.enabled else 0.0,
         default_target_epsilon=plan.config.privacy.target_epsilon,
-        default_delta=plan.config.privacy.delta)
+        default_delta=plan.config.privacy.delta, expected_heads=expected_heads(plan))
 
 
 def _layout(content: RecordDict) -> dict[str, tuple[str, Mapping[str, Any]]]:
@@ -394,6 +431,7 @@ def gate_round(grid: Grid, nodes: Sequence[int], query: GateQuery, views: torch.
                                         f"{answer.site_id!r} does not fit this round"))
             continue
         result.answers[answer.site_id] = answer
+        result.nodes[answer.site_id] = int(node)
         if answer.status == GateStatus.OK:
             result.passed[answer.site_id] = reply.content[GATE_PASSED]["passed"].numpy() != 0
     for node in nodes:
@@ -517,6 +555,7 @@ def _run_round(grid: Grid, nodes: Sequence[int], plan: ReleasePlan, state: dict[
                                f"match the state file; restore the release folder or choose a "
                                f"new --out")
         result = gate_round(grid, nodes, query, cache["views"], autoencoder_state, plan.timeout)
+        mirror_gate_answers(plan, result)
         _check_answers(plan, result, record["round"])
         _decide(state, record, result, plan.config.release.max_attempts)
         record["stage"] = "decided"
@@ -586,7 +625,8 @@ def run_release(grid: Grid, plan: ReleasePlan,
         _check_resume(state, plan)
         log.info("%s: resuming the release (%d of %d slots decided)", out, _decided(state),
                  plan.num)
-    model = plan.checkpoint.build_model()
+    model = configure(plan.checkpoint.build_model(resolve_device(plan.config.device)),
+                      plan.config.memory)
     latent = plan.config.release.distance not in IMAGE_DISTANCES
     autoencoder_state = plan.checkpoint.autoencoder_state if latent else None
     nodes: list[int] | None = None

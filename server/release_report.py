@@ -7,11 +7,12 @@ empty slots), the epsilon each site has spent, and the gate's caveat in plain wo
 Epsilon per site, from the most authoritative source available to the server:
 
 1. the site's own ledger, when its file is readable from here (a simulation on one machine):
-   DP-SGD rounds replayed with Opacus plus DP-gate charges (:func:`privacy.dp_gate.site_spend`);
+   :func:`privacy.spend.site_spend`, the figure the site enforces (DP-SGD rounds replayed with
+   Opacus plus DP-gate charges);
 2. else the accounting figures of the site's last gate answer, which the site computed from its
-   own ledger (accounting figures only, allowed to leave the site);
-3. else the consortium ledger's mirror of the site's DP-SGD spend, plus this release's DP-gate
-   charges.
+   own ledger with the same function (accounting figures only, allowed to leave the site);
+3. else the consortium ledger's mirror: the newest total the site reported (train replies and gate
+   answers both carry the site's DP-SGD + DP-gate total).
 
 The consortium ledger's figure is shown next to it as a cross-check whenever it exists.
 """
@@ -23,11 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from privacy.dp_gate import CLOSENESS_THRESHOLD, MECHANISM, site_spend
+from privacy.dp_gate import CLOSENESS_THRESHOLD, MECHANISM
 from privacy.durable import atomic_write_bytes
 from privacy.gate import ThresholdPolicy
 from privacy.ledger import LedgerError
-from privacy.site_ledger import utc_timestamp
+from privacy.site_ledger import SiteLedger, utc_timestamp
+from privacy.spend import site_spend
 
 REPORT_JSON = "release_report.json"
 REPORT_MARKDOWN = "release_report.md"
@@ -44,6 +46,7 @@ class SiteSpendRow:
     delta: float | None
     cap: float | None
     source: str
+    # The newest total (DP-SGD + DP gate) the consortium ledger mirrored for the site.
     consortium_dp_sgd_epsilon: float | None = None
     gate_queries: int = 0
     passed: int = 0
@@ -125,13 +128,15 @@ def _site_row(plan: Any, site_id: str, gate: Mapping[str, Any],
     budget = config.site_budget(site) if site is not None else None
     if site is not None and Path(site.ledger_path).exists():
         try:
-            spend = site_spend(site.ledger_path, default_cap=budget.target_epsilon,
-                               default_delta=budget.delta)
+            state = SiteLedger(site.ledger_path).state()
         except (LedgerError, ValueError) as err:
             return SiteSpendRow(site_id, None, None, None, None, None,
                                 f"site ledger unreadable ({str(err)[:120]})", **counts)
-        return SiteSpendRow(site_id, spend.dp_sgd, spend.gate, spend.total, spend.delta,
-                            spend.cap, f"site ledger {site.ledger_path}", **counts)
+        spend = site_spend(state)
+        return SiteSpendRow(site_id, spend.dp_sgd, spend.gate, spend.total,
+                            spend.delta if spend.delta is not None else budget.delta,
+                            spend.cap if spend.cap is not None else budget.target_epsilon,
+                            f"site ledger {site.ledger_path}", **counts)
     answer = gate.get("last_answer")
     if answer and answer.get("target_epsilon", 0) > 0:
         total, gate_total = float(answer["epsilon_total"]), float(answer["epsilon_gate"])
@@ -140,11 +145,10 @@ def _site_row(plan: Any, site_id: str, gate: Mapping[str, Any],
                             "the site's gate answer (accounting figures from its own ledger)",
                             **counts)
     if site_id in consortium:
-        charged = float(gate.get("epsilon_charged", 0.0))
-        return SiteSpendRow(site_id, consortium[site_id], charged, consortium[site_id] + charged,
+        return SiteSpendRow(site_id, None, None, consortium[site_id],
                             budget.delta if budget else None,
                             budget.target_epsilon if budget else None,
-                            "consortium ledger (DP-SGD) + this release's gate charges", **counts)
+                            "consortium ledger (the newest total the site reported)", **counts)
     return SiteSpendRow(site_id, None, None, None, None, None, "no ledger available", **counts)
 
 
@@ -204,7 +208,7 @@ def render_markdown(report: ReleaseReport) -> str:
              f"| Slots left empty (out of attempts) | {counts['exhausted']} |",
              "", "## Sites", "",
              "| site | epsilon DP-SGD | epsilon DP gate | epsilon total | delta | cap | "
-             "consortium ledger (DP-SGD) | gate queries | passed | failed | source |",
+             "consortium ledger (total) | gate queries | passed | failed | source |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report.sites:
         lines.append(

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 # A refusal for one of these reasons needs a person at the site; retrying within the run is pointless.
 _STICKY_REFUSALS = frozenset({RefusalReason.LEDGER_ROLLBACK, RefusalReason.ROLLBACK_ALARM,
                               RefusalReason.LEDGER_DAMAGED, RefusalReason.PLAN_MISMATCH,
-                              RefusalReason.INVALID_BUDGET, RefusalReason.PRIVACY_DISABLED,
+                              RefusalReason.INVALID_BUDGET, RefusalReason.NO_SITE_BUDGET,
+                              RefusalReason.PRIVACY_DISABLED,
                               RefusalReason.PROTOCOL_MISMATCH})
 
 
@@ -166,9 +167,16 @@ class BudgetAwareFedAvg(FedAvg):
                             else dict(record))
         check_reply(layout, self.weight_shapes or None)
         reply = TrainReply.from_records(dict(content[SITE_ACCOUNTING]), dict(content[SITE_STATUS]))
-        if reply.status is ReplyStatus.OK and \
-                weights_hash(content[SITE_WEIGHTS].to_torch_state_dict()) != reply.weights_sha256:
-            raise ProtocolViolation("arrays: the weights do not match the reported weights-sha256")
+        if reply.status is ReplyStatus.OK:
+            weights = content[SITE_WEIGHTS].to_torch_state_dict()
+            if weights_hash(weights) != reply.weights_sha256:
+                raise ProtocolViolation("arrays: the weights do not match the reported "
+                                        "weights-sha256")
+            bad = [name for name, tensor in weights.items()
+                   if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+            if bad:
+                raise ProtocolViolation(f"arrays.{bad[0]}: holds NaN or infinite values (a site "
+                                        f"never sends them); the reply is discarded")
         return reply
 
     def _update(self, round: int, node: int, reply: TrainReply) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+import inspect
 import json
 import logging
 import pkgutil
@@ -103,8 +104,12 @@ def render(results: dict[str, Any], host: dict[str, Any], quick: bool,
     return "\n".join(lines) + "\n"
 
 
-def run_all(out: Path, quick: bool = False, only: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmarks (all, or ``only``) and write ``out``; returns the results."""
+def run_all(out: Path, quick: bool = False, only: list[str] | None = None,
+            device: str | None = None) -> dict[str, Any]:
+    """Run the benchmarks (all, or ``only``) and write ``out``; returns the results.
+
+    ``device`` goes to the benchmarks whose ``run`` takes one (the others measure the CPU).
+    """
     import torch
 
     names = benchmark_names()
@@ -120,7 +125,9 @@ def run_all(out: Path, quick: bool = False, only: list[str] | None = None) -> di
             start = time.perf_counter()
             try:
                 module = importlib.import_module(f"experiments.benchmarks.{name}")
-                results[name] = module.run(quick=quick)
+                takes_device = "device" in inspect.signature(module.run).parameters
+                results[name] = module.run(quick=quick, **({"device": device}
+                                                           if takes_device else {}))
             except Exception as err:  # noqa: BLE001 - one failing benchmark must not hide the others
                 log.exception("benchmark %s failed", name)
                 results[name] = {"error": f"{type(err).__name__}: {err}"}

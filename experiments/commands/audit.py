@@ -1,7 +1,9 @@
 """``fedsynth audit verify``: check a ledger's hash chain (site or consortium ledger).
 
 Exit 0 when every entry is intact; 1 naming the first bad entry (line, seq and what is wrong) when
-an entry was edited, deleted, inserted, moved or cut; 2 when the file cannot be read.
+an entry was edited, deleted, inserted, moved or cut, when the ledger's ``.head`` record is missing
+(so a cut tail could not be seen), or when the file is empty; 2 when the file cannot be read.
+``reconcile`` covers the site's DP-SGD rounds and its DP-gate charges.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "verify", help="check that a ledger was not altered",
         description="Recompute every entry's hash and its link to the previous entry, and compare "
                     "the end of the file with the ledger's head record. Exit 0 if intact, 1 naming "
-                    "the first bad entry, 2 if the file cannot be read.")
+                    "the first bad entry (or a missing head record, or an empty file), 2 if the "
+                    "file cannot be read.")
     verify.add_argument("--ledger", type=Path, required=True, metavar="LEDGER",
                         help="a ledger file (JSON lines), e.g. "
                              "<site data_dir>/.fedsynth/ledger.jsonl")
@@ -44,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     reconcile.set_defaults(handler=_reconcile)
     from experiments.commands.release import add_memorization_action
     add_memorization_action(actions)
+    from experiments.commands.empirical_audits import add_empirical_actions
+    add_empirical_actions(actions)
     parser.set_defaults(handler=lambda args: _usage(parser))
 
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from experiments.device_option import add_device_option, checked_device
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -18,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smaller sizes and fewer repeats (a smoke run, not for quoting)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks")
+    add_device_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -25,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from experiments.benchmarks.run_all import run_all
 
     try:
-        results = run_all(args.out, quick=args.quick, only=args.only)
+        results = run_all(args.out, quick=args.quick, only=args.only,
+                          device=checked_device(args.device))
     except ValueError as err:
         print(f"fedsynth benchmark: error: {err}", file=sys.stderr)
         return 2

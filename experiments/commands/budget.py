@@ -66,12 +66,12 @@ def _patient_overrides(values: list[str], site_ids: list[str]) -> tuple[int | No
 def _count_patients(site) -> int:
     from client.site_data import read_manifest
 
-    return len({record.patient_id for record in read_manifest(site.data_dir, site.manifest)})
+    return len({record.patient_key for record in read_manifest(site.data_dir, site.manifest)})
 
 
 def _plan(args: argparse.Namespace) -> int:
     from configs import load_config
-    from privacy.calibration import calibrate
+    from privacy.calibration import LARGE_DELTA_FACTOR, LARGE_DELTA_KEY, calibrate
 
     config = load_config(args.config, check_paths=False)
     sites = list(config.federation.sites)
@@ -80,23 +80,25 @@ def _plan(args: argparse.Namespace) -> int:
         if everywhere is None:
             raise PatientsOptionError(f"{args.config}: federation.sites is empty; add the sites or "
                                       f"pass --patients N to plan one site of N patients")
-        targets = [("site", everywhere, config.privacy.target_epsilon, config.privacy.delta)]
+        targets = [("site", everywhere, config.privacy.target_epsilon, config.privacy.delta,
+                    False)]
     else:
         targets = []
         for site in sites:
             budget = config.site_budget(site)
             count = per_site.get(site.site_id, everywhere)
             targets.append((site.site_id, count if count is not None else _count_patients(site),
-                            budget.target_epsilon, budget.delta))
+                            budget.target_epsilon, budget.delta,
+                            bool(site.budget and site.budget.allow_large_delta)))
     federation, privacy = config.federation, config.privacy
     print(f"{args.config}: {federation.rounds} rounds x {federation.local_epochs} local epochs, "
           f"{privacy.expected_batch_size} patients per step (expected), {privacy.accountant} "
           f"accountant, clipping norm {privacy.max_grad_norm:g}")
-    for site_id, patients, target, delta in targets:
+    for site_id, patients, target, delta, allow_large_delta in targets:
         plan = calibrate(target_epsilon=target, delta=delta, num_patients=patients,
                          expected_batch_size=privacy.expected_batch_size, rounds=federation.rounds,
                          local_epochs=federation.local_epochs, accountant=privacy.accountant,
-                         where=f"site {site_id}")
+                         where=f"site {site_id}", allow_large_delta=allow_large_delta)
         curve = plan.epsilon_curve()
         print(f"\nsite {site_id}: N={patients} patients, q={plan.sample_rate:.4g}, "
               f"sigma={plan.noise_multiplier:.4f}, {plan.steps_per_round} steps per round, "
@@ -105,4 +107,8 @@ def _plan(args: argparse.Namespace) -> int:
         for number, value in enumerate(curve, start=1):
             print(f"  {number:>5}  {value:.4f}")
         print(f"  total  {curve[-1]:.4f} of {target:g}")
+        if delta > 1 / (LARGE_DELTA_FACTOR * patients):
+            print(f"  note: delta {delta:g} is above 1/(10N) = "
+                  f"{1 / (LARGE_DELTA_FACTOR * patients):.3g}, accepted only because the site's "
+                  f"config sets {LARGE_DELTA_KEY}: true")
     return 0

@@ -30,8 +30,31 @@ def run(args: argparse.Namespace) -> int:
 
     load = load_site_config if args.site else load_config
     config = load(args.config, check_paths=not args.no_path_check)
+    if args.action == "check":
+        _check_delta_policy(config, args.site)
     if args.action == "show":
         yaml.safe_dump(config_to_dict(config), sys.stdout, sort_keys=False)
     else:
         print(f"{args.config}: ok")
     return 0
+
+
+def _check_delta_policy(config, is_site: bool) -> None:
+    """Each site's delta against its patient count (the delta policy, one line on failure), for
+    the sites whose manifest is readable from here."""
+    from client.manifest import SiteDataError, read_manifest
+    from privacy.calibration import check_delta
+
+    sites = [config] if is_site else list(config.federation.sites)
+    for site in sites:
+        if not (site.data_dir / site.manifest).is_file():
+            continue
+        try:
+            patients = len({r.patient_key for r in read_manifest(site.data_dir, site.manifest)})
+        except SiteDataError:
+            continue   # `fedsynth data check` reports manifest problems
+        budget = site.budget if is_site or site.budget is not None else config.site_budget(site)
+        if budget is None:
+            continue
+        check_delta(budget.delta, patients, f"site {site.site_id}",
+                    bool(getattr(budget, "allow_large_delta", False)))

@@ -79,7 +79,7 @@ def _check(args: argparse.Namespace) -> int:
                             f"holds the manifest, images and labels")
     report = check_site(args.site_dir, data, args.manifest or data.manifest, attributes)
 
-    patients = Counter(r.patient_id for r in report.records)
+    patients = Counter(r.patient_key for r in report.records)
     per_patient = Counter(patients.values())
     infos = [info for _, info in report.scans]
     print(f"site            {report.manifest.parent} ({report.manifest.name})")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from experiments.device_option import add_device_option, checked_device
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -33,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", type=Path, metavar="CONFIG",
                         help="experiment config: label names, data.shape and data.spacing to "
                              "resample both folders to (default: the real folder's own grid)")
+    add_device_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -46,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_folders(
         args.real, args.synthetic, config.data if config else None,
         seg_steps=args.seg_steps if args.seg_steps is not None else DEFAULT_SEG_STEPS,
-        seed=seed, medicalnet_weights=args.medicalnet_weights)
+        seed=seed, medicalnet_weights=args.medicalnet_weights,
+        device=checked_device(args.device) or (config.device if config else None),
+        precision=config.precision if config else "fp32")
     print(format_table(result))
     if args.out is not None:
         write_json_atomic(args.out, result.to_json_dict())

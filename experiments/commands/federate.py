@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from experiments.device_option import add_device_option, checked_device
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -25,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the federation saved in the run folder")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    add_device_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -34,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = simulate(args.config, args.out, checkpoint=args.checkpoint, resume=args.resume,
-                          tracking=not args.no_tracking)
+                          tracking=not args.no_tracking, device=checked_device(args.device))
     except FederationHalted as err:
         print(f"fedsynth federate: halted: {err}", file=sys.stderr)
         return 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from experiments.device_option import add_device_option, with_device
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -22,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the pretraining state saved in the run folder")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    add_device_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -29,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from configs import load_config
     from experiments.pretrain import pretrain
 
-    config = load_config(args.config)
+    config = with_device(load_config(args.config), args.device)
     run_dir = args.out or config.run_dir or Path("runs") / args.config.stem
     result = pretrain(config, run_dir, resume=args.resume, tracking=not args.no_tracking)
     print(f"checkpoint: {result.checkpoint_path}")

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from experiments.device_option import add_device_option, with_device
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -36,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "federation's final global model)")
     parser.add_argument("--batch-size", type=int, default=4, metavar="B",
                         help="volumes per sampling pass (default 4); results do not depend on it")
+    add_device_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -68,13 +71,17 @@ def simulate_release(config_path: Path, plan):
 
     from client.client_app import make_client_app
     from experiments.federate import backend_config
+    from models.device import resolve_device
     from server.release import make_release_app
 
     results, errors = [], []
     sites = len(plan.config.federation.sites)
     run_simulation(server_app=make_release_app(plan, results.append, errors.append),
-                   client_app=make_client_app(str(Path(config_path).resolve())),
-                   num_supernodes=sites, backend_name="ray", backend_config=backend_config(sites))
+                   client_app=make_client_app(str(Path(config_path).resolve()),
+                                              device=plan.config.device),
+                   num_supernodes=sites, backend_name="ray",
+                   backend_config=backend_config(sites, resolve_device(plan.config.device).type
+                                                 == "cuda"))
     if errors:
         raise errors[0]
     if not results:
@@ -85,12 +92,14 @@ def simulate_release(config_path: Path, plan):
 def run(args: argparse.Namespace) -> int:
     from configs import load_config
     from models.checkpoint import CheckpointError, load_checkpoint
+    from models.device import resolve_device
     from server.federation import FINAL_CHECKPOINT, federation_dir
     from server.release import ReleaseError, ReleaseHalted, check_num, prepare_release
     from server.server_app import default_run_dir
 
     check_num(args.num)
-    config = load_config(args.config)
+    config = with_device(load_config(args.config), args.device)
+    resolve_device(config.device)  # a GPU run on a machine without one stops here
     if not config.federation.sites:
         raise ReleaseError(f"{args.config}: federation.sites is empty; every site must gate the "
                            f"release, list one entry per site")

@@ -1,8 +1,10 @@
 """``fedsynth report``: a site ledger's epsilon report for the privacy officer.
 
-Spend per round and cumulative, the remaining budget, delta and accountant, an epsilon-vs-round
-plot, the epsilon recomputed with an independent accountant (Google's dp_accounting) side by side
-with the ledger's, and what the guarantee covers and does not. The plot is written next to
+Spend per privacy event (DP-SGD round or DP-gate charge) and cumulative - the same figure the site
+enforces, so the rows add up to it - the remaining budget, delta and accountant, an
+epsilon-vs-round plot, the epsilon recomputed with an independent accountant (Google's
+dp_accounting, plus the gate charges) side by side with the ledger's, and what the guarantee covers
+and does not. The plot is written next to
 ``--out`` (``<stem>.epsilon.png``; also embedded in HTML).
 """
 

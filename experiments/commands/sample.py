@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from experiments.device_option import add_device_option, checked_device
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -54,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="DDIM steps (default: the checkpoint's diffusion.sampling_steps)")
     parser.add_argument("--batch-size", type=_positive_int, default=4, metavar="B",
                         help="volumes per forward pass (default 4); results do not depend on it")
+    add_device_option(parser)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32 (default) | bf16 autocast for sampling and decoding")
     parser.set_defaults(handler=run)
 
 
@@ -63,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = sample_folder(args.checkpoint, args.masks, args.num, args.out, seed=args.seed,
                                guidance=args.guidance, steps=args.steps,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, device=checked_device(args.device),
+                               precision=args.precision)
     except SampleInputError as err:
         print(f"fedsynth sample: error: {err}", file=sys.stderr)
         return 2

@@ -266,3 +266,73 @@ def test_a_supernode_without_site_config_fails_with_the_fix():
     message = Message(RecordDict({}), dst_node_id=next(iter(grid.get_node_ids())), message_type="train")
     reply = grid.deliver(message)
     assert reply.has_error() and "--node-config 'site-config=" in reply.error.reason
+
+
+def _without_own_budget(fed: TinyFederation, site_id: str = "site_0") -> None:
+    """Drop the site's budget from the simulation config and from its site YAML."""
+    config = yaml.safe_load(fed.config_path.read_text())
+    for entry in config["federation"]["sites"]:
+        if entry["site_id"] == site_id:
+            entry.pop("budget")
+    fed.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    site_yaml = fed.site_yaml(site_id)
+    entry = yaml.safe_load(site_yaml.read_text())
+    entry.pop("budget")
+    site_yaml.write_text(yaml.safe_dump(entry))
+
+
+def test_a_deployed_site_without_a_budget_refuses_naming_the_key(fed, caplog):
+    _without_own_budget(fed)
+    with caplog.at_level("ERROR"):
+        reply = ask(fed, 1, node_config={"site-config": str(fed.site_yaml("site_0"))})
+    assert status(reply)["status"] == "refused"
+    assert status(reply)["reason"] == RefusalReason.NO_SITE_BUDGET.value
+    assert "arrays" not in reply.content and not fed.ledger("site_0").exists()
+    lines = [r.getMessage() for r in caplog.records if "budget.target_epsilon" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+
+
+def test_the_server_cannot_raise_a_simulated_site_s_locked_default_cap(fed):
+    _without_own_budget(fed)
+    first = ask(fed, 1, privacy={"target_epsilon": 3.0})
+    assert dict(first.content["accounting"])["target-epsilon"] == 3.0
+    state = read_site_ledger(fed.ledger("site_0"))
+    assert [b.source for b in state.budgets] == ["consortium-default"] and state.cap == 3.0
+    ask(fed, 2, privacy={"target_epsilon": 3.0})
+    # The planned rounds are spent; a server that now sends a default of 100 is ignored.
+    raised = ask(fed, 3, privacy={"target_epsilon": 100.0})
+    assert status(raised)["status"] == ReplyStatus.BUDGET_EXHAUSTED.value
+    accounting = dict(raised.content["accounting"])
+    assert accounting["target-epsilon"] == 3.0 and accounting["epsilon"] <= 3.0
+    state = read_site_ledger(fed.ledger("site_0"))
+    assert state.cap == 3.0 and {p.target_epsilon for p in state.plans} == {3.0}
+    assert len(state.rounds) == 2
+
+
+def test_only_the_site_s_own_config_raises_a_locked_cap(fed):
+    _without_own_budget(fed)
+    ask(fed, 1, privacy={"target_epsilon": 3.0})
+    ask(fed, 2, privacy={"target_epsilon": 3.0})
+    site_yaml = fed.site_yaml("site_0")
+    site_yaml.write_text(yaml.safe_dump(yaml.safe_load(site_yaml.read_text())
+                                        | {"budget": {"target_epsilon": 20.0, "delta": 1e-3}}))
+    reply = ask(fed, 3, node_config={"site-config": str(site_yaml)})
+    assert status(reply)["status"] == "ok"
+    state = read_site_ledger(fed.ledger("site_0"))
+    assert [b.source for b in state.budgets] == ["consortium-default", "site-config"]
+    assert state.cap == 20.0 and len(state.rounds) == 3
+
+
+def test_non_finite_weights_are_a_refusal_with_its_code_and_no_charge(fed, monkeypatch):
+    from client import site_runtime
+    from privacy.dp_trainer import NonFiniteWeights
+
+    def diverged(self, round):
+        raise NonFiniteWeights("round 1 produced non-finite weights")
+
+    monkeypatch.setattr(site_runtime.DPTrainer, "run_round", diverged)
+    reply = ask(fed, 1)
+    assert status(reply)["status"] == "refused"
+    assert status(reply)["reason"] == RefusalReason.NON_FINITE_WEIGHTS.value
+    assert "arrays" not in reply.content
+    assert read_site_ledger(fed.ledger("site_0")).rounds == []

@@ -120,3 +120,14 @@ def test_console_script(site_dir):
     assert run.returncode == 1, run.stderr
     assert "patients        3" in run.stdout and "RAS (3)" in run.stdout
     assert f"1 problem found:\n  {broken}: the image is all zeros" in run.stdout
+
+
+def test_two_spellings_of_one_patient_are_one_problem_line(site_dir, site_rows, write_manifest,
+                                                          capsys):
+    site_rows[3]["patient_id"] = "P1"          # p1 and P1: one person, two "patients"
+    write_manifest(site_dir, site_rows)
+    code, out, _ = check(capsys, site_dir)
+    assert code == 1
+    [line] = [line for line in out.splitlines() if "same patient" in line]
+    assert "line 5" in line and "'P1'" in line and "line 4" in line and "'p1'" in line
+    assert "patients        2" in out

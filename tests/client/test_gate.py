@@ -224,3 +224,53 @@ def test_the_pruned_gate_answers_as_brute_force_and_rejects_every_copy(site: Sit
     assert entry["threshold_value"] == pytest.approx(threshold, rel=1e-5)
     assert np.allclose(logged, reference, rtol=1e-5, atol=1e-6)
     assert outcome.passed.tolist() == decide(reference, threshold).tolist()
+
+
+def test_a_gate_query_on_a_rolled_back_ledger_is_refused_with_an_alarm(site: SiteConfig) -> None:
+    from privacy.rollback_guard import alarm_path
+
+    budgeted = SiteConfig(site_id=site.site_id, data_dir=site.data_dir, ledger=site.ledger,
+                          budget=SiteBudgetConfig(target_epsilon=5.0, delta=1e-5))
+    views = views_of(candidates(site))
+    dp = dict(dp_enabled=True, dp_epsilon=1.0, threshold=ThresholdPolicy("fixed", 0.1))
+    ledger, head = budgeted.ledger_path, budgeted.ledger_path.with_name("ledger.jsonl.head")
+    answer_gate_query(budgeted, query_for(views, "rel-0001", **dp), views)
+    backup = ledger.read_bytes(), head.read_bytes()
+    seen = answer_gate_query(budgeted, query_for(views, "rel-0002", **dp), views).answer
+    # An older, self-consistent copy is restored: the second charge is erased.
+    ledger.write_bytes(backup[0])
+    head.write_bytes(backup[1])
+    assert verify_ledger(ledger).ok
+    query = query_for(views, "rel-0003", expected_heads={"site_0": (seen.ledger_seq,
+                                                                     seen.ledger_head)}, **dp)
+    refused = answer_gate_query(budgeted, query, views)
+    assert refused.answer.status == GateStatus.REFUSED and refused.passed is None
+    assert refused.answer.reason == GateRefusal.LEDGER_ROLLBACK and alarm_path(ledger).exists()
+    assert len(gate_charges(ledger)) == 1
+    # The expected head travels in the query record.
+    assert GateQuery.from_record(query.to_record()).expected_heads == query.expected_heads
+
+
+def test_the_query_default_cap_is_locked_at_first_use(site: SiteConfig) -> None:
+    from privacy.site_ledger import SiteLedger
+
+    views = views_of(candidates(site))
+    dp = dict(dp_enabled=True, dp_epsilon=1.0, threshold=ThresholdPolicy("fixed", 0.1))
+    first = answer_gate_query(site, query_for(views, "rel-0001", default_target_epsilon=1.5,
+                                              **dp), views)
+    assert first.answer.status == GateStatus.OK and first.answer.target_epsilon == 1.5
+    state = SiteLedger(site.ledger_path).state()
+    assert [b.source for b in state.budgets] == ["consortium-default"] and state.cap == 1.5
+    # A server that raises its default cannot buy another charge.
+    raised = answer_gate_query(site, query_for(views, "rel-0002", default_target_epsilon=100.0,
+                                               **dp), views)
+    assert raised.answer.status == GateStatus.BUDGET_EXHAUSTED
+    assert raised.answer.target_epsilon == 1.5 and len(gate_charges(site.ledger_path)) == 1
+
+
+def test_a_deployed_site_without_a_budget_never_takes_the_query_default(site: SiteConfig) -> None:
+    views = views_of(candidates(site))
+    dp = dict(dp_enabled=True, dp_epsilon=1.0, threshold=ThresholdPolicy("fixed", 0.1))
+    refused = answer_gate_query(site, query_for(views, **dp), views, deployment=True)
+    assert refused.answer.reason == GateRefusal.NO_SITE_BUDGET
+    assert gate_charges(site.ledger_path) == []

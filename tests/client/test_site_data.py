@@ -298,3 +298,30 @@ def test_check_site_reports_every_problem(site_dir, site_rows, data_config, writ
     assert "line 6: repeats line 2" in problems.replace(str(site_dir / "manifest.csv") + " ", "")
     assert "s1.nii.gz: truncated gzip" in problems
     assert "s3_label.nii.gz: label file not found" in problems
+
+
+# --- patient identity -----------------------------------------------------------------------
+
+def test_patient_ids_compare_without_case_and_spaces():
+    from client.manifest import patient_key
+
+    assert patient_key("P1") == patient_key("p1") == patient_key(" P 1 ") == patient_key("ｐ１")
+    assert patient_key("P1") != patient_key("P11")
+
+
+@pytest.mark.parametrize("spelling", ["P0", "p0 ", "p 0"])
+def test_two_spellings_of_one_patient_are_refused_naming_both_rows(
+        site_dir, site_rows, data_config, write_manifest, spelling):
+    site_rows[1]["patient_id"] = spelling      # p0's second scan, spelt differently
+    write_manifest(site_dir, site_rows)
+    message = refused(site_dir, data_config, "manifest.csv line 3", repr(spelling),
+                      "manifest.csv line 2", "'p0'", "same patient")
+    assert message.count("line") == 2
+
+
+def test_a_patient_spelt_one_way_is_one_group(site_dir, site_rows, data_config, write_manifest):
+    for row in site_rows:
+        row["patient_id"] = row["patient_id"].upper()
+    write_manifest(site_dir, site_rows)
+    dataset = load_site(site_dir, data_config)
+    assert dataset.num_patients == 3 and dataset.patients == {"p0": [0, 1], "p1": [2], "p2": [3]}

@@ -13,7 +13,8 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from privacy.accounting import (INDEPENDENT_TOLERANCE, epsilon, history_of, independent_epsilon,
                                 replay_accountant)
-from privacy.budget import BudgetExhausted, PlanMismatch, SiteBudget, open_site_budget
+from privacy.budget import (BudgetExhausted, CapSetting, PlanMismatch, SiteBudget,
+                            open_site_budget)
 from privacy import budget as budget_module
 from privacy import calibration
 from privacy.calibration import CalibrationError, SchedulePlan, calibrate
@@ -199,11 +200,65 @@ def test_dp_gate_charges_count_against_the_training_cap(tmp_path: Path):
     _charge(budget, 1)
     sgd_only = budget.spent()
     charge_gate(path, query_id="q1", epsilon=1.5, num_candidates=4, threshold_policy="fixed",
-                candidates_sha256=HASH, default_cap=5.0, default_delta=1e-3)
+                candidates_sha256=HASH, own=CapSetting(5.0, 1e-3), consortium=None)
     assert budget.spent() == pytest.approx(sgd_only + 1.5)
     next_round = budget.check(2) - (sgd_only + 1.5)  # the DP-SGD cost of one more round
     gate = 5.0 - budget.spent() - next_round / 2     # leaves room for half a round only
     charge_gate(path, query_id="q2", epsilon=gate, num_candidates=4, threshold_policy="fixed",
-                candidates_sha256=HASH, default_cap=5.0, default_delta=1e-3)
+                candidates_sha256=HASH, own=CapSetting(5.0, 1e-3), consortium=None)
     with pytest.raises(BudgetExhausted):
         budget.check(2)
+
+
+def test_delta_above_a_tenth_of_one_over_n_is_refused_unless_the_site_allows_it():
+    settings = dict(target_epsilon=4.0, num_patients=40, expected_batch_size=8, rounds=3,
+                    local_epochs=1)
+    with pytest.raises(CalibrationError, match=r"above 1/\(10N\) = 0.0025"):
+        calibrate(delta=0.99 / 40, **settings)    # the 0.99/N: refused by default
+    with pytest.raises(CalibrationError, match=r"budget.allow_large_delta: true") as refused:
+        calibrate(delta=1 / 300, **settings)                # above 1/(10N) = 1/400
+    assert "\n" not in str(refused.value) and "1/(10N)" in str(refused.value)
+    assert calibrate(delta=1 / 300, allow_large_delta=True, **settings).delta == 1 / 300
+    assert calibrate(delta=1 / 400, **settings).delta == 1 / 400       # the limit itself is fine
+    with pytest.raises(CalibrationError, match="must be below 1/N"):
+        calibrate(delta=1 / 40, allow_large_delta=True, **settings)
+
+
+def test_budget_plan_states_the_delta_policy_in_one_line(tmp_path: Path, capsys):
+    import yaml
+
+    from experiments.cli import main
+
+    config = tmp_path / "config.yaml"
+    site = {"site_id": "a", "data_dir": str(tmp_path), "budget": {"target_epsilon": 4.0,
+                                                                   "delta": 1 / 300}}
+    config.write_text(yaml.safe_dump({"federation": {"rounds": 2, "sites": [site]},
+                                      "privacy": {"expected_batch_size": 8}}))
+    assert main(["budget", "plan", "--config", str(config), "--patients", "40"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "budget.allow_large_delta" in err
+    site["budget"]["allow_large_delta"] = True
+    config.write_text(yaml.safe_dump({"federation": {"rounds": 2, "sites": [site]},
+                                      "privacy": {"expected_batch_size": 8}}))
+    assert main(["budget", "plan", "--config", str(config), "--patients", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "note: delta 0.00333333 is above 1/(10N)" in out
+
+
+def test_config_check_states_the_delta_policy_in_one_line(tmp_path: Path, capsys):
+    import yaml
+
+    from experiments.cli import main
+
+    rows = "".join(f"P{i},img{i}.nii.gz,lab{i}.nii.gz\n" for i in range(40))
+    (tmp_path / "manifest.csv").write_text("patient_id,image,label\n" + rows)
+    site = {"site_id": "a", "data_dir": str(tmp_path),
+            "budget": {"target_epsilon": 4.0, "delta": 1 / 300}}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"federation": {"sites": [site]}}))
+    assert main(["config", "check", str(config), "--no-path-check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "site a: delta=0.00333333 is above 1/(10N)" in err
+    site["budget"]["allow_large_delta"] = True
+    config.write_text(yaml.safe_dump({"federation": {"sites": [site]}}))
+    assert main(["config", "check", str(config), "--no-path-check"]) == 0

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from privacy.accounting import epsilon as dp_sgd_epsilon
+from privacy.budget import CapSetting
 from privacy.dp_gate import (GATE_KIND, GateBudgetExhausted, above_threshold, charge_gate,
-                             closeness, gate_charges, site_spend)
+                             closeness, gate_charges)
 from privacy.ledger import verify_ledger
 from privacy.site_ledger import PlanRecord, RoundRecord, SiteLedger
+from privacy.spend import site_spend
 
 SIGMA, Q, STEPS, DELTA = 1.1, 0.25, 8, 1e-5
 
@@ -36,8 +38,8 @@ def write_trained_ledger(path: Path, cap: float, rounds: int = 2) -> float:
 
 def charge(path: Path, query_id: str, epsilon: float = 0.5, cap: float = 10.0):
     return charge_gate(path, query_id=query_id, epsilon=epsilon, num_candidates=4,
-                       threshold_policy="fixed", candidates_sha256="ab" * 32, default_cap=cap,
-                       default_delta=DELTA)
+                       threshold_policy="fixed", candidates_sha256="ab" * 32,
+                       own=CapSetting(cap, DELTA), consortium=None)
 
 
 def test_closeness_is_one_for_copies_and_zero_beyond_the_threshold() -> None:
@@ -69,7 +71,7 @@ def test_a_gate_charge_is_a_ledger_entry_and_counts_in_the_spend(tmp_path: Path)
     assert verified.ok
     assert [e.kind for e in verified.entries] == ["plan", "round", "round", GATE_KIND, GATE_KIND]
     assert [g.query_id for g in gate_charges(path)] == ["release-0001", "release-0002"]
-    spend = site_spend(path, default_cap=99.0, default_delta=0.1)
+    spend = site_spend(SiteLedger(path).state())
     assert spend.dp_sgd == pytest.approx(sgd) and spend.gate == pytest.approx(0.75)
     assert spend.total == pytest.approx(sgd + 0.75) and spend.cap == 10.0 and spend.delta == DELTA
     assert spend.rounds == 2 and spend.gate_queries == 2
@@ -79,10 +81,10 @@ def test_a_site_out_of_budget_refuses_and_writes_nothing(tmp_path: Path) -> None
     path = tmp_path / "ledger.jsonl"
     cap = dp_sgd_epsilon([(SIGMA, Q, STEPS * 2)], DELTA, "rdp") + 0.3
     sgd = write_trained_ledger(path, cap=cap)
-    charge(path, "q1", 0.25)                       # fits: sgd + 0.25 <= cap
+    charge(path, "q1", 0.25, cap=cap)              # fits: sgd + 0.25 <= cap
     before = path.read_bytes()
     with pytest.raises(GateBudgetExhausted, match="refused") as caught:
-        charge(path, "q2", 0.25)                   # sgd + 0.5 > cap
+        charge(path, "q2", 0.25, cap=cap)          # sgd + 0.5 > cap
     assert caught.value.would_be == pytest.approx(sgd + 0.5)
     assert path.read_bytes() == before and len(gate_charges(path)) == 1
 
@@ -90,6 +92,6 @@ def test_a_site_out_of_budget_refuses_and_writes_nothing(tmp_path: Path) -> None
 def test_a_site_that_never_trained_uses_its_configured_cap(tmp_path: Path) -> None:
     path = tmp_path / "fresh" / "ledger.jsonl"
     charge(path, "q1", 0.5, cap=0.6)
-    assert site_spend(path, default_cap=0.6, default_delta=DELTA).total == pytest.approx(0.5)
+    assert site_spend(SiteLedger(path).state()).total == pytest.approx(0.5)
     with pytest.raises(GateBudgetExhausted):
         charge(path, "q2", 0.5, cap=0.6)

@@ -164,3 +164,52 @@ def test_lock_is_reentrant(tmp_path: Path):
             ledger.append("x", {"a": 1})
         ledger.append("x", {"a": 2})
     assert [e.payload["a"] for e in ledger.entries()] == [1, 2]
+
+
+def _audit_verify(path: Path, capsys) -> tuple[int, str]:
+    from experiments.cli import main
+
+    code = main(["audit", "verify", "--ledger", str(path)])
+    return code, capsys.readouterr().out
+
+
+def test_a_deleted_head_record_is_a_failure_not_intact(site_ledger: Path, capsys):
+    site_ledger.with_name("ledger.jsonl.head").unlink()
+    problem = verify_ledger(site_ledger).problem
+    assert problem is not None and "head record ledger.jsonl.head is missing" in problem.message
+    code, out = _audit_verify(site_ledger, capsys)
+    assert code == 1 and "BROKEN" in out and "intact," not in out
+
+
+def test_a_cut_tail_with_its_head_deleted_is_caught(site_ledger: Path, capsys):
+    _write(site_ledger, _lines(site_ledger)[:-1])
+    site_ledger.with_name("ledger.jsonl.head").unlink()
+    code, out = _audit_verify(site_ledger, capsys)
+    assert code == 1 and "missing" in out
+
+
+def test_an_empty_ledger_file_is_not_intact(tmp_path: Path, capsys):
+    path = tmp_path / "ledger.jsonl"
+    path.write_bytes(b"")
+    assert not verify_ledger(path).ok
+    code, out = _audit_verify(path, capsys)
+    assert code == 1 and "empty" in out
+    with pytest.raises(LedgerIntegrityError):
+        Ledger(path).append("plan", {"x": 1})
+
+
+def test_the_head_record_exists_before_the_first_entry(tmp_path: Path, monkeypatch):
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    head = tmp_path / "ledger.jsonl.head"
+    seen = []
+    real_open = __import__("os").open
+
+    def spy(path, *args, **kwargs):
+        if str(path) == str(ledger.path):
+            seen.append(json.loads(head.read_text()))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("privacy.ledger.os.open", spy)
+    ledger.append("plan", {"x": 1})
+    assert seen[0] == {"seq": 0, "hash": GENESIS_HASH}
+    assert verify_ledger(ledger.path).ok

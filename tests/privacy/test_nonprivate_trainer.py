@@ -14,7 +14,8 @@ from torch.utils.data import Dataset
 from experiments.cli import main
 from privacy.budget import BudgetExhausted, NonPrivateHistory, SiteBudget
 from privacy.calibration import SchedulePlan
-from privacy.dp_gate import site_spend
+from privacy.site_ledger import SiteLedger as _SiteLedger
+from privacy.spend import site_spend
 from privacy.ledger import verify_ledger
 from privacy.nonprivate_trainer import NonPrivateSettings, NonPrivateTrainer
 from privacy.outbox import weights_hash
@@ -129,8 +130,8 @@ def test_a_dp_round_after_a_non_private_one_is_refused(tmp_path):
     assert "\n" not in message and "non-private" in message and "round 2" in message
     with pytest.raises(NonPrivateHistory):
         budget.charge(3, model_hash_before=HASH, model_hash_after=HASH)
-    spend = site_spend(budget.path, default_cap=5.0, default_delta=1e-3)
-    assert spend.dp_sgd == math.inf and spend.non_private_rounds == 1
+    spend = site_spend(_SiteLedger(budget.path).state())
+    assert spend.total == math.inf and spend.non_private_rounds == 1
 
 
 def test_report_says_not_dp_and_keeps_the_independent_check_to_the_dp_rounds(tmp_path):

@@ -69,7 +69,7 @@ def test_formats_and_plot(ledger: Path):
     png = plot_png(report)
     assert png.startswith(b"\x89PNG")
     markdown = render_markdown(report, "report.epsilon.png")
-    assert "| 3 | 5 |" in markdown and "![epsilon per round](report.epsilon.png)" in markdown
+    assert "| round 3 | 5 |" in markdown and "![epsilon per round](report.epsilon.png)" in markdown
     assert "delta" in markdown.lower() and "rdp" in markdown
     page = render_html(report, png)
     assert "data:image/png;base64," in page and "What it does not cover" in page
@@ -77,11 +77,13 @@ def test_formats_and_plot(ledger: Path):
     assert data["rows"][2]["epsilon"] == report.rows[2].epsilon and data["all_agree"] is True
 
 
-def test_other_privacy_events_are_listed_apart(ledger: Path):
-    Ledger(ledger).append("dp-gate", {"epsilon": 0.5})
+def test_entries_that_are_not_privacy_events_are_listed_apart(ledger: Path):
+    spent = build_report(ledger).spent
+    Ledger(ledger).append("officer-note", {"text": "checked"})
     report = build_report(ledger)
-    assert report.other_entries == {"dp-gate": 1} and len(report.rows) == 3
-    assert "1 dp-gate: not DP-SGD" in render_markdown(report)
+    assert report.other_entries == {"officer-note": 1} and len(report.rows) == 3
+    assert report.spent == spent
+    assert "1 officer-note: not privacy events" in render_markdown(report)
 
 
 def test_a_ledger_without_a_plan_is_not_reported(tmp_path: Path):

@@ -117,3 +117,93 @@ def test_audit_reconcile_command(finished, tmp_path, capsys):
     assert main([*arguments, str(restored), "--site", "site_0", "--clear-alarm",
                  "--officer", "Dr. Officer"]) == 2
     assert "restore it from a trusted copy" in capsys.readouterr().err
+
+
+# --- DP-gate charges ------------------------------------------------------------------------
+
+@pytest.fixture
+def gated(tmp_path):
+    """A site ledger (plan, one DP-SGD round, two DP-gate charges) and a consortium ledger that
+    mirrored the round and both gate answers, as the server does."""
+    from privacy.budget import CapSetting, SiteBudget
+    from privacy.calibration import SchedulePlan
+    from privacy.dp_gate import charge_gate
+    from privacy.gate import GateAnswer, GateStatus
+    from privacy.protocol import ReplyStatus, TrainReply
+    from server.consortium_ledger import ConsortiumLedger
+
+    plan = SchedulePlan(target_epsilon=10.0, delta=1e-3, accountant="rdp", noise_multiplier=1.5,
+                        sample_rate=0.2, num_patients=40, expected_batch_size=8, local_epochs=1,
+                        steps_per_round=5, planned_rounds=3)
+    budget = SiteBudget.open(tmp_path / "site.jsonl", plan, max_grad_norm=1.0)
+    record = budget.charge(1, model_hash_before="0" * 64, model_hash_after="1" * 64)
+    consortium = ConsortiumLedger(tmp_path / "consortium.jsonl")
+    head = Ledger(budget.path).entries()[-1]
+    consortium.record_site(1, 7, TrainReply(status=ReplyStatus.OK, site_id="site_0", round=1,
+                                            epsilon=record.epsilon, target_epsilon=10.0,
+                                            ledger_seq=head.seq, ledger_head=head.hash))
+    for query_id in ("rel-0001", "rel-0002"):
+        charge = charge_gate(budget.path, query_id=query_id, epsilon=1.0, num_candidates=4,
+                             threshold_policy="fixed", candidates_sha256="ab" * 32,
+                             own=CapSetting(10.0, 1e-3), consortium=None)
+        head = Ledger(budget.path).entries()[-1]
+        consortium.record_gate(7, GateAnswer(
+            status=GateStatus.OK, site_id="site_0", query_id=query_id, num_candidates=4,
+            num_passed=3, epsilon_charged=1.0, epsilon_gate=charge.gate_epsilon,
+            epsilon_total=charge.total_epsilon, target_epsilon=10.0, delta=1e-3,
+            ledger_seq=head.seq, ledger_head=head.hash))
+    return budget.path, consortium.path
+
+
+def test_mirrored_gate_charges_reconcile(gated):
+    site, consortium = gated
+    report = reconcile(site, consortium)
+    assert report.ok and report.site_id == "site_0" and report.reports == 3
+
+
+def test_a_ledger_restored_from_before_its_gate_charges_is_a_rollback(gated, tmp_path, capsys):
+    from experiments.cli import main
+
+    site, consortium = gated
+    restored = rewrite(site, tmp_path / "restored.jsonl", keep=2)      # plan + round only
+    assert Ledger(restored).verify().ok
+    report = reconcile(restored, consortium, site_id="site_0")
+    assert [f.kind for f in report.findings] == [ROLLBACK, ROLLBACK]
+    assert "gate query rel-0001" in report.findings[0].message
+    code = main(["audit", "reconcile", "--site-ledger", str(restored), "--consortium-ledger",
+                 str(consortium), "--site", "site_0"])
+    assert code == 1 and "ROLLBACK" in capsys.readouterr().out
+
+
+def test_a_rewritten_gate_charge_diverges(gated, tmp_path):
+    site, consortium = gated
+
+    def cheaper(entry):
+        if entry.kind == "dp-gate" and entry.payload["query_id"] == "rel-0002":
+            return {**entry.payload, "epsilon": 0.1, "total_epsilon": entry.payload["total_epsilon"]
+                    - 0.9}
+        return entry.payload
+    forged = rewrite(site, tmp_path / "forged.jsonl", keep=4, edit=cheaper)
+    report = reconcile(forged, consortium, site_id="site_0")
+    assert [f.kind for f in report.findings] == [DIVERGENCE]
+    assert "rel-0002" in report.findings[0].message
+
+
+def test_a_gate_charge_the_consortium_never_saw_is_noted(gated, tmp_path):
+    from privacy.budget import CapSetting
+    from privacy.dp_gate import charge_gate
+
+    site, consortium = gated
+    charge_gate(site, query_id="rel-0003", epsilon=0.5, num_candidates=4,
+                threshold_policy="fixed", candidates_sha256="ab" * 32,
+                own=CapSetting(10.0, 1e-3), consortium=None)
+    report = reconcile(site, consortium)
+    assert report.ok and "not mirrored" in report.notes[0] and "DP-gate" in report.notes[0]
+
+
+def test_the_next_gate_query_carries_the_head_of_the_mirrored_answers(gated):
+    from server.consortium_ledger import read_consortium_ledger
+
+    site, consortium = gated
+    head = Ledger(site).entries()[-1]
+    assert read_consortium_ledger(consortium).expected_heads() == {"site_0": (head.seq, head.hash)}

@@ -9,6 +9,7 @@ are slipped in among the model's candidates.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -33,6 +34,9 @@ from models.checkpoint import DataGrid, load_checkpoint, save_checkpoint
 from models.latent_unet import build_latent_unet
 from privacy.dp_gate import gate_charges
 from privacy.protocol import GATE_ACCOUNTING_KEYS, GATE_PASSED, GATE_STATUS_KEYS
+from privacy.rollback_guard import alarm_path
+from server.consortium_ledger import read_consortium_ledger
+from server.reconcile import reconcile
 from server.release import (CACHE_DIR, STATE_FILE, PublicMaps, ReleaseError, ReleaseHalted,
                             prepare_release, run_release, sample_name, slot_seed)
 
@@ -344,28 +348,54 @@ def test_dp_gate_charges_every_site_ledger_and_the_report_counts_it(world, tmp_p
         site["budget"] = {"target_epsilon": 9.0, "delta": 1e-5}
     config_path.write_text(yaml.safe_dump(raw))
     app = make_client_app(str(config_path))
-    result = run_release(InProcessGrid(app, 2), plan_for(world, config_path, tmp_path / "out", 3))
+    run_dir = tmp_path / "run"
+    plan = dataclasses.replace(plan_for(world, config_path, tmp_path / "out", 3), run_dir=run_dir)
+    result = run_release(InProcessGrid(app, 2), plan)
     state = json.loads((tmp_path / "out" / STATE_FILE).read_text())
     rounds = len(state["rounds"])
     report = json.loads(result.report_json.read_text())
+    consortium = run_dir / "federation" / "consortium_ledger.jsonl"
+    mirrored = read_consortium_ledger(consortium)
     for site, row in zip(load_config(config_path).federation.sites, report["sites"]):
         charges = gate_charges(site.ledger_path)
         assert [c.query_id for c in charges] == [r["query_id"] for r in state["rounds"]]
         assert row["gate_epsilon"] == pytest.approx(2.0 * rounds)
         assert row["total_epsilon"] == pytest.approx(2.0 * rounds)   # no DP-SGD round here
         assert row["source"].startswith("site ledger") and row["cap"] == 9.0
+        # Every gate answer is mirrored in the consortium ledger and reconciles with the site's.
+        gates = mirrored.gate_reports(site.site_id)
+        assert [g.query_id for g in gates] == [r["query_id"] for r in state["rounds"]]
+        assert gates[-1].epsilon_total == pytest.approx(2.0 * rounds)
+        assert reconcile(site.ledger_path, consortium, site.site_id).ok
     assert any("above-threshold" in line for line in report["caveats"])
+
+    # A site ledger restored from before its gate charges (here: removed) is caught by the site
+    # itself at the next query, which carries the head the consortium saw.
+    site_0 = load_config(config_path).federation.sites[0].ledger_path
+    saved = {path: path.read_bytes() for path in (site_0, site_0.with_name(site_0.name + ".head"))}
+    for path in saved:
+        path.unlink()
+    with pytest.raises(ReleaseHalted, match="site_0: refused \\(ledger-rollback\\)"):
+        run_release(InProcessGrid(make_client_app(str(config_path)), 2),
+                    dataclasses.replace(plan_for(world, config_path, tmp_path / "out3", 1),
+                                        run_dir=run_dir))
+    for path, data in saved.items():
+        path.write_bytes(data)
+    alarm_path(site_0).unlink()
 
     # A site whose cap cannot take one more query refuses; the release halts and can resume.
     raw["federation"]["sites"][1]["budget"] = {"target_epsilon": 1.0, "delta": 1e-5}
     poor = tmp_path / "poor"
     poor.mkdir()
     (poor / "config.yaml").write_text(yaml.safe_dump(raw))
+    site_1 = load_config(config_path).federation.sites[1].ledger_path
+    charged = len(gate_charges(site_1))   # the first release's, and site_1's answer just above
+    assert charged == rounds + 1
     with pytest.raises(ReleaseHalted, match="site_1: budget-exhausted"):
         run_release(InProcessGrid(make_client_app(str(poor / "config.yaml")), 2),
                     plan_for(world, poor / "config.yaml", tmp_path / "out2", 2))
     # Same ledger files as the first release: the refusing site wrote nothing new.
-    assert len(gate_charges(load_config(config_path).federation.sites[1].ledger_path)) == rounds
+    assert len(gate_charges(site_1)) == charged
     assert json.loads((tmp_path / "out2" / STATE_FILE).read_text())["rounds"][0]["stage"] == \
         "generated"
 

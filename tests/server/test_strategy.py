@@ -82,3 +82,23 @@ def test_two_nodes_answering_for_one_site_count_once():
                                              reply_to(sent[1], "a", value=9.0, patients=50)])
     assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.ones(SHAPE))
     assert strategy.last_round.failed[0][2] == "a second node answered for this site"
+
+
+def test_a_reply_with_non_finite_weights_is_discarded():
+    grid, strategy = setup(nodes=2, min_sites=1)
+    sent = instructions(grid, strategy)
+    arrays, _ = strategy.aggregate_train(1, [reply_to(sent[0], "a", value=1.0),
+                                             reply_to(sent[1], "b", value=float("nan"))])
+    assert torch.equal(arrays.to_torch_state_dict()["w"], torch.full(SHAPE, 1.0))
+    assert strategy.last_round.participants == ["a"]
+    [(_, site, reason)] = strategy.last_round.failed
+    assert "NaN or infinite" in reason
+
+
+def test_a_site_without_its_own_budget_is_not_asked_again():
+    grid, strategy = setup(nodes=2, min_sites=1)
+    sent = instructions(grid, strategy)
+    strategy.aggregate_train(1, [reply_to(sent[0], "a"),
+                                 reply_to(sent[1], "b", status=ReplyStatus.REFUSED,
+                                          reason=RefusalReason.NO_SITE_BUDGET)])
+    assert strategy.exclusions() == {"b": "refused: no-site-budget"}
