@@ -75,7 +75,7 @@ class SiteScans:
 @dataclass(frozen=True)
 class GateReference:
     """What candidates are compared with: the bank (M, C, *S) (images or embeddings) prepared for
-    the exact pruned search, the offsets the site applies to candidates, the threshold and
+    the exact GEMM search, the offsets the site applies to candidates, the threshold and
     (calibrated) the calibration's quantiles."""
 
     bank: ScanIndex

@@ -46,11 +46,12 @@ Threshold policy (``release.threshold``)
 A candidate PASSES a site when its nearest-scan distance is at or above the threshold
 (:func:`decide`); the server keeps only candidates that pass every site.
 
-Search (:mod:`privacy.nearest_scan`): for ``latent`` and ``nrmse`` an EXACT pruned search returns
-the same nearest distances as comparing every pair (provable lower bounds from orthonormal
-block-average projections and remainder norms, then exact float64 distances in increasing bound
-order with early termination), for both the gate and the calibration. Candidates go in blocks of
-at most ``chunk_size`` views; SSIM (no such bound) compares every pair, in batches of
+Search (:mod:`privacy.nearest_scan`): for ``latent`` and ``nrmse`` an EXACT search returns the
+same nearest distances as comparing every pair: all views x candidates x scans inner products are
+blocked float32 matrix products (``torch.matmul``, on the CPU or CUDA), each with a rigorous
+rounding-error bound; only the scans whose lower bound can still beat the best upper bound get
+the float64 distance brute force uses, for both the gate and the calibration. Candidates go in
+blocks of at most ``chunk_size`` views; SSIM (no such bound) compares every pair, in batches of
 ``chunk_size`` pairs (:func:`brute_force_nearest_scans`, also the reference in tests).
 """
 
@@ -227,8 +228,9 @@ def nearest_scans(candidates: torch.Tensor | ViewSource, bank: torch.Tensor | Sc
     ``candidate_groups`` (N,) and ``bank_groups`` (R,): pairs in the same group are skipped (the
     calibration's "a different patient"). Blocks of at most ``chunk_size`` views.
 
-    ``latent`` and ``nrmse`` use the exact pruned search of :mod:`privacy.nearest_scan` (same
-    distances as brute force, far fewer full-size pairs), on ``device`` (default: the bank's);
+    ``latent`` and ``nrmse`` use the exact search of :mod:`privacy.nearest_scan` (float32 matrix
+    products with a rounding bound, float64 only where that bound cannot decide; same distances
+    as brute force), on ``device`` (default: the bank's);
     ``ssim`` has no such bound and compares every pair.
     """
     check_distance(distance)
@@ -332,7 +334,7 @@ def between_patient_distances(views: torch.Tensor | ViewSource, bank: torch.Tens
     views (M, T, C, *S) are the scans as queries (their translates in latent space; or a callable
     ``(start, stop) -> views`` computing them block by block), bank (M, C, *S) the same scans as
     references (or their :class:`~privacy.nearest_scan.ScanIndex`), ``patients`` (M,) their
-    patient ids. Needs two patients or more. Exact, pruned like :func:`nearest_scans`.
+    patient ids. Needs two patients or more. Exact, same kernel as :func:`nearest_scans`.
     """
     if len(set(patients)) < 2:
         raise GateError(f"calibrating a threshold needs scans of at least 2 patients (got "
