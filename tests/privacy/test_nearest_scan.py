@@ -113,6 +113,19 @@ def test_ties_below_float32_resolution_are_settled_in_float64() -> None:
     assert found.index.tolist() == exact.argmin(1).tolist()
     assert np.all((found.index >= 10) & (found.index < 26))
     assert 3 * len(ties) <= found.exact_pairs < found.pairs
+    # Two worker threads under a reduced global float32 precision: the same answer, and the
+    # global setting is left as it was.
+    previous = torch.get_float32_matmul_precision()
+    torch.set_num_threads(2)
+    torch.set_float32_matmul_precision("medium")
+    try:
+        again = ScanIndex(bank, bank_chunk=7).search(queries, 3, chunk_size=1, exact_batch=4)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+        torch.set_num_threads(1)
+    assert np.array_equal(again.distance, found.distance)
+    assert np.array_equal(again.index, found.index)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 64])
