@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import yaml
+
+from configs.strict_yaml import YamlFileError, read_yaml
 
 REQUIRED_COLUMNS = ("patient_id", "image", "label")
 _REQUIRED_TEXT = ", ".join(REQUIRED_COLUMNS)
@@ -65,20 +66,12 @@ def _read_rows(path: Path) -> list[tuple[str, dict[str, str]]]:
                             f"(one row per scan) or name the right manifest file")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle, skipinitialspace=True)
-            rows = [(f"{path} line {reader.line_num}",
-                     {k.strip(): _cell(k.strip(), v or "") for k, v in row.items()
-                      if k is not None})
-                    for row in reader]
+        rows = _read_csv_rows(path)
     elif suffix in (".yaml", ".yml"):
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark else ""
-            raise SiteDataError(f"{path}: not valid YAML{at}; write a list of mappings with keys "
-                                f"{_REQUIRED_TEXT}") from None
+            data = read_yaml(path, "manifest", allow_empty=True)
+        except YamlFileError as err:
+            raise SiteDataError(f"{err} (a list of mappings with keys {_REQUIRED_TEXT})") from None
         data = [] if data is None else data
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise SiteDataError(f"{path}: must be a list of mappings (one per scan); write "
@@ -94,15 +87,63 @@ def _read_rows(path: Path) -> list[tuple[str, dict[str, str]]]:
                             f"columns {_REQUIRED_TEXT}")
     columns = set().union(*(row for _, row in rows))
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing and suffix == ".csv" and any(";" in c or "\t" in c for c in columns):
+        separator = "semicolons" if any(";" in c for c in columns) else "tabs"
+        raise SiteDataError(f"{path}: the columns are separated by {separator}; save the "
+                            f"manifest comma-separated (columns {_REQUIRED_TEXT})")
     if missing:
         raise SiteDataError(f"{path}: missing column {', '.join(map(repr, missing))}; "
                             f"the required columns are {_REQUIRED_TEXT}")
     return rows
 
 
-def inspect_manifest(site_dir: Path, manifest: str = "manifest.csv"
-                     ) -> tuple[list[ScanRecord], list[str]]:
+def _read_csv_rows(path: Path) -> list[tuple[str, dict[str, str]]]:
+    """A CSV manifest's rows; one :class:`SiteDataError` line for binary or non-UTF-8 files."""
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise SiteDataError(f"{path}: is a binary file, not a CSV manifest; name the manifest "
+                            f"with columns {_REQUIRED_TEXT}")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise SiteDataError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
+                            f"save the manifest as UTF-8") from None
+    try:
+        reader = csv.DictReader(text.splitlines(), skipinitialspace=True)
+        return [(f"{path} line {reader.line_num}",
+                 {k.strip(): _cell(k.strip(), v or "") for k, v in row.items()
+                  if k is not None})
+                for row in reader]
+    except csv.Error as err:
+        raise SiteDataError(f"{path}: not a readable CSV file ({err}); save the manifest "
+                            f"as plain comma-separated text") from None
+
+
+def _resolve_in_site(site_dir: Path, written: str, role: str, where: str,
+                     allow_outside: bool) -> tuple[Path | None, str | None]:
+    """``written`` (a manifest path) resolved against the site folder, or a problem line.
+
+    The resolved path (``..`` and symbolic links followed) must lie inside ``site_dir`` unless
+    ``allow_outside`` (``data.allow_outside_paths``).
+    """
+    try:
+        resolved = (site_dir / written).resolve()
+    except (OSError, RuntimeError):
+        return None, (f"{where}: {role} {written!r} is a symbolic link loop; fix or remove the "
+                      f"link in the site folder")
+    if not allow_outside and site_dir != resolved and site_dir not in resolved.parents:
+        return None, (f"{where}: {role} {written!r} resolves to {resolved}, outside the site "
+                      f"folder {site_dir}; move the file into the site folder (or set "
+                      f"data.allow_outside_paths: true)")
+    return resolved, None
+
+
+def inspect_manifest(site_dir: Path, manifest: str = "manifest.csv", *,
+                     allow_outside: bool = False) -> tuple[list[ScanRecord], list[str]]:
     """Read a manifest, collecting every row problem instead of stopping at the first.
+
+    Image and label paths must resolve inside ``site_dir`` unless ``allow_outside``.
 
     Returns the usable records (bad and duplicated rows left out) and one line per problem.
     Raises :class:`SiteDataError` only when the manifest cannot be read at all.
@@ -125,7 +166,16 @@ def inspect_manifest(site_dir: Path, manifest: str = "manifest.csv"
                             f"a patient's scans; image and label are paths in the site folder)")
             continue
         key = tuple(sorted({**row, "patient_id": row["patient_id"].strip()}.items()))
-        image, label = (site_dir / row["image"]).resolve(), (site_dir / row["label"]).resolve()
+        image, problem = _resolve_in_site(site_dir, row["image"], "image", where, allow_outside)
+        label, label_problem = _resolve_in_site(site_dir, row["label"], "label", where,
+                                                allow_outside)
+        if problem or label_problem:
+            problems.append(problem or label_problem)
+            continue
+        if image == label:
+            problems.append(f"{where}: image and label are the same file ({row['image']}); "
+                            f"point label at the scan's label map")
+            continue
         if key in seen_rows:
             problems.append(f"{where}: repeats {seen_rows[key]} exactly; remove the duplicate row")
             continue
@@ -147,9 +197,10 @@ def inspect_manifest(site_dir: Path, manifest: str = "manifest.csv"
     return records, problems
 
 
-def read_manifest(site_dir: Path, manifest: str = "manifest.csv") -> list[ScanRecord]:
+def read_manifest(site_dir: Path, manifest: str = "manifest.csv", *,
+                  allow_outside: bool = False) -> list[ScanRecord]:
     """The manifest's rows as records; :class:`SiteDataError` on the first problem."""
-    records, problems = inspect_manifest(site_dir, manifest)
+    records, problems = inspect_manifest(site_dir, manifest, allow_outside=allow_outside)
     if problems:
         raise SiteDataError(problems[0])
     return records

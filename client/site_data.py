@@ -145,7 +145,8 @@ def check_site(site_dir: Path, data: DataConfig, manifest: str = "manifest.csv",
 
     Raises :class:`SiteDataError` only when the manifest cannot be read at all.
     """
-    records, problems = inspect_manifest(Path(site_dir), manifest)
+    records, problems = inspect_manifest(Path(site_dir), manifest,
+                                         allow_outside=data.allow_outside_paths)
     problems += inspect_attributes(records, attributes)[1]
     report = SiteReport(Path(site_dir).resolve() / manifest, records, problems=problems)
     for record in tqdm(records, desc="checking scans", unit="scan", disable=None):
@@ -217,7 +218,7 @@ def load_site(site_dir: Path, data: DataConfig, manifest: str = "manifest.csv",
 
     Raises :class:`SiteDataError` (one line) on the first bad input.
     """
-    records = read_manifest(Path(site_dir), manifest)
+    records = read_manifest(Path(site_dir), manifest, allow_outside=data.allow_outside_paths)
     values = attribute_matrix(records, attributes)
     for record in tqdm(records, desc="validating scans", unit="scan", disable=None):
         check_scan(record, data.label_names)

@@ -130,6 +130,8 @@ class LazyStack:
             positions = range(*index.indices(len(self)))
         else:
             positions = torch.as_tensor(index).reshape(-1).tolist()
+        if not positions:  # an empty selection (e.g. no held-out scans): shape (0, *item)
+            return self.field[0].new_empty((0, *self.field[0].shape))
         return torch.stack([self.field[int(i)] for i in positions])
 
 

@@ -16,9 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
-import yaml
-
-from configs.schema import Config, SiteConfig
+from configs.schema import MAX_INT, Config, SiteConfig
+from configs.strict_yaml import YamlFileError, read_yaml
 
 T = TypeVar("T")
 
@@ -104,8 +103,21 @@ def _convert(tp: Any, value: Any, key: str, base_dir: Path) -> Any:
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(key, f"expected a number (got {_describe(value)})")
-        return float(value)
+            hint = ""
+            if isinstance(value, str):
+                try:
+                    hint = f"; write it unquoted, e.g. {float(value)!r}"
+                except ValueError:
+                    pass
+            _fail(key, f"expected a number (got {_describe(value)}){hint}")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            _fail(key, f"must be a finite number (got {_describe(value)}); write a number such "
+                       f"as 10 or 1.0e-5")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             _fail(key, f"expected a string (got {_describe(value)})")
@@ -123,16 +135,19 @@ def _check_bounds(field: dataclasses.Field, value: Any, key: str, raw: Any) -> N
     if value is None:
         return
     values = value if isinstance(value, (list, tuple)) else [value]
+    checks = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b),
+              "lt": ("<", lambda v, b: v < b), "le": ("<=", lambda v, b: v <= b)}
     for v in values:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
-        for bound, holds in (("gt", v > meta.get("gt", -math.inf)),
-                             ("ge", v >= meta.get("ge", -math.inf)),
-                             ("lt", v < meta.get("lt", math.inf)),
-                             ("le", v <= meta.get("le", math.inf))):
-            if not holds:
-                symbol = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}[bound]
-                _fail(key, f"must be {symbol} {meta[bound]} (got {_describe(raw)})")
+        for bound, (symbol, holds) in checks.items():
+            if bound in meta and not holds(v, meta[bound]):
+                limit = meta[bound]
+                shown = f"{limit:g}" if isinstance(limit, float) else str(limit)
+                fix = "a larger" if bound in ("gt", "ge") else "a smaller"
+                _fail(key, f"must be {symbol} {shown} (got {_describe(raw)}); use {fix} value")
+        if isinstance(v, int) and abs(v) > MAX_INT:
+            _fail(key, f"is far too large (got {v}); use a value below 2**63")
 
 
 def _build(cls: type[T], data: Any, prefix: str, base_dir: Path) -> T:
@@ -148,7 +163,7 @@ def _build(cls: type[T], data: Any, prefix: str, base_dir: Path) -> T:
             close = difflib.get_close_matches(str(name), list(fields), n=1)
             hint = f"did you mean '{close[0]}'?" if close else \
                 f"known keys: {', '.join(sorted(fields))}"
-            _fail(key, f"unknown key ({hint})")
+            _fail(key, f"unknown key ({hint}); fix or remove it")
     kwargs = {}
     for name, field in fields.items():
         if name not in data:
@@ -170,16 +185,13 @@ def _build(cls: type[T], data: Any, prefix: str, base_dir: Path) -> T:
     return instance
 
 
-def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; check the path")
+def _read_yaml(path: Path, what: str = "config file") -> Any:
+    """The config's YAML, read strictly (:mod:`configs.strict_yaml`): repeated keys, an empty or
+    binary file are errors; ``1e-5`` reads as a number (YAML 1.2)."""
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}:{where}: {problem}; fix the YAML syntax") from None
+        return read_yaml(path, what, numbers_like_yaml12=True)
+    except YamlFileError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _check_paths(obj: Any, prefix: str = "") -> None:
@@ -222,7 +234,8 @@ def config_from_dict(data: Any, base_dir: Path | str = ".", check_paths: bool = 
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        _fail("", f"the config must be a mapping of sections (got {_describe(data)})")
+        _fail("", f"the config must be a mapping of sections (got {_describe(data)}); write "
+                  f"'section:' blocks as in configs/default.yaml")
     data = dict(data)
     federation = data.get("federation")
     sites: list[SiteConfig] = []
@@ -260,7 +273,7 @@ def load_config(path: Path | str, check_paths: bool = True) -> Config:
 def load_site_config(path: Path | str, check_paths: bool = True) -> SiteConfig:
     """Load a hospital's own settings (``configs/site.example.yaml``)."""
     path = Path(path)
-    data = _read_yaml(path)
+    data = _read_yaml(path, "site config")
     try:
         site = _build(SiteConfig, data, "", path.resolve().parent)
         if check_paths:

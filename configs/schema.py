@@ -14,6 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+# Bounds that keep every value usable downstream (memory, run time, RNG seeds, 64-bit integers).
+MAX_INT = 2**63 - 1
+MAX_SEED = 2**32 - 1
+MAX_ROUNDS = 10_000
+MAX_EPOCHS = 100_000
+MAX_BATCH = 4096
+MAX_CHANNELS = 4096
+MAX_EPSILON = 1e6
+
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -28,11 +37,13 @@ def _f(default=None, *, factory=None, **meta):
 class DataConfig:
     public_dir: Optional[Path] = _f(None, must_exist=True)
     manifest: str = "manifest.csv"
-    shape: tuple[int, int, int] = _f((32, 32, 32), gt=0)
-    spacing: tuple[float, float, float] = _f((6.0, 6.0, 6.0), gt=0)
+    shape: tuple[int, int, int] = _f((32, 32, 32), gt=0, le=512)
+    spacing: tuple[float, float, float] = _f((6.0, 6.0, 6.0), gt=0, le=1000)
     label_names: list[str] = _f(
         factory=lambda: ["background", "csf", "grey_matter", "white_matter"])
     intensity_percentiles: tuple[float, float] = _f((0.5, 99.5), ge=0, le=100)
+    # Manifest paths must resolve (after "..", symbolic links) inside the site folder unless true.
+    allow_outside_paths: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -64,12 +75,12 @@ def _levels_problem(channels: list[int], attention: list[bool], groups: int):
 @dataclass(frozen=True)
 class AutoencoderConfig:
     kind: Literal["kl", "vq"] = "kl"
-    channels: list[int] = _f(factory=lambda: [16, 32], gt=0)
-    latent_channels: int = _f(3, gt=0)
-    num_res_blocks: int = _f(1, gt=0)
+    channels: list[int] = _f(factory=lambda: [16, 32], gt=0, le=MAX_CHANNELS)
+    latent_channels: int = _f(3, gt=0, le=256)
+    num_res_blocks: int = _f(1, gt=0, le=16)
     attention_levels: list[bool] = _f(factory=lambda: [False, False])
-    norm_num_groups: int = _f(8, gt=0)
-    num_embeddings: int = _f(256, gt=1)
+    norm_num_groups: int = _f(8, gt=0, le=MAX_CHANNELS)
+    num_embeddings: int = _f(256, gt=1, le=1_000_000)
 
     @property
     def downsampling(self) -> int:
@@ -81,11 +92,11 @@ class AutoencoderConfig:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    channels: list[int] = _f(factory=lambda: [32, 64, 64], gt=0)
+    channels: list[int] = _f(factory=lambda: [32, 64, 64], gt=0, le=MAX_CHANNELS)
     attention_levels: list[bool] = _f(factory=lambda: [False, True, True])
-    num_res_blocks: int = _f(1, gt=0)
-    num_head_channels: int = _f(16, gt=0)
-    norm_num_groups: int = _f(8, gt=0)
+    num_res_blocks: int = _f(1, gt=0, le=16)
+    num_head_channels: int = _f(16, gt=0, le=MAX_CHANNELS)
+    norm_num_groups: int = _f(8, gt=0, le=MAX_CHANNELS)
 
     @property
     def downsampling(self) -> int:
@@ -108,14 +119,14 @@ class ConditioningConfig:
     mode: Literal["concat", "spade"] = "concat"
     attributes: list[str] = _f(factory=list)
     dropout: float = _f(0.1, ge=0, lt=1)
-    guidance_scale: float = _f(1.0, ge=0)
+    guidance_scale: float = _f(1.0, ge=0, le=100)
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    train_timesteps: int = _f(1000, gt=0)
+    train_timesteps: int = _f(1000, gt=0, le=100_000)
     beta_schedule: Literal["linear_beta", "scaled_linear_beta"] = "scaled_linear_beta"
-    sampling_steps: int = _f(50, gt=0)
+    sampling_steps: int = _f(50, gt=0, le=100_000)
     # What the UNet predicts: the noise, or the velocity (learns the map-to-image mapping faster).
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
 
@@ -136,31 +147,44 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AutoencoderTrainingConfig:
-    epochs: int = _f(20, gt=0)
-    batch_size: int = _f(4, gt=0)
-    learning_rate: float = _f(1e-4, gt=0)
-    adversarial_weight: float = _f(0.01, ge=0)
-    kl_weight: float = _f(1e-6, ge=0)
+    epochs: int = _f(20, gt=0, le=MAX_EPOCHS)
+    batch_size: int = _f(4, gt=0, le=MAX_BATCH)
+    learning_rate: float = _f(1e-4, gt=0, le=10)
+    adversarial_weight: float = _f(0.01, ge=0, le=1e6)
+    # Epochs of reconstruction-only training before the discriminator joins (None: a quarter).
+    warmup_epochs: Optional[int] = _f(None, ge=0, le=MAX_EPOCHS)
+    feature_matching_weight: float = _f(0.0, ge=0, le=1e6)
+    ssim_weight: float = _f(0.0, ge=0, le=1e6)
+    fft_weight: float = _f(0.0, ge=0, le=1e6)
+    discriminator_norm: Literal["instance", "batch"] = "instance"
+    # kl only: the posterior's initial log-variance (None: MONAI's initialisation, sigma ~ 1).
+    initial_log_variance: Optional[float] = _f(-10.0, ge=-100, le=100)
+    kl_weight: float = _f(1e-6, ge=0, le=1e6)
     perceptual_weights: Optional[Path] = _f(None, must_exist=True)
 
 
 @dataclass(frozen=True)
 class UNetTrainingConfig:
-    epochs: int = _f(50, gt=0)
-    batch_size: int = _f(8, gt=0)
-    learning_rate: float = _f(1e-4, gt=0)
+    epochs: int = _f(50, gt=0, le=MAX_EPOCHS)
+    batch_size: int = _f(8, gt=0, le=MAX_BATCH)
+    learning_rate: float = _f(1e-4, gt=0, le=10)
+    # EMA of the UNet weights (with a warm-up); the checkpoint holds the EMA. None: no EMA.
+    ema_decay: Optional[float] = _f(None, ge=0, lt=1)
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     enabled: bool = True
+    # Fraction of public patients (rounded down) kept out of pretraining to measure the
+    # autoencoder's reconstruction on; with none held out it is measured on training scans.
+    holdout_fraction: float = _f(0.1, ge=0, lt=1)
     autoencoder: AutoencoderTrainingConfig = _f(factory=AutoencoderTrainingConfig)
     unet: UNetTrainingConfig = _f(factory=UNetTrainingConfig)
 
 
 @dataclass(frozen=True)
 class SiteBudgetConfig:
-    target_epsilon: float = _f(10.0, gt=0)
+    target_epsilon: float = _f(10.0, gt=0, le=MAX_EPSILON)
     delta: float = _f(1e-5, gt=0, lt=1)
     # The site's own override of the delta policy: accept 1/(10 N) < delta < 1/N.
     allow_large_delta: bool = False
@@ -208,12 +232,12 @@ class SiteConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
-    rounds: int = _f(3, gt=0)
-    local_epochs: int = _f(1, gt=0)
-    min_sites: int = _f(1, gt=0)
+    rounds: int = _f(3, gt=0, le=MAX_ROUNDS)
+    local_epochs: int = _f(1, gt=0, le=1000)
+    min_sites: int = _f(1, gt=0, le=10_000)
     sites: list[SiteConfig] = _f(factory=list)
     # Seconds the server waits for min_sites to connect, and for the replies of one round.
-    round_timeout: float = _f(3600.0, gt=0)
+    round_timeout: float = _f(3600.0, gt=0, le=30 * 24 * 3600)
 
 
 @dataclass(frozen=True)
@@ -222,18 +246,18 @@ class PrivacyConfig:
 
     enabled: bool = True
     # Default budget for a site whose own config sets none.
-    target_epsilon: float = _f(10.0, gt=0)
+    target_epsilon: float = _f(10.0, gt=0, le=MAX_EPSILON)
     delta: float = _f(1e-5, gt=0, lt=1)
     accountant: Literal["rdp", "prv"] = "rdp"
-    max_grad_norm: float = _f(1.0, gt=0)
+    max_grad_norm: float = _f(1.0, gt=0, le=1e6)
     clipping: Literal["flat", "per_layer"] = "flat"
-    expected_batch_size: int = _f(8, gt=0)
-    max_physical_batch_size: int = _f(8, gt=0)
+    expected_batch_size: int = _f(8, gt=0, le=1_000_000)
+    max_physical_batch_size: int = _f(8, gt=0, le=MAX_BATCH)
     grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = "hooks"
-    noise_multiplicity: int = _f(1, gt=0)
+    noise_multiplicity: int = _f(1, gt=0, le=1024)
     trainable: Literal["all", "attention_conditioning"] = "all"
     ema_decay: Optional[float] = _f(None, ge=0, lt=1)
-    learning_rate: float = _f(1e-4, gt=0)
+    learning_rate: float = _f(1e-4, gt=0, le=10)
 
 
 @dataclass(frozen=True)
@@ -251,16 +275,16 @@ class ThresholdConfig:
 @dataclass(frozen=True)
 class DPGateConfig:
     enabled: bool = False
-    epsilon: float = _f(1.0, gt=0)
+    epsilon: float = _f(1.0, gt=0, le=MAX_EPSILON)
 
 
 @dataclass(frozen=True)
 class ReleaseConfig:
-    num_samples: int = _f(8, gt=0)
+    num_samples: int = _f(8, gt=0, le=100_000)
     distance: Literal["latent", "nrmse", "ssim"] = "latent"
     threshold: ThresholdConfig = _f(factory=ThresholdConfig)
-    max_attempts: int = _f(3, gt=0)
-    chunk_size: int = _f(64, gt=0)
+    max_attempts: int = _f(3, gt=0, le=1000)
+    chunk_size: int = _f(64, gt=0, le=65_536)
     # Voxels a candidate may be translated (per axis) and still count as a copy of a scan.
     max_shift: int = _f(1, ge=0, le=4)
     deform_masks: bool = True
@@ -306,7 +330,7 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = _f(0, ge=0)
+    seed: int = _f(0, ge=0, le=MAX_SEED)
     run_dir: Optional[Path] = None
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import errno
 import sys
+import typing
 from importlib.metadata import PackageNotFoundError, version
 
 # One module per command group, in the order ``fedsynth --help`` lists them.
@@ -39,11 +41,13 @@ COMMAND_MODULES = [
 # Exceptions that mean "the user's input is wrong": printed as one line, exit 2.
 USER_ERRORS = [
     ("configs.loader", "ConfigError"),
+    ("experiments.preflight", "PreflightError"),
     ("experiments.demo", "DemoError"),
     ("experiments.sweep", "SweepError"),
     ("experiments.sampling", "SampleInputError"),
     ("server.tracking", "TrackingError"),
     ("client.site_data", "SiteDataError"),
+    ("client.manifest", "SiteDataError"),
     ("models.checkpoint", "CheckpointError"),
     ("models.volume_io", "VolumeError"),
     ("experiments.pretrain", "PretrainError"),
@@ -81,8 +85,16 @@ def fedsynth_version() -> str:
         return "0+unknown"
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (what, where, how to fix), exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"fedsynth: error: {self.prog}: {_one_line(message)}; "
+                     f"see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fedsynth",
         description="Federated, differentially private 3D latent diffusion for medical images.",
     )
@@ -94,14 +106,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    types = []
-    for module, name in USER_ERRORS:
-        try:
-            types.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(types)
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is (a subclass of) a USER_ERRORS class.
+
+    Matched by the defining module and name of each class in ``err``'s MRO, or through
+    ``sys.modules`` for a class registered under a module that re-exports it. Nothing is imported:
+    importing the listed modules (torch, Flower, MLflow) would make every refusal take seconds.
+    """
+    registered = set(USER_ERRORS)
+    for cls in type(err).__mro__:
+        if (cls.__module__, cls.__qualname__) in registered:
+            return True
+        if any(cls.__name__ == name and getattr(sys.modules.get(module), name, None) is cls
+               for module, name in USER_ERRORS):
+            return True
+    return False
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _environment_error(err: BaseException) -> str | None:
+    """One line for a file the user named that cannot be read or written, else None."""
+    if isinstance(err, UnicodeDecodeError):
+        return (f"a file is not UTF-8 text ({err.reason} at byte {err.start}); "
+                f"save it as UTF-8 text")
+    if isinstance(err, OSError) and err.filename is not None:
+        fix = {"ELOOP": "a symbolic link points back at itself; fix or remove the link",
+               "EACCES": "check its permissions",
+               "EISDIR": "it is a folder; name a file",
+               "ENOTDIR": "a part of the path is a file; fix the path",
+               "ENOSPC": "the disk is full; free space and run again"}
+        code = errno.errorcode.get(err.errno or 0, "")
+        return f"{err.filename}: {err.strerror or err}; {fix.get(code, 'check the path')}"
+    if isinstance(err, MemoryError):
+        return "out of memory; use smaller sizes or fewer samples"
+    return None
 
 
 def configure_logging(verbose: bool) -> None:
@@ -128,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         print("fedsynth: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - only known user errors are shown as one line
-        if isinstance(err, _user_error_types()):
-            print(f"fedsynth {args.command}: error: {err}", file=sys.stderr)
+        if is_user_error(err):
+            print(f"fedsynth {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        environment = None if args.verbose else _environment_error(err)
+        if environment is not None:
+            print(f"fedsynth {args.command}: error: {_one_line(environment)}", file=sys.stderr)
             return 2
         raise
 

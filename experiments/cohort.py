@@ -158,6 +158,13 @@ class Subject:
     visits: tuple[Visit, ...]   # baseline first, then an optional follow-up
 
 
+# Argument bounds: one volume and its resampling must fit in memory, a run must end.
+MAX_SIZE = 256
+MAX_SITES = 100
+MAX_PATIENTS = 10_000
+MAX_SEED = 2**32 - 1
+
+
 def _stream(seed: int, *key: int) -> np.random.Generator:
     """An independent random stream for (seed, purpose, cohort, [patient])."""
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
@@ -170,19 +177,32 @@ def _seed32(rng: np.random.Generator) -> int:
 
 def validate_arguments(sites: int, patients: int, size: int, seed: int,
                        public_patients: int | None) -> None:
-    """Raise :class:`CohortError` (one line) on the first argument that cannot work."""
-    if size < 16 or size % 8:
-        raise CohortError(f"--size {size}: must be a multiple of 8 and at least 16 "
-                          f"(16, 24, 32, 64, ...); the grid spans {FIELD_OF_VIEW_MM:g} mm")
-    if sites < 1:
-        raise CohortError(f"--sites {sites}: needs at least 1 site")
-    if patients < 2:
-        raise CohortError(f"--patients {patients}: needs at least 2 patients per site")
-    if public_patients is not None and public_patients < 2:
-        raise CohortError(f"--public-patients {public_patients}: needs at least 2 public patients "
-                          f"(or leave it out to use --patients)")
-    if seed < 0:
-        raise CohortError(f"--seed {seed}: must be >= 0")
+    """Raise :class:`CohortError` (one line) on the first argument that cannot work.
+
+    Sizes are bounded so that one volume and its resampling fit in memory (checked before
+    anything is allocated): at most :data:`MAX_SIZE` voxels per side.
+    """
+    if size < 16 or size % 8 or size > MAX_SIZE:
+        memory = (f" ({size}^3 voxels need about {_volume_bytes(size) / 2**30:.3g} GiB per "
+                  f"scan)" if size > MAX_SIZE else "")
+        raise CohortError(f"--size {size}: not a usable grid{memory}; pass a multiple of 8 from "
+                          f"16 to {MAX_SIZE} (the grid spans {FIELD_OF_VIEW_MM:g} mm)")
+    if not 1 <= sites <= MAX_SITES:
+        raise CohortError(f"--sites {sites}: out of range; pass 1..{MAX_SITES} sites")
+    if not 2 <= patients <= MAX_PATIENTS:
+        raise CohortError(f"--patients {patients}: out of range; pass 2..{MAX_PATIENTS} "
+                          f"patients per site")
+    if public_patients is not None and not 2 <= public_patients <= MAX_PATIENTS:
+        raise CohortError(f"--public-patients {public_patients}: out of range; pass "
+                          f"2..{MAX_PATIENTS} public patients (or leave it out to use --patients)")
+    if not 0 <= seed <= MAX_SEED:
+        raise CohortError(f"--seed {seed}: out of range; pass 0..{MAX_SEED}")
+
+
+
+def _volume_bytes(size: int) -> int:
+    """Working memory of one subject at ``size``^3: float32 image, label and deformation field."""
+    return size ** 3 * 4 * 6
 
 
 @functools.lru_cache(maxsize=4)

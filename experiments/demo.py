@@ -3,7 +3,9 @@
 cohort -> data check -> public pretraining -> federated DP fine-tuning (Flower simulation)
 -> gated release -> quality evaluation -> summary. Every stage writes under the config's
 ``run_dir`` and is reused when run again: a finished stage is skipped, an interrupted one
-resumes. Quality is measured against the PUBLIC cohort: the operator never sees site scans.
+resumes. Quality is measured against held-out patients of every site that no site and no
+pretraining saw (:func:`experiments.cohort.generate_holdout`, as the sweep does), next to the
+baselines of :mod:`models.metrics.quality` (real, collapse, copy, pretrained-only samples).
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ log = logging.getLogger(__name__)
 
 RELEASE_DIR = "release"
 EVALUATION_FILE = "evaluation.json"
+HOLDOUT_DIR = "holdout"
+PRETRAINED_SAMPLES_DIR = "pretrained_samples"
+METRICS_CACHE_DIR = "metrics_cache"
+HOLDOUT_PATIENTS_PER_SITE = 8
 
 
 class DemoError(ValueError):
@@ -71,7 +77,7 @@ def generate_demo_cohort(config: Config, *, patients: int, public_patients: int)
 
 
 def run_demo(config_path: Path, *, patients: int = 40, public_patients: int = 40,
-             seg_steps: int = 150, echo: Callable[[str], None] = print) -> DemoSummary:
+             seg_steps: int | None = None, echo: Callable[[str], None] = print) -> DemoSummary:
     """Run (or continue) every stage of the demo described by ``config_path``."""
     from client.site_data import check_site
     from server.federation import FINAL_CHECKPOINT, federation_dir
@@ -122,9 +128,21 @@ def run_demo(config_path: Path, *, patients: int = 40, public_patients: int = 40
         simulate_release(config_path, plan)
 
     def evaluate() -> None:
-        from experiments.evaluate import evaluate_folders, write_json_atomic
-        result = evaluate_folders(Path(config.data.public_dir), release_dir, config.data,
-                                  seg_steps=seg_steps, seed=config.seed)
+        from experiments.cohort import generate_holdout
+        from experiments.evaluate import DEFAULT_SEG_STEPS, evaluate_folders, write_json_atomic
+        from experiments.sampling import sample_folder
+        holdout = generate_holdout(cohort_dir, run_dir / HOLDOUT_DIR, HOLDOUT_PATIENTS_PER_SITE)
+        pretrained_samples = run_dir / PRETRAINED_SAMPLES_DIR
+        if not (pretrained_samples / "manifest.csv").exists():
+            report = json.loads((release_dir / "release_report.json").read_text())
+            released = report.get("counts", {}).get("released") or config.release.num_samples
+            sample_folder(pretrained, Path(config.data.public_dir), max(2, int(released)),
+                          pretrained_samples, seed=config.seed)
+        result = evaluate_folders(
+            holdout, release_dir, config.data, public_dir=Path(config.data.public_dir),
+            train_dirs=tuple(Path(s.data_dir) for s in config.federation.sites),
+            pretrained_dir=pretrained_samples, seed=config.seed,
+            seg_steps=seg_steps or DEFAULT_SEG_STEPS, cache_dir=run_dir / METRICS_CACHE_DIR)
         write_json_atomic(evaluation, result.to_json_dict())
 
     stages = [
@@ -166,7 +184,7 @@ def _collect(summary: DemoSummary, config: Config, fed_dir: Path, release_dir: P
     if report_json.exists():
         summary.release = json.loads(report_json.read_text())
     if evaluation.exists():
-        summary.quality = json.loads(evaluation.read_text()).get("metrics", {})
+        summary.quality = json.loads(evaluation.read_text())
     summary.paths.update({
         "synthetic NIfTI": release_dir / "images",
         "release report": release_dir / "release_report.md",
@@ -174,7 +192,32 @@ def _collect(summary: DemoSummary, config: Config, fed_dir: Path, release_dir: P
         "epsilon reports": fed_dir / "reports",
         "consortium ledger": fed_dir / "consortium_ledger.jsonl",
         "quality": evaluation,
+        "reference (held out)": summary.run_dir / HOLDOUT_DIR,
     })
+
+
+_SUMMARY_METRICS = (("kid", "feature KID (lower better)"),
+                    ("conditional_dice", "conditional Dice"),
+                    ("utility_dice", "utility Dice (trained on set)"),
+                    ("ms_ssim_diversity", "MS-SSIM diversity"),
+                    ("rf_fid", "rf_fid (secondary)"))
+
+
+def _quality_lines(quality: dict[str, Any]) -> list[str]:
+    """The model's headline metrics next to every baseline, and the bars."""
+    if not quality.get("metrics"):
+        return []
+    sets = {"model": quality["metrics"], **quality.get("baselines", {})}
+    lines = ["quality     vs held-out patients: " + " ".join(f"{n:>15}" for n in sets)]
+    for name, label in _SUMMARY_METRICS:
+        values = [(s or {}).get(name) for s in sets.values()]
+        lines.append(f"  {label:<32}" + " ".join(
+            f"{'n/a' if v is None else format(v, '.4g'):>15}" for v in values))
+    bars = quality.get("bars", {})
+    if bars:
+        lines.append("bars        " + ", ".join(f"{k} {'met' if v else 'NOT met'}"
+                                                for k, v in bars.items()))
+    return lines
 
 
 def format_summary(summary: DemoSummary) -> str:
@@ -188,9 +231,7 @@ def format_summary(summary: DemoSummary) -> str:
     counts = summary.release.get("counts", {})
     if counts:
         lines.append("gate        " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    for name in ("rf_fid", "mmd", "ms_ssim_diversity", "dice_ratio"):
-        if name in summary.quality and summary.quality[name] is not None:
-            lines.append(f"quality     {name} {summary.quality[name]:.4g}")
+    lines += _quality_lines(summary.quality)
     for name, path in summary.paths.items():
         lines.append(f"{name:<20}{path}")
     lines.append(f"MLflow UI   mlflow ui --backend-store-uri {summary.tracking_uri}")

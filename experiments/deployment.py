@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,35 @@ CERT_DAYS = 365
 
 class DeployError(ValueError):
     """A deployment setting that cannot be used. One line with the fix."""
+
+
+# Files ``fedsynth deploy`` writes into its --out folder (an earlier deploy may be redone there).
+DEPLOY_OUTPUTS = ("commands.txt", "certs", "supernodes", "flwr")
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$")
+
+
+def check_host(host: str) -> str:
+    """``host`` if it is an IP address or a DNS host name (RFC 1123); else :class:`DeployError`."""
+    where = f"--host {host!r}"
+    if not host.strip():
+        raise DeployError(f"{where}: is empty; pass the SuperLink's host name or IP address")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if len(name) > 253:
+        raise DeployError(f"{where[:40]}...: a host name has at most 253 characters (got "
+                          f"{len(name)}); pass the SuperLink's host name")
+    for label in name.split("."):
+        if len(label) > 63:
+            raise DeployError(f"{where[:40]}...: each dot-separated part of a host name has at "
+                              f"most 63 characters (one has {len(label)}); pass the real name")
+        if not _HOST_LABEL.match(label):
+            raise DeployError(f"{where}: not a host name or IP address (a host name is letters, "
+                              f"digits and '-' between dots; no slash, port or scheme); pass "
+                              f"e.g. superlink.example.org or 10.0.0.5 and the port as --port")
+    return host
 
 
 @dataclass(frozen=True)

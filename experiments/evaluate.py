@@ -7,10 +7,12 @@ to [0, 1]). The grid is the config's ``data.shape``/``data.spacing`` when a conf
 given; otherwise it is the grid of the first real scan, and every synthetic scan must
 already be on that grid.
 
-The real scans are split by patient (seeded) into a segmenter-train part and a held-out
-part; no patient is in both. rf_fid, MMD and MedicalNet FID compare all real scans with
-all synthetic scans; the segmenters are scored on the held-out part only. The metrics
-themselves live in :mod:`models.metrics`.
+The real scans (patients no site and no pretraining saw) are split by patient (seeded) into
+the reference and the ``real`` baseline; no patient is in both. The synthetic set and every
+baseline (real, collapse, copy, pretrained-only) are measured the same way against the
+reference (:mod:`models.metrics.quality`): feature KID on the public segmenter's encoder,
+conditional Dice, utility Dice, MS-SSIM diversity, and rf_fid as a secondary figure. The
+public segmenter is trained on the public folder once and cached.
 
 The JSON report holds counts and settings but no patient ids.
 """
@@ -33,15 +35,17 @@ import torch
 from client.site_data import load_site, read_manifest
 from configs.schema import DataConfig
 from models.device import autocast, resolve_device
-from models.metrics import (RANDOM_FEATURE_SEED, QualityReport, build_medicalnet_feature_net,
-                            build_random_feature_net, evaluate_quality, feature_net_fingerprint,
-                            ms_ssim_settings)
+from models.metrics import (BASELINES, RANDOM_FEATURE_SEED, SET_METRICS, QualityReport,
+                            SegmenterSettings, build_medicalnet_feature_net,
+                            build_random_feature_net, collapse_baseline, copy_baseline,
+                            evaluate_quality, feature_net_fingerprint, medicalnet_fid,
+                            ms_ssim_settings, public_segmenter)
 
 log = logging.getLogger(__name__)
 
-HOLDOUT_FRACTION = 0.3
-DEFAULT_SEG_STEPS = 300
-DEFAULT_SEG_BATCH_SIZE = 2
+HOLDOUT_FRACTION = 0.5   # of the real patients: the reference; the rest is the real baseline
+DEFAULT_SEG_STEPS = SegmenterSettings().max_steps
+DEFAULT_SEG_BATCH_SIZE = SegmenterSettings().batch_size
 GRID_TOLERANCE_MM = 1e-3
 
 
@@ -75,18 +79,33 @@ class EvaluationResult:
     details: dict[str, Any]
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {"metrics": self.report.to_json_dict(), **self.details}
+        return {**self.report.to_json_dict(), **self.details}
 
 
 def _ras_grid(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Shape and voxel size of a NIfTI file in RAS axis order, from its header only."""
-    image = nib.load(path)
+    image = _readable_header(path)
     axes = nib.orientations.io_orientation(image.affine)[:, 0].astype(int)
     shape, spacing = [0, 0, 0], [0.0, 0.0, 0.0]
     for source, target in enumerate(axes[:3]):
         shape[target] = int(image.shape[source])
         spacing[target] = float(image.header.get_zooms()[source])
     return tuple(shape), tuple(spacing)
+
+
+def _readable_header(path: Path) -> nib.spatialimages.SpatialImage:
+    """The NIfTI image at ``path`` (header read, voxels not yet); one EvaluationError line for a
+    garbage, truncated or non-3D file."""
+    fix = "write it again (a complete 3D NIfTI file) or drop its row from the manifest"
+    try:
+        image = nib.load(path)
+        shape = image.shape
+    except Exception as err:  # noqa: BLE001 - nibabel raises many types for damaged files
+        raise EvaluationError(f"{path}: not a readable NIfTI file ({type(err).__name__}); "
+                              f"{fix}") from None
+    if len(shape) != 3:
+        raise EvaluationError(f"{path}: a {len(shape)}D volume of shape {shape}; {fix}")
+    return image
 
 
 def _grid_text(shape: tuple[int, ...], spacing: tuple[float, ...]) -> str:
@@ -158,17 +177,41 @@ def split_by_patient(patient_ids: list[str], holdout_fraction: float,
     return train_idx, heldout_idx
 
 
+def default_cache_dir() -> Path:
+    """The public segmenter's cache: ``$XDG_CACHE_HOME/fedsynth`` (``~/.cache/fedsynth``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedsynth"
+
+
+def _loaded(folder: Path, data: DataConfig, role: str, shape: tuple[int, ...]) -> VolumeSet:
+    volumes = load_volume_set(folder, data)
+    if volumes.images.shape[1:] != shape:
+        raise EvaluationError(f"{folder}: {role} volumes {tuple(volumes.images.shape[2:])} differ "
+                              f"from real {tuple(shape[1:])} after loading; pass --config with "
+                              f"one data.shape for all folders")
+    if len(volumes.patient_ids) < 2:
+        raise EvaluationError(f"{folder}: {len(volumes.patient_ids)} {role} scan(s); the metrics "
+                              f"need at least 2 per folder; add scans")
+    return volumes
+
+
 def evaluate_folders(real_dir: Path, synthetic_dir: Path, data: DataConfig | None = None, *,
-                     seg_steps: int = DEFAULT_SEG_STEPS, seed: int = 0,
-                     medicalnet_weights: Path | None = None,
+                     public_dir: Path | None = None, train_dirs: tuple[Path, ...] = (),
+                     pretrained_dir: Path | None = None, seg_steps: int = DEFAULT_SEG_STEPS,
+                     seed: int = 0, medicalnet_weights: Path | None = None,
                      holdout_fraction: float = HOLDOUT_FRACTION,
                      seg_batch_size: int = DEFAULT_SEG_BATCH_SIZE,
+                     cache_dir: Path | None = None,
                      device: str | None = None, precision: str = "fp32") -> EvaluationResult:
-    """All quality metrics of the synthetic folder against the real folder.
+    """The quality of the synthetic folder and of the baselines against the real folder.
 
-    ``data`` None: built-in label names, the real folder's own grid (see the module
-    docstring). Raises :class:`EvaluationError`, ``SiteDataError`` or
-    ``MetricInputError`` (all one line) on bad input, before any long computation.
+    The real folder (held-out patients) is split by patient into the reference and the
+    ``real`` baseline. ``public_dir`` (default ``data.public_dir``) trains the public segmenter
+    (cached under ``cache_dir``). ``train_dirs`` (the sites' training data) build the
+    ``collapse`` and ``copy`` baselines; without them, the ``real`` baseline half stands in.
+    ``pretrained_dir`` holds samples of the pretrained-only model (baseline not measured
+    without it). ``data`` None: built-in label names, the real folder's own grid. Raises
+    :class:`EvaluationError`, ``SiteDataError`` or ``MetricInputError`` (all one line) on bad
+    input, before any long computation.
     """
     real_dir, synthetic_dir = Path(real_dir), Path(synthetic_dir)
     if seg_steps < 1:
@@ -176,8 +219,19 @@ def evaluate_folders(real_dir: Path, synthetic_dir: Path, data: DataConfig | Non
                               f"give the segmenters a training budget")
     device = str(resolve_device(device))  # None / auto: CUDA when present
     manifest = (data or DataConfig()).manifest
+    public_dir = Path(public_dir) if public_dir is not None else (
+        Path(data.public_dir) if data is not None and data.public_dir is not None else None)
+    if public_dir is None:
+        raise EvaluationError("public data: not given; pass --public DIR (the public cohort the "
+                              "KID features and the conditional-Dice segmenter are trained on) "
+                              "or a --config with data.public_dir")
     _check_folder(real_dir, "real", manifest)
     _check_folder(synthetic_dir, "synthetic", manifest)
+    _check_folder(public_dir, "public", manifest)
+    for folder in train_dirs:
+        _check_folder(Path(folder), "training", manifest)
+    if pretrained_dir is not None:
+        _check_folder(Path(pretrained_dir), "pretrained-only samples", manifest)
     # Build MedicalNet first: a bad weights file should stop us before minutes of work.
     medicalnet = build_medicalnet_feature_net(medicalnet_weights) if medicalnet_weights else None
     if data is None:
@@ -185,44 +239,71 @@ def evaluate_folders(real_dir: Path, synthetic_dir: Path, data: DataConfig | Non
         check_synthetic_grid(synthetic_dir, data, real_dir)
 
     real = load_volume_set(real_dir, data)
-    synthetic = load_volume_set(synthetic_dir, data)
-    if real.images.shape[1:] != synthetic.images.shape[1:]:
-        raise EvaluationError(f"{synthetic_dir}: synthetic volumes "
-                              f"{tuple(synthetic.images.shape[2:])} differ from real "
-                              f"{tuple(real.images.shape[2:])} after loading; "
-                              f"pass --config with one data.shape for both")
-    for role, volumes in (("real", real), ("synthetic", synthetic)):
-        if len(volumes.patient_ids) < 2:
-            raise EvaluationError(f"{volumes.folder}: {len(volumes.patient_ids)} {role} scan(s); "
-                                  f"the metrics need at least 2 per folder; add scans")
-    train_idx, heldout_idx = split_by_patient(real.patient_ids, holdout_fraction, seed)
-    if not bool((real.labels[heldout_idx] > 0).any()):
-        raise EvaluationError(f"{real_dir}: the held-out real label maps hold no foreground; "
-                              f"the segmentation utility needs labelled structures")
+    shape = tuple(real.images.shape[1:])
+    if len(real.patient_ids) < 2:
+        raise EvaluationError(f"{real_dir}: {len(real.patient_ids)} real scan(s); the metrics "
+                              f"need at least 2 per folder; add scans")
+    synthetic = _loaded(synthetic_dir, data, "synthetic", shape)
+    public = _loaded(public_dir, data, "public", shape)
+    trains = [_loaded(Path(f), data, "training", shape) for f in train_dirs]
+    pretrained = _loaded(Path(pretrained_dir), data, "pretrained-only", shape) \
+        if pretrained_dir is not None else None
+    real_idx, reference_idx = split_by_patient(real.patient_ids, holdout_fraction, seed)
+    if not bool((real.labels[reference_idx] > 0).any()):
+        raise EvaluationError(f"{real_dir}: the reference label maps hold no foreground; "
+                              f"the Dice metrics need labelled structures")
+    if len(real_idx) < 2 or len(reference_idx) < 2:
+        raise EvaluationError(f"{real_dir}: {len(real.patient_ids)} scans split into "
+                              f"{len(reference_idx)} reference and {len(real_idx)} real-baseline "
+                              f"scans; each side needs at least 2; add patients")
 
+    seg_settings = SegmenterSettings(max_steps=seg_steps, batch_size=seg_batch_size)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    segmenter = public_segmenter(public.images, public.labels, data.num_classes, cache_dir,
+                                 seed=seed, settings=seg_settings, device=device)
+    reference = (real.images[reference_idx], real.labels[reference_idx])
+    real_half = (real.images[real_idx], real.labels[real_idx])
+    training = [(t.images, t.labels) for t in trains] or [real_half]
+    count = len(synthetic.patient_ids)
+    pooled = (torch.cat([t[0] for t in training]), torch.cat([t[1] for t in training]))
+    baselines = {
+        "real": real_half,
+        "collapse": collapse_baseline(training, count, data.num_classes),
+        "copy": copy_baseline(*pooled, synthetic.labels),
+        "pretrained_only": (pretrained.images, pretrained.labels) if pretrained else None,
+    }
+    medical = None
+    if medicalnet is not None:
+        medical = medicalnet_fid(reference[0], synthetic.images, medicalnet, device=device)
     with autocast(device, precision):  # bf16 only when asked (the config's precision)
-        report = evaluate_quality(
-            real.images, synthetic.images, synthetic.labels,
-            real.images[train_idx], real.labels[train_idx],
-            real.images[heldout_idx], real.labels[heldout_idx],
-            data.num_classes, seg_steps=seg_steps, seed=seed, feature_seed=RANDOM_FEATURE_SEED,
-            medicalnet=medicalnet, seg_batch_size=seg_batch_size, device=device)
+        report = evaluate_quality((synthetic.images, synthetic.labels), reference, baselines,
+                                  segmenter, data.num_classes, seed=seed, seg_settings=seg_settings,
+                                  device=device, medicalnet_fid=medical, cache_dir=cache_dir)
 
     ms_ssim = ms_ssim_settings(tuple(synthetic.images.shape[2:]))
-    heldout_patients = {real.patient_ids[i] for i in heldout_idx}
+    reference_patients = {real.patient_ids[i] for i in reference_idx}
     details = {
         "real": {"folder": str(real_dir), "scans": len(real.patient_ids),
                  "patients": real.num_patients,
-                 "segmenter_train_patients": real.num_patients - len(heldout_patients),
-                 "segmenter_train_scans": len(train_idx),
-                 "heldout_patients": len(heldout_patients), "heldout_scans": len(heldout_idx)},
-        "synthetic": {"folder": str(synthetic_dir), "scans": len(synthetic.patient_ids)},
+                 "reference_patients": len(reference_patients),
+                 "reference_scans": len(reference_idx),
+                 "real_baseline_patients": real.num_patients - len(reference_patients),
+                 "real_baseline_scans": len(real_idx)},
+        "synthetic": {"folder": str(synthetic_dir), "scans": count},
+        "public": {"folder": str(public_dir), "scans": len(public.patient_ids)},
+        "training": {"folders": [str(f) for f in train_dirs] or ["(real baseline half)"],
+                     "scans": int(pooled[0].shape[0])},
+        "pretrained_only": {"folder": str(pretrained_dir) if pretrained_dir else None},
         "grid": {"shape": list(data.shape), "spacing_mm": list(data.spacing),
                  "label_names": list(data.label_names)},
         "settings": {
             "seed": seed, "seg_steps": seg_steps, "seg_batch_size": seg_batch_size,
+            "segmenter": seg_settings.to_json_dict(),
             "holdout_fraction": holdout_fraction, "device": device,
             "torch_version": torch.__version__,
+            "public_segmenter_sha256": segmenter.sha256,
+            "public_segmenter_validation_dice": segmenter.validation_dice,
+            "public_segmenter_steps": segmenter.steps,
             "rf_fid_feature_seed": RANDOM_FEATURE_SEED,
             "rf_fid_feature_net_sha256": feature_net_fingerprint(
                 build_random_feature_net(RANDOM_FEATURE_SEED)),
@@ -230,13 +311,7 @@ def evaluate_folders(real_dir: Path, synthetic_dir: Path, data: DataConfig | Non
                         "kernel_sigma": ms_ssim.kernel_sigma, "weights": list(ms_ssim.weights)},
             "medicalnet_weights": str(medicalnet_weights) if medicalnet_weights else None,
         },
-        "notes": {
-            "rf_fid": "random-feature FID: Frechet distance on features of a seeded, randomly "
-                      "initialised 3D ResNet; NOT comparable with Inception FID, only with "
-                      "rf_fid from the same feature net (sha256 above) and grid",
-            "mmd": "MONAI unbiased linear-kernel MMD^2 per voxel on the volumes; ~0 when the "
-                   "distributions match, may be slightly negative",
-        },
+        "notes": NOTES,
     }
     return EvaluationResult(report=report, details=details)
 
@@ -256,24 +331,57 @@ def write_json_atomic(path: Path, content: dict[str, Any]) -> None:
         raise
 
 
+NOTES = {
+    "reference": "held-out real patients (half of --real, split by patient); every set below is "
+                 "measured against it",
+    "kid": "feature KID: unbiased polynomial-kernel MMD^2 (Binkowski et al.) on the public "
+           "segmenter's encoder features, mean and std over 100 subsets; ~0 when matched",
+    "conditional_dice": "the public segmenter's Dice on the set's images against the maps they "
+                        "were generated from (Med-LSDM protocol)",
+    "utility_dice": "Dice on the reference of a segmenter trained to convergence on the set "
+                    "(Med-DDPM protocol)",
+    "rf_fid": "SECONDARY: random-feature FID (seeded random 3D ResNet, 120 features; "
+              "rank-deficient covariance with tens of samples; not Inception FID)",
+    "baselines": "real: the other half of the held-out patients (the floor); collapse: each "
+                 "training set's mean scan repeated, with its majority map; copy: for each "
+                 "conditioning map the training scan with the closest map; pretrained_only: "
+                 "samples of the public model before federation",
+}
+
 _DESCRIPTIONS = {
-    "rf_fid": "random-feature FID, lower is closer (not Inception FID)",
-    "mmd": "MMD^2 per voxel on volumes, ~0 when matched",
-    "ms_ssim_diversity": "mean pairwise 1 - MS-SSIM of synthetic, 0 = collapsed",
-    "dice_synthetic": "held-out real Dice, segmenter trained on synthetic",
-    "dice_real": "held-out real Dice, segmenter trained on real",
-    "dice_ratio": "dice_synthetic / dice_real, 1 = as useful as real",
-    "medicalnet_fid": "FID on MedicalNet features (--medicalnet-weights)",
+    "kid": "feature KID vs reference, lower is closer",
+    "kid_std": "KID std over subsets",
+    "conditional_dice": "public segmenter Dice vs conditioning map",
+    "utility_dice": "reference Dice of a segmenter trained on the set",
+    "ms_ssim_diversity": "mean pairwise 1 - MS-SSIM, 0 = collapsed",
+    "rf_fid": "secondary: random-feature FID",
+    "count": "volumes in the set",
 }
 
 
+def _shown(value: float | int | None) -> str:
+    return "n/a" if value is None else (f"{value}" if isinstance(value, int) else f"{value:.4g}")
+
+
 def format_table(result: EvaluationResult) -> str:
-    """The metrics as an aligned text table, one row per metric."""
-    rows = [f"{'metric':<18} {'value':>12}  meaning"]
-    for name, value in result.report.to_json_dict().items():
-        shown = "n/a" if value is None else f"{value:.6g}"
-        rows.append(f"{name:<18} {shown:>12}  {_DESCRIPTIONS[name]}")
-    real, synthetic = result.details["real"], result.details["synthetic"]
-    rows.append(f"real: {real['scans']} scans of {real['patients']} patients "
-                f"({real['heldout_patients']} held out); synthetic: {synthetic['scans']} scans")
+    """The model's metrics next to every baseline, one row per metric, then ratios and bars."""
+    data = result.to_json_dict()
+    columns = ["model", *BASELINES]
+    sets = {"model": data["metrics"], **data["baselines"]}
+    rows = [f"{'metric':<18} " + " ".join(f"{c:>15}" for c in columns) + "  meaning"]
+    for name in (*SET_METRICS, "count"):
+        values = [_shown((sets[c] or {}).get(name)) for c in columns]
+        rows.append(f"{name:<18} " + " ".join(f"{v:>15}" for v in values)
+                    + f"  {_DESCRIPTIONS[name]}")
+    for name in ("conditional_dice_ratio", "utility_dice_ratio", "diversity_ratio",
+                 "medicalnet_fid"):
+        if data["metrics"].get(name) is not None:
+            rows.append(f"{name:<22} {data['metrics'][name]:.4g}")
+    rows += [f"bar {name}: {'met' if met else 'NOT met'}" for name, met in data["bars"].items()]
+    real = data["real"]
+    rows.append(f"reference: {real['reference_scans']} scans of {real['reference_patients']} "
+                f"held-out patients; real baseline: {real['real_baseline_scans']} scans of "
+                f"{real['real_baseline_patients']}; synthetic: {data['synthetic']['scans']} scans; "
+                f"public segmenter validation Dice "
+                f"{data['public_segmenter']['validation_dice']:.3f}")
     return "\n".join(rows)

@@ -3,10 +3,14 @@
 Stages, resumable at epoch granularity (``run_dir/pretrain_state.pt`` is rewritten atomically after
 every epoch; ``resume=True`` continues from the last finished one, bit for bit):
 
-1. autoencoder: L1 + KL (kl) or VQ commitment (vq) + PatchDiscriminator adversarial loss (after a
-   warm-up of a quarter of the epochs) + a perceptual loss when local weights are configured;
+1. autoencoder: L1 + KL (kl) or VQ commitment (vq) + SSIM / FFT structural terms +
+   PatchDiscriminator adversarial and feature-matching losses (after ``warmup_epochs``) + a
+   perceptual loss when local weights are configured; then its reconstruction PSNR and SSIM on
+   the ``pretrain.holdout_fraction`` of public patients that no stage trains on (logged, stored
+   in the checkpoint's metadata, previewed);
 2. the latent scale factor 1 / std of the public latents (and the public attribute statistics);
-3. the latent UNet: DDPM loss with condition dropout.
+3. the latent UNet: DDPM loss with condition dropout, and an EMA of its weights
+   (``pretrain.unet.ema_decay``) that the checkpoint keeps.
 
 ``pretrain.enabled: false`` (a sweep's "no pretraining" arm) skips stage 3 only: the UNet keeps its
 random initialisation, but the autoencoder is still trained on public data, because federation
@@ -26,13 +30,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from client.site_data import load_site
 from client.streaming import affine_stack, image_stack, iterate_batches, label_stack, stream_site
 from configs import Config, config_to_dict, flatten_config
 from models.autoencoder import (AutoencoderLoss, PerceptualWeightsError, build_autoencoder,
-                                build_discriminator, decode_latents, encode_latents, reconstruct)
+                                build_discriminator, decode_latents, encode_latents,
+                                narrow_posterior, reconstruct, reconstruction_quality)
 from models.checkpoint import Checkpoint, DataGrid, atomic_torch_save, save_checkpoint
 from models.conditioning import label_map_to_latent_grid
 from models.device import autocast, check_precision, cpu_state_dict, module_device, resolve_device
@@ -60,12 +66,13 @@ class PretrainError(ValueError):
 @dataclass(frozen=True)
 class PublicCohort:
     """The public cohort in memory: images (N, 1, D, H, W) in [0, 1], labels (N, D, H, W) uint8,
-    attributes (N, A) float32, affines (N, 4, 4) float64."""
+    attributes (N, A) float32, affines (N, 4, 4) float64, and each scan's patient id."""
 
     images: torch.Tensor
     labels: torch.Tensor
     attributes: torch.Tensor
     affines: torch.Tensor
+    patient_ids: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -74,6 +81,27 @@ class PublicCohort:
         """One-hot maps (B, C, D, H, W) float32 of the given scans."""
         classes = self.labels[index].long()
         return torch.nn.functional.one_hot(classes, num_classes).permute(0, 4, 1, 2, 3).float()
+
+    def subset(self, index: torch.Tensor) -> "PublicCohort":
+        """The scans at ``index`` (a 1-D long tensor), in that order."""
+        ids = tuple(self.patient_ids[i] for i in index.tolist()) if self.patient_ids else ()
+        return PublicCohort(self.images[index], self.labels[index], self.attributes[index],
+                            self.affines[index], ids)
+
+
+def split_holdout(cohort: PublicCohort, fraction: float,
+                  seed: int) -> tuple[PublicCohort, PublicCohort]:
+    """(training scans, held-out scans): ``floor(fraction * patients)`` whole patients drawn from
+    ``seed`` are held out (all their scans), so no follow-up of a held-out patient is trained on."""
+    # A cohort loaded without patient ids: every scan counts as its own patient.
+    ids = cohort.patient_ids or tuple(f"scan-{i}" for i in range(len(cohort)))
+    names = sorted(set(ids))
+    patients = int(fraction * len(names))
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = {names[i] for i in order[:patients]}
+    is_held = torch.tensor([p in held for p in ids], dtype=torch.bool)
+    return (cohort.subset(torch.nonzero(~is_held).flatten()),
+            cohort.subset(torch.nonzero(is_held).flatten()))
 
 
 @dataclass(frozen=True)
@@ -108,7 +136,8 @@ def load_public_cohort(config: Config) -> PublicCohort:
         images=torch.stack([item["image"].float() for item in items]),
         labels=torch.stack([item["label"].argmax(0).to(torch.uint8) for item in items]),
         attributes=torch.stack([item["attributes"].float() for item in items]),
-        affines=torch.stack([item["affine"].to(torch.float64) for item in items]))
+        affines=torch.stack([item["affine"].to(torch.float64) for item in items]),
+        patient_ids=tuple(str(item["patient_id"]) for item in items))
 
 
 def _batches(count: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -133,12 +162,15 @@ class _Training:
         self.device = resolve_device(config.device)
         self.precision = check_precision(config.precision, self.device)
         torch.manual_seed(config.seed)
-        self.autoencoder = configure(build_autoencoder(config.model.autoencoder), config.memory,
+        self.autoencoder = build_autoencoder(config.model.autoencoder)
+        if settings.autoencoder.initial_log_variance is not None:
+            narrow_posterior(self.autoencoder, settings.autoencoder.initial_log_variance)
+        self.autoencoder = configure(self.autoencoder, config.memory,
                                      training=True).to(self.device)
         # Sized for what it sees: the autoencoder's training crops when configured.
         self.discriminator = build_discriminator(
-            config.model.autoencoder,
-            config.memory.autoencoder_crop or config.data.shape).to(self.device)
+            config.model.autoencoder, config.memory.autoencoder_crop or config.data.shape,
+            norm=settings.autoencoder.discriminator_norm).to(self.device)
         self.autoencoder_optimizer = torch.optim.Adam(
             self.autoencoder.parameters(), lr=settings.autoencoder.learning_rate)
         self.discriminator_optimizer = torch.optim.Adam(
@@ -149,27 +181,52 @@ class _Training:
                                   config.memory, training=True).to(self.device)
         self.unet_optimizer = torch.optim.AdamW(self.denoiser.parameters(),
                                                 lr=settings.unet.learning_rate)
+        self.ema = (AveragedModel(self.denoiser, avg_fn=ema_with_warmup(settings.unet.ema_decay),
+                                  use_buffers=True)
+                    if settings.unet.ema_decay is not None else None)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.autoencoder_epochs = 0
         self.unet_epochs = 0
         self.latent_scale_factor: float | None = None
+        self.reconstruction: dict[str, float] | None = None
 
-    _MODULES = ("autoencoder", "discriminator", "autoencoder_optimizer", "discriminator_optimizer",
-                "denoiser", "unet_optimizer")
+    def _modules(self) -> tuple[str, ...]:
+        base = ("autoencoder", "discriminator", "autoencoder_optimizer",
+                "discriminator_optimizer", "denoiser", "unet_optimizer")
+        return base + (("ema",) if self.ema is not None else ())
+
+    def released_denoiser(self) -> torch.nn.Module:
+        """The weights the checkpoint keeps: the EMA's when configured, else the trained ones."""
+        return self.ema.module if self.ema is not None else self.denoiser
 
     def state_dict(self) -> dict[str, Any]:
-        state = {name: cpu_state_dict(getattr(self, name).state_dict()) for name in self._MODULES}
+        state = {name: cpu_state_dict(getattr(self, name).state_dict())
+                 for name in self._modules()}
         return {**state, "generator": self.generator.get_state(),
                 "autoencoder_epochs": self.autoencoder_epochs, "unet_epochs": self.unet_epochs,
-                "latent_scale_factor": self.latent_scale_factor}
+                "latent_scale_factor": self.latent_scale_factor,
+                "reconstruction": self.reconstruction}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in self._MODULES:
+        for name in self._modules():
             getattr(self, name).load_state_dict(state[name])
         self.generator.set_state(state["generator"])
         self.autoencoder_epochs = int(state["autoencoder_epochs"])
         self.unet_epochs = int(state["unet_epochs"])
         self.latent_scale_factor = state["latent_scale_factor"]
+        self.reconstruction = state.get("reconstruction")
+
+
+def ema_with_warmup(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                              torch.Tensor]:
+    """AveragedModel's ``avg_fn`` for an EMA whose decay ramps up as min(decay, (1 + n) / (10 + n))
+    over the n updates so far, so a short pretraining is not dominated by its random start."""
+    def average(averaged: torch.Tensor, current: torch.Tensor,
+                num_averaged: torch.Tensor) -> torch.Tensor:
+        n = float(num_averaged)
+        rate = min(decay, (1.0 + n) / (10.0 + n))
+        return rate * averaged + (1.0 - rate) * current
+    return average
 
 
 def _load_state(path: Path, config: Config) -> dict[str, Any]:
@@ -193,7 +250,9 @@ def _autoencoder_epoch(training: _Training, losses: AutoencoderLoss, cohort: Pub
                        config: Config, epoch: int) -> dict[str, float]:
     """One pass over the public scans; returns the epoch's mean losses."""
     settings = config.pretrain.autoencoder
-    adversarial = settings.adversarial_weight > 0 and epoch >= settings.epochs // 4
+    warmup = settings.epochs // 4 if settings.warmup_epochs is None else settings.warmup_epochs
+    uses_discriminator = settings.adversarial_weight > 0 or settings.feature_matching_weight > 0
+    adversarial = uses_discriminator and epoch >= warmup
     training.autoencoder.train()
     training.discriminator.train()
     sums: dict[str, float] = {}
@@ -242,6 +301,8 @@ def _unet_epoch(training: _Training, scheduler, latents: torch.Tensor, label_gri
         training.unet_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         training.unet_optimizer.step()
+        if training.ema is not None:
+            training.ema.update_parameters(training.denoiser)
         total += loss.item() * len(index)
     return {"unet/loss": total / latents.shape[0]}
 
@@ -283,12 +344,17 @@ def pretrain(config: Config, run_dir: Path, *, resume: bool = False, tracking: b
         log.info("%s: nothing to resume; starting a new pretraining run", run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    cohort = load_public_cohort(config)
+    public = load_public_cohort(config)
+    cohort, holdout = split_holdout(public, config.pretrain.holdout_fraction, config.seed)
     ae_settings = config.pretrain.autoencoder
     regularisation_weight = ae_settings.kl_weight if config.model.autoencoder.kind == "kl" else 1.0
     try:
         losses = AutoencoderLoss(ae_settings.adversarial_weight, regularisation_weight,
-                                 ae_settings.perceptual_weights)
+                                 ae_settings.perceptual_weights,
+                                 feature_matching_weight=ae_settings.feature_matching_weight,
+                                 ssim_weight=ae_settings.ssim_weight,
+                                 fft_weight=ae_settings.fft_weight,
+                                 image_shape=tuple(config.data.shape))
     except PerceptualWeightsError as err:
         raise PretrainError(f"pretrain.autoencoder.perceptual_weights: {err}") from None
     training = _Training(config)
@@ -307,9 +373,11 @@ def pretrain(config: Config, run_dir: Path, *, resume: bool = False, tracking: b
             on_epoch_end(stage, epoch)
 
     with tracker:
-        previews = _train_stages(training, losses, cohort, config, run_dir, tracker, save)
+        previews = _train_stages(training, losses, cohort, holdout, config, run_dir, tracker,
+                                 save)
         checkpoint = save_checkpoint(
-            checkpoint_path, autoencoder=training.autoencoder, denoiser=training.denoiser,
+            checkpoint_path, autoencoder=training.autoencoder,
+            denoiser=training.released_denoiser(),
             model_config=config_to_dict(config.model),
             data=DataGrid(tuple(config.data.shape), tuple(config.data.spacing),
                           tuple(config.data.label_names),
@@ -319,6 +387,8 @@ def pretrain(config: Config, run_dir: Path, *, resume: bool = False, tracking: b
                       "autoencoder_epochs": training.autoencoder_epochs,
                       "unet_epochs": training.unet_epochs,
                       "public_dir": str(config.data.public_dir), "public_scans": len(cohort),
+                      "unet_ema_decay": config.pretrain.unet.ema_decay,
+                      "autoencoder_reconstruction": training.reconstruction,
                       "seed": config.seed, "mlflow_run_id": tracker.run_id})
         previews.append(_sample_preview(checkpoint, cohort, run_dir, config))
         tracker.artifact(previews[-1], "previews")
@@ -329,7 +399,7 @@ def pretrain(config: Config, run_dir: Path, *, resume: bool = False, tracking: b
 
 
 def _train_stages(training: _Training, losses: AutoencoderLoss, cohort: PublicCohort,
-                  config: Config, run_dir: Path, tracker: StageRun,
+                  holdout: PublicCohort, config: Config, run_dir: Path, tracker: StageRun,
                   save: Callable[[str, int], None]) -> list[Path]:
     """Run the stages not yet done; returns the previews written on the way."""
     ae_settings, unet_settings = config.pretrain.autoencoder, config.pretrain.unet
@@ -357,7 +427,16 @@ def _train_stages(training: _Training, losses: AutoencoderLoss, cohort: PublicCo
             training.denoiser.attribute_embedding.set_statistics(
                 *_attribute_statistics(cohort.attributes))
         tracker.metrics({"autoencoder/latent_scale_factor": scale}, step=ae_settings.epochs)
-        tracker.artifact(_reconstruction_preview(training.autoencoder, cohort, run_dir,
+        measured = holdout if len(holdout) else cohort
+        training.reconstruction = {
+            **reconstruction_quality(training.autoencoder, measured.images),
+            "scans": len(measured), "held_out": bool(len(holdout))}
+        tracker.metrics({f"autoencoder/reconstruction_{k}": training.reconstruction[k]
+                         for k in ("psnr", "ssim")}, step=ae_settings.epochs)
+        log.info("autoencoder reconstruction of %d %s public scans: PSNR %.2f dB, SSIM %.4f",
+                 len(measured), "held-out" if len(holdout) else "TRAINING",
+                 training.reconstruction["psnr"], training.reconstruction["ssim"])
+        tracker.artifact(_reconstruction_preview(training.autoencoder, measured, run_dir,
                                                  config.data.num_classes), "previews")
         save("scale_factor", ae_settings.epochs)
     previews.append(run_dir / "previews" / RECONSTRUCTION_PREVIEW)
@@ -384,17 +463,22 @@ def _train_stages(training: _Training, losses: AutoencoderLoss, cohort: PublicCo
 
 
 @torch.no_grad()
-def _reconstruction_preview(autoencoder, cohort: PublicCohort, run_dir: Path,
+def _reconstruction_preview(autoencoder, scans: PublicCohort, run_dir: Path,
                             num_classes: int) -> Path:
-    """Public scan 0 and its reconstruction, with its label map."""
-    image = cohort.images[:1]
+    """Up to two (held-out) public scans, each above its reconstruction, with the label map."""
+    autoencoder.eval()
+    count = min(2, len(scans))
+    images = scans.images[:count]
     device = module_device(autoencoder)
-    reconstruction = decode_latents(autoencoder, encode_latents(autoencoder, image.to(device)))
-    reconstruction = reconstruction.float().cpu()
-    label = cohort.labels[0].numpy()
-    return save_preview(run_dir / "previews" / RECONSTRUCTION_PREVIEW,
-                        [image[0, 0].numpy(), reconstruction[0, 0].numpy()], [label, label],
-                        titles=["public scan", "reconstruction"], num_classes=num_classes)
+    reconstruction = decode_latents(autoencoder, encode_latents(autoencoder, images.to(device)))
+    reconstruction = reconstruction.float().cpu().clamp(0, 1)
+    volumes = [v for i in range(count)
+               for v in (images[i, 0].numpy(), reconstruction[i, 0].numpy())]
+    labels = [scans.labels[i].numpy() for i in range(count) for _ in range(2)]
+    names = scans.patient_ids or tuple(f"scan {i}" for i in range(count))
+    titles = [t for i in range(count) for t in (names[i], "reconstruction")]
+    return save_preview(run_dir / "previews" / RECONSTRUCTION_PREVIEW, volumes, labels,
+                        titles=titles, num_classes=num_classes)
 
 
 @torch.no_grad()

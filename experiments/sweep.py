@@ -14,7 +14,7 @@ A sweep file (YAML; paths relative to the file)::
       - {epsilon: 10, model_size: m}
     quality:
       samples: 16                    # volumes sampled per setting
-      seg_steps: 150                 # segmenter steps of the segmentation-utility metric
+      seg_steps: 400                 # most steps of each quality segmenter (early stopping)
       holdout_patients: 8            # per site, for the default reference (below)
       reference: null                # a site-format folder; default: held-out demo patients
     cohort: {patients: 40, public_patients: 40}   # generate the demo cohort if it is missing
@@ -35,13 +35,18 @@ Each setting, under ``out/settings/<slug>/``:
    per-round epsilon and public validation metrics);
 4. quality: ``quality.samples`` volumes conditioned on PUBLIC maps, measured against the
    reference (by default held-out patients of every site, from the same generator, that no site
-   trained on: :func:`experiments.cohort.generate_holdout`) with ``rf_fid``, MMD, MS-SSIM
-   diversity and the segmentation-utility Dice ratio; final epsilon per site from the site
-   ledgers. Logged to the setting's run, then ``result.json`` marks it finished.
+   trained on: :func:`experiments.cohort.generate_holdout`) with :mod:`models.metrics.quality`
+   (feature KID, conditional Dice, utility Dice, MS-SSIM diversity; rf_fid secondary), next to
+   the baselines measured the same way: real (half of the reference patients), collapse (each
+   site's mean scan), copy (nearest site scans), pretrained-only (samples of the setting's
+   pretraining checkpoint); final epsilon per site from the site ledgers. Logged to the
+   setting's run, then ``result.json`` marks it finished. The public segmenter and every
+   measured set are cached in ``out/metrics_cache`` (baselines are measured once).
 
 A rerun skips finished settings and resumes an interrupted one. At the end the parent run gets
-``summary.csv``, ``summary.md`` and ``tradeoff.png`` (quality against epsilon, one line per
-combination of the other axes).
+``summary.csv``, ``summary.md`` (one row per setting, then one per baseline) and
+``tradeoff.png`` (quality against epsilon, one line per combination of the other axes, the
+baselines as horizontal lines).
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ import yaml
 
 from configs import (Config, ConfigError, TrackingConfig, config_from_dict, config_to_dict,
                      flatten_config, load_config)
+from configs.strict_yaml import YamlFileError, read_yaml
+from experiments.preflight import check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +77,19 @@ RESULT_FILE = "result.json"
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
 TRADEOFF_PNG = "tradeoff.png"
-QUALITY_METRICS = ("rf_fid", "mmd", "ms_ssim_diversity", "dice_ratio")
-_METRIC_LABELS = {"rf_fid": "rf_fid (lower is better)", "mmd": "MMD (lower is better)",
-                  "ms_ssim_diversity": "MS-SSIM diversity (higher = more varied)",
-                  "dice_ratio": "Dice ratio synthetic/real (higher is better)"}
+QUALITY_METRICS = ("kid", "conditional_dice", "utility_dice", "ms_ssim_diversity", "rf_fid")
+TABLE_METRICS = ("kid", "kid_std", "conditional_dice", "utility_dice", "ms_ssim_diversity",
+                 "rf_fid", "conditional_dice_ratio", "utility_dice_ratio", "diversity_ratio")
+_METRIC_LABELS = {"kid": "feature KID (lower is better)",
+                  "conditional_dice": "conditional Dice (higher is better)",
+                  "utility_dice": "utility Dice, trained on set (higher)",
+                  "ms_ssim_diversity": "MS-SSIM diversity (real = target)",
+                  "rf_fid": "rf_fid, secondary (lower is better)"}
+BASELINE_STYLES = {"real": ("black", "-"), "collapse": ("tab:red", "--"),
+                   "copy": ("tab:green", ":"), "pretrained_only": ("tab:purple", "-.")}
 NO_DP = "none"
 _TOP_KEYS = {"name", "base", "out", "set", "grid", "settings", "quality", "cohort", "experiment"}
-_QUALITY_DEFAULTS = {"samples": 16, "seg_steps": 150, "holdout_patients": 8, "reference": None}
+_QUALITY_DEFAULTS = {"samples": 16, "seg_steps": 400, "holdout_patients": 8, "reference": None}
 _COHORT_KEYS = {"patients", "public_patients"}
 # Latent-UNet width presets of the ``model_size`` axis (channels per level; heads of 8 or 16).
 MODEL_SIZES: dict[str, dict[str, Any]] = {
@@ -223,17 +236,20 @@ class SettingResult:
     quality: dict[str, float | None]
     run_id: str | None
     seconds: float
+    baselines: dict[str, dict[str, float | None] | None] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"setting": self.setting, "values": self.values,
                 "epsilon": {k: (v if math.isfinite(v) else "inf") for k, v in self.epsilon.items()},
-                "quality": self.quality, "run_id": self.run_id, "seconds": self.seconds}
+                "quality": self.quality, "baselines": self.baselines, "run_id": self.run_id,
+                "seconds": self.seconds}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "SettingResult":
         return cls(data["setting"], dict(data["values"]),
                    {k: float(v) for k, v in data["epsilon"].items()}, dict(data["quality"]),
-                   data.get("run_id"), float(data.get("seconds", 0.0)))
+                   data.get("run_id"), float(data.get("seconds", 0.0)),
+                   dict(data.get("baselines") or {}))
 
 
 @dataclass
@@ -255,13 +271,12 @@ def _read_mapping(file: Path) -> dict[str, Any]:
         raise SweepError(f"{file}: sweep file not found; pass a YAML file such as "
                          f"experiments/sweeps/privacy_quality.yaml")
     try:
-        data = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" (line {mark.line + 1})" if mark else ""
-        raise SweepError(f"{file}: not valid YAML{line}; fix the syntax") from None
+        data = read_yaml(file, "sweep file", numbers_like_yaml12=True)
+    except YamlFileError as err:
+        raise SweepError(str(err)) from None
     if not isinstance(data, dict):
-        raise SweepError(f"{file}: expected a mapping with base and grid or settings")
+        raise SweepError(f"{file}: expected a mapping with base and grid or settings; see "
+                         f"experiments/sweeps/privacy_quality.yaml")
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise SweepError(f"{_where(file, unknown[0])}: unknown key; use "
@@ -361,7 +376,7 @@ def load_sweep(file: Path, out: Path | None = None) -> SweepPlan:
         raise SweepError(f"{_where(file, 'cohort')}: expected {{patients: N, public_patients: N}}")
 
     base_tree = config_to_dict(base_config)
-    base_yaml = yaml.safe_load(base_path.read_text())
+    base_yaml = read_yaml(base_path, "config file", numbers_like_yaml12=True)
     settings = []
     for values in _points(file, data):
         tree = _derive(base_tree, overrides, values, file, base_path.parent)
@@ -519,25 +534,36 @@ def _federated(plan: SweepPlan, setting: Setting, config: Config, checkpoint: Pa
     return fed_dir / FINAL_CHECKPOINT, state.mlflow_run_id if state else None
 
 
-def _measured(plan: SweepPlan, setting: Setting, config: Config, final: Path, reference: Path,
-              echo: Callable[[str], None]) -> dict[str, float | None]:
-    """Quality of samples on public maps against the reference; ``quality.json`` in the folder."""
-    from experiments.evaluate import evaluate_folders, write_json_atomic
+def _sampled(checkpoint: Path, config: Config, count: int, out: Path) -> Path:
+    """``count`` samples of ``checkpoint`` on the public maps in ``out`` (reused when there)."""
     from experiments.sampling import sample_folder
 
+    if not (out / "manifest.csv").exists():
+        sample_folder(checkpoint, config.data.public_dir, count, out, seed=config.seed,
+                      device=config.device, precision=config.precision, memory=config.memory)
+    return out
+
+
+def _measured(plan: SweepPlan, setting: Setting, config: Config, final: Path, pretrained: Path,
+              reference: Path, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Quality of samples on public maps and of the baselines against the reference;
+    ``quality.json`` in the folder. Returns its JSON content."""
+    from experiments.evaluate import evaluate_folders, write_json_atomic
+
     folder = plan.setting_dir(setting)
-    samples = folder / "samples"
-    if not (samples / "manifest.csv").exists():
-        echo(f"      sampling {plan.quality['samples']} volumes on public maps")
-        sample_folder(final, config.data.public_dir, plan.quality["samples"], samples,
-                      seed=config.seed, device=config.device, precision=config.precision,
-                      memory=config.memory)
+    count = plan.quality["samples"]
+    echo(f"      sampling {count} volumes on public maps (and the pretrained-only baseline)")
+    samples = _sampled(final, config, count, folder / "samples")
+    baseline = _sampled(pretrained, config, count, pretrained.parent / f"samples_{count}")
     echo(f"      quality against {reference}")
-    evaluation = evaluate_folders(reference, samples, config.data,
-                                  seg_steps=plan.quality["seg_steps"], seed=config.seed,
-                                  device=config.device, precision=config.precision)
-    write_json_atomic(folder / "quality.json", evaluation.to_json_dict())
-    return evaluation.report.to_json_dict()
+    evaluation = evaluate_folders(
+        reference, samples, config.data, public_dir=Path(config.data.public_dir),
+        train_dirs=tuple(Path(s.data_dir) for s in config.federation.sites),
+        pretrained_dir=baseline, seg_steps=plan.quality["seg_steps"], seed=config.seed,
+        cache_dir=plan.out / "metrics_cache", device=config.device, precision=config.precision)
+    content = evaluation.to_json_dict()
+    write_json_atomic(folder / "quality.json", content)
+    return content
 
 
 def _log_result(uri: str, result: SettingResult, config: Config, folder: Path) -> None:
@@ -547,8 +573,11 @@ def _log_result(uri: str, result: SettingResult, config: Config, folder: Path) -
 
     run = TrackedRun(MlflowClient(uri), result.run_id)
     run.log_params({f"sweep.{k}": v for k, v in result.values.items()})
+    baselines = {f"baseline/{name}/{k}": v for name, values in result.baselines.items()
+                 for k, v in (values or {}).items() if v is not None}
     run.log_metrics({**{f"final/epsilon/{k}": v for k, v in result.epsilon.items()},
-                     **{f"quality/{k}": v for k, v in result.quality.items() if v is not None}},
+                     **{f"quality/{k}": v for k, v in result.quality.items() if v is not None},
+                     **baselines},
                     step=config.federation.rounds)   # infinite (no DP) epsilons are not logged
     run.log_artifact(folder / "quality.json", "quality")
     run.log_artifact(folder / "samples" / "preview.png", "quality")
@@ -564,9 +593,10 @@ def _run_setting(plan: SweepPlan, setting: Setting, parent: _Parent, reference: 
     config = _setting_config(plan, setting, parent.uri)
     checkpoint = _pretrained(plan, config, parent, echo)
     final, run_id = _federated(plan, setting, config, checkpoint, parent, echo)
-    quality = _measured(plan, setting, config, final, reference, echo)
+    quality = _measured(plan, setting, config, final, checkpoint, reference, echo)
     result = SettingResult(setting.name, {k: _value_text(v) for k, v in setting.values.items()},
-                           _site_epsilons(config), quality, run_id, time.perf_counter() - started)
+                           _site_epsilons(config), quality["metrics"], run_id,
+                           time.perf_counter() - started, quality["baselines"])
     if run_id:
         _log_result(parent.uri, result, config, plan.setting_dir(setting))
     write_json_atomic(plan.setting_dir(setting) / RESULT_FILE,
@@ -590,6 +620,8 @@ def run_sweep(file: Path, *, out: Path | None = None,
               echo: Callable[[str], None] = print) -> SweepSummary:
     """Run (or continue) every setting of the sweep file; see the module docstring."""
     plan = load_sweep(file, out)
+    check_output_folder(plan.out, option="--out", own=(SWEEP_STATE,),
+                        inputs=(plan.file, plan.base))
     finished = {s.slug: _finished(plan, s) for s in plan.settings}  # refuses changed settings now
     parent = _Parent(plan)
     summary = SweepSummary(plan, parent_run_id=parent.run.run_id, tracking_uri=parent.uri)
@@ -621,20 +653,44 @@ def _epsilon_text(value: float) -> str:
     return "inf (no DP)" if not math.isfinite(value) else f"{value:.4g}"
 
 
+def baseline_results(summary: SweepSummary) -> list[tuple[str, dict[str, float | None]]]:
+    """Each distinct baseline measurement once, named ``baseline: <name>`` (with the first
+    setting that got it when a baseline differs between settings: pretrained-only samples come
+    from each setting's own pretraining)."""
+    found: dict[str, list[tuple[str, dict[str, float | None]]]] = {}
+    for result in summary.results:
+        for name, values in result.baselines.items():
+            if values is not None and all(values != v for _, v in found.get(name, [])):
+                found.setdefault(name, []).append((result.setting, values))
+    rows = []
+    for name, variants in found.items():
+        for setting, values in variants:
+            label = f"baseline: {name}" + (f" ({setting})" if len(variants) > 1 else "")
+            rows.append((label, values))
+    return rows
+
+
 def summary_rows(summary: SweepSummary) -> list[dict[str, Any]]:
+    """One row per setting, then one per baseline (measured the same way, same reference)."""
     sites = sorted({site for r in summary.results for site in r.epsilon})
+
+    def metrics(values: Mapping[str, Any]) -> dict[str, str]:
+        return {name: "" if values.get(name) is None else f"{values[name]:.4g}"
+                for name in TABLE_METRICS}
+
     rows = []
     for result in summary.results:
         row: dict[str, Any] = {"setting": result.setting}
         row.update({axis: result.values.get(axis, "") for axis in summary.plan.axes})
         row.update({f"epsilon_{site}": _epsilon_text(result.epsilon[site])
                     if site in result.epsilon else "" for site in sites})
-        for name in (*QUALITY_METRICS, "dice_synthetic", "dice_real"):
-            value = result.quality.get(name)
-            row[name] = "" if value is None else f"{value:.4g}"
+        row.update(metrics(result.quality))
         row["seconds"] = f"{result.seconds:.0f}"
         row["mlflow_run_id"] = result.run_id or ""
         rows.append(row)
+    empty = {key: "" for key in (rows[0] if rows else {})}
+    for label, values in baseline_results(summary):
+        rows.append({**empty, "setting": label, **metrics(values)})
     return rows
 
 
@@ -651,7 +707,8 @@ def _x_position(value: str, finite: list[float]) -> float:
 
 
 def plot_tradeoff(summary: SweepSummary) -> bytes:
-    """PNG: each quality metric against epsilon, one line per combination of the other axes."""
+    """PNG: each quality metric against epsilon, one line per combination of the other axes,
+    every baseline as a horizontal line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -672,7 +729,7 @@ def plot_tradeoff(summary: SweepSummary) -> bytes:
     for result in results:
         label = ", ".join(f"{a}={result.values.get(a, '')}" for a in others) or "all settings"
         groups.setdefault(label, []).append(result)
-    figure, axes = plt.subplots(1, len(QUALITY_METRICS), figsize=(4.2 * len(QUALITY_METRICS), 3.8))
+    figure, axes = plt.subplots(1, len(QUALITY_METRICS), figsize=(4.2 * len(QUALITY_METRICS), 4.2))
     ticks = [f"{v:g}" for v in finite] + (["no DP"] if has_no_dp else [])
     for axis, metric in zip(axes, QUALITY_METRICS):
         for label, members in groups.items():
@@ -680,11 +737,17 @@ def plot_tradeoff(summary: SweepSummary) -> bytes:
                             for r in members if r.quality.get(metric) is not None)
             if points:
                 axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        for label, values in baseline_results(summary):
+            name = label.split(": ", 1)[1].split(" (")[0]
+            if values.get(metric) is not None:
+                color, style = BASELINE_STYLES.get(name, ("grey", "-"))
+                axis.axhline(values[metric], color=color, linestyle=style, linewidth=1,
+                             label=label)
         axis.set_xticks(range(len(ticks)), ticks)
         axis.set_xlabel("epsilon per site" + ("" if use_axis else " (spent, max over sites)"))
         axis.set_title(_METRIC_LABELS[metric], fontsize=10)
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     figure.suptitle(f"sweep {summary.plan.name}: quality against privacy")
     figure.tight_layout()
     buffer = io.BytesIO()

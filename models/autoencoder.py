@@ -1,9 +1,12 @@
 """The first stage: a 3D autoencoder (MONAI AutoencoderKL, or VQVAE as VQ-GAN option), its losses.
 
 Images are (B, 1, D, H, W) in ~[0, 1]; latents are (B, latent_channels, D/f, H/f, W/f) with
-``f = 2 ** (len(channels) - 1)``. Training uses L1 reconstruction, a PatchDiscriminator adversarial
-loss, and the KL term (``kind: kl``) or the vector-quantisation commitment loss (``kind: vq``); a
-perceptual loss is added only when local MedicalNet weights are given (nothing is ever downloaded).
+``f = 2 ** (len(channels) - 1)``. Both kinds train with the same GAN objective (the KL model as in
+LDM, the VQ model as a VQ-GAN, as in Med-LSDM): L1 reconstruction, a weight-free structural term
+(SSIM loss and/or FFT magnitude), a PatchDiscriminator adversarial loss and a feature-matching loss
+on the discriminator's intermediate outputs, plus the KL term (``kind: kl``) or the
+vector-quantisation commitment loss (``kind: vq``). A perceptual loss is added only when local
+MedicalNet weights are given (nothing is ever downloaded).
 
 Builders take the config duck-typed (``cfg.channels``) or as a plain dict, so a checkpoint rebuilds
 its networks without the YAML.
@@ -16,8 +19,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from monai.losses import PatchAdversarialLoss
+from monai.losses import PatchAdversarialLoss, SSIMLoss
 from monai.losses.perceptual import MedicalNetPerceptualSimilarity
+from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.nets import VQVAE, AutoencoderKL, PatchDiscriminator, resnet10, resnet50
 from torch import nn
 
@@ -63,11 +67,62 @@ def build_autoencoder(cfg: Any) -> Autoencoder:
     raise ValueError(f"autoencoder kind must be 'kl' or 'vq' (got {kind!r})")
 
 
-def build_discriminator(cfg: Any, image_shape: tuple[int, int, int]) -> PatchDiscriminator:
-    """PatchDiscriminator with as many stride-2 layers (1 to 3) as the smallest side allows."""
+@torch.no_grad()
+def narrow_posterior(autoencoder: Autoencoder, log_variance: float) -> None:
+    """Start a KL autoencoder's posterior at sigma = exp(log_variance / 2) for every latent.
+
+    MONAI initialises the log-variance convolution like any other, so the posterior starts with
+    sigma near 1, as wide as the latents themselves: the decoder then learns from latents whose
+    noise swamps their signal, and a short training ends blurry. Zero weights and a bias of
+    ``log_variance`` make early training near-deterministic; the KL term may still widen it.
+    A VQ model has no posterior and is left unchanged.
+    """
+    if isinstance(autoencoder, AutoencoderKL):
+        autoencoder.quant_conv_log_sigma.conv.weight.zero_()
+        autoencoder.quant_conv_log_sigma.conv.bias.fill_(float(log_variance))
+
+
+def build_discriminator(cfg: Any, image_shape: tuple[int, int, int],
+                        norm: str = "instance") -> PatchDiscriminator:
+    """PatchDiscriminator with as many stride-2 layers (1 to 3) as the smallest side allows.
+
+    ``norm`` is ``instance`` (per-sample statistics: stable at the CPU's batch of 2) or ``batch``
+    (MONAI's default).
+    """
     layers = max(1, min(3, int(math.log2(min(image_shape))) - 2))
     return PatchDiscriminator(spatial_dims=3, channels=int(_field(cfg, "channels")[0]),
-                              in_channels=1, out_channels=1, num_layers_d=layers)
+                              in_channels=1, out_channels=1, num_layers_d=layers,
+                              norm=norm.upper())
+
+
+def ssim_window(image_shape: tuple[int, ...]) -> int:
+    """The SSIM window side for a grid: 7 voxels, or the largest odd size that fits."""
+    side = min(7, min(int(s) for s in image_shape))
+    return side if side % 2 else side - 1
+
+
+@torch.no_grad()
+def reconstruction_quality(autoencoder: Autoencoder, images: torch.Tensor,
+                           batch_size: int = 4) -> dict[str, float]:
+    """Mean PSNR (dB) and SSIM of deterministic reconstructions of images (N, 1, D, H, W) in [0, 1].
+
+    Reconstructions go through the latent path the diffusion model uses (encode, decode), are
+    clipped to [0, 1], and are scored with MONAI's PSNRMetric and SSIMMetric (data range 1,
+    Gaussian window of :func:`ssim_window` voxels).
+    """
+    was_training = autoencoder.training
+    autoencoder.eval()
+    psnr = PSNRMetric(max_val=1.0)
+    ssim = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=ssim_window(images.shape[2:]))
+    device = next(autoencoder.parameters()).device
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start:start + batch_size].float()
+        reconstruction = decode_latents(autoencoder, encode_latents(autoencoder, batch.to(device)))
+        reconstruction = reconstruction.float().cpu().clamp(0.0, 1.0)
+        psnr(reconstruction, batch)
+        ssim(reconstruction, batch)
+    autoencoder.train(was_training)
+    return {"psnr": float(psnr.aggregate().item()), "ssim": float(ssim.aggregate().item())}
 
 
 def encode_latents(autoencoder: Autoencoder, images: torch.Tensor) -> torch.Tensor:
@@ -154,20 +209,39 @@ class LocalMedicalNetSimilarity(MedicalNetPerceptualSimilarity):
         return super().train(False)  # frozen feature net: BatchNorm stays in eval mode
 
 
+def fft_magnitude_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Mean L1 distance between the 3D FFT magnitudes (log1p) of two (B, 1, D, H, W) batches.
+
+    Blur removes high-frequency energy; this term penalises it directly, with no learned weights.
+    """
+    def spectrum(volume: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(torch.fft.rfftn(volume, dim=(-3, -2, -1), norm="ortho").abs())
+    return torch.nn.functional.l1_loss(spectrum(reconstruction), spectrum(images))
+
+
 class AutoencoderLoss(nn.Module):
-    """The first stage's generator and discriminator objectives.
+    """The first stage's generator and discriminator objectives (shared by the KL and VQ kinds).
 
     ``generator_loss`` = L1 + regularisation_weight * regularisation
-    (+ adversarial_weight * least-squares patch loss) (+ perceptual_weight * perceptual distance).
+    (+ ssim_weight * (1 - SSIM)) (+ fft_weight * FFT-magnitude L1)
+    (+ adversarial_weight * least-squares patch loss)
+    (+ feature_matching_weight * L1 between the discriminator's intermediate features of the
+    scan and of its reconstruction) (+ perceptual_weight * perceptual distance).
     """
 
     def __init__(self, adversarial_weight: float, regularisation_weight: float,
-                 perceptual_weights: Path | None = None, perceptual_weight: float = 0.001):
+                 perceptual_weights: Path | None = None, perceptual_weight: float = 0.001, *,
+                 feature_matching_weight: float = 0.0, ssim_weight: float = 0.0,
+                 fft_weight: float = 0.0, image_shape: tuple[int, int, int] = (32, 32, 32)):
         super().__init__()
         self.adversarial = PatchAdversarialLoss(criterion="least_squares")
         self.adversarial_weight = adversarial_weight
         self.regularisation_weight = regularisation_weight
         self.perceptual_weight = perceptual_weight
+        self.feature_matching_weight = feature_matching_weight
+        self.ssim_weight = ssim_weight
+        self.fft_weight = fft_weight
+        self.ssim = SSIMLoss(spatial_dims=3, data_range=1.0, win_size=ssim_window(image_shape))
         self.perceptual = (LocalMedicalNetSimilarity(perceptual_weights)
                            if perceptual_weights else None)
 
@@ -178,16 +252,33 @@ class AutoencoderLoss(nn.Module):
         l1 = torch.nn.functional.l1_loss(reconstruction, images)
         loss = l1 + self.regularisation_weight * regularisation
         parts = {"l1": l1.item(), "regularisation": regularisation.item()}
+        if self.ssim_weight > 0:
+            ssim = self.ssim(reconstruction, images)
+            loss = loss + self.ssim_weight * ssim
+            parts["ssim_loss"] = ssim.item()
+        if self.fft_weight > 0:
+            fft = fft_magnitude_loss(reconstruction, images)
+            loss = loss + self.fft_weight * fft
+            parts["fft"] = fft.item()
         if self.perceptual is not None:
             perceptual = self.perceptual(reconstruction, images).mean()
             loss = loss + self.perceptual_weight * perceptual
             parts["perceptual"] = perceptual.item()
-        if discriminator is not None and self.adversarial_weight > 0:
-            logits_fake = discriminator(reconstruction.contiguous())[-1]
-            adversarial = self.adversarial(logits_fake, target_is_real=True,
-                                           for_discriminator=False)
-            loss = loss + self.adversarial_weight * adversarial
-            parts["adversarial"] = adversarial.item()
+        uses_discriminator = self.adversarial_weight > 0 or self.feature_matching_weight > 0
+        if discriminator is not None and uses_discriminator:
+            fake = discriminator(reconstruction.contiguous())
+            if self.adversarial_weight > 0:
+                adversarial = self.adversarial(fake[-1], target_is_real=True,
+                                               for_discriminator=False)
+                loss = loss + self.adversarial_weight * adversarial
+                parts["adversarial"] = adversarial.item()
+            if self.feature_matching_weight > 0:
+                with torch.no_grad():
+                    real = discriminator(images.contiguous())
+                matching = torch.stack([torch.nn.functional.l1_loss(f, r)
+                                        for f, r in zip(fake[:-1], real[:-1])]).mean()
+                loss = loss + self.feature_matching_weight * matching
+                parts["feature_matching"] = matching.item()
         return loss, parts
 
     def discriminator_loss(self, discriminator: nn.Module, images: torch.Tensor,

@@ -75,9 +75,33 @@ def _verify(args: argparse.Namespace) -> int:
 def _reconcile(args: argparse.Namespace) -> int:
     from server.reconcile import clear_rollback_alarm, reconcile
 
+    if args.site is not None:
+        _check_site_is_known(args.site, args.consortium_ledger)
     report = reconcile(args.site_ledger, args.consortium_ledger, args.site)
     print("\n".join(report.lines()))
     if args.clear_alarm:
         archived = clear_rollback_alarm(args.site_ledger, report, args.officer)
         print(f"rollback alarm cleared by {args.officer}; archived as {archived}")
     return 0 if report.ok else 1
+
+
+def _check_site_is_known(site_id: str, consortium_ledger: Path) -> None:
+    """:class:`ReconcileError` unless the consortium ledger names ``site_id`` (in its start
+    record or a site report): reconciling an unknown site would compare nothing and say ok."""
+    from privacy.ledger import LedgerError
+    from server.consortium_ledger import read_consortium_ledger
+    from server.reconcile import ReconcileError
+
+    try:
+        view = read_consortium_ledger(consortium_ledger)
+    except LedgerError as err:
+        raise ReconcileError(str(err)) from None
+    known = set(view.site_ids())
+    for entry in view.entries:
+        sites = entry.payload.get("sites") if isinstance(entry.payload, dict) else None
+        if isinstance(sites, list):
+            known.update(str(s) for s in sites)
+    if site_id not in known:
+        raise ReconcileError(f"--site {site_id}: the consortium ledger {consortium_ledger} names "
+                             f"no such site (sites: {', '.join(sorted(known)) or 'none'}); pass "
+                             f"one of them")

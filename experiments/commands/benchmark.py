@@ -25,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from experiments.preflight import check_output_file
+
+    check_output_file(args.out)
     from experiments.benchmarks.run_all import run_all
 
     try:

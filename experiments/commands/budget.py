@@ -39,6 +39,21 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+# Rounds listed one per line; a longer plan shows the first and last ones and every 10%.
+ROUNDS_IN_FULL = 24
+
+
+def shown_rounds(rounds: int) -> list[int]:
+    """The round numbers ``budget plan`` prints: all of them up to :data:`ROUNDS_IN_FULL`, else
+    the first and last 5 and every tenth of the plan (the curve's shape without a screenful per
+    site)."""
+    if rounds <= ROUNDS_IN_FULL:
+        return list(range(1, rounds + 1))
+    picks = set(range(1, 6)) | set(range(rounds - 4, rounds + 1))
+    picks |= {max(1, round(rounds * k / 10)) for k in range(1, 10)}
+    return sorted(picks)
+
+
 class PatientsOptionError(ValueError):
     """A malformed ``--patients`` value."""
 
@@ -52,12 +67,13 @@ def _patient_overrides(values: list[str], site_ids: list[str]) -> tuple[int | No
         except ValueError:
             number = 0
         if number < 1:
-            raise PatientsOptionError(f"--patients {value}: expected N or SITE=N with N >= 1")
+            raise PatientsOptionError(f"--patients {value}: expected N or SITE=N with N >= 1; "
+                                      f"pass e.g. --patients 40 or --patients site_0=40")
         if not site:
             everywhere = number
         elif site_ids and site not in site_ids:
             raise PatientsOptionError(f"--patients {value}: no site {site!r} in the config "
-                                      f"(sites: {', '.join(site_ids)})")
+                                      f"(sites: {', '.join(site_ids)}); name one of them")
         else:
             per_site[site] = number
     return everywhere, per_site
@@ -71,11 +87,12 @@ def _count_patients(site) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from configs import load_config
-    from privacy.calibration import LARGE_DELTA_FACTOR, LARGE_DELTA_KEY, calibrate
 
     config = load_config(args.config, check_paths=False)
     sites = list(config.federation.sites)
     everywhere, per_site = _patient_overrides(args.patients, [s.site_id for s in sites])
+    from privacy.calibration import LARGE_DELTA_FACTOR, LARGE_DELTA_KEY, calibrate
+
     if not sites:
         if everywhere is None:
             raise PatientsOptionError(f"{args.config}: federation.sites is empty; add the sites or "
@@ -99,14 +116,16 @@ def _plan(args: argparse.Namespace) -> int:
                          expected_batch_size=privacy.expected_batch_size, rounds=federation.rounds,
                          local_epochs=federation.local_epochs, accountant=privacy.accountant,
                          where=f"site {site_id}", allow_large_delta=allow_large_delta)
-        curve = plan.epsilon_curve()
         print(f"\nsite {site_id}: N={patients} patients, q={plan.sample_rate:.4g}, "
               f"sigma={plan.noise_multiplier:.4f}, {plan.steps_per_round} steps per round, "
               f"budget epsilon {target:g} at delta {delta:g}")
         print("  round  epsilon")
-        for number, value in enumerate(curve, start=1):
-            print(f"  {number:>5}  {value:.4f}")
-        print(f"  total  {curve[-1]:.4f} of {target:g}")
+        rounds = shown_rounds(federation.rounds)
+        for previous, number in zip([0, *rounds], rounds):
+            if number > previous + 1:
+                print(f"  {'...':>5}")
+            print(f"  {number:>5}  {plan.epsilon_after(number):.4f}")
+        print(f"  total  {plan.epsilon_after(federation.rounds):.4f} of {target:g}")
         if delta > 1 / (LARGE_DELTA_FACTOR * patients):
             print(f"  note: delta {delta:g} is above 1/(10N) = "
                   f"{1 / (LARGE_DELTA_FACTOR * patients):.3g}, accepted only because the site's "

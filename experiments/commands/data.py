@@ -64,9 +64,7 @@ def _attribute_range(texts: list[str]) -> str:
 
 
 def _check(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from client.site_data import SiteDataError, check_site
+    from client.manifest import SiteDataError, inspect_manifest
     from configs import DataConfig, load_config
 
     if args.config is not None:
@@ -77,6 +75,13 @@ def _check(args: argparse.Namespace) -> int:
     if not args.site_dir.is_dir():
         raise SiteDataError(f"{args.site_dir}: site folder not found; pass the folder that "
                             f"holds the manifest, images and labels")
+    # An unreadable manifest is refused before torch and MONAI load; row problems are listed below.
+    inspect_manifest(args.site_dir, args.manifest or data.manifest,
+                     allow_outside=data.allow_outside_paths)
+    import numpy as np
+
+    from client.site_data import check_site
+
     report = check_site(args.site_dir, data, args.manifest or data.manifest, attributes)
 
     patients = Counter(r.patient_key for r in report.records)

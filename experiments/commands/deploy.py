@@ -35,23 +35,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from configs import load_config
+    from experiments.deployment import DEPLOY_OUTPUTS, DeployError, check_host
+    from experiments.preflight import check_output_folder, removed_if_failed
+
+    if not 1 <= args.port <= 65535:
+        raise DeployError(f"--port {args.port}: not a TCP port; pass 1..65535")
+    hosts = [check_host(host) for host in (args.host or ["localhost", "127.0.0.1"])]
+    config = load_config(args.config)
+    out = args.out.resolve()
+    run_dir = (args.run_dir or config.run_dir or Path("runs") / args.config.stem).resolve()
+    checkpoint = (args.checkpoint or run_dir / "checkpoint.pt").resolve()
+    if not checkpoint.is_file():
+        where = "--checkpoint" if args.checkpoint else "the run folder's checkpoint"
+        raise DeployError(f"{where} {checkpoint}: checkpoint not found; run "
+                         f"`fedsynth pretrain` first or pass --checkpoint FILE")
+    check_output_folder(args.out, own=DEPLOY_OUTPUTS,
+                        inputs=[args.config, checkpoint, config.data.public_dir,
+                                *(site.data_dir for site in config.federation.sites)])
+    with removed_if_failed(out):
+        return _write_deployment(args, config, out, run_dir, checkpoint, hosts)
+
+
+def _write_deployment(args, config, out: Path, run_dir: Path, checkpoint: Path,
+                      hosts: list[str]) -> int:
     import yaml
 
-    from configs import config_to_dict, load_config
-    from experiments.deployment import (CONNECTION, SUPERNODE_FIRST_PORT, DeployError, flwr_run_command,
+    from configs import config_to_dict
+    from experiments.deployment import (CONNECTION, SUPERNODE_FIRST_PORT, flwr_run_command,
                                         make_certificates, make_supernode_key, run_config_argument,
                                         shell, superlink_command, supernode_command,
                                         write_flower_config)
     from experiments.federate import prepare_public_validation
-    from server.server_app import default_run_dir
 
-    config = load_config(args.config)
-    if not 1 <= args.port <= 65535:
-        raise DeployError(f"--port {args.port}: not a TCP port; pass 1..65535")
-    hosts = args.host or ["localhost", "127.0.0.1"]
-    out = args.out.resolve()
-    run_dir = (args.run_dir or default_run_dir(args.config, config.run_dir)).resolve()
-    checkpoint = (args.checkpoint or run_dir / "checkpoint.pt").resolve()
     address = f"{hosts[0]}:{args.port}"
     certificates = None if args.insecure else make_certificates(out / "certs", hosts)
     flwr_home = out / "flwr"

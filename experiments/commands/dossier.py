@@ -38,7 +38,7 @@ def _site_ledgers(values: list[str]) -> dict[str, Path]:
     for value in values:
         site_id, sep, path = value.partition("=")
         if not sep or not site_id or not path:
-            raise DossierError(f"--site-ledger {value!r}: expected SITE=PATH, e.g. "
+            raise DossierError(f"--site-ledger {value!r}: expected SITE=PATH; pass e.g. "
                                f"site_0=data/site_0/.fedsynth/ledger.jsonl")
         if site_id in ledgers:
             raise DossierError(f"--site-ledger: site {site_id!r} given twice; pass each site once")
@@ -46,10 +46,22 @@ def _site_ledgers(values: list[str]) -> dict[str, Path]:
     return ledgers
 
 
+def _check_outputs(args: argparse.Namespace, ledgers: dict[str, Path]) -> None:
+    """The page, its JSON twin and checksum follow the output-file rule (experiments.preflight)."""
+    from experiments.preflight import check_output_file
+
+    inputs = [args.release, args.consortium_ledger, *ledgers.values(), *args.audits]
+    for path in (args.out, args.out.with_suffix(".json"), Path(f"{args.out}.sha256")):
+        check_output_file(path, option="--out" if path == args.out else "the dossier's",
+                          inputs=inputs)
+
+
 def _dossier(args: argparse.Namespace) -> int:
+    ledgers = _site_ledgers(args.site_ledger)
+    _check_outputs(args, ledgers)
     from server.dossier import build_dossier, write_dossier
 
-    dossier = build_dossier(args.release, _site_ledgers(args.site_ledger),
+    dossier = build_dossier(args.release, ledgers,
                             args.consortium_ledger, args.audits)
     page, twin, checksum = write_dossier(dossier, args.out)
     print(f"wrote {page} ({len(dossier.sites)} site(s), "

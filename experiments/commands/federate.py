@@ -31,7 +31,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def _preflight(args: argparse.Namespace) -> None:
+    """Refuse bad input before Flower, Ray or torch start (and before anything is written)."""
+    from configs import ConfigError, load_config
+    from experiments.preflight import RUN_FOLDER_MARKERS, PreflightError, check_output_folder
+
+    config = load_config(args.config)
+    if not config.federation.sites:
+        raise ConfigError(f"{args.config}: federation.sites is empty; simulation needs one entry "
+                          f"per site (see configs/site.example.yaml)")
+    run_dir = args.out or config.run_dir or Path("runs") / args.config.stem
+    inputs = [args.config, config.data.public_dir, *(s.data_dir for s in config.federation.sites)]
+    check_output_folder(run_dir, option="--out" if args.out else "run_dir",
+                        own=RUN_FOLDER_MARKERS, inputs=inputs)
+    state = Path(run_dir) / "federation" / "state.json"
+    if args.resume and not state.exists():
+        raise PreflightError(f"--resume: nothing to resume in {run_dir} (no federation/state.json);"
+                             f" run without --resume to start a new federation")
+    checkpoint = args.checkpoint or Path(run_dir) / "checkpoint.pt"
+    if not args.resume and not Path(checkpoint).is_file():
+        where = "--checkpoint" if args.checkpoint else "the run folder's checkpoint"
+        raise PreflightError(f"{where} {checkpoint}: checkpoint not found; run "
+                            f"`fedsynth pretrain` first or pass --checkpoint FILE")
+
+
 def run(args: argparse.Namespace) -> int:
+    _preflight(args)
     from experiments.federate import simulate
     from server.federation import FederationHalted
 

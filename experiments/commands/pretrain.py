@@ -29,12 +29,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from configs import load_config
-    from experiments.pretrain import pretrain
+    from configs import ConfigError, load_config
+    from experiments.preflight import (RUN_FOLDER_MARKERS, PreflightError, check_output_folder,
+                                       removed_if_failed)
 
     config = with_device(load_config(args.config), args.device)
+    if config.data.public_dir is None:
+        raise ConfigError(f"{args.config}: data.public_dir: not set; pretraining needs a public "
+                          f"cohort in site format (e.g. `fedsynth cohort` writes <out>/public)")
     run_dir = args.out or config.run_dir or Path("runs") / args.config.stem
-    result = pretrain(config, run_dir, resume=args.resume, tracking=not args.no_tracking)
+    option = "--out" if args.out else "run_dir"
+    check_output_folder(run_dir, option=option, own=RUN_FOLDER_MARKERS,
+                        inputs=(args.config, config.data.public_dir))
+    if args.resume and not (Path(run_dir) / "pretrain_state.pt").exists():
+        raise PreflightError(f"--resume: nothing to resume in {run_dir} (no pretrain_state.pt); "
+                             f"run without --resume to start pretraining")
+    from experiments.pretrain import STATE_FILE, pretrain
+
+    with removed_if_failed(run_dir, keep=(STATE_FILE,)):
+        result = pretrain(config, run_dir, resume=args.resume, tracking=not args.no_tracking)
     print(f"checkpoint: {result.checkpoint_path}")
     print(f"sha256:     {result.checkpoint.content_hash}")
     print(f"scale:      {result.checkpoint.latent_scale_factor:.4g} (1 / std of public latents)")

@@ -89,7 +89,32 @@ def simulate_release(config_path: Path, plan):
     return results[0]
 
 
+def _preflight(args: argparse.Namespace) -> None:
+    """Refuse bad input before torch, Flower or Ray load (and before anything is written)."""
+    from configs import ConfigError, load_config
+    from experiments.preflight import PreflightError, check_output_folder
+
+    if args.num < 1 or args.num > 100_000:
+        raise PreflightError(f"--num: must be a whole number > 0 and at most 100000 (got "
+                             f"{args.num}); ask for at least one sample")
+    if args.batch_size < 1 or args.batch_size > 4096:
+        raise PreflightError(f"--batch-size {args.batch_size}: out of range; pass 1..4096")
+    config = load_config(args.config)
+    if not config.federation.sites:
+        raise ConfigError(f"{args.config}: federation.sites is empty; every site must gate the "
+                          f"release, list one entry per site")
+    inputs = [args.config, config.data.public_dir, *(s.data_dir for s in config.federation.sites)]
+    check_output_folder(args.out, own=("release_state.json",), inputs=inputs)
+    run_dir = config.run_dir or Path("runs") / args.config.stem
+    checkpoint = args.checkpoint or Path(run_dir) / "federation" / "checkpoint.pt"
+    if not Path(checkpoint).is_file():
+        where = "--checkpoint" if args.checkpoint else "the federation's final checkpoint"
+        raise PreflightError(f"{where} {checkpoint}: checkpoint not found; run "
+                            f"`fedsynth federate` first or pass --checkpoint FILE")
+
+
 def run(args: argparse.Namespace) -> int:
+    _preflight(args)
     from configs import load_config
     from models.checkpoint import CheckpointError, load_checkpoint
     from models.device import resolve_device
@@ -179,6 +204,10 @@ def _memorization(args: argparse.Namespace) -> int:
     max_shift = release.max_shift if args.max_shift is None else args.max_shift
     if not 0 <= max_shift <= 4:
         raise MemorizationAuditError(f"--max-shift: must be in 0..4 voxels (got {max_shift})")
+    from experiments.preflight import check_output_folder
+
+    check_output_folder(args.out, own=("memorization_audit.json",),
+                        inputs=(args.synthetic, args.checkpoint, site.data_dir))
     audit = audit_memorization(site, args.synthetic, load_checkpoint(args.checkpoint),
                                distance=args.distance or release.distance, max_shift=max_shift,
                                chunk_size=release.chunk_size,

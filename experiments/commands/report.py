@@ -32,6 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        from experiments.preflight import check_output_file
+
+        check_output_file(args.out, inputs=(args.ledger, Path(f"{args.ledger}.head")))
+        check_output_file(args.out.with_name(args.out.stem + ".epsilon.png"), option="the plot",
+                          inputs=(args.ledger, Path(f"{args.ledger}.head")))
     from privacy.durable import atomic_write_bytes
     from privacy.ledger import verify_ledger
     from privacy.report import build_report, plot_png, render_html, render_json, render_markdown

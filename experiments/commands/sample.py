@@ -20,6 +20,8 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number (got {text!r})") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0 (got {value})")
+    if value > 100_000:
+        raise argparse.ArgumentTypeError(f"must be at most 100000 (got {value})")
     return value
 
 
@@ -28,8 +30,8 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number (got {text!r})") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (got {text})")
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 100 (got {text})")
     return value
 
 
@@ -62,7 +64,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def _preflight(args: argparse.Namespace) -> None:
+    """Refuse bad paths before torch loads (and before anything is written)."""
+    from experiments.preflight import PreflightError, check_output_folder
+
+    if not args.checkpoint.is_file():
+        raise PreflightError(f"--checkpoint {args.checkpoint}: not found; pass the .pt file "
+                             f"`fedsynth pretrain` or `fedsynth federate` wrote")
+    if not args.masks.is_dir():
+        raise PreflightError(f"--masks {args.masks}: folder not found; pass a site-format folder "
+                             f"or a folder of label NIfTI files")
+    if not 0 <= args.seed <= 2**32 - 1:
+        raise PreflightError(f"--seed {args.seed}: out of range; pass 0..4294967295")
+    check_output_folder(args.out, inputs=(args.checkpoint, args.masks))
+
+
 def run(args: argparse.Namespace) -> int:
+    _preflight(args)
     from experiments.sampling import SampleInputError, sample_folder
 
     try:

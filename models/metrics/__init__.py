@@ -1,14 +1,19 @@
 """Quality metrics of synthetic 3D volumes against real ones, with no downloaded weights.
 
-* :func:`rf_fid`: random-feature FID on a seeded random 3D ResNet (not Inception FID).
-* :func:`medicalnet_fid`: 3D FID on MedicalNet features, from a local weights file.
-* :func:`volume_mmd`: MONAI's unbiased MMD on the volumes.
-* :func:`ms_ssim_diversity`: mean pairwise (1 - MS-SSIM) among synthetic samples.
-* :func:`segmentation_utility`: Dice on held-out real data of a segmenter trained on
-  synthetic versus real pairs.
-* :func:`evaluate_quality`: all of them, as a :class:`QualityReport`.
+Headline (:mod:`models.metrics.quality`), each shown next to the baselines of
+:mod:`models.metrics.baselines` measured the same way:
+
+* :func:`kernel_inception_distance`: unbiased polynomial-kernel KID on the encoder features of
+  the public segmenter (:func:`public_segmenter`, trained on public scans only, cached);
+* :func:`conditional_dice`: the public segmenter's Dice on synthetic volumes against their maps;
+* :func:`segmenter_dice`: Dice on held-out real scans of a segmenter trained on a set;
+* :func:`ms_ssim_diversity`: mean pairwise (1 - MS-SSIM) within a set.
+
+Secondary: :func:`rf_fid` (random-feature FID), :func:`medicalnet_fid` (local weights file),
+:func:`volume_mmd`.
 """
 
+from models.metrics.baselines import collapse_baseline, copy_baseline
 from models.metrics.diversity import MSSSIMSettings, ms_ssim_diversity, ms_ssim_settings
 from models.metrics.errors import MetricInputError
 from models.metrics.feature_net import (RANDOM_FEATURE_DIM, RANDOM_FEATURE_SEED,
@@ -16,18 +21,27 @@ from models.metrics.feature_net import (RANDOM_FEATURE_DIM, RANDOM_FEATURE_SEED,
                                         build_random_feature_net, extract_features,
                                         feature_net_fingerprint, zscore_volumes)
 from models.metrics.fid import frechet_distance, medicalnet_fid, rf_fid
+from models.metrics.kid import KID, kernel_inception_distance
 from models.metrics.mmd import volume_mmd
-from models.metrics.quality import QualityReport, evaluate_quality
-from models.metrics.segmentation_utility import (SegmentationUtility, build_segmenter,
+from models.metrics.public_segmenter import (PublicSegmenter, conditional_dice, public_segmenter,
+                                             segmenter_features)
+from models.metrics.quality import (BASELINES, SET_METRICS, QualityReport, Reference,
+                                    SetQuality, evaluate_quality, make_reference, measure_set)
+from models.metrics.segmentation_utility import (SegmentationUtility, SegmenterSettings,
+                                                 TrainedSegmenter, build_segmenter,
                                                  mean_foreground_dice, predict_labels,
-                                                 segmentation_utility, train_segmenter)
+                                                 segmentation_utility, segmenter_dice,
+                                                 train_segmenter)
 
 __all__ = [
-    "MSSSIMSettings", "MetricInputError", "QualityReport", "RANDOM_FEATURE_DIM",
-    "RANDOM_FEATURE_SEED", "SegmentationUtility", "StagePooledResNet",
-    "build_medicalnet_feature_net", "build_random_feature_net", "build_segmenter",
+    "BASELINES", "KID", "MSSSIMSettings", "MetricInputError", "PublicSegmenter",
+    "QualityReport", "RANDOM_FEATURE_DIM", "RANDOM_FEATURE_SEED", "Reference", "SET_METRICS",
+    "SegmentationUtility", "SegmenterSettings", "SetQuality", "StagePooledResNet",
+    "TrainedSegmenter", "build_medicalnet_feature_net", "build_random_feature_net",
+    "build_segmenter", "collapse_baseline", "conditional_dice", "copy_baseline",
     "evaluate_quality", "extract_features", "feature_net_fingerprint", "frechet_distance",
-    "mean_foreground_dice", "medicalnet_fid", "ms_ssim_diversity", "ms_ssim_settings",
-    "predict_labels", "rf_fid", "segmentation_utility", "train_segmenter", "volume_mmd",
-    "zscore_volumes",
+    "kernel_inception_distance", "make_reference", "mean_foreground_dice", "measure_set",
+    "medicalnet_fid", "ms_ssim_diversity", "ms_ssim_settings", "predict_labels",
+    "public_segmenter", "rf_fid", "segmentation_utility", "segmenter_dice",
+    "segmenter_features", "train_segmenter", "volume_mmd", "zscore_volumes",
 ]

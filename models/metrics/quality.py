@@ -1,82 +1,220 @@
-"""All quality metrics of a synthetic set against real data, as one typed report."""
+"""Quality of a synthetic set and of its baselines, all measured the same way against one
+held-out real reference, as one typed report.
+
+Every set of (image, map) pairs -- the model's samples and each baseline -- gets
+(:func:`measure_set`):
+
+* ``kid`` / ``kid_std``: feature KID (unbiased polynomial kernel, mean and std over subsets) of
+  the set against the reference, on the public segmenter's encoder features (headline
+  distribution metric; ~0 when matched);
+* ``conditional_dice``: the public segmenter's Dice on the set's images against the set's maps
+  (Med-LSDM protocol; for real scans: their own maps);
+* ``utility_dice``: Dice on the reference of a segmenter trained to convergence on the set
+  (Med-DDPM protocol);
+* ``ms_ssim_diversity``: mean pairwise 1 - MS-SSIM within the set;
+* ``rf_fid``: random-feature FID against the reference (secondary; rank-deficient covariance
+  with tens of samples, kept for continuity with earlier reports).
+
+The baselines (:data:`BASELINES`): ``real`` (held-out real scans of other patients than the
+reference: the floor), ``collapse`` (mean scan repeated), ``copy`` (nearest training scans),
+``pretrained_only`` (samples of the public model before any site trained).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from models.metrics.diversity import ms_ssim_diversity
-from models.metrics.feature_net import RANDOM_FEATURE_SEED
-from models.metrics.fid import medicalnet_fid, rf_fid
-from models.metrics.mmd import volume_mmd
-from models.metrics.segmentation_utility import segmentation_utility
+from models.metrics.fid import rf_fid
+from models.metrics.kid import kernel_inception_distance
+from models.metrics.public_segmenter import (PublicSegmenter, conditional_dice,
+                                             segmenter_features)
+from models.metrics.segmentation_utility import SegmenterSettings, segmenter_dice
 
 log = logging.getLogger(__name__)
+
+BASELINES = ("real", "collapse", "copy", "pretrained_only")
+SET_METRICS = ("kid", "kid_std", "conditional_dice", "utility_dice", "ms_ssim_diversity",
+               "rf_fid")
+# Lower is better for these; higher for the rest of SET_METRICS (kid_std is neither).
+LOWER_IS_BETTER = ("kid", "rf_fid")
+
+
+@dataclass(frozen=True)
+class SetQuality:
+    """Quality of one set of pairs against the reference (see the module docstring)."""
+
+    kid: float
+    kid_std: float
+    conditional_dice: float
+    utility_dice: float
+    ms_ssim_diversity: float
+    rf_fid: float
+    count: int
+
+    def to_json_dict(self) -> dict[str, float | int | None]:
+        return {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                for k, v in asdict(self).items()}
+
+
+def _ratio(value: float, reference: float) -> float:
+    return value / reference if reference > 0 else math.nan
 
 
 @dataclass(frozen=True)
 class QualityReport:
-    """Quality of a synthetic set against real data.
+    """The model's :class:`SetQuality`, each baseline's (None: not measured), and what the
+    figures were computed with."""
 
-    rf_fid: random-feature FID (seeded random 3D ResNet features; lower is closer;
-        NOT comparable with Inception FID).
-    mmd: unbiased linear-kernel MMD^2 per voxel on the volumes (around 0 when the
-        distributions match; small negative values are possible).
-    ms_ssim_diversity: mean (1 - MS-SSIM) over synthetic pairs (0 = all identical).
-    dice_synthetic / dice_real: held-out real foreground Dice of the segmenter trained on
-        synthetic / on real pairs; dice_ratio = dice_synthetic / dice_real (NaN if
-        dice_real is 0).
-    medicalnet_fid: FID on MedicalNet features; None unless a weights file was given.
-    """
-
-    rf_fid: float
-    mmd: float
-    ms_ssim_diversity: float
-    dice_synthetic: float
-    dice_real: float
-    dice_ratio: float
+    synthetic: SetQuality
+    baselines: dict[str, SetQuality | None]
+    public_segmenter_sha256: str
+    public_segmenter_validation_dice: float
     medicalnet_fid: float | None = None
+    notes: dict[str, str] = field(default_factory=dict)
 
-    def to_json_dict(self) -> dict[str, float | None]:
-        """Plain dict for JSON: non-finite values (a NaN ratio) become None (null)."""
-        return {key: (value if value is None or math.isfinite(value) else None)
-                for key, value in asdict(self).items()}
+    @property
+    def ratios(self) -> dict[str, float]:
+        """The model's conditional Dice, utility Dice and diversity as fractions of real's."""
+        real = self.baselines.get("real")
+        if real is None:
+            return {}
+        return {"conditional_dice_ratio": _ratio(self.synthetic.conditional_dice,
+                                                 real.conditional_dice),
+                "utility_dice_ratio": _ratio(self.synthetic.utility_dice, real.utility_dice),
+                "diversity_ratio": _ratio(self.synthetic.ms_ssim_diversity,
+                                          real.ms_ssim_diversity)}
+
+    @property
+    def bars(self) -> dict[str, bool]:
+        """Issue 11's bars: collapse beaten on KID, conditional Dice and diversity; conditional
+        and utility Dice >= 0.9 x real's; diversity within 25% of real's."""
+        bars: dict[str, bool] = {}
+        collapse, model = self.baselines.get("collapse"), self.synthetic
+        if collapse is not None:
+            bars.update(beats_collapse_kid=model.kid < collapse.kid,
+                        beats_collapse_conditional_dice=(model.conditional_dice
+                                                         > collapse.conditional_dice),
+                        beats_collapse_diversity=(model.ms_ssim_diversity
+                                                  > collapse.ms_ssim_diversity))
+        ratios = self.ratios
+        if ratios:
+            bars.update(conditional_dice_at_least_0_9_real=ratios["conditional_dice_ratio"] >= 0.9,
+                        utility_dice_at_least_0_9_real=ratios["utility_dice_ratio"] >= 0.9,
+                        diversity_within_25pct_of_real=abs(ratios["diversity_ratio"] - 1) <= 0.25)
+        return bars
+
+    def metrics(self) -> dict[str, float | int | None]:
+        """The model's figures and ratios, flat (what a sweep row or MLflow logs)."""
+        flat = {**self.synthetic.to_json_dict(),
+                **{k: (v if math.isfinite(v) else None) for k, v in self.ratios.items()},
+                "medicalnet_fid": self.medicalnet_fid}
+        return flat
+
+    def to_json_dict(self) -> dict:
+        return {"metrics": self.metrics(),
+                "baselines": {name: (q.to_json_dict() if q is not None else None)
+                              for name, q in self.baselines.items()},
+                "bars": self.bars,
+                "public_segmenter": {"sha256": self.public_segmenter_sha256,
+                                     "validation_dice": self.public_segmenter_validation_dice},
+                "notes": self.notes}
 
 
-def evaluate_quality(real_images: torch.Tensor, synthetic_images: torch.Tensor,
-                     synthetic_labels: torch.Tensor, segmenter_train_images: torch.Tensor,
-                     segmenter_train_labels: torch.Tensor, heldout_images: torch.Tensor,
-                     heldout_labels: torch.Tensor, num_classes: int, *, seg_steps: int,
-                     seed: int = 0, feature_seed: int = RANDOM_FEATURE_SEED,
-                     medicalnet: Path | str | nn.Module | None = None, seg_batch_size: int = 2,
-                     device: torch.device | str = "cpu") -> QualityReport:
-    """Every metric of :class:`QualityReport`.
+@dataclass(frozen=True)
+class Reference:
+    """The held-out real reference: images and maps ``(N, 1, D, H, W)`` and their KID features."""
 
-    Images ``(N, 1, D, H, W)`` in the site normalisation (~[0, 1]); label maps
-    ``(N, 1, D, H, W)`` class indices. ``real_images`` (all real scans) feed rf_fid, MMD
-    and MedicalNet FID; the segmenter trains on ``segmenter_train_*`` (real) and on
-    ``synthetic_*``, and is scored on ``heldout_*``, real scans of other patients.
-    ``seed`` drives the segmenters and the MMD chunking; ``feature_seed`` the rf_fid network.
+    images: torch.Tensor
+    labels: torch.Tensor
+    features: torch.Tensor
+
+
+def make_reference(images: torch.Tensor, labels: torch.Tensor,
+                   segmenter: PublicSegmenter) -> Reference:
+    """The reference pairs with their public-segmenter features computed once."""
+    return Reference(images, labels, segmenter_features(segmenter, images, "reference features"))
+
+
+def _set_key(images: torch.Tensor, labels: torch.Tensor, reference: Reference,
+             segmenter: PublicSegmenter, seed: int, seg_settings: SegmenterSettings) -> str:
+    digest = hashlib.sha256()
+    for tensor in (images.float(), labels.to(torch.uint8), reference.images.float(),
+                   reference.labels.to(torch.uint8)):
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(json.dumps({"segmenter": segmenter.sha256, "seed": seed,
+                              "settings": seg_settings.to_json_dict()}, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def measure_set(images: torch.Tensor, labels: torch.Tensor, reference: Reference,
+                segmenter: PublicSegmenter, num_classes: int, *, seed: int = 0,
+                seg_settings: SegmenterSettings = SegmenterSettings(),
+                device: torch.device | str = "cpu", name: str = "set",
+                cache_dir: Path | str | None = None) -> SetQuality:
+    """Every :class:`SetQuality` figure of pairs ``images``/``labels`` ``(N, 1, D, H, W)`` (N >= 2)
+    against ``reference``. With ``cache_dir``, a set measured before (same pairs, reference,
+    public segmenter, seed and settings) is read back instead of measured again."""
+    cached = None
+    if cache_dir is not None:
+        key = _set_key(images, labels, reference, segmenter, seed, seg_settings)
+        cached = Path(cache_dir) / "sets" / f"{key[:24]}.json"
+        if cached.is_file():
+            log.info("%s: measured before, read from %s", name, cached)
+            return SetQuality(**json.loads(cached.read_text()))
+    kid = kernel_inception_distance(reference.features,
+                                    segmenter_features(segmenter, images, f"{name} features"),
+                                    seed=seed)
+    quality = SetQuality(
+        kid=kid.mean, kid_std=kid.std,
+        conditional_dice=conditional_dice(segmenter, images, labels, num_classes),
+        utility_dice=segmenter_dice(images, labels, reference.images, reference.labels,
+                                    num_classes, seed, seg_settings, device,
+                                    description=f"segmenter on {name}"),
+        ms_ssim_diversity=ms_ssim_diversity(images, seed=seed),
+        rf_fid=rf_fid(reference.images, images, device=device),
+        count=int(images.shape[0]))
+    log.info("%s: %s", name, quality)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cached.with_suffix(".tmp")
+        temporary.write_text(json.dumps(asdict(quality)))
+        temporary.replace(cached)
+    return quality
+
+
+Pairs = tuple[torch.Tensor, torch.Tensor]
+
+
+def evaluate_quality(synthetic: Pairs, reference: Pairs, baselines: dict[str, Pairs | None],
+                     segmenter: PublicSegmenter, num_classes: int, *, seed: int = 0,
+                     seg_settings: SegmenterSettings = SegmenterSettings(),
+                     device: torch.device | str = "cpu",
+                     medicalnet_fid: float | None = None,
+                     cache_dir: Path | str | None = None) -> QualityReport:
+    """:class:`QualityReport` of ``synthetic`` and of each baseline, all against ``reference``.
+
+    Every entry is (images, class maps), both ``(N, 1, D, H, W)``; a baseline given as None is
+    reported as not measured. ``segmenter`` is the public segmenter
+    (:func:`models.metrics.public_segmenter.public_segmenter`); ``cache_dir``: see
+    :func:`measure_set`.
     """
-    fid = rf_fid(real_images, synthetic_images, seed=feature_seed, device=device)
-    log.info("rf_fid %.6g", fid)
-    mmd = volume_mmd(real_images, synthetic_images, seed=seed)
-    log.info("mmd %.6g", mmd)
-    diversity = ms_ssim_diversity(synthetic_images, seed=seed)
-    log.info("ms_ssim_diversity %.6g", diversity)
-    medical = None
-    if medicalnet is not None:
-        medical = medicalnet_fid(real_images, synthetic_images, medicalnet, device=device)
-        log.info("medicalnet_fid %.6g", medical)
-    utility = segmentation_utility(synthetic_images, synthetic_labels, segmenter_train_images,
-                                   segmenter_train_labels, heldout_images, heldout_labels,
-                                   num_classes, seg_steps, seed=seed, batch_size=seg_batch_size,
-                                   device=device)
-    return QualityReport(rf_fid=fid, mmd=mmd, ms_ssim_diversity=diversity,
-                         dice_synthetic=utility.dice_synthetic, dice_real=utility.dice_real,
-                         dice_ratio=utility.dice_ratio, medicalnet_fid=medical)
+    ref = make_reference(*reference, segmenter)
+    measured = {name: (measure_set(*pairs, ref, segmenter, num_classes, seed=seed,
+                                   seg_settings=seg_settings, device=device, name=name,
+                                   cache_dir=cache_dir)
+                       if pairs is not None else None)
+                for name, pairs in baselines.items()}
+    model = measure_set(*synthetic, ref, segmenter, num_classes, seed=seed,
+                        seg_settings=seg_settings, device=device, name="synthetic",
+                        cache_dir=cache_dir)
+    return QualityReport(model, measured, segmenter.sha256, segmenter.validation_dice,
+                         medicalnet_fid)

@@ -16,7 +16,8 @@ from server.federation import federation_dir
 def test_deploy_writes_certificates_keys_and_the_commands(new_federation, tmp_path, capsys):
     fed = new_federation(sites=2)
     out = tmp_path / "deploy"
-    assert main(["deploy", "--config", str(fed.config_path), "--out", str(out), "--port", "9443"]) == 0
+    assert main(["deploy", "--config", str(fed.config_path), "--out", str(out), "--port", "9443",
+                 "--checkpoint", str(fed.checkpoint)]) == 0
     printed = capsys.readouterr().out
 
     ca = x509.load_pem_x509_certificate((out / "certs" / "ca.crt").read_bytes())
@@ -51,7 +52,8 @@ def test_deploy_writes_certificates_keys_and_the_commands(new_federation, tmp_pa
 def test_insecure_deploy_has_no_certificates(new_federation, tmp_path, capsys):
     fed = new_federation(sites=1)
     out = tmp_path / "deploy"
-    assert main(["deploy", "--config", str(fed.config_path), "--out", str(out), "--insecure"]) == 0
+    assert main(["deploy", "--config", str(fed.config_path), "--out", str(out), "--insecure",
+                 "--checkpoint", str(fed.checkpoint)]) == 0
     printed = capsys.readouterr().out
     assert not (out / "certs").exists() and not (out / "supernodes" / "site_0" / "supernode").exists()
     assert tomllib.loads((out / "flwr" / "config.toml").read_text())["superlink"]["fedsynth"]["insecure"]

@@ -57,13 +57,21 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path):
         assert 0 < spent <= summary.caps[site]
         assert summary.paths[f"ledger {site}"].exists()
     assert summary.release["counts"]["requested"] == 2
-    assert "rf_fid" in summary.quality
+    quality = summary.quality
+    assert set(quality["baselines"]) == {"real", "collapse", "copy", "pretrained_only"}
+    assert all(quality["baselines"][name]["kid"] is not None for name in quality["baselines"])
+    assert quality["metrics"]["utility_dice"] is not None
+    assert "beats_collapse_kid" in quality["bars"]
+    assert quality["real"]["folder"] == str(tmp_path / "run" / "holdout")  # no site trained on it
+    assert quality["training"]["folders"] == [str(tmp_path / "cohort" / f"site_{k}")
+                                              for k in range(2)]
     assert (tmp_path / "run" / "checkpoint.pt").exists()
     assert (tmp_path / "run" / "federation" / "checkpoint.pt").exists()
     assert (tmp_path / "run" / "release" / "release_report.md").exists()
     text = format_summary(summary)
     assert "mlflow ui --backend-store-uri sqlite:///" in text
     assert "epsilon     site_0:" in text
+    assert "feature KID" in text and "pretrained_only" in text and "bars " in text
 
     again = run_demo(config, patients=4, public_patients=4, seg_steps=4, echo=lines.append)
     assert set(again.reused) == set(summary.seconds) - {"data check"}

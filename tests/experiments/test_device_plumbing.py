@@ -113,7 +113,8 @@ def test_cuda_on_a_machine_without_it_is_one_line_and_exit_2(tmp_path, public, n
     assert not (tmp_path / "run").exists()
     assert main(["pretrain", "--config", str(config), "--device", "gpu"]) == 2
     assert "--device: must be auto, cpu, cuda or cuda:N (got 'gpu')" in capsys.readouterr().err
-    assert main(["federate", "--config", str(_with(config, device="cuda:1"))]) == 2
+    assert main(["pretrain", "--config", str(_with(config, device="cuda:1")), "--out",
+                 str(tmp_path / "run"), "--no-tracking"]) == 2
     assert "device: cuda:1 was requested" in capsys.readouterr().err
 
 

@@ -16,8 +16,15 @@ from experiments.evaluate import split_by_patient
 
 SIZE = 16
 SPACING = 12.0
-METRICS = {"rf_fid", "mmd", "ms_ssim_diversity", "dice_synthetic", "dice_real", "dice_ratio",
-           "medicalnet_fid"}
+SET_METRICS = {"kid", "kid_std", "conditional_dice", "utility_dice", "ms_ssim_diversity",
+               "rf_fid", "count"}
+METRICS = SET_METRICS | {"conditional_dice_ratio", "utility_dice_ratio", "diversity_ratio",
+                         "medicalnet_fid"}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture(autouse=True)
@@ -69,28 +76,45 @@ def folders(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("evaluate")
     real = write_site(root / "real", ["p0", "p0", "p1", "p2", "p3", "p4", "p5"], seed=0)
     synthetic = write_site(root / "synthetic", ["s0", "s1", "s2", "s3"], seed=1)
+    write_site(root / "public", [f"q{i}" for i in range(6)], seed=5)
     return real, synthetic
+
+
+def public_of(real: Path) -> list[str]:
+    return ["--public", str(real.parent / "public")]
 
 
 def test_evaluate_prints_a_table_and_writes_the_json_report(folders, tmp_path, capsys):
     real, synthetic = folders
+    train = write_site(tmp_path / "train", ["t0", "t1", "t2"], seed=6)
+    pretrained = write_site(tmp_path / "pretrained", ["u0", "u1", "u2"], seed=7)
     out = tmp_path / "reports" / "report.json"
     code = main(["evaluate", "--real", str(real), "--synthetic", str(synthetic),
-                 "--out", str(out), "--seg-steps", "4", "--seed", "1"])
+                 *public_of(real), "--train", str(train), "--pretrained-samples",
+                 str(pretrained), "--out", str(out), "--seg-steps", "4", "--seed", "1"])
     assert code == 0
     printed = capsys.readouterr().out
-    for name in METRICS:
+    for name in SET_METRICS | {"real", "collapse", "copy", "pretrained_only", "bar "}:
         assert name in printed
     report = json.loads(out.read_text())
     metrics = report["metrics"]
     assert set(metrics) == METRICS
     assert metrics["medicalnet_fid"] is None
     assert all(math.isfinite(metrics[k]) for k in METRICS - {"medicalnet_fid"})
-    assert metrics["dice_ratio"] == pytest.approx(metrics["dice_synthetic"] / metrics["dice_real"])
+    baselines = report["baselines"]
+    assert set(baselines) == {"real", "collapse", "copy", "pretrained_only"}
+    assert all(set(b) == SET_METRICS for b in baselines.values())
+    assert baselines["pretrained_only"]["count"] == 3
+    assert baselines["collapse"]["count"] == baselines["copy"]["count"] == 4
+    assert baselines["collapse"]["ms_ssim_diversity"] < 1e-6  # one training set: one mean scan
+    assert metrics["utility_dice_ratio"] == pytest.approx(
+        metrics["utility_dice"] / baselines["real"]["utility_dice"])
+    assert set(report["bars"]) >= {"beats_collapse_kid", "utility_dice_at_least_0_9_real"}
+    assert len(report["public_segmenter"]["sha256"]) == 64
     assert report["real"]["scans"] == 7 and report["real"]["patients"] == 6
-    assert report["real"]["heldout_patients"] == 2  # round(0.3 * 6)
-    assert (report["real"]["segmenter_train_scans"] + report["real"]["heldout_scans"]) == 7
-    assert report["synthetic"]["scans"] == 4
+    assert report["real"]["reference_patients"] == 3  # round(0.5 * 6)
+    assert report["real"]["reference_scans"] + report["real"]["real_baseline_scans"] == 7
+    assert report["synthetic"]["scans"] == 4 and report["training"]["scans"] == 3
     assert report["grid"]["shape"] == [SIZE] * 3 and report["grid"]["spacing_mm"] == [SPACING] * 3
     assert report["settings"]["seed"] == 1 and report["settings"]["seg_steps"] == 4
     assert report["settings"]["ms_ssim"]["scales"] == 3
@@ -99,14 +123,16 @@ def test_evaluate_prints_a_table_and_writes_the_json_report(folders, tmp_path, c
     assert not [p for p in out.parent.iterdir() if p.name != "report.json"]  # no temp files
 
 
-def test_evaluate_of_a_folder_against_itself_gives_zero_rf_fid(folders, tmp_path):
-    real, _ = folders
-    out = tmp_path / "self.json"
-    assert main(["evaluate", "--real", str(real), "--synthetic", str(real),
-                 "--out", str(out), "--seg-steps", "2"]) == 0
-    metrics = json.loads(out.read_text())["metrics"]
-    assert metrics["rf_fid"] < 1e-6
-    assert metrics["mmd"] <= 0  # the unbiased estimator's self-similarity correction
+def test_without_baseline_folders_the_real_half_stands_in_and_pretrained_is_null(folders,
+                                                                                 tmp_path):
+    real, synthetic = folders
+    out = tmp_path / "plain.json"
+    assert main(["evaluate", "--real", str(real), "--synthetic", str(synthetic),
+                 *public_of(real), "--out", str(out), "--seg-steps", "2"]) == 0
+    report = json.loads(out.read_text())
+    assert report["baselines"]["pretrained_only"] is None
+    assert report["training"]["folders"] == ["(real baseline half)"]
+    assert report["baselines"]["copy"]["kid"] is not None
 
 
 def test_split_keeps_every_patient_on_one_side_and_is_seeded():
@@ -129,23 +155,29 @@ def bad_input(capsys, *args: str) -> str:
 
 def test_bad_input_is_one_line_and_exit_2(folders, tmp_path, capsys):
     real, synthetic = folders
-    missing = bad_input(capsys, "--real", str(tmp_path / "absent"), "--synthetic", str(synthetic))
+    no_public = bad_input(capsys, "--real", str(real), "--synthetic", str(synthetic))
+    assert "pass --public DIR" in no_public
+
+    missing = bad_input(capsys, "--real", str(tmp_path / "absent"), "--synthetic", str(synthetic),
+                        *public_of(real))
     assert "real folder not found" in missing
 
     (tmp_path / "empty").mkdir()
-    empty = bad_input(capsys, "--real", str(real), "--synthetic", str(tmp_path / "empty"))
+    empty = bad_input(capsys, "--real", str(real), "--synthetic", str(tmp_path / "empty"),
+                      *public_of(real))
     assert "synthetic folder is empty" in empty
 
     small = write_site(tmp_path / "small", ["s0", "s1"], seed=2, size=8, spacing=24.0)
-    mismatch = bad_input(capsys, "--real", str(real), "--synthetic", str(small))
+    mismatch = bad_input(capsys, "--real", str(real), "--synthetic", str(small), *public_of(real))
     assert "synthetic grid 8x8x8" in mismatch and "16x16x16" in mismatch
 
     weights = bad_input(capsys, "--real", str(real), "--synthetic", str(synthetic),
-                        "--medicalnet-weights", str(tmp_path / "resnet_10.pth"))
+                        *public_of(real), "--medicalnet-weights", str(tmp_path / "resnet_10.pth"))
     assert "MedicalNet weights file not found" in weights
 
     lonely = write_site(tmp_path / "lonely", ["only", "only"], seed=3)
-    patients = bad_input(capsys, "--real", str(lonely), "--synthetic", str(synthetic))
+    patients = bad_input(capsys, "--real", str(lonely), "--synthetic", str(synthetic),
+                         *public_of(real))
     assert "at least 2" in patients
 
 
@@ -155,8 +187,8 @@ def test_a_config_resamples_both_folders_to_its_grid(folders, tmp_path, capsys):
     config = tmp_path / "eval.yaml"
     config.write_text("seed: 2\ndata:\n  shape: [16, 16, 16]\n  spacing: [12.0, 12.0, 12.0]\n")
     out = tmp_path / "resampled.json"
-    assert main(["evaluate", "--real", str(real), "--synthetic", str(coarse), "--config",
-                 str(config), "--out", str(out), "--seg-steps", "2"]) == 0
+    assert main(["evaluate", "--real", str(real), "--synthetic", str(coarse), *public_of(real),
+                 "--config", str(config), "--out", str(out), "--seg-steps", "2"]) == 0
     report = json.loads(out.read_text())
     assert report["settings"]["seed"] == 2  # from the config
     assert report["synthetic"]["scans"] == 3
@@ -172,8 +204,8 @@ def test_medicalnet_weights_add_a_medicalnet_fid(folders, tmp_path):
     weights = tmp_path / "resnet_10.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, weights)
     out = tmp_path / "medicalnet.json"
-    assert main(["evaluate", "--real", str(real), "--synthetic", str(synthetic), "--out", str(out),
-                 "--seg-steps", "1", "--medicalnet-weights", str(weights)]) == 0
+    assert main(["evaluate", "--real", str(real), "--synthetic", str(synthetic), *public_of(real),
+                 "--out", str(out), "--seg-steps", "1", "--medicalnet-weights", str(weights)]) == 0
     report = json.loads(out.read_text())
     assert report["metrics"]["medicalnet_fid"] > 0
     assert report["settings"]["medicalnet_weights"] == str(weights)

@@ -229,3 +229,100 @@ def test_sample_cli_refuses_bad_input_with_one_line(tmp_path: Path, public: Path
     assert exit_info.value.code == 2
     assert "must be > 0" in capsys.readouterr().err
     assert not Path(out).exists()
+
+
+def test_reconstruction_is_measured_on_held_out_patients_and_the_ema_is_kept(
+        tmp_path: Path, public: Path) -> None:
+    from experiments.pretrain import RECONSTRUCTION_PREVIEW, load_public_cohort, split_holdout
+    from models.autoencoder import reconstruction_quality
+
+    config = load_config(write_config(
+        tmp_path, public, holdout_fraction=0.4,
+        unet={"epochs": 2, "batch_size": 3, "ema_decay": 0.5},
+        autoencoder={"epochs": 2, "batch_size": 3, "ssim_weight": 0.5,
+                     "feature_matching_weight": 1.0, "warmup_epochs": 1}))
+    result = pretrain(config, tmp_path / "run", tracking=False)
+    measured = result.checkpoint.metadata["autoencoder_reconstruction"]
+    training, held = split_holdout(load_public_cohort(config), 0.4, config.seed)
+    # 2 of the 5 patients, whole: none of their scans is trained on.
+    assert len(set(held.patient_ids)) == 2 and not set(held.patient_ids) & set(training.patient_ids)
+    assert result.checkpoint.metadata["public_scans"] == len(training) == 3
+    assert measured["held_out"] is True and measured["scans"] == len(held)
+    again = reconstruction_quality(load_checkpoint(result.checkpoint_path).build_autoencoder(),
+                                   held.images)
+    assert measured["psnr"] == pytest.approx(again["psnr"]) and 0 < measured["ssim"] < 1
+    assert (tmp_path / "run" / "previews" / RECONSTRUCTION_PREVIEW).is_file()
+
+    # The checkpoint holds the EMA of the UNet, not its last weights.
+    state = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)
+    ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
+    stored = result.checkpoint.denoiser_state
+    assert all(torch.equal(stored[k], ema[k]) for k in stored)
+    assert any(not torch.equal(stored[k], state["denoiser"][k]) for k in stored)
+
+
+def test_without_held_out_patients_reconstruction_is_labelled_as_training_data(
+        tmp_path: Path, public: Path) -> None:
+    config = load_config(write_config(tmp_path, public, holdout_fraction=0.0,
+                                      enabled=False))
+    measured = pretrain(config, tmp_path / "run", tracking=False
+                        ).checkpoint.metadata["autoencoder_reconstruction"]
+    assert measured["held_out"] is False and measured["scans"] == 5
+
+
+def test_ema_warm_up_follows_early_weights_then_averages_slowly() -> None:
+    from torch.optim.swa_utils import AveragedModel
+
+    from experiments.pretrain import ema_with_warmup
+
+    layer = torch.nn.Linear(1, 1, bias=False)
+    ema = AveragedModel(layer, avg_fn=ema_with_warmup(0.99), use_buffers=True)
+    values = [1.0, 2.0, 3.0]
+    with torch.no_grad():
+        for value in values:
+            layer.weight.fill_(value)
+            ema.update_parameters(layer)
+    # n = 0: copied (1.0); n = 1: rate 2/11; n = 2: rate 3/12 (not 0.99, which would stay near 1).
+    expected = 1.0
+    for n, value in ((1, 2.0), (2, 3.0)):
+        rate = (1 + n) / (10 + n)
+        expected = rate * expected + (1 - rate) * value
+    assert ema.module.weight.item() == pytest.approx(expected)
+    assert ema.module.weight.item() > 2.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["demo.yaml", "quality32.yaml"])
+def test_shipped_recipes_pretrain_on_a_tiny_cohort(tmp_path: Path, public: Path,
+                                                   recipe: str) -> None:
+    """The shipped configs' pretraining recipes (losses, warm-up, EMA, hold-out), shrunk to a
+    tiny cohort and a few epochs, run end to end and record their reconstruction quality."""
+    root = Path(__file__).resolve().parents[2]
+    shipped = load_config(root / "configs" / recipe, check_paths=False)
+    section = yaml.safe_load((root / "configs" / recipe).read_text())["pretrain"]
+    section["holdout_fraction"] = 0.2
+    section["autoencoder"].update(epochs=2, batch_size=3, warmup_epochs=1)
+    section["unet"].update(epochs=2, batch_size=3)
+    path = write_config(tmp_path, public)
+    written = yaml.safe_load(path.read_text())
+    written["pretrain"] = section
+    written["model"]["conditioning"]["mode"] = shipped.model.conditioning.mode
+    written["model"]["conditioning"]["guidance_scale"] = shipped.model.conditioning.guidance_scale
+    path.write_text(yaml.safe_dump(written))
+    result = pretrain(load_config(path), tmp_path / "run", tracking=False)
+    meta = result.checkpoint.metadata
+    assert meta["autoencoder_reconstruction"]["held_out"] is True
+    assert meta["unet_ema_decay"] == shipped.pretrain.unet.ema_decay
+    assert result.checkpoint.model_config["conditioning"]["guidance_scale"] == \
+        shipped.model.conditioning.guidance_scale
+
+
+def test_a_cohort_without_patient_ids_holds_out_single_scans() -> None:
+    from experiments.pretrain import PublicCohort, split_holdout
+
+    cohort = PublicCohort(torch.rand(10, 1, 4, 4, 4), torch.zeros(10, 4, 4, 4, dtype=torch.uint8),
+                          torch.zeros(10, 0), torch.zeros(10, 4, 4))
+    training, held = split_holdout(cohort, 0.2, seed=0)
+    assert (len(training), len(held)) == (8, 2)
+    assert not set(map(tuple, training.images.flatten(1).tolist())) & \
+        set(map(tuple, held.images.flatten(1).tolist()))

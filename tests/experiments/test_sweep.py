@@ -33,7 +33,7 @@ def write_sweep(folder: Path, base: Path, **changes) -> Path:
              "set": {"pretrain": {"autoencoder": {"epochs": 1, "batch_size": 2},
                                   "unet": {"epochs": 1, "batch_size": 2}}},
              "grid": {"epsilon": [3, 10]},
-             "quality": {"samples": 2, "seg_steps": 2, "holdout_patients": 1}}
+             "quality": {"samples": 2, "seg_steps": 2, "holdout_patients": 2}}
     sweep.update(changes)
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
@@ -73,8 +73,9 @@ def test_sweep_logs_nested_runs_summary_and_plot_then_skips_finished(tmp_path, t
             assert 0 < metrics[f"final/epsilon/{site}"] <= float(cap)
             history = client.get_metric_history(run.info.run_id, f"epsilon/{site}")
             assert [m.step for m in history] == [1]       # one federated round, logged per round
-        for name in ("rf_fid", "mmd", "ms_ssim_diversity"):
+        for name in ("kid", "conditional_dice", "utility_dice", "ms_ssim_diversity", "rf_fid"):
             assert f"quality/{name}" in metrics
+            assert f"baseline/collapse/{name}" in metrics and f"baseline/real/{name}" in metrics
         assert run.data.tags["fedsynth.sweep.status"] == "finished"
         assert run.data.tags["mlflow.runName"] == f"epsilon={cap}"
     # Stronger privacy, more noise: the epsilon-3 run spent less than the epsilon-10 run.
@@ -95,9 +96,18 @@ def test_sweep_logs_nested_runs_summary_and_plot_then_skips_finished(tmp_path, t
     assert matplotlib.image.imread(plot).shape[:2] == (height, width)
     table = Path(client.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path)))
     rows = list(csv.DictReader(table.open()))
-    assert [row["epsilon"] for row in rows] == ["3", "10"]
-    assert {row["mlflow_run_id"] for row in rows} == {run.info.run_id for run in children}
-    assert all(float(row["rf_fid"]) >= 0 for row in rows)
+    settings = [row for row in rows if not row["setting"].startswith("baseline: ")]
+    baselines = {row["setting"]: row for row in rows if row["setting"].startswith("baseline: ")}
+    assert [row["epsilon"] for row in settings] == ["3", "10"]
+    assert {row["mlflow_run_id"] for row in settings} == {run.info.run_id for run in children}
+    assert all(float(row["rf_fid"]) >= 0 and row["kid"] for row in settings)
+    # Baselines measured once (cached) and shared: one row each; both settings share one
+    # pretraining, so one pretrained-only row too.
+    assert set(baselines) == {"baseline: real", "baseline: collapse", "baseline: copy",
+                              "baseline: pretrained_only"}
+    assert all(row["kid"] and row["utility_dice"] for row in baselines.values())
+    assert "baseline: collapse" in (out / "summary.md").read_text()
+    assert list((out / "metrics_cache").glob("public_segmenter_*.pt"))
     # Every setting kept its own ledgers.
     for setting in ("epsilon-3", "epsilon-10"):
         assert (out / "settings" / setting / "ledgers" / "site_0.jsonl").exists()

@@ -10,7 +10,8 @@ import torch
 from configs import AutoencoderConfig
 from models.autoencoder import (AutoencoderLoss, PerceptualWeightsError, build_autoencoder,
                                 build_discriminator, decode_latents, downsampling_factor,
-                                encode_latents, reconstruct)
+                                encode_latents, fft_magnitude_loss, narrow_posterior,
+                                reconstruct, reconstruction_quality)
 
 
 @pytest.fixture(autouse=True)
@@ -111,3 +112,84 @@ def test_perceptual_weights_that_do_not_fit_are_refused(tmp_path: Path) -> None:
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
     with pytest.raises(PerceptualWeightsError, match="cannot read"):
         AutoencoderLoss(0.0, 1e-6, perceptual_weights=tmp_path / "junk.pth")
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_gan_terms_are_reported_differentiable_and_lower_the_loss(kind: str) -> None:
+    """KL-GAN and VQ-GAN share every term: SSIM, FFT magnitude, adversarial, feature matching."""
+    torch.manual_seed(0)
+    cfg = tiny(kind)
+    autoencoder, discriminator = build_autoencoder(cfg), build_discriminator(cfg, (16, 16, 16))
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in discriminator.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in discriminator.modules())
+    losses = AutoencoderLoss(0.05, 1e-6 if kind == "kl" else 1.0, feature_matching_weight=1.0,
+                             ssim_weight=0.5, fft_weight=0.1, image_shape=(16, 16, 16))
+    g_opt = torch.optim.Adam(autoencoder.parameters(), lr=3e-3)
+    d_opt = torch.optim.Adam(discriminator.parameters(), lr=1e-3)
+    images, generator = blobs(2), torch.Generator().manual_seed(1)
+    history = []
+    for _ in range(12):
+        reconstruction, regularisation = reconstruct(autoencoder, images, generator)
+        loss, parts = losses.generator_loss(images, reconstruction, regularisation, discriminator)
+        history.append(parts)
+        g_opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None or torch.isfinite(p.grad).all()
+                   for p in autoencoder.parameters())
+        g_opt.step()
+        d_loss = losses.discriminator_loss(discriminator, images, reconstruction)
+        d_opt.zero_grad()
+        d_loss.backward()
+        d_opt.step()
+    assert {"l1", "ssim_loss", "fft", "adversarial", "feature_matching"} <= set(history[-1])
+    for term in ("l1", "ssim_loss", "fft"):
+        assert history[-1][term] < history[0][term], term
+
+
+def test_structural_and_feature_matching_terms_vanish_on_a_perfect_reconstruction() -> None:
+    torch.manual_seed(0)
+    discriminator = build_discriminator(tiny("kl"), (16, 16, 16))
+    losses = AutoencoderLoss(0.0, 0.0, feature_matching_weight=1.0, ssim_weight=1.0,
+                             fft_weight=1.0, image_shape=(16, 16, 16))
+    images = blobs(2)
+    loss, parts = losses.generator_loss(images, images.clone(), torch.tensor(0.0), discriminator)
+    assert loss.item() == pytest.approx(0.0, abs=1e-5)
+    assert parts["feature_matching"] == pytest.approx(0.0, abs=1e-6)
+    blurred = torch.nn.functional.avg_pool3d(images, 3, stride=1, padding=1)
+    _, parts = losses.generator_loss(images, blurred, torch.tensor(0.0), discriminator)
+    assert parts["ssim_loss"] > 0 and parts["fft"] > 0 and parts["feature_matching"] > 0
+
+
+def test_batch_norm_discriminator_is_still_available() -> None:
+    discriminator = build_discriminator(tiny("kl"), (16, 16, 16), norm="batch")
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in discriminator.modules())
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_reconstruction_quality_matches_psnr_by_hand(kind: str) -> None:
+    torch.manual_seed(0)
+    autoencoder = build_autoencoder(tiny(kind)).train()
+    images = blobs(3)
+    quality = reconstruction_quality(autoencoder, images, batch_size=2)
+    assert autoencoder.training  # the caller's mode is kept
+    with torch.no_grad():
+        autoencoder.eval()
+        reconstruction = decode_latents(autoencoder, encode_latents(autoencoder, images))
+    mse = (reconstruction.clamp(0, 1) - images).pow(2).flatten(1).mean(1)
+    assert quality["psnr"] == pytest.approx(float((-10 * torch.log10(mse)).mean()), rel=1e-4)
+    assert -1.0 <= quality["ssim"] < 1.0
+    assert fft_magnitude_loss(images, images).item() == 0.0
+
+
+def test_narrow_posterior_starts_the_kl_model_near_deterministic() -> None:
+    torch.manual_seed(0)
+    autoencoder = build_autoencoder(tiny("kl"))
+    _, wide = autoencoder.encode(blobs(1))
+    narrow_posterior(autoencoder, -10.0)
+    _, sigma = autoencoder.encode(blobs(1))
+    assert wide.mean() > 0.3
+    assert torch.allclose(sigma, torch.full_like(sigma, float(torch.exp(torch.tensor(-5.0)))))
+    vq = build_autoencoder(tiny("vq"))
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    narrow_posterior(vq, -10.0)
+    assert all(torch.equal(v, before[k]) for k, v in vq.state_dict().items())

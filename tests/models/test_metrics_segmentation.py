@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from models.metrics import (MetricInputError, QualityReport, SegmentationUtility,
-                            build_segmenter, evaluate_quality, mean_foreground_dice,
-                            segmentation_utility, train_segmenter)
+from models.metrics import (MetricInputError, SegmentationUtility, SegmenterSettings,
+                            build_segmenter, mean_foreground_dice, segmentation_utility,
+                            train_segmenter)
 
 NUM_CLASSES = 4
+SHORT = SegmenterSettings(max_steps=3, eval_every=1, patience=10)
 
 
 @pytest.fixture(autouse=True)
@@ -63,50 +64,47 @@ def test_segmenter_build_and_training_are_deterministic_for_a_seed():
     assert all(torch.equal(a, b) for a, b in zip(build_segmenter(NUM_CLASSES, 3).parameters(),
                                                  build_segmenter(NUM_CLASSES, 3).parameters()))
     images, labels = brains(4, seed=1)
-    first = train_segmenter(images, labels, NUM_CLASSES, steps=3, seed=5)
-    second = train_segmenter(images, labels, NUM_CLASSES, steps=3, seed=5)
-    other = train_segmenter(images, labels, NUM_CLASSES, steps=3, seed=6)
-    assert not first.training
-    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
-    assert not all(torch.equal(a, b) for a, b in zip(first.parameters(), other.parameters()))
+    first = train_segmenter(images, labels, NUM_CLASSES, seed=5, settings=SHORT)
+    second = train_segmenter(images, labels, NUM_CLASSES, seed=5, settings=SHORT)
+    other = train_segmenter(images, labels, NUM_CLASSES, seed=6, settings=SHORT)
+    assert not first.net.training and first.steps == 3 and 1 <= first.best_step <= 3
+    assert all(torch.equal(a, b) for a, b in zip(first.net.parameters(), second.net.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(first.net.parameters(),
+                                                     other.net.parameters()))
+
+
+def test_training_stops_early_and_keeps_the_best_validation_weights():
+    images, labels = brains(4, seed=1)
+    patient = SegmenterSettings(max_steps=200, eval_every=1, patience=2, learning_rate=0.0)
+    trained = train_segmenter(images, labels, NUM_CLASSES, seed=0, settings=patient)
+    assert trained.steps == 3 and trained.best_step == 1  # nothing improves without learning
 
 
 def test_training_refuses_unpaired_images_and_labels():
     images, labels = brains(2, seed=0)
     with pytest.raises(MetricInputError, match="do not match"):
-        train_segmenter(images, labels[:1], NUM_CLASSES, steps=1, seed=0)
-    with pytest.raises(MetricInputError, match="steps must be >= 1"):
-        train_segmenter(images, labels, NUM_CLASSES, steps=0, seed=0)
+        train_segmenter(images, labels[:1], NUM_CLASSES, seed=0, settings=SHORT)
+    with pytest.raises(MetricInputError, match="max_steps must be >= 1"):
+        train_segmenter(images, labels, NUM_CLASSES, seed=0,
+                        settings=SegmenterSettings(max_steps=0))
+    with pytest.raises(MetricInputError, match="at least 2"):
+        train_segmenter(images[:1], labels[:1], NUM_CLASSES, seed=0, settings=SHORT)
 
 
 def test_segmentation_utility_end_to_end_is_finite_with_the_ratio_of_the_dices():
     synthetic, real, heldout = brains(4, seed=1), brains(4, seed=2), brains(3, seed=3)
-    utility = segmentation_utility(*synthetic, *real, *heldout, NUM_CLASSES, steps=25, seed=0)
+    settings = SegmenterSettings(max_steps=25, eval_every=5)
+    utility = segmentation_utility(*synthetic, *real, *heldout, NUM_CLASSES, seed=0,
+                                   settings=settings)
     assert isinstance(utility, SegmentationUtility)
     assert 0.0 < utility.dice_synthetic <= 1.0 and 0.0 < utility.dice_real <= 1.0
     assert utility.dice_ratio == pytest.approx(utility.dice_synthetic / utility.dice_real)
     assert math.isfinite(utility.dice_ratio)
     # same seed, same data: the same numbers
-    again = segmentation_utility(*synthetic, *real, *heldout, NUM_CLASSES, steps=25, seed=0)
+    again = segmentation_utility(*synthetic, *real, *heldout, NUM_CLASSES, seed=0,
+                                 settings=settings)
     assert again == utility
 
 
 def test_the_ratio_is_nan_when_the_real_segmenter_scores_zero():
     assert math.isnan(SegmentationUtility(dice_synthetic=0.5, dice_real=0.0).dice_ratio)
-
-
-def test_evaluate_quality_fills_every_field_of_the_report():
-    real_images, real_labels = brains(6, seed=1)
-    synthetic_images, synthetic_labels = brains(4, seed=2)
-    report = evaluate_quality(real_images, synthetic_images, synthetic_labels,
-                              real_images[:4], real_labels[:4], real_images[4:], real_labels[4:],
-                              NUM_CLASSES, seg_steps=3, seed=0)
-    assert isinstance(report, QualityReport)
-    values = report.to_json_dict()
-    assert set(values) == {"rf_fid", "mmd", "ms_ssim_diversity", "dice_synthetic", "dice_real",
-                           "dice_ratio", "medicalnet_fid"}
-    assert values["medicalnet_fid"] is None
-    assert all(math.isfinite(v) for k, v in values.items() if k != "medicalnet_fid")
-    assert report.rf_fid > 0 and report.ms_ssim_diversity > 0
-    assert report.dice_ratio == pytest.approx(report.dice_synthetic / report.dice_real)
-    assert QualityReport(1.0, 0.0, 0.1, 0.5, 0.0, math.nan).to_json_dict()["dice_ratio"] is None
