@@ -50,6 +50,7 @@ from privacy.gate import (IMAGE_DISTANCES, NO_SHIFT, GateAnswer, GateError, Gate
                           calibrated_threshold, decide, latent_views, nearest_scans, summary,
                           translations, views_of)
 from privacy.ledger import Ledger, LedgerError
+from privacy.nearest_scan import ScanIndex
 from privacy.outbox import weights_hash
 from privacy.rollback_guard import LedgerRollback, check_expected_head, pending_alarm
 from privacy.site_ledger import SiteLedger, utc_timestamp
@@ -73,10 +74,11 @@ class SiteScans:
 
 @dataclass(frozen=True)
 class GateReference:
-    """What candidates are compared with: the bank (M, C, *S) (images or embeddings), the offsets
-    the site applies to candidates, the threshold and (calibrated) the calibration's quantiles."""
+    """What candidates are compared with: the bank (M, C, *S) (images or embeddings) prepared for
+    the exact GEMM search, the offsets the site applies to candidates, the threshold and
+    (calibrated) the calibration's quantiles."""
 
-    bank: torch.Tensor
+    bank: ScanIndex
     offsets: tuple[tuple[int, int, int], ...]
     threshold: float
     calibration: dict[str, float]
@@ -154,19 +156,24 @@ def _reference(site: SiteConfig, query: GateQuery, scans: SiteScans,
     else:
         scale = query.latent_scale_factor
         bank, offsets = latent_views(autoencoder, scans.images, scale)[:, 0], NO_SHIFT
-        queries = latent_views(autoencoder, scans.images, scale, shifts) if calibrated else None
+
+        def queries(start: int, stop: int) -> torch.Tensor:
+            # The scans' translates, embedded block by block as the calibration reaches them
+            # (all of them at once would be 27x the bank).
+            return latent_views(autoencoder, scans.images[start:stop], scale, shifts)
     calibration: dict[str, float] = {}
+    index = ScanIndex(bank)  # built once per reference, used by calibration and every query
     if not calibrated:
         threshold = float(query.threshold.value)
     else:
         if len(set(scans.patients)) < 2:
             raise _Refusal(GateRefusal.TOO_FEW_PATIENTS)
-        distances = between_patient_distances(queries, bank, scans.patients, query.distance,
+        distances = between_patient_distances(queries, index, scans.patients, query.distance,
                                               offsets=offsets, chunk_size=query.chunk_size,
                                               progress=True)
         threshold = calibrated_threshold(distances, query.threshold.percentile)
         calibration = summary(distances)
-    return _remember(_references, key, GateReference(bank, offsets, threshold, calibration))
+    return _remember(_references, key, GateReference(index, offsets, threshold, calibration))
 
 
 def _autoencoder(query: GateQuery, state: Mapping[str, torch.Tensor] | None

@@ -46,9 +46,13 @@ Threshold policy (``release.threshold``)
 A candidate PASSES a site when its nearest-scan distance is at or above the threshold
 (:func:`decide`); the server keeps only candidates that pass every site.
 
-Memory stays bounded: candidates and scans are processed in blocks of ``chunk_size`` volumes each
-(relative L2 via one ``torch.cdist`` per block, in float64) and SSIM in batches of ``chunk_size``
-pairs; only the running minimum per candidate is kept.
+Search (:mod:`privacy.nearest_scan`): for ``latent`` and ``nrmse`` an EXACT search returns the
+same nearest distances as comparing every pair: all views x candidates x scans inner products are
+blocked float32 matrix products (``torch.matmul``, on the CPU or CUDA), each with a rigorous
+rounding-error bound; only the scans whose lower bound can still beat the best upper bound get
+the float64 distance brute force uses, for both the gate and the calibration. Candidates go in
+blocks of at most ``chunk_size`` views; SSIM (no such bound) compares every pair, in batches of
+``chunk_size`` pairs (:func:`brute_force_nearest_scans`, also the reference in tests).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from monai.metrics import SSIMMetric
 from tqdm.auto import tqdm
 
 from models.autoencoder import encode_latents
+from privacy.nearest_scan import ScanIndex, ViewSource, relative_l2
 from privacy.protocol import (ARRAYS, CONFIG, GATE_ACCOUNTING, GATE_ACCOUNTING_KEYS, GATE_PASSED,
                               GATE_STATUS, GATE_STATUS_KEYS, METRICS, PROTOCOL_VERSION,
                               ProtocolViolation, check_accounting_numbers, compact_json,
@@ -180,13 +185,6 @@ def latent_views(autoencoder: torch.nn.Module, images: torch.Tensor, latent_scal
     return torch.stack(per_offset, dim=1)
 
 
-def _relative_l2(queries: torch.Tensor, bank: torch.Tensor,
-                 bank_norm: torch.Tensor) -> torch.Tensor:
-    """(a, F) x (b, F) -> (a, b): ``||q - s|| / ||s||`` in float64 (cdist, matrix-product form)."""
-    distances = torch.cdist(queries[None], bank[None], compute_mode="use_mm_for_euclid_dist")[0]
-    return distances / bank_norm.clamp_min(torch.finfo(torch.float64).tiny)[None]
-
-
 class _SSIMDistance:
     """``1 - SSIM`` of every (query, scan) pair of two blocks, ``chunk_size`` pairs per call."""
 
@@ -214,12 +212,65 @@ class _SSIMDistance:
         return (1.0 - torch.cat(values)).reshape(a, b)
 
 
-def nearest_scans(candidates: torch.Tensor, bank: torch.Tensor, distance: str, *,
+def nearest_scans(candidates: torch.Tensor | ViewSource, bank: torch.Tensor | ScanIndex,
+                  distance: str, *, offsets: Sequence[Offset] = NO_SHIFT, chunk_size: int = 64,
+                  candidate_groups: Sequence[int] | None = None,
+                  bank_groups: Sequence[int] | None = None, num_candidates: int | None = None,
+                  device: torch.device | str | None = None,
+                  progress: bool = False) -> NearestScans:
+    """For each candidate, the distance to its nearest scan in ``bank``.
+
+    candidates: views (N, T, C, *S) - the minimum is taken over the T views (latent translates)
+    and over ``offsets`` (circular translations applied to every view, image space) - or a
+    callable ``(start, stop) -> views`` with ``num_candidates`` given (computed block by block);
+    bank: (R, C, *S), the site's scans (or their embeddings), or a prepared
+    :class:`~privacy.nearest_scan.ScanIndex` of them.
+    ``candidate_groups`` (N,) and ``bank_groups`` (R,): pairs in the same group are skipped (the
+    calibration's "a different patient"). Blocks of at most ``chunk_size`` views.
+
+    ``latent`` and ``nrmse`` use the exact search of :mod:`privacy.nearest_scan` (float32 matrix
+    products with a rounding bound, float64 only where that bound cannot decide; same distances
+    as brute force), on ``device`` (default: the bank's);
+    ``ssim`` has no such bound and compares every pair.
+    """
+    check_distance(distance)
+    if chunk_size <= 0:
+        raise GateError(f"chunk_size must be > 0 (got {chunk_size})")
+    if distance == "ssim":
+        if not isinstance(candidates, torch.Tensor):
+            raise GateError("the ssim distance needs the candidate views as a tensor")
+        scans = bank.bank if isinstance(bank, ScanIndex) else bank
+        return brute_force_nearest_scans(candidates, scans, distance, offsets=offsets,
+                                         chunk_size=chunk_size, candidate_groups=candidate_groups,
+                                         bank_groups=bank_groups, progress=progress)
+    index = bank if isinstance(bank, ScanIndex) else ScanIndex(bank, device=device)
+    if isinstance(candidates, torch.Tensor):
+        if candidates.ndim < 3 or candidates.shape[2:] != index.bank.shape[1:]:
+            expected = ", ".join(map(str, index.bank.shape[1:]))
+            raise GateError(f"candidate views {tuple(candidates.shape)} do not match the site's "
+                            f"scans {tuple(index.bank.shape)}: expected (N, T, {expected})")
+        num_candidates = candidates.shape[0]
+    elif num_candidates is None:
+        raise GateError("candidate views computed on demand need num_candidates")
+    with tqdm(total=num_candidates, desc="gate distances", unit="candidate",
+              disable=None if progress else True, leave=False) as bar:
+        try:
+            found = index.search(candidates, num_candidates, offsets=offsets,
+                                 chunk_size=chunk_size, query_groups=candidate_groups,
+                                 bank_groups=bank_groups, progress=bar.update)
+        except ValueError as err:
+            raise GateError(str(err)) from None
+    offset_of = [tuple(offsets[int(j) // found.views_per_offset]) if i >= 0 else NO_SHIFT[0]
+                 for i, j in zip(found.index, found.view)]
+    return NearestScans(found.distance, found.index, offset_of)
+
+
+def brute_force_nearest_scans(candidates: torch.Tensor, bank: torch.Tensor, distance: str, *,
                   offsets: Sequence[Offset] = NO_SHIFT, chunk_size: int = 64,
                   candidate_groups: Sequence[int] | None = None,
                   bank_groups: Sequence[int] | None = None,
                   progress: bool = False) -> NearestScans:
-    """For each candidate, the distance to its nearest scan in ``bank``.
+    """Reference: every candidate-scan pair, block by block (``ssim``, and tests/benchmarks).
 
     candidates: views (N, T, C, *S) - the minimum is taken over the T views (latent translates)
     and over ``offsets`` (circular translations applied to every view, image space);
@@ -258,7 +309,7 @@ def nearest_scans(candidates: torch.Tensor, bank: torch.Tensor, distance: str, *
         flat = block.reshape((q1 - q0) * views, *block.shape[2:])
         if ssim is None:
             flat = flat.reshape(flat.shape[0], -1).to(torch.float64)
-            d = _relative_l2(flat, flat_bank[b0:b1], bank_norm[b0:b1])
+            d = relative_l2(flat, flat_bank[b0:b1], bank_norm[b0:b1])
         else:
             d = ssim(flat, bank[b0:b1])
         d = d.reshape(q1 - q0, views, b1 - b0).amin(dim=1)                # best view per pair
@@ -273,14 +324,17 @@ def nearest_scans(candidates: torch.Tensor, bank: torch.Tensor, distance: str, *
     return NearestScans(best.cpu().numpy(), best_index.cpu().numpy(), best_offset)
 
 
-def between_patient_distances(views: torch.Tensor, bank: torch.Tensor, patients: Sequence[str],
-                              distance: str, *, offsets: Sequence[Offset] = NO_SHIFT,
-                              chunk_size: int = 64, progress: bool = False) -> np.ndarray:
+def between_patient_distances(views: torch.Tensor | ViewSource, bank: torch.Tensor | ScanIndex,
+                              patients: Sequence[str], distance: str, *,
+                              offsets: Sequence[Offset] = NO_SHIFT, chunk_size: int = 64,
+                              device: torch.device | str | None = None,
+                              progress: bool = False) -> np.ndarray:
     """For every scan, the distance to the nearest scan of a DIFFERENT patient: float64 (M,).
 
-    views (M, T, C, *S) are the scans as queries (their translates in latent space), bank
-    (M, C, *S) the same scans as references, ``patients`` (M,) their patient ids. Needs two
-    patients or more.
+    views (M, T, C, *S) are the scans as queries (their translates in latent space; or a callable
+    ``(start, stop) -> views`` computing them block by block), bank (M, C, *S) the same scans as
+    references (or their :class:`~privacy.nearest_scan.ScanIndex`), ``patients`` (M,) their
+    patient ids. Needs two patients or more. Exact, same kernel as :func:`nearest_scans`.
     """
     if len(set(patients)) < 2:
         raise GateError(f"calibrating a threshold needs scans of at least 2 patients (got "
@@ -289,7 +343,8 @@ def between_patient_distances(views: torch.Tensor, bank: torch.Tensor, patients:
     codes = {pid: i for i, pid in enumerate(dict.fromkeys(patients))}
     groups = [codes[p] for p in patients]
     return nearest_scans(views, bank, distance, offsets=offsets, chunk_size=chunk_size,
-                         candidate_groups=groups, bank_groups=groups, progress=progress).distance
+                         candidate_groups=groups, bank_groups=groups, num_candidates=len(groups),
+                         device=device, progress=progress).distance
 
 
 def calibrated_threshold(distances: np.ndarray, percentile: float) -> float:

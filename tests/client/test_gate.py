@@ -208,6 +208,38 @@ def test_dp_gate_charges_the_site_ledger_and_refuses_past_the_cap(site: SiteConf
     assert replay.answer.replayed and len(gate_charges(budgeted.ledger_path)) == 1
 
 
+def test_the_pruned_gate_answers_as_brute_force_and_rejects_every_copy(site: SiteConfig) -> None:
+    """Exact, rolled, noised and brightened copies fail; the site's logged distances, threshold
+    and answers are those of comparing every pair (latent distance, calibrated threshold)."""
+    from privacy.gate import brute_force_nearest_scans, calibrated_threshold, decide
+
+    torch.manual_seed(0)
+    config = AutoencoderConfig(channels=[8, 8], latent_channels=2, norm_num_groups=4)
+    encoder = build_autoencoder(config)
+    state = {k: v.clone() for k, v in encoder.state_dict().items()}
+    scans = load_scans(site, DATA)
+    images = torch.cat([candidates(site), (scans.images[3] * 1.05)[None]])
+    shifts = translations(1)
+    views = latent_views(encoder, images, 0.8, shifts)
+    latent = dict(distance="latent", autoencoder=config_to_dict(config),
+                  autoencoder_sha256=weights_hash(state), latent_scale_factor=0.8)
+    outcome = answer_gate_query(site, query_for(views, "rel-0009", **latent), views, state)
+    assert outcome.passed.tolist() == [False, False, False, True, True, True, False]
+    bank = latent_views(encoder, scans.images, 0.8)[:, 0]
+    codes = {p: i for i, p in enumerate(dict.fromkeys(scans.patients))}
+    groups = [codes[p] for p in scans.patients]
+    calibration = brute_force_nearest_scans(latent_views(encoder, scans.images, 0.8, shifts), bank,
+                                            "latent", candidate_groups=groups,
+                                            bank_groups=groups).distance
+    threshold = calibrated_threshold(calibration, 5.0)
+    reference = brute_force_nearest_scans(views, bank, "latent").distance
+    entry = log_entries(site)[-1]
+    logged = np.array([c["distance"] for c in entry["candidates"]])
+    assert entry["threshold_value"] == pytest.approx(threshold, rel=1e-5)
+    assert np.allclose(logged, reference, rtol=1e-5, atol=1e-6)
+    assert outcome.passed.tolist() == decide(reference, threshold).tolist()
+
+
 def test_a_gate_query_on_a_rolled_back_ledger_is_refused_with_an_alarm(site: SiteConfig) -> None:
     from privacy.rollback_guard import alarm_path
 
