@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 RELEASE_DIR = "release"
 EVALUATION_FILE = "evaluation.json"
+# The demo's six quality segmenters train at most this many steps (early stopping may end them
+# sooner) to keep the demo within 10 minutes on 2 cores; `fedsynth evaluate` defaults to 400.
+DEMO_SEG_STEPS = 150
 HOLDOUT_DIR = "holdout"
 PRETRAINED_SAMPLES_DIR = "pretrained_samples"
 METRICS_CACHE_DIR = "metrics_cache"
@@ -129,7 +132,7 @@ def run_demo(config_path: Path, *, patients: int = 40, public_patients: int = 40
 
     def evaluate() -> None:
         from experiments.cohort import generate_holdout
-        from experiments.evaluate import DEFAULT_SEG_STEPS, evaluate_folders, write_json_atomic
+        from experiments.evaluate import evaluate_folders, write_json_atomic
         from experiments.sampling import sample_folder
         holdout = generate_holdout(cohort_dir, run_dir / HOLDOUT_DIR, HOLDOUT_PATIENTS_PER_SITE)
         pretrained_samples = run_dir / PRETRAINED_SAMPLES_DIR
@@ -142,7 +145,7 @@ def run_demo(config_path: Path, *, patients: int = 40, public_patients: int = 40
             holdout, release_dir, config.data, public_dir=Path(config.data.public_dir),
             train_dirs=tuple(Path(s.data_dir) for s in config.federation.sites),
             pretrained_dir=pretrained_samples, seed=config.seed,
-            seg_steps=seg_steps or DEFAULT_SEG_STEPS, cache_dir=run_dir / METRICS_CACHE_DIR)
+            seg_steps=seg_steps or DEMO_SEG_STEPS, cache_dir=run_dir / METRICS_CACHE_DIR)
         write_json_atomic(evaluation, result.to_json_dict())
 
     stages = [
