@@ -46,7 +46,7 @@ class StreamingScans(torch.utils.data.Dataset):
         self.attributes = torch.as_tensor(attributes, dtype=torch.float32)
         self.patients: dict[str, list[int]] = {}
         for i, record in enumerate(self.records):
-            self.patients.setdefault(record.patient_id, []).append(i)
+            self.patients.setdefault(record.patient_key, []).append(i)
         self._files = Dataset([{"image": str(r.image), "label": str(r.label)}
                                for r in self.records], _preprocessing(data))
 
