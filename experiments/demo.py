@@ -25,7 +25,7 @@ RELEASE_DIR = "release"
 EVALUATION_FILE = "evaluation.json"
 # The demo's six quality segmenters train at most this many steps (early stopping may end them
 # sooner) to keep the demo within 10 minutes on 2 cores; `fedsynth evaluate` defaults to 400.
-DEMO_SEG_STEPS = 150
+DEMO_SEG_STEPS = 250
 HOLDOUT_DIR = "holdout"
 PRETRAINED_SAMPLES_DIR = "pretrained_samples"
 METRICS_CACHE_DIR = "metrics_cache"

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="patients in the public cohort (default 40)")
     parser.add_argument("--seg-steps", type=int, default=None,
                         help="most training steps of each quality segmenter (early stopping; "
-                             "default 150, to fit the demo's time budget; fedsynth evaluate "
+                             "default 250, to fit the demo's time budget; fedsynth evaluate "
                              "defaults to 400)")
     parser.set_defaults(handler=run)
 
