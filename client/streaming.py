@@ -3,8 +3,8 @@
 :func:`client.site_data.load_site` preprocesses every scan once and keeps the cohort in RAM
 (MONAI ``CacheDataset``): right for the tiny demo, impossible for thousands of 128^3 volumes
 (8 MiB each in fp32). :func:`stream_site` validates the same files the same way, but its
-:class:`StreamingScans` is a plain MONAI ``Dataset``: each item is read and preprocessed when asked
-for, and :func:`iterate_batches` reads batches through a ``DataLoader`` with worker processes so
+:class:`StreamingScans` is the same :class:`SiteDataset` over a plain MONAI ``Dataset``: each
+item is read and preprocessed when asked for, and :func:`iterate_batches` reads batches through a ``DataLoader`` with worker processes so
 the next batch is prepared while the current one trains.
 
 :class:`LazyStack` gives one key of such a dataset the indexing of a stacked tensor
@@ -19,49 +19,27 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from monai.data import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from client.manifest import ScanRecord, attribute_matrix, read_manifest
-from client.site_data import _preprocessing, check_scan
+from client.site_data import SiteDataset, check_scan
 from configs.schema import DataConfig
 
 log = logging.getLogger(__name__)
 
 
-class StreamingScans(torch.utils.data.Dataset):
+class StreamingScans(SiteDataset):
     """A site's scans, each read and preprocessed on access (nothing cached).
 
-    Item ``i`` is the dict of :class:`client.site_data.SiteDataset`: ``image`` float32
+    Items are those of :class:`client.site_data.SiteDataset`: ``image`` float32
     (1, D, H, W) in [0, 1]; ``label`` float32 (C, D, H, W) one-hot; ``patient_id``;
     ``attributes`` float32 (A,); ``affine`` float64 (4, 4).
     """
 
     def __init__(self, records: Sequence[ScanRecord], data: DataConfig,
                  attributes: torch.Tensor, attribute_names: Sequence[str] = ()):
-        self.records = list(records)
-        self.data = data
-        self.attribute_names = tuple(attribute_names)
-        self.attributes = torch.as_tensor(attributes, dtype=torch.float32)
-        self.patients: dict[str, list[int]] = {}
-        for i, record in enumerate(self.records):
-            self.patients.setdefault(record.patient_key, []).append(i)
-        self._files = Dataset([{"image": str(r.image), "label": str(r.label)}
-                               for r in self.records], _preprocessing(data))
-
-    @property
-    def num_patients(self) -> int:
-        return len(self.patients)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict:
-        item = self._files[i]
-        return {"image": item["image"].as_tensor(), "label": item["label"].as_tensor(),
-                "patient_id": self.records[i].patient_id, "attributes": self.attributes[i],
-                "affine": item["image"].affine.to(torch.float64)}
+        super().__init__(records, data, attributes, attribute_names, cached=False)
 
 
 def stream_site(site_dir: Path, data: DataConfig, manifest: str = "manifest.csv",

@@ -19,7 +19,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import CacheDataset
+from monai.data import CacheDataset, Dataset
 from monai.transforms import (AsDiscreted, Compose, LoadImaged, Orientationd,
                               ResizeWithPadOrCropd, ScaleIntensityRangePercentilesd, Spacingd)
 from tqdm.auto import tqdm
@@ -182,8 +182,11 @@ class SiteDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records: Sequence[ScanRecord], data: DataConfig,
-                 attributes: np.ndarray | None = None, attribute_names: Sequence[str] = ()):
+                 attributes: np.ndarray | torch.Tensor | None = None,
+                 attribute_names: Sequence[str] = (), *, cached: bool = True):
+        """``cached`` False reads and preprocesses each scan on access (a streamed cohort)."""
         self.records = list(records)
+        self.data = data
         self.attribute_names = tuple(attribute_names)
         self._attributes = torch.as_tensor(
             np.zeros((len(self.records), 0), np.float32) if attributes is None else attributes,
@@ -191,10 +194,16 @@ class SiteDataset(torch.utils.data.Dataset):
         self.patients: dict[str, list[int]] = {}
         for i, record in enumerate(self.records):
             self.patients.setdefault(record.patient_key, []).append(i)
+        files = [{"image": str(r.image), "label": str(r.label)} for r in self.records]
         # No random transforms follow, so cached items need no defensive copy.
-        self._cache = CacheDataset([{"image": str(r.image), "label": str(r.label)}
-                                    for r in self.records], _preprocessing(data),
-                                   copy_cache=False, progress=sys.stderr.isatty())
+        self._items = CacheDataset(files, _preprocessing(data), copy_cache=False,
+                                   progress=sys.stderr.isatty()) if cached else \
+            Dataset(files, _preprocessing(data))
+
+    @property
+    def attributes(self) -> torch.Tensor:
+        """float32 (N, A): every scan's attributes in ``attribute_names`` order."""
+        return self._attributes
 
     @property
     def num_patients(self) -> int:
@@ -204,7 +213,7 @@ class SiteDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
-        item = self._cache[i]
+        item = self._items[i]
         return {"image": item["image"].as_tensor(),
                 "label": item["label"].as_tensor(),
                 "patient_id": self.records[i].patient_id,
