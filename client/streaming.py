@@ -4,8 +4,9 @@
 (MONAI ``CacheDataset``): right for the tiny demo, impossible for thousands of 128^3 volumes
 (8 MiB each in fp32). :func:`stream_site` validates the same files the same way, but its
 :class:`StreamingScans` is the same :class:`SiteDataset` over a plain MONAI ``Dataset``: each
-item is read and preprocessed when asked for, and :func:`iterate_batches` reads batches through a ``DataLoader`` with worker processes so
-the next batch is prepared while the current one trains.
+item is read and preprocessed when asked for, and :func:`iterate_batches` reads batches through
+a ``DataLoader`` with worker processes so the next batch is prepared while the current one
+trains.
 
 :class:`LazyStack` gives one key of such a dataset the indexing of a stacked tensor
 (``images[index]``: only those scans are read), so code written for the in-memory cohort runs on
