@@ -268,7 +268,7 @@ def evaluate_folders(real_dir: Path, synthetic_dir: Path, data: DataConfig | Non
     pooled = (torch.cat([t[0] for t in training]), torch.cat([t[1] for t in training]))
     baselines = {
         "real": real_half,
-        "collapse": collapse_baseline(training, count, data.num_classes),
+        "collapse": collapse_baseline(training, synthetic.labels),
         "copy": copy_baseline(*pooled, synthetic.labels),
         "pretrained_only": (pretrained.images, pretrained.labels) if pretrained else None,
     }
@@ -343,8 +343,9 @@ NOTES = {
     "rf_fid": "SECONDARY: random-feature FID (seeded random 3D ResNet, 120 features; "
               "rank-deficient covariance with tens of samples; not Inception FID)",
     "baselines": "real: the other half of the held-out patients (the floor); collapse: each "
-                 "training set's mean scan repeated, with its majority map; copy: for each "
-                 "conditioning map the training scan with the closest map; pretrained_only: "
+                 "training set's mean scan repeated; copy: for each conditioning map the "
+                 "training scan with the closest map (both scored against the model's "
+                 "conditioning maps); pretrained_only: "
                  "samples of the public model before federation",
 }
 

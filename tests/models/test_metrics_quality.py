@@ -108,7 +108,7 @@ def test_baselines_collapse_loses_and_copy_wins_on_fidelity(segmenter):
     conditions = varied_brains(10, seed=23)[1]
     noise = (torch.rand(10, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1)),
              conditions)
-    baselines = {"real": real_half, "collapse": collapse_baseline([training], 10, NUM_CLASSES),
+    baselines = {"real": real_half, "collapse": collapse_baseline([training], conditions),
                  "copy": copy_baseline(*training, conditions), "pretrained_only": None}
     report = evaluate_quality(noise, reference, baselines, segmenter, NUM_CLASSES, seed=0,
                               seg_settings=FAST)
@@ -136,9 +136,15 @@ def test_copy_returns_the_training_pair_with_the_closest_map():
         assert any(torch.equal(image, i) and torch.equal(label, m) for i, m in zip(images, labels))
     nearly = labels[[2]].clone()
     nearly[0, 0, 0, 0, :3] = 3  # three voxels off: still closest to pair 2
-    assert torch.equal(copy_baseline(images, labels, nearly)[1], labels[[2]])
-    collapsed, maps = collapse_baseline([(images, labels), (images[:2], labels[:2])], 5,
-                                        NUM_CLASSES)
+    near_image, near_map = copy_baseline(images, labels, nearly)
+    assert torch.equal(near_image, images[[2]].float())
+    assert torch.equal(near_map, nearly)  # judged against the map it was asked for
+
+
+def test_collapse_repeats_each_mean_scan_against_the_requested_maps():
+    images, labels = varied_brains(5, seed=30)
+    requested = varied_brains(5, seed=31)[1]
+    collapsed, maps = collapse_baseline([(images, labels), (images[:2], labels[:2])], requested)
     assert torch.allclose(collapsed[0], images.mean(0)) and torch.equal(collapsed[0], collapsed[2])
     assert torch.allclose(collapsed[1], images[:2].mean(0))
-    assert maps.shape == (5, 1, 16, 16, 16) and maps.dtype == torch.uint8
+    assert collapsed.shape == (5, 1, 16, 16, 16) and torch.equal(maps, requested)
