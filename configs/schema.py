@@ -129,6 +129,9 @@ class DiffusionConfig:
     sampling_steps: int = _f(50, gt=0, le=100_000)
     # What the UNet predicts: the noise, or the velocity (learns the map-to-image mapping faster).
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    # ddpm: DDPM training, DDIM sampling; rflow: MONAI's rectified flow (velocity x0 - noise,
+    # Euler sampling; beta_schedule and prediction_type do not apply).
+    scheduler: Literal["ddpm", "rflow"] = "ddpm"
 
     def validate(self):
         if self.sampling_steps > self.train_timesteps:

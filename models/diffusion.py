@@ -1,7 +1,14 @@
-"""Noise schedules, the per-sample training loss, guided DDIM sampling, and the two-stage model.
+"""Noise schedules, the per-sample training loss, guided sampling, and the two-stage model.
 
-Training is DDPM (epsilon or v prediction) on scaled latents; sampling is DDIM with classifier-free
-guidance. Every random draw takes an explicit ``torch.Generator``, so a seed fixes the result.
+Two schedulers (``model.diffusion.scheduler``), both MONAI's:
+
+* ``ddpm``: DDPM training (epsilon or v prediction) on scaled latents, deterministic DDIM sampling;
+* ``rflow``: rectified flow (:class:`~monai.networks.schedulers.RFlowScheduler`, as MAISI):
+  ``x_t = (1 - t/T) x_0 + (t/T) noise``, the UNet predicts the velocity ``x_0 - noise``, and
+  sampling takes Euler steps from ``t = T`` (pure noise) to 0.
+
+Both sample with classifier-free guidance. Every random draw takes an explicit
+``torch.Generator``, so a seed fixes the result.
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -51,13 +58,34 @@ def _schedule_args(cfg: Any) -> dict:
                 prediction_type=prediction_type(cfg))
 
 
-def build_scheduler(cfg: Any) -> DDPMScheduler:
-    """The training (forward-process) scheduler: DDPM with the configured prediction target."""
+def scheduler_kind(cfg: Any) -> str:
+    """``ddpm`` or ``rflow`` (configs written before the field existed: ddpm)."""
+    cfg = _diffusion_cfg(cfg)
+    if isinstance(cfg, Mapping):
+        return str(cfg.get("scheduler", "ddpm"))
+    return str(getattr(cfg, "scheduler", "ddpm"))
+
+
+def _rflow(cfg: Any) -> RFlowScheduler:
+    # Uniform discrete timesteps, no resolution-dependent shift: the same schedule at any grid.
+    return RFlowScheduler(num_train_timesteps=int(_field(_diffusion_cfg(cfg), "train_timesteps")),
+                          use_discrete_timesteps=True, sample_method="uniform",
+                          use_timestep_transform=False)
+
+
+def build_scheduler(cfg: Any) -> DDPMScheduler | RFlowScheduler:
+    """The training (forward-process) scheduler: DDPM with the configured prediction target, or
+    rectified flow."""
+    if scheduler_kind(cfg) == "rflow":
+        return _rflow(cfg)
     return DDPMScheduler(**_schedule_args(cfg))
 
 
-def build_sampler(cfg: Any) -> DDIMScheduler:
-    """A fresh DDIM sampler on the training schedule (its timesteps are set per sampling call)."""
+def build_sampler(cfg: Any) -> DDIMScheduler | RFlowScheduler:
+    """A fresh sampler on the training schedule (DDIM, or rectified flow's Euler steps); its
+    timesteps are set per sampling call."""
+    if scheduler_kind(cfg) == "rflow":
+        return _rflow(cfg)
     return DDIMScheduler(**_schedule_args(cfg))
 
 
@@ -73,7 +101,9 @@ def diffusion_loss(denoiser: nn.Module, scheduler: DDPMScheduler, latents: torch
     """PER-SAMPLE diffusion loss (B,): the DP-SGD interface.
 
     The mean squared error between the denoiser's output and the scheduler's target: the noise
-    (``epsilon``) or the velocity sqrt(a) * noise - sqrt(1 - a) * latents (``v_prediction``).
+    (``epsilon``) or the velocity sqrt(a) * noise - sqrt(1 - a) * latents (``v_prediction``) for
+    DDPM; the velocity latents - noise for rectified flow (timesteps drawn from 1..T there, T
+    being pure noise, where its sampling starts).
 
     latents (B, Cz, d, h, w), already scaled; label_onehot (B, C, D, H, W) at image or latent
     resolution; attributes (B, A) or None. Noise, timesteps and the condition-dropout mask are
@@ -84,15 +114,21 @@ def diffusion_loss(denoiser: nn.Module, scheduler: DDPMScheduler, latents: torch
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
         noise = noise.to(latents.device)
+    flow = isinstance(scheduler, RFlowScheduler)
     if timesteps is None:
-        timesteps = torch.randint(0, scheduler.num_train_timesteps, (batch,), generator=generator)
+        low = 1 if flow else 0
+        timesteps = torch.randint(low, scheduler.num_train_timesteps + low, (batch,),
+                                  generator=generator)
     timesteps = timesteps.to(latents.device)
     keep = draw_condition_mask(batch, condition_dropout, generator, latents.device)
     noisy = scheduler.add_noise(original_samples=latents, noise=noise, timesteps=timesteps)
     prediction = denoiser(noisy, timesteps, label_onehot, attributes, keep)
-    target = noise
-    if scheduler.prediction_type == "v_prediction":
+    if flow:
+        target = latents - noise
+    elif scheduler.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
     return (prediction - target).pow(2).flatten(1).mean(dim=1)
 
 
@@ -126,16 +162,23 @@ def initial_noise(num: int, latent_shape: tuple[int, ...],
 
 
 @torch.no_grad()
-def sample_latents(denoiser: nn.Module, sampler: DDIMScheduler, noise: torch.Tensor,
-                   label_onehot: torch.Tensor, attributes: torch.Tensor | None = None, *,
-                   steps: int, guidance_scale: float = 1.0, progress: bool = True) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) from ``noise`` (B, Cz, d, h, w) to clean scaled latents."""
+def sample_latents(denoiser: nn.Module, sampler: DDIMScheduler | RFlowScheduler,
+                   noise: torch.Tensor, label_onehot: torch.Tensor,
+                   attributes: torch.Tensor | None = None, *, steps: int,
+                   guidance_scale: float = 1.0, progress: bool = True) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0), or rectified flow's Euler steps, from ``noise``
+    (B, Cz, d, h, w) to clean scaled latents."""
     sampler.set_timesteps(num_inference_steps=steps, device=noise.device)
+    timesteps = [int(t) for t in sampler.timesteps]
     latents = noise
-    for t in tqdm(sampler.timesteps, desc="sampling", unit="step",
-                  disable=None if progress else True, leave=False):
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", unit="step",
+                               disable=None if progress else True, leave=False)):
         output = guided_prediction(denoiser, latents, t, label_onehot, attributes, guidance_scale)
-        latents, _ = sampler.step(output, int(t), latents)
+        if isinstance(sampler, RFlowScheduler):
+            following = timesteps[i + 1] if i + 1 < len(timesteps) else 0
+            latents, _ = sampler.step(output, t, latents, following)
+        else:
+            latents, _ = sampler.step(output, t, latents)
     return latents
 
 
