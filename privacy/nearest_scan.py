@@ -1,4 +1,4 @@
-"""Exact nearest-scan search for the gate's shift-tolerant relative L2 distance, by one GEMM.
+"""Exact nearest-scan search for the gate's shift-tolerant relative L2 distance.
 
 The distance (:mod:`privacy.gate`, ``latent`` and ``nrmse``) from a candidate to a scan ``s`` is
 
@@ -11,34 +11,63 @@ shift leaves every difference unchanged), ``a = w - r``, ``b = s - r``:
 
     ||w - s||^2 = ||a||^2 + ||b||^2 - 2 <a, b>,
 
-so all V x N x M inner products are blocked float32 matrix products (``torch.matmul``: BLAS on
-the CPU, cuBLAS on CUDA). Centring makes ``||a||, ||b||`` (and so the rounding error below) of the
-size of the differences between scans instead of the size of the scans.
+so the search is about the V x N x M inner products ``<a, b>``. Centring makes ``||a||, ||b||``
+(and so every error bound below) of the size of the differences between scans, not of the scans.
+The search runs three stages, each a rigorous bound, so that the answer is brute force's:
 
-Rigorous rounding bound. ``A = fl32(a)``, ``B = fl32(b)`` are rounded from float64 (relative error
-<= u each), and any summation order of a length-D float32 dot product (blocked BLAS, split-K, FMA
-or not) satisfies ``|fl(<A, B>) - <A, B>| <= gamma_D ||A|| ||B||`` with ``gamma_D = D u / (1 - D u)``
-(Higham, Accuracy and Stability of Numerical Algorithms, 3.1 and Cauchy-Schwarz). Hence
+1. **int8 lower bounds for every pair** (:func:`quantize`, :func:`integer_products`). Each
+   centred vector is written ``a = s_a A + e_a``: ``A`` int8 codes (|A_i| <= 127), ``s_a`` a scale
+   (one per candidate, shared by its views; one per scan), ``e_a`` the rounding residual. The
+   integer products ``<A, B>`` are EXACT (int32 accumulation, ``torch._int_mm``: VNNI/AMX on the
+   CPU, about 8x the float32 rate measured here; in slices short enough never to overflow), and
 
-    |G - <a, b>| <= (gamma_D (1 + u)^2 + 2 u + u^2) ||a|| ||b||,
+       |<a, b> - s_a s_b <A, B>| <= ||s_a A|| ||e_b|| + ||e_a|| ||b||      (Cauchy-Schwarz),
 
-with u = 2^-24: the products run at full float32 precision (:func:`full_float32_products` turns
-TF32 and bfloat16 passes off around them, whatever the global setting).
-Norms and the assembly are float64; their rounding is covered by ``4 (D + 8) 2^-53 (||a||^2 +
-||b||^2)``. This gives, for every pair and view, a lower and an upper bound on the true distance.
+   a bound of about 1-2% of ``||a|| ||b||`` (it shrinks with the peak-to-RMS ratio of the data).
+   Minimised over the views, it gives a lower bound on d(q, s) for every pair at the cost of one
+   int8 matrix product.
+2. **Running best.** The two scans with the lowest bounds get the exact float64 distance; their
+   minimum ``U`` is an upper bound on the answer. Every scan whose lower bound exceeds ``U`` is
+   farther than a scan already found and is dropped (exclusions, e.g. same patient, first).
+3. **float32 bounds, then float64, for the survivors only.** The survivors' float32 products of
+   the centred vectors (:meth:`ScanIndex.bounds`) with the rounding bound
 
-Exact answer. Per candidate, ``upper`` = the least upper bound over all scans; every scan whose
-lower bound exceeds ``upper`` is farther than the nearest scan and is dropped. The survivors get
-the brute-force formula (:func:`relative_l2`: ``torch.cdist`` in float64 over every view) in
-increasing lower-bound order, stopping when the next lower bound exceeds the running best. The
-returned distance is therefore brute force's float64 value for a truly nearest scan (differences
-with brute force are that formula's own rounding, <= ~1e-8 of the norms for a copy at ~0); ties
-keep a nearest scan, not necessarily brute force's index.
+       |G - <a, b>| <= (gamma_D (1 + u)^2 + 2 u + u^2) ||a|| ||b||,   u = 2^-24,
 
-Memory: candidates go in blocks of at most ``chunk_size`` effective views, against ``bank_chunk``
-scans at a time; the index holds the bank as given plus its centred float32 copy (M D 4 bytes).
-Everything runs on the index's device (CUDA included); on the CPU, blocks of candidates are shared
-among ``torch.get_num_threads()`` worker threads, each running its products single-threaded.
+   (Higham, Accuracy and Stability of Numerical Algorithms, 3.1 and Cauchy-Schwarz: inputs
+   rounded from float64, any summation order; :func:`full_float32_products` turns TF32 and
+   bfloat16 passes off around them) narrow the survivors to a ~1e-5 band around the nearest
+   distance; those get the brute-force formula (:func:`relative_l2`: ``torch.cdist`` in float64
+   over every view) in increasing lower-bound order, stopping when the next bound exceeds the
+   running best.
+
+Norms and every float64 assembly are covered by ``4 (D + 8) 2^-53`` of the terms' magnitudes, and
+bounds after a square root and a division by ``||s||`` by a relative margin of 1e-12. The returned
+distance is brute force's float64 value for a truly nearest scan (differences with brute force are
+that formula's own rounding, <= ~1e-8 of the norms for a copy at ~0); ties keep a nearest scan, not
+necessarily brute force's index.
+
+How much the int8 stage prunes depends on the data, never the answer: it drops the scans farther
+than ``(1 + ~2 * 1-2%)`` times the nearest distance. On the benchmark's structured latents (tissue
+mixtures, scanner contrasts, atrophy, per-patient fields, noise; the nearest other scan is about
+0.17 of a scan's norm, and ~5% of all scans lie within 1.07x of it) about 97% of the pairs are
+settled there. Data where many scans sit within ~3% of the nearest distance (near-duplicates of
+the candidate, tiny banks) leave more survivors for the float32 stage: slower, still exact. A
+lower-dimensional orthonormal projection (Haar low-pass, PCA) was measured as a first stage on the
+same data and left 50-70% of the pairs (the differences between patients are spread over most of
+the 12,288 dimensions), so it is not used.
+
+``prefilter=False`` skips stage 1 (the float32 bound for every pair, then float64: the previous
+search, kept as the benchmark's baseline).
+
+Memory: candidates go in blocks of at least ``chunk_size`` and at least 256 effective views (the
+int8 product's rate drops 2-3x below ~200 rows), against ``bank_chunk`` scans at a time: at most
+``max(chunk_size, 256) x bank_chunk`` float64 scratch values per worker. The index holds the bank
+as given plus its centred float32 copy and int8 codes (M D 5 bytes). Everything runs on the index's
+device (CUDA included: ``_int_mm`` there needs padded shapes, :func:`integer_products` pads; where a
+device has no int8 product it falls back to exact float64 products of the codes); on the CPU,
+blocks of candidates are shared among ``torch.get_num_threads()`` worker threads, each running its
+products single-threaded.
 """
 
 from __future__ import annotations
@@ -60,6 +89,13 @@ _FLOAT64_ROUNDOFF = 2.0 ** -53
 _FLOAT32_ROUNDOFF = 2.0 ** -24
 # Relative margin on a bound after sqrt and division (a few float64 roundings).
 _MARGIN = 1e-12
+_INT8_LIMIT = 127
+# Products of int8 codes accumulate exactly in int32 over at most this many values.
+_INT32_SAFE_LENGTH = (2 ** 31 - 1) // _INT8_LIMIT ** 2
+# Fewest effective views per block of the int8 stage (its rate drops 2-3x below ~200 rows).
+_MIN_BLOCK_VIEWS = 256
+# Scans per candidate that get the exact distance first, to start the running best.
+_SEED_SCANS = 2
 
 
 def relative_l2(queries: torch.Tensor, bank: torch.Tensor, bank_norm: torch.Tensor) -> torch.Tensor:
@@ -101,12 +137,81 @@ def dot_error_factor(length: int, roundoff: float) -> float:
 
 
 @dataclass(frozen=True)
+class Quantized:
+    """Rows ``x`` (n, D) float64 written ``x = scale * codes + residual``.
+
+    codes: int8 (n, D') (D' >= D, zero-padded to a multiple of 8); scale: float64 (n,) > 0;
+    norm: ``||x||`` (n,) (float64); code_norm >= ``||scale * codes||`` and residual_norm >= ``||residual||`` (n,), rounded up."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    norm: torch.Tensor
+    code_norm: torch.Tensor
+    residual_norm: torch.Tensor
+
+
+def quantize(rows: torch.Tensor, group: int = 1,
+             center: torch.Tensor | None = None) -> Quantized:
+    """Rows (n, D) float64 (less ``center`` (D,) if given) -> int8 codes, one scale per ``group``
+    consecutive rows (n % group == 0): the group's largest |value| / 127, codes = round(x /
+    scale). (Clipping the range at 3-6 RMS, so that outliers saturate, was measured: it loosens
+    the bound on the benchmark's latents, whose values are heavy-tailed.)"""
+    n, length = rows.shape
+    codes = torch.zeros((n, length + (-length % 8)), dtype=torch.int8, device=rows.device)
+    scale, norm, code_norm, residual_norm = (
+        torch.empty(n, dtype=torch.float64, device=rows.device) for _ in range(4))
+    step = group * max(1, 32 // group)        # slices of whole groups that stay in cache
+    for r0 in range(0, n, step):
+        r1 = min(r0 + step, n)
+        x = rows[r0:r1] - center if center is not None else rows[r0:r1]
+        norm[r0:r1] = x.norm(dim=1)
+        peak = torch.linalg.vector_norm(x, ord=math.inf, dim=1)
+        spread = peak.reshape(-1, group).amax(1).repeat_interleave(group)
+        s = torch.where(spread > 0, spread / _INT8_LIMIT, torch.ones_like(spread))
+        q = (x / s[:, None]).round_().clamp_(-_INT8_LIMIT, _INT8_LIMIT)
+        scale[r0:r1] = s
+        code_norm[r0:r1] = q.norm(dim=1) * s
+        residual_norm[r0:r1] = torch.addcmul(x, q, s[:, None], value=-1.0).norm(dim=1)
+        codes[r0:r1, :length] = q
+    # ||codes|| is exact in float64 (integers below 2^53); the residual is computed within a few
+    # roundings of |x|: both are rounded up by the float64 slack.
+    slack = 4 * (length + 8) * _FLOAT64_ROUNDOFF
+    return Quantized(codes, scale, norm, code_norm * (1 + slack),
+                     residual_norm * (1 + slack) + slack * norm)
+
+
+def integer_products(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """EXACT inner products of int8 rows: (n, D) x (m, D) -> float64 (n, m).
+
+    int32 accumulation (``torch._int_mm``) over slices of at most 133,144 values, which cannot
+    overflow (127^2 per product), summed in float64 (exact below 2^53). On CUDA the operands are
+    zero-padded to the shapes ``_int_mm`` takes there; where it is not available, float64 products
+    of the codes (exact too, slower)."""
+    n, m = left.shape[0], right.shape[0]
+    if n == 0 or m == 0:
+        return torch.zeros((n, m), dtype=torch.float64, device=left.device)
+    if left.device.type == "cuda":
+        left = torch.nn.functional.pad(left, (0, 0, 0, max(17, -(-n // 8) * 8) - n))
+        right = torch.nn.functional.pad(right, (0, 0, 0, -m % 8))
+    total = None
+    for k0 in range(0, left.shape[1], _INT32_SAFE_LENGTH):
+        a = left[:, k0:k0 + _INT32_SAFE_LENGTH]
+        b = right[:, k0:k0 + _INT32_SAFE_LENGTH]
+        try:
+            part = torch._int_mm(a, b.T).to(torch.float64)
+        except (RuntimeError, NotImplementedError, AttributeError):
+            part = torch.matmul(a.to(torch.float64), b.to(torch.float64).T)
+        total = part if total is None else total.add_(part)
+    return total[:n, :m]
+
+
+@dataclass(frozen=True)
 class SearchResult:
     """Per query: distance float64 (N,) (inf where every scan was excluded), the nearest scan's
-    index int64 (N,) (-1 then), the effective view that reached it int64 (N,), and how many
-    candidate-scan pairs needed an exact float64 distance (the rest were settled by the float32
-    bounds). Effective view ``j`` is view ``j % views_per_offset`` under offset
-    ``j // views_per_offset``."""
+    index int64 (N,) (-1 then), the effective view that reached it int64 (N,); how many
+    candidate-scan pairs needed an exact float64 distance, how many a float32 bound (the rest were
+    settled by the int8 bounds), of ``pairs`` in all. Effective view ``j`` is view
+    ``j % views_per_offset`` under offset ``j // views_per_offset``."""
 
     distance: np.ndarray
     index: np.ndarray
@@ -114,6 +219,7 @@ class SearchResult:
     exact_pairs: int
     pairs: int
     views_per_offset: int = 1
+    float32_pairs: int = 0
 
 
 class ScanIndex:
@@ -137,19 +243,32 @@ class ScanIndex:
         for s0, s1 in self._chunks():
             self.center += self.rows(torch.arange(s0, s1, device=self.device)).sum(0)
         self.center /= max(1, len(self))
-        norm, centered, centered_norm = [], [], []
+        norm, centered, centered_norm, quantized = [], [], [], []
         for s0, s1 in self._chunks():
             rows = self.rows(torch.arange(s0, s1, device=self.device))
             norm.append(rows.norm(dim=1))
             rows -= self.center
             centered.append(rows.to(torch.float32))
             centered_norm.append(rows.norm(dim=1))
+            quantized.append(quantize(rows))
         self.norm = torch.cat(norm) if norm else empty
         # relative_l2 divides by the norm clamped the same way (a zero scan is infinitely far).
         self.safe_norm = self.norm.clamp_min(torch.finfo(torch.float64).tiny)
         self.centered = (torch.cat(centered) if centered
                          else torch.zeros((0, self.values), device=self.device))
         self.centered_norm = torch.cat(centered_norm) if centered_norm else empty
+        padded = self.values + (-self.values % 8)
+        self.codes = (torch.cat([q.codes for q in quantized]) if quantized
+                      else torch.zeros((0, padded), dtype=torch.int8, device=self.device))
+        self.code_scale = torch.cat([q.scale for q in quantized]) if quantized else empty
+        self.code_norm = torch.cat([q.code_norm for q in quantized]) if quantized else empty
+        self.residual_norm = (torch.cat([q.residual_norm for q in quantized]) if quantized
+                              else empty)
+        # Per scan: ||b||^2 less the float64 slack of everything the bound adds up (see
+        # _int8_lower_bounds).
+        self._scan_term = (self.centered_norm.square()
+                           - 4 * self.float64_slack
+                           * (self.centered_norm + self.residual_norm).square())
 
     def __len__(self) -> int:
         return self.bank.shape[0]
@@ -162,36 +281,78 @@ class ScanIndex:
         for start in range(0, len(self), self.bank_chunk):
             yield start, min(start + self.bank_chunk, len(self))
 
-    def bounds(self, vectors: torch.Tensor, start: int = 0, stop: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def bounds(self, vectors: torch.Tensor, start: int = 0, stop: int | None = None, *,
+               scans: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Lower and upper bounds (n, m) on the relative distance of views ``vectors`` (n, D)
-        float64 to scans [start, stop): one float32 product and its rounding bound."""
-        stop = len(self) if stop is None else stop
+        float64 to scans [start, stop) (or the indices ``scans``): one float32 product and its
+        rounding bound."""
+        if scans is None:
+            stop = len(self) if stop is None else stop
+            scans = slice(start, stop)
         centered = vectors - self.center
         a_norm = centered.norm(dim=1)[:, None]
-        b_norm = self.centered_norm[None, start:stop]
+        b_norm = self.centered_norm[None, scans]
         with full_float32_products():
-            products = torch.matmul(centered.to(torch.float32), self.centered[start:stop].T)
+            products = torch.matmul(centered.to(torch.float32), self.centered[scans].T)
         products = products.to(torch.float64)
         squares = a_norm.square() + b_norm.square()
         error = (2.0 * self.factor) * a_norm * b_norm + self.float64_slack * squares
         estimate = squares - 2.0 * products
-        scale = self.safe_norm[None, start:stop]
+        scale = self.safe_norm[None, scans]
         low = (estimate - error).clamp_min_(0).sqrt_().div_(scale).mul_(1.0 - _MARGIN)
         high = (estimate + error).clamp_min_(0).sqrt_().div_(scale).mul_(1.0 + _MARGIN)
         return low, high
+
+    def int8_lower_bounds(self, vectors: torch.Tensor, per_query: int,
+                          exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """Lower bounds (q, M) on d(query, scan) for queries of ``per_query`` views each
+        (``vectors`` (q * per_query, D) float64), from exact int8 products (module docstring);
+        inf where ``exclude`` (q, M) is true.
+
+        For view ``a`` and scan ``b`` with ``a = s_a A + e_a``, ``b = s_b B + e_b``:
+        ``||a - b||^2 >= ||a||^2 + ||b||^2 - 2 s_a s_b <A, B> - 2 E - slack`` with
+        ``E = ||s_a A|| ||e_b|| + ||e_a|| ||b||``. The scale s_a and the largest E over a query's
+        views are per query, so the minimum over views is of ``||a||^2 / s_a - 2 s_b <A, B>``
+        alone (s_a > 0). ``slack = 4 (D + 8) 2^-53 x 4 ((||a|| + ||e_a||)^2 + (||b|| +
+        ||e_b||)^2)`` bounds every float64 rounding (each summed term is at most that size), with
+        ``||a|| + ||e_a||`` the query's largest."""
+        queries = vectors.shape[0] // per_query
+        coded = quantize(vectors, per_query, self.center)
+        a_norm = coded.norm
+        largest = (a_norm + coded.residual_norm).reshape(queries, per_query).amax(1)
+        query_scale = coded.scale.reshape(queries, per_query)[:, 0]                 # (q,)
+        view_term = (a_norm.square()
+                     - (4 * self.float64_slack * largest.square()).repeat_interleave(per_query)
+                     ) / coded.scale                                               # (qV,)
+        code_norm = coded.code_norm.reshape(queries, per_query).amax(1)[:, None]
+        residual_norm = coded.residual_norm.reshape(queries, per_query).amax(1)[:, None]
+        lower = torch.empty((queries, len(self)), dtype=torch.float64, device=self.device)
+        for s0, s1 in self._chunks():
+            products = integer_products(coded.codes, self.codes[s0:s1])   # (qV, m), exact
+            products.mul_(-2.0 * self.code_scale[None, s0:s1]).add_(view_term[:, None])
+            best = products.reshape(queries, per_query, s1 - s0).amin(1)   # (q, m)
+            best.mul_(query_scale[:, None]).add_(self._scan_term[None, s0:s1])
+            best.sub_(2.0 * (code_norm * self.residual_norm[None, s0:s1]
+                             + residual_norm * self.centered_norm[None, s0:s1]))
+            lower[:, s0:s1] = (best.clamp_min_(0).sqrt_().div_(self.safe_norm[None, s0:s1])
+                               .mul_(1.0 - _MARGIN))
+        if exclude is not None:
+            lower.masked_fill_(exclude, math.inf)
+        return lower
 
     def search(self, views: ViewSource, num_queries: int, *,
                offsets: Sequence[Offset] = ((0, 0, 0),), chunk_size: int = 64,
                query_groups: Sequence[int] | None = None,
                bank_groups: Sequence[int] | None = None, exact_batch: int = 64,
+               prefilter: bool = True,
                progress: Callable[[int], None] | None = None) -> SearchResult:
         """Exact nearest scan for each of ``num_queries`` queries.
 
         views: (N, T, C, *S) or a :data:`ViewSource`; every view is also rolled by every offset
         (V = T x len(offsets) effective views, offset-major: view ``j`` is offset ``j // T``).
         ``query_groups`` (N,) / ``bank_groups`` (M,): pairs in the same group are skipped.
-        Blocks of at most ``chunk_size`` effective views (one query at least).
+        Blocks of at least ``chunk_size`` effective views (and 256, one query at least) with
+        ``prefilter`` (the int8 stage), of at most ``chunk_size`` without it.
         """
         best = torch.full((num_queries,), math.inf, dtype=torch.float64)
         best_index = torch.full((num_queries,), -1, dtype=torch.long)
@@ -205,9 +366,10 @@ class ScanIndex:
         if grouped:
             groups_q = torch.as_tensor(list(query_groups), device=self.device)
             groups_b = torch.as_tensor(list(bank_groups), device=self.device)
-        rows = max(1, chunk_size // per_query)
+        block_views = max(chunk_size, _MIN_BLOCK_VIEWS) if prefilter else chunk_size
+        rows = max(1, block_views // per_query)
 
-        def one_block(q0: int) -> int:
+        def one_block(q0: int) -> tuple[int, int]:
             q1 = min(q0 + rows, num_queries)
             block = self._views(views, source, q0, q1)
             if block.shape[0] != q1 - q0 or block.shape[2:] != self.bank.shape[1:]:
@@ -216,11 +378,12 @@ class ScanIndex:
             flat = torch.stack([rolled(block, o) for o in offsets], dim=1)  # (q, O, T, C, *S)
             vectors = flat.reshape((q1 - q0) * per_query, -1).to(torch.float64)
             exclude = (groups_q[q0:q1, None] == groups_b[None]) if grouped else None
-            pairs = self._search_block(vectors, q1 - q0, per_query, exclude, exact_batch,
-                                       best[q0:q1], best_index[q0:q1], best_view[q0:q1])
+            search_block = self._search_block if prefilter else self._search_block_float32
+            counts = search_block(vectors, q1 - q0, per_query, exclude, exact_batch,
+                                  best[q0:q1], best_index[q0:q1], best_view[q0:q1])
             if progress is not None:
                 progress(q1 - q0)
-            return pairs
+            return counts
 
         # On the CPU, blocks are shared among torch.get_num_threads() worker threads, each
         # single-threaded inside: intra-op threads on a shared machine mostly wait for a busy
@@ -230,16 +393,18 @@ class ScanIndex:
         starts = range(0, num_queries, rows)
         with full_float32_products():
             if threads <= 1:
-                exact_pairs = sum(map(one_block, starts))
+                counts = list(map(one_block, starts))
             else:
                 torch.set_num_threads(1)
                 try:
                     with ThreadPoolExecutor(max_workers=threads) as pool:
-                        exact_pairs = sum(pool.map(one_block, starts))
+                        counts = list(pool.map(one_block, starts))
                 finally:
                     torch.set_num_threads(threads)
+        exact_pairs = sum(c[0] for c in counts)
+        float32_pairs = sum(c[1] for c in counts)
         return SearchResult(best.numpy(), best_index.numpy(), best_view.numpy(), exact_pairs,
-                            num_queries * len(self), first.shape[1])
+                            num_queries * len(self), first.shape[1], float32_pairs)
 
     def _views(self, views: ViewSource, source, start: int, stop: int) -> torch.Tensor:
         block = source(slice(start, stop)) if source is not None else views(start, stop)
@@ -249,9 +414,54 @@ class ScanIndex:
 
     def _search_block(self, vectors: torch.Tensor, queries: int, per_query: int,
                       exclude: torch.Tensor | None, exact_batch: int, best: torch.Tensor,
-                      best_index: torch.Tensor, best_view: torch.Tensor) -> int:
+                      best_index: torch.Tensor, best_view: torch.Tensor) -> tuple[int, int]:
         """Fill ``best*`` for ``queries`` queries of ``per_query`` views each (vectors
-        (queries * per_query, D) float64). Returns the number of exact pairs."""
+        (queries * per_query, D) float64): int8 bounds for every pair, then float32 and float64
+        for the survivors. Returns the numbers of float64 and float32 pairs."""
+        lower = self.int8_lower_bounds(vectors, per_query, exclude)
+        seeds = min(_SEED_SCANS, len(self))
+        seed_bounds, seed_scans = torch.topk(lower, seeds, dim=1, largest=False)
+        exact_pairs = float32_pairs = 0
+        for q in range(queries):
+            rows = vectors[q * per_query:(q + 1) * per_query]
+            seed = seed_scans[q][torch.isfinite(seed_bounds[q])]
+            if seed.numel() == 0:
+                continue                                   # every scan excluded
+            running, index, view = self._exact(rows, seed)
+            exact_pairs += seed.numel()
+            keep = lower[q] <= running
+            keep[seed] = False
+            survivors = torch.nonzero(keep).flatten()
+            # float32 bounds of the survivors, bank_chunk at a time; a survivor's upper bound
+            # below the running best prunes the others further.
+            ceiling, lows = running, []
+            for start in range(0, survivors.numel(), self.bank_chunk):
+                low, high = self.bounds(rows, scans=survivors[start:start + self.bank_chunk])
+                lows.append(low.amin(0))
+                ceiling = min(ceiling, float(high.amin()))
+            float32_pairs += survivors.numel()
+            low = torch.cat(lows) if lows else lower[q, :0]
+            keep = low <= ceiling
+            survivors, bounds = survivors[keep], low[keep]
+            order = torch.argsort(bounds)
+            survivors, bounds = survivors[order], bounds[order]
+            for start in range(0, survivors.numel(), exact_batch):
+                if float(bounds[start]) > running:
+                    break
+                stop = start + exact_batch
+                batch = survivors[start:stop][bounds[start:stop] <= running]
+                value, b_index, b_view = self._exact(rows, batch)
+                exact_pairs += batch.numel()
+                if value < running:
+                    running, index, view = value, b_index, b_view
+            best[q], best_index[q], best_view[q] = running, index, view
+        return exact_pairs, float32_pairs
+
+    def _search_block_float32(self, vectors: torch.Tensor, queries: int, per_query: int,
+                              exclude: torch.Tensor | None, exact_batch: int, best: torch.Tensor,
+                              best_index: torch.Tensor, best_view: torch.Tensor
+                              ) -> tuple[int, int]:
+        """:meth:`_search_block` without the int8 stage: float32 bounds for every pair."""
         lower = torch.empty((queries, len(self)), dtype=torch.float64, device=self.device)
         upper = torch.full((queries,), math.inf, dtype=torch.float64, device=self.device)
         for s0, s1 in self._chunks():
@@ -284,7 +494,7 @@ class ScanIndex:
                 if value < running:
                     running, index, view = value, b_index, b_view
             best[q], best_index[q], best_view[q] = running, index, view
-        return exact_pairs
+        return exact_pairs, queries * len(self)
 
     def _exact(self, vectors: torch.Tensor, scans: torch.Tensor) -> tuple[float, int, int]:
         """The exact nearest of ``scans`` (indices) for one query's views (V, D) float64."""
