@@ -92,8 +92,12 @@ _MARGIN = 1e-12
 _INT8_LIMIT = 127
 # Products of int8 codes accumulate exactly in int32 over at most this many values.
 _INT32_SAFE_LENGTH = (2 ** 31 - 1) // _INT8_LIMIT ** 2
-# Fewest effective views per block of the int8 stage (its rate drops 2-3x below ~200 rows).
-_MIN_BLOCK_VIEWS = 256
+# Effective views per block of the int8 stage (its rate grows ~25% from 243 to 972 rows), at
+# most _BLOCK_VALUES values (32 MiB of float32 views).
+_MIN_BLOCK_VIEWS = 1024
+_BLOCK_VALUES = 2 ** 23
+# Scans per int8 product: its float64 scratch (views x scans) stays ~8 MiB at 1024 views.
+_INT8_BANK_CHUNK = 1024
 # Scans per candidate that get the exact distance first, to start the running best.
 _SEED_SCANS = 2
 
@@ -141,18 +145,21 @@ class Quantized:
     """Rows ``x`` (n, D) float64 written ``x = scale * codes + residual``.
 
     codes: int8 (n, D') (D' >= D, zero-padded to a multiple of 8); scale: float64 (n,) > 0;
-    norm: ``||x||`` (n,) (float64); code_norm >= ``||scale * codes||`` and residual_norm >= ``||residual||`` (n,), rounded up."""
+    norm: ``||x||`` (n,) (float64); code_norm >= ``||scale * codes||`` and residual_norm >=
+    ``||residual||`` (n,), rounded up; centered32: ``x`` in float32 (n, D) if kept."""
 
     codes: torch.Tensor
     scale: torch.Tensor
     norm: torch.Tensor
     code_norm: torch.Tensor
     residual_norm: torch.Tensor
+    centered32: torch.Tensor | None = None
 
 
-def quantize(rows: torch.Tensor, group: int = 1,
-             center: torch.Tensor | None = None) -> Quantized:
-    """Rows (n, D) float64 (less ``center`` (D,) if given) -> int8 codes, one scale per ``group``
+def quantize(rows: torch.Tensor, group: int = 1, center: torch.Tensor | None = None,
+             keep_float32: bool = False) -> Quantized:
+    """Rows (n, D) (in float64, less ``center`` (D,) if given) -> int8 codes (and, with
+    ``keep_float32``, the centred rows rounded to float32), one scale per ``group``
     consecutive rows (n % group == 0): the group's largest |value| / 127, codes = round(x /
     scale). (Clipping the range at 3-6 RMS, so that outliers saturate, was measured: it loosens
     the bound on the benchmark's latents, whose values are heavy-tailed.)"""
@@ -160,10 +167,15 @@ def quantize(rows: torch.Tensor, group: int = 1,
     codes = torch.zeros((n, length + (-length % 8)), dtype=torch.int8, device=rows.device)
     scale, norm, code_norm, residual_norm = (
         torch.empty(n, dtype=torch.float64, device=rows.device) for _ in range(4))
+    single = (torch.empty((n, length), dtype=torch.float32, device=rows.device)
+              if keep_float32 else None)
     step = group * max(1, 32 // group)        # slices of whole groups that stay in cache
     for r0 in range(0, n, step):
         r1 = min(r0 + step, n)
-        x = rows[r0:r1] - center if center is not None else rows[r0:r1]
+        x = rows[r0:r1].to(torch.float64)
+        x = x - center if center is not None else x
+        if single is not None:
+            single[r0:r1] = x
         norm[r0:r1] = x.norm(dim=1)
         peak = torch.linalg.vector_norm(x, ord=math.inf, dim=1)
         spread = peak.reshape(-1, group).amax(1).repeat_interleave(group)
@@ -177,7 +189,7 @@ def quantize(rows: torch.Tensor, group: int = 1,
     # roundings of |x|: both are rounded up by the float64 slack.
     slack = 4 * (length + 8) * _FLOAT64_ROUNDOFF
     return Quantized(codes, scale, norm, code_norm * (1 + slack),
-                     residual_norm * (1 + slack) + slack * norm)
+                     residual_norm * (1 + slack) + slack * norm, single)
 
 
 def integer_products(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -277,9 +289,10 @@ class ScanIndex:
         """Scans (indices) as float64 rows (n, D)."""
         return self.bank[scans].reshape(scans.numel(), -1).to(torch.float64)
 
-    def _chunks(self):
-        for start in range(0, len(self), self.bank_chunk):
-            yield start, min(start + self.bank_chunk, len(self))
+    def _chunks(self, size: int | None = None):
+        size = size or self.bank_chunk
+        for start in range(0, len(self), size):
+            yield start, min(start + size, len(self))
 
     def bounds(self, vectors: torch.Tensor, start: int = 0, stop: int | None = None, *,
                scans: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,10 +303,16 @@ class ScanIndex:
             stop = len(self) if stop is None else stop
             scans = slice(start, stop)
         centered = vectors - self.center
-        a_norm = centered.norm(dim=1)[:, None]
+        return self._float32_bounds(centered.to(torch.float32), centered.norm(dim=1), scans)
+
+    def _float32_bounds(self, centered32: torch.Tensor, a_norm: torch.Tensor,
+                        scans: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`bounds` of centred views, given in float32 (n, D) with their float64 norms
+        (n,): ``fl32`` of the float64 centred vectors, as the rounding bound assumes."""
+        a_norm = a_norm[:, None]
         b_norm = self.centered_norm[None, scans]
         with full_float32_products():
-            products = torch.matmul(centered.to(torch.float32), self.centered[scans].T)
+            products = torch.matmul(centered32, self.centered[scans].T)
         products = products.to(torch.float64)
         squares = a_norm.square() + b_norm.square()
         error = (2.0 * self.factor) * a_norm * b_norm + self.float64_slack * squares
@@ -304,10 +323,12 @@ class ScanIndex:
         return low, high
 
     def int8_lower_bounds(self, vectors: torch.Tensor, per_query: int,
-                          exclude: torch.Tensor | None = None) -> torch.Tensor:
+                          exclude: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, Quantized]:
         """Lower bounds (q, M) on d(query, scan) for queries of ``per_query`` views each
-        (``vectors`` (q * per_query, D) float64), from exact int8 products (module docstring);
-        inf where ``exclude`` (q, M) is true.
+        (``vectors`` (q * per_query, D), any float dtype), from exact int8 products (module
+        docstring); inf where ``exclude`` (q, M) is true. Also the views' codes, norms and
+        float32 centred copy (for the next stage).
 
         For view ``a`` and scan ``b`` with ``a = s_a A + e_a``, ``b = s_b B + e_b``:
         ``||a - b||^2 >= ||a||^2 + ||b||^2 - 2 s_a s_b <A, B> - 2 E - slack`` with
@@ -317,7 +338,7 @@ class ScanIndex:
         ||e_b||)^2)`` bounds every float64 rounding (each summed term is at most that size), with
         ``||a|| + ||e_a||`` the query's largest."""
         queries = vectors.shape[0] // per_query
-        coded = quantize(vectors, per_query, self.center)
+        coded = quantize(vectors, per_query, self.center, keep_float32=True)
         a_norm = coded.norm
         largest = (a_norm + coded.residual_norm).reshape(queries, per_query).amax(1)
         query_scale = coded.scale.reshape(queries, per_query)[:, 0]                 # (q,)
@@ -327,7 +348,7 @@ class ScanIndex:
         code_norm = coded.code_norm.reshape(queries, per_query).amax(1)[:, None]
         residual_norm = coded.residual_norm.reshape(queries, per_query).amax(1)[:, None]
         lower = torch.empty((queries, len(self)), dtype=torch.float64, device=self.device)
-        for s0, s1 in self._chunks():
+        for s0, s1 in self._chunks(min(self.bank_chunk, _INT8_BANK_CHUNK)):
             products = integer_products(coded.codes, self.codes[s0:s1])   # (qV, m), exact
             products.mul_(-2.0 * self.code_scale[None, s0:s1]).add_(view_term[:, None])
             best = products.reshape(queries, per_query, s1 - s0).amin(1)   # (q, m)
@@ -338,7 +359,7 @@ class ScanIndex:
                                .mul_(1.0 - _MARGIN))
         if exclude is not None:
             lower.masked_fill_(exclude, math.inf)
-        return lower
+        return lower, coded
 
     def search(self, views: ViewSource, num_queries: int, *,
                offsets: Sequence[Offset] = ((0, 0, 0),), chunk_size: int = 64,
@@ -366,7 +387,8 @@ class ScanIndex:
         if grouped:
             groups_q = torch.as_tensor(list(query_groups), device=self.device)
             groups_b = torch.as_tensor(list(bank_groups), device=self.device)
-        block_views = max(chunk_size, _MIN_BLOCK_VIEWS) if prefilter else chunk_size
+        block_views = (max(chunk_size, min(_MIN_BLOCK_VIEWS, _BLOCK_VALUES // self.values))
+                       if prefilter else chunk_size)
         rows = max(1, block_views // per_query)
 
         def one_block(q0: int) -> tuple[int, int]:
@@ -375,8 +397,9 @@ class ScanIndex:
             if block.shape[0] != q1 - q0 or block.shape[2:] != self.bank.shape[1:]:
                 raise ValueError(f"query views {tuple(block.shape)} do not match the bank "
                                  f"{tuple(self.bank.shape)}")
-            flat = torch.stack([rolled(block, o) for o in offsets], dim=1)  # (q, O, T, C, *S)
-            vectors = flat.reshape((q1 - q0) * per_query, -1).to(torch.float64)
+            flat = (block[:, None] if len(offsets) == 1 and not any(offsets[0])
+                    else torch.stack([rolled(block, o) for o in offsets], dim=1))  # (q, O, T, ..)
+            vectors = flat.reshape((q1 - q0) * per_query, -1)
             exclude = (groups_q[q0:q1, None] == groups_b[None]) if grouped else None
             search_block = self._search_block if prefilter else self._search_block_float32
             counts = search_block(vectors, q1 - q0, per_query, exclude, exact_batch,
@@ -418,12 +441,13 @@ class ScanIndex:
         """Fill ``best*`` for ``queries`` queries of ``per_query`` views each (vectors
         (queries * per_query, D) float64): int8 bounds for every pair, then float32 and float64
         for the survivors. Returns the numbers of float64 and float32 pairs."""
-        lower = self.int8_lower_bounds(vectors, per_query, exclude)
+        lower, coded = self.int8_lower_bounds(vectors, per_query, exclude)
         seeds = min(_SEED_SCANS, len(self))
         seed_bounds, seed_scans = torch.topk(lower, seeds, dim=1, largest=False)
         exact_pairs = float32_pairs = 0
         for q in range(queries):
-            rows = vectors[q * per_query:(q + 1) * per_query]
+            views = slice(q * per_query, (q + 1) * per_query)
+            rows = vectors[views].to(torch.float64)
             seed = seed_scans[q][torch.isfinite(seed_bounds[q])]
             if seed.numel() == 0:
                 continue                                   # every scan excluded
@@ -436,7 +460,8 @@ class ScanIndex:
             # below the running best prunes the others further.
             ceiling, lows = running, []
             for start in range(0, survivors.numel(), self.bank_chunk):
-                low, high = self.bounds(rows, scans=survivors[start:start + self.bank_chunk])
+                low, high = self._float32_bounds(coded.centered32[views], coded.norm[views],
+                                                 survivors[start:start + self.bank_chunk])
                 lows.append(low.amin(0))
                 ceiling = min(ceiling, float(high.amin()))
             float32_pairs += survivors.numel()
@@ -462,6 +487,7 @@ class ScanIndex:
                               best_index: torch.Tensor, best_view: torch.Tensor
                               ) -> tuple[int, int]:
         """:meth:`_search_block` without the int8 stage: float32 bounds for every pair."""
+        vectors = vectors.to(torch.float64)
         lower = torch.empty((queries, len(self)), dtype=torch.float64, device=self.device)
         upper = torch.full((queries,), math.inf, dtype=torch.float64, device=self.device)
         for s0, s1 in self._chunks():
