@@ -60,7 +60,7 @@ the 12,288 dimensions), so it is not used.
 ``prefilter=False`` skips stage 1 (the float32 bound for every pair, then float64: the previous
 search, kept as the benchmark's baseline).
 
-Memory: with the int8 stage, candidates go in blocks of ``max(chunk_size, min(1024, 2^23 / D))``
+Memory: with the int8 stage, candidates go in blocks of ``max(chunk_size, min(1024, 2^24 / D))``
 effective views (the int8 product runs ~25% faster at ~1000 rows than at ~250), as given (float32
 for latents; float64 one candidate at a time), plus the block's float32 centred copy and codes; the
 int8 products go 1,024 scans at a time (a float64 scratch of views x 1,024); survivors go
@@ -95,9 +95,9 @@ _INT8_LIMIT = 127
 # Products of int8 codes accumulate exactly in int32 over at most this many values.
 _INT32_SAFE_LENGTH = (2 ** 31 - 1) // _INT8_LIMIT ** 2
 # Effective views per block of the int8 stage (its rate grows ~25% from 243 to 972 rows), at
-# most _BLOCK_VALUES values (32 MiB of float32 views).
+# most _BLOCK_VALUES values (64 MiB of float32 views).
 _MIN_BLOCK_VIEWS = 1024
-_BLOCK_VALUES = 2 ** 23
+_BLOCK_VALUES = 2 ** 24
 # Scans per int8 product: its float64 scratch (views x scans) stays ~8 MiB at 1024 views.
 _INT8_BANK_CHUNK = 1024
 # Scans per candidate that get the exact distance first, to start the running best.
@@ -167,31 +167,35 @@ def quantize(rows: torch.Tensor, group: int = 1, center: torch.Tensor | None = N
     the bound on the benchmark's latents, whose values are heavy-tailed.)"""
     n, length = rows.shape
     codes = torch.zeros((n, length + (-length % 8)), dtype=torch.int8, device=rows.device)
-    scale, norm, code_norm, residual_norm = (
-        torch.empty(n, dtype=torch.float64, device=rows.device) for _ in range(4))
+    scale, norm, residual_norm = (torch.empty(n, dtype=torch.float64, device=rows.device)
+                                  for _ in range(3))
     single = (torch.empty((n, length), dtype=torch.float32, device=rows.device)
               if keep_float32 else None)
     step = group * max(1, 32 // group)        # slices of whole groups that stay in cache
     for r0 in range(0, n, step):
         r1 = min(r0 + step, n)
-        x = rows[r0:r1].to(torch.float64)
-        x = x - center if center is not None else x
+        x = (torch.sub(rows[r0:r1], center) if center is not None
+             else rows[r0:r1]).to(torch.float64)
+        rounded = x.to(torch.float32)
         if single is not None:
-            single[r0:r1] = x
+            single[r0:r1] = rounded
         norm[r0:r1] = x.norm(dim=1)
-        peak = torch.linalg.vector_norm(x, ord=math.inf, dim=1)
+        # Any integer codes make a valid bound (the residual is measured in float64), so the
+        # scale and codes come from the float32 copy (half the memory traffic).
+        peak = torch.linalg.vector_norm(rounded, ord=math.inf, dim=1).to(torch.float64)
         spread = peak.reshape(-1, group).amax(1).repeat_interleave(group)
         s = torch.where(spread > 0, spread / _INT8_LIMIT, torch.ones_like(spread))
-        q = (x / s[:, None]).round_().clamp_(-_INT8_LIMIT, _INT8_LIMIT)
+        q = rounded.mul_((1.0 / s).to(torch.float32)[:, None]).round_().clamp_(
+            -_INT8_LIMIT, _INT8_LIMIT)
         scale[r0:r1] = s
-        code_norm[r0:r1] = q.norm(dim=1) * s
         residual_norm[r0:r1] = torch.addcmul(x, q, s[:, None], value=-1.0).norm(dim=1)
         codes[r0:r1, :length] = q
-    # ||codes|| is exact in float64 (integers below 2^53); the residual is computed within a few
-    # roundings of |x|: both are rounded up by the float64 slack.
+    # The residual is computed within a few roundings of |x| and rounded up by the float64 slack;
+    # ||scale * codes|| = ||x - residual|| <= ||x|| + ||residual||.
     slack = 4 * (length + 8) * _FLOAT64_ROUNDOFF
-    return Quantized(codes, scale, norm, code_norm * (1 + slack),
-                     residual_norm * (1 + slack) + slack * norm, single)
+    residual_norm = residual_norm * (1 + slack) + slack * norm
+    return Quantized(codes, scale, norm, (norm + residual_norm) * (1 + slack), residual_norm,
+                     single)
 
 
 def integer_products(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -226,7 +230,8 @@ class SearchResult:
     """Per query: distance float64 (N,) (inf where every scan was excluded), the nearest scan's
     index int64 (N,) (-1 then), the effective view that reached it int64 (N,); how many
     candidate-scan pairs needed an exact float64 distance, how many a float32 bound (the rest were
-    settled by the int8 bounds), of ``pairs`` in all. Effective view ``j`` is view
+    settled by the int8 bounds), of ``pairs`` in all, and how many (view, scan) float32 products
+    those took (the int8 stage leaves out views that cannot be nearest). Effective view ``j`` is view
     ``j % views_per_offset`` under offset ``j // views_per_offset``."""
 
     distance: np.ndarray
@@ -236,6 +241,7 @@ class SearchResult:
     pairs: int
     views_per_offset: int = 1
     float32_pairs: int = 0
+    float32_view_pairs: int = 0
 
 
 class ScanIndex:
@@ -282,9 +288,9 @@ class ScanIndex:
                               else empty)
         # Per scan: ||b||^2 less the float64 slack of everything the bound adds up (see
         # _int8_lower_bounds).
-        self._scan_term = (self.centered_norm.square()
-                           - 4 * self.float64_slack
-                           * (self.centered_norm + self.residual_norm).square())
+        self._scan_term_slack = (4 * self.float64_slack
+                                 * (self.centered_norm + self.residual_norm).square())
+        self._scan_term = self.centered_norm.square() - self._scan_term_slack
 
     def __len__(self) -> int:
         return self.bank.shape[0]
@@ -315,8 +321,10 @@ class ScanIndex:
         (n,): ``fl32`` of the float64 centred vectors, as the rounding bound assumes."""
         a_norm = a_norm[:, None]
         b_norm = self.centered_norm[None, scans]
+        rows = (self.centered[scans] if isinstance(scans, slice)
+                else self.centered.index_select(0, scans))
         with full_float32_products():
-            products = torch.matmul(centered32, self.centered[scans].T)
+            products = torch.matmul(centered32, rows.T)
         products = products.to(torch.float64)
         squares = a_norm.square() + b_norm.square()
         error = (2.0 * self.factor) * a_norm * b_norm + self.float64_slack * squares
@@ -328,42 +336,63 @@ class ScanIndex:
 
     def int8_lower_bounds(self, vectors: torch.Tensor, per_query: int,
                           exclude: torch.Tensor | None = None
-                          ) -> tuple[torch.Tensor, Quantized]:
+                          ) -> tuple[torch.Tensor, Quantized, torch.Tensor | None]:
         """Lower bounds (q, M) on d(query, scan) for queries of ``per_query`` views each
         (``vectors`` (q * per_query, D), any float dtype), from exact int8 products (module
         docstring); inf where ``exclude`` (q, M) is true. Also the views' codes, norms and
-        float32 centred copy (for the next stage).
+        float32 centred copy, and (up to 63 views per query) a bit mask (q, M) int64 of the
+        views that may still be nearest: bit ``j`` is clear only where view ``j``'s own lower
+        bound exceeds an upper bound on the query's nearest distance (the best int8 upper bound
+        seen so far), so that view cannot reach that scan's nearest distance.
 
         For view ``a`` and scan ``b`` with ``a = s_a A + e_a``, ``b = s_b B + e_b``:
         ``||a - b||^2 >= ||a||^2 + ||b||^2 - 2 s_a s_b <A, B> - 2 E - slack`` with
-        ``E = ||s_a A|| ||e_b|| + ||e_a|| ||b||``. The scale s_a and the largest E over a query's
-        views are per query, so the minimum over views is of ``||a||^2 / s_a - 2 s_b <A, B>``
-        alone (s_a > 0). ``slack = 4 (D + 8) 2^-53 x 4 ((||a|| + ||e_a||)^2 + (||b|| +
-        ||e_b||)^2)`` bounds every float64 rounding (each summed term is at most that size), with
-        ``||a|| + ||e_a||`` the query's largest."""
+        ``E = ||s_a A|| ||e_b|| + ||e_a|| ||b||``, and ``<= ... + 2 E + slack``. The scale s_a
+        and the largest E over a query's views are per query, so the minimum over views is of
+        ``||a||^2 / s_a - 2 s_b <A, B>`` alone (s_a > 0). ``slack = 4 (D + 8) 2^-53 x 4 ((||a||
+        + ||e_a||)^2 + (||b|| + ||e_b||)^2)`` bounds every float64 rounding (each summed term is
+        at most that size), with ``||a|| + ||e_a||`` the query's largest."""
         queries = vectors.shape[0] // per_query
         coded = quantize(vectors, per_query, self.center, keep_float32=True)
         a_norm = coded.norm
         largest = (a_norm + coded.residual_norm).reshape(queries, per_query).amax(1)
+        query_slack = 4 * self.float64_slack * largest.square()                     # (q,)
         query_scale = coded.scale.reshape(queries, per_query)[:, 0]                 # (q,)
-        view_term = (a_norm.square()
-                     - (4 * self.float64_slack * largest.square()).repeat_interleave(per_query)
-                     ) / coded.scale                                               # (qV,)
+        view_term = ((a_norm.square() - query_slack.repeat_interleave(per_query))
+                     / coded.scale)                                                # (qV,)
         code_norm = coded.code_norm.reshape(queries, per_query).amax(1)[:, None]
         residual_norm = coded.residual_norm.reshape(queries, per_query).amax(1)[:, None]
         lower = torch.empty((queries, len(self)), dtype=torch.float64, device=self.device)
+        masked = per_query <= 63
+        view_mask = (torch.empty((queries, len(self)), dtype=torch.int64, device=self.device)
+                     if masked else None)
+        bits = 2 ** torch.arange(per_query, device=self.device)[None, :, None]
+        ceiling = torch.full((queries, 1), math.inf, dtype=torch.float64, device=self.device)
         for s0, s1 in self._chunks(min(self.bank_chunk, _INT8_BANK_CHUNK)):
             products = integer_products(coded.codes, self.codes[s0:s1])   # (qV, m), exact
             products.mul_(-2.0 * self.code_scale[None, s0:s1]).add_(view_term[:, None])
-            best = products.reshape(queries, per_query, s1 - s0).amin(1)   # (q, m)
-            best.mul_(query_scale[:, None]).add_(self._scan_term[None, s0:s1])
-            best.sub_(2.0 * (code_norm * self.residual_norm[None, s0:s1]
-                             + residual_norm * self.centered_norm[None, s0:s1]))
-            lower[:, s0:s1] = (best.clamp_min_(0).sqrt_().div_(self.safe_norm[None, s0:s1])
-                               .mul_(1.0 - _MARGIN))
-        if exclude is not None:
-            lower.masked_fill_(exclude, math.inf)
-        return lower, coded
+            per_view = products.reshape(queries, per_query, s1 - s0)
+            error = 2.0 * (code_norm * self.residual_norm[None, s0:s1]
+                           + residual_norm * self.centered_norm[None, s0:s1])      # 2 E (q, m)
+            rest = self._scan_term[None, s0:s1] - error
+            squared = per_view.amin(1).mul_(query_scale[:, None]).add_(rest)   # lower^2 ||s||^2
+            norm = self.safe_norm[None, s0:s1]
+            upper = ((squared + 2.0 * error + 2.0 * query_slack[:, None]
+                      + 2.0 * (self._scan_term_slack[None, s0:s1]))
+                     .clamp_min(0).sqrt_().div_(norm).mul_(1.0 + _MARGIN))
+            low = squared.clamp_min_(0).sqrt_().div_(norm).mul_(1.0 - _MARGIN)
+            if exclude is not None:
+                low.masked_fill_(exclude[:, s0:s1], math.inf)
+                upper.masked_fill_(exclude[:, s0:s1], math.inf)
+            lower[:, s0:s1] = low
+            ceiling = torch.minimum(ceiling, upper.amin(1, keepdim=True))
+            if masked:
+                # View j may matter only if its own bound is <= ceiling (with a relative 1e-9
+                # for the roundings of this comparison, so the mask only errs on keeping).
+                limit = ((ceiling * norm).square_().mul_(1.0 + 1e-9) - rest) / query_scale[:, None]
+                limit += 1e-9 * limit.abs()
+                view_mask[:, s0:s1] = ((per_view <= limit[:, None, :]) * bits).sum(1)
+        return lower, coded, view_mask
 
     def search(self, views: ViewSource, num_queries: int, *,
                offsets: Sequence[Offset] = ((0, 0, 0),), chunk_size: int = 64,
@@ -395,7 +424,7 @@ class ScanIndex:
                        if prefilter else chunk_size)
         rows = max(1, block_views // per_query)
 
-        def one_block(q0: int) -> tuple[int, int]:
+        def one_block(q0: int) -> tuple[int, int, int]:
             q1 = min(q0 + rows, num_queries)
             block = self._views(views, source, q0, q1)
             if block.shape[0] != q1 - q0 or block.shape[2:] != self.bank.shape[1:]:
@@ -428,10 +457,10 @@ class ScanIndex:
                         counts = list(pool.map(one_block, starts))
                 finally:
                     torch.set_num_threads(threads)
-        exact_pairs = sum(c[0] for c in counts)
-        float32_pairs = sum(c[1] for c in counts)
+        exact_pairs, float32_pairs, float32_views = (sum(c[i] for c in counts) for i in range(3))
         return SearchResult(best.numpy(), best_index.numpy(), best_view.numpy(), exact_pairs,
-                            num_queries * len(self), first.shape[1], float32_pairs)
+                            num_queries * len(self), first.shape[1], float32_pairs,
+                            float32_views)
 
     def _views(self, views: ViewSource, source, start: int, stop: int) -> torch.Tensor:
         block = source(slice(start, stop)) if source is not None else views(start, stop)
@@ -441,14 +470,16 @@ class ScanIndex:
 
     def _search_block(self, vectors: torch.Tensor, queries: int, per_query: int,
                       exclude: torch.Tensor | None, exact_batch: int, best: torch.Tensor,
-                      best_index: torch.Tensor, best_view: torch.Tensor) -> tuple[int, int]:
+                      best_index: torch.Tensor, best_view: torch.Tensor
+                      ) -> tuple[int, int, int]:
         """Fill ``best*`` for ``queries`` queries of ``per_query`` views each (vectors
-        (queries * per_query, D) float64): int8 bounds for every pair, then float32 and float64
-        for the survivors. Returns the numbers of float64 and float32 pairs."""
-        lower, coded = self.int8_lower_bounds(vectors, per_query, exclude)
+        (queries * per_query, D)): int8 bounds for every pair, then float32 and float64 for the
+        survivors. Returns the numbers of float64 pairs, float32 pairs and float32 (view, scan)
+        products."""
+        lower, coded, view_mask = self.int8_lower_bounds(vectors, per_query, exclude)
         seeds = min(_SEED_SCANS, len(self))
         seed_bounds, seed_scans = torch.topk(lower, seeds, dim=1, largest=False)
-        exact_pairs = float32_pairs = 0
+        exact_pairs = float32_pairs = float32_views = 0
         for q in range(queries):
             views = slice(q * per_query, (q + 1) * per_query)
             rows = vectors[views].to(torch.float64)
@@ -462,11 +493,23 @@ class ScanIndex:
                 keep &= ~exclude[q]
             keep[seed] = False
             survivors = torch.nonzero(keep).flatten()
+            # Only the views that may be nearest for some survivor (a view whose int8 bound
+            # exceeds the ceiling cannot beat the seeds, so leaving it out of a survivor's
+            # minimum cannot drop a nearer scan).
+            centered32, norms = coded.centered32[views], coded.norm[views]
+            if view_mask is not None and survivors.numel():
+                mask = view_mask[q, survivors]
+                needed = ((mask[:, None] >> torch.arange(per_query, device=self.device)) & 1
+                          ).amax(0).nonzero().flatten()
+                centered32, norms = centered32[needed], norms[needed]
+                float32_views += needed.numel() * survivors.numel()
+            else:
+                float32_views += per_query * survivors.numel()
             # float32 bounds of the survivors, bank_chunk at a time; a survivor's upper bound
             # below the running best prunes the others further.
             ceiling, lows = running, []
             for start in range(0, survivors.numel(), self.bank_chunk):
-                low, high = self._float32_bounds(coded.centered32[views], coded.norm[views],
+                low, high = self._float32_bounds(centered32, norms,
                                                  survivors[start:start + self.bank_chunk])
                 lows.append(low.amin(0))
                 ceiling = min(ceiling, float(high.amin()))
@@ -486,12 +529,12 @@ class ScanIndex:
                 if value < running:
                     running, index, view = value, b_index, b_view
             best[q], best_index[q], best_view[q] = running, index, view
-        return exact_pairs, float32_pairs
+        return exact_pairs, float32_pairs, float32_views
 
     def _search_block_float32(self, vectors: torch.Tensor, queries: int, per_query: int,
                               exclude: torch.Tensor | None, exact_batch: int, best: torch.Tensor,
                               best_index: torch.Tensor, best_view: torch.Tensor
-                              ) -> tuple[int, int]:
+                              ) -> tuple[int, int, int]:
         """:meth:`_search_block` without the int8 stage: float32 bounds for every pair."""
         vectors = vectors.to(torch.float64)
         lower = torch.empty((queries, len(self)), dtype=torch.float64, device=self.device)
@@ -526,7 +569,7 @@ class ScanIndex:
                 if value < running:
                     running, index, view = value, b_index, b_view
             best[q], best_index[q], best_view[q] = running, index, view
-        return exact_pairs, queries * len(self)
+        return exact_pairs, queries * len(self), queries * len(self) * per_query
 
     def _exact(self, vectors: torch.Tensor, scans: torch.Tensor) -> tuple[float, int, int]:
         """The exact nearest of ``scans`` (indices) for one query's views (V, D) float64."""

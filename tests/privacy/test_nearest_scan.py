@@ -263,9 +263,14 @@ def test_int8_bounds_are_lower_bounds_tight_or_loose(far_clusters: bool) -> None
     if far_clusters:
         bank[30:] += 60.0
     index = ScanIndex(bank, bank_chunk=16)
-    lower, _ = index.int8_lower_bounds(views.reshape(36, -1), 3)
+    lower, _, mask = index.int8_lower_bounds(views.reshape(36, -1), 3)
     true = _pair_distances(views, bank)
     assert torch.all(lower <= true)
+    # Each query's nearest scan keeps the bit of the view that reaches it.
+    per_view = torch.stack([_pair_distances(views[:, j:j + 1], bank) for j in range(3)], dim=2)
+    nearest = true.argmin(1)
+    best_view = per_view[torch.arange(12), nearest].argmin(1)
+    assert torch.all((mask[torch.arange(12), nearest] >> best_view) & 1 == 1)
     found = index.search(views, 12, exact_batch=8)
     assert np.max(np.abs(found.distance - brute_force_search(views, bank))) <= TOLERANCE
     ratio = (lower / true)[:, :30][true[:, :30] > 0.8]     # same cluster, not near copies
@@ -275,6 +280,7 @@ def test_int8_bounds_are_lower_bounds_tight_or_loose(far_clusters: bool) -> None
     else:
         assert float(ratio.min()) > 0.95
         assert found.float32_pairs < 0.5 * found.pairs
+        assert (mask != 0b111).sum() > 0.5 * mask.numel()      # views ruled out
 
 
 @pytest.mark.parametrize("perturbation", [0.0, 1e-9, 1e-6, 1e-4, 1e-2])
