@@ -182,7 +182,7 @@ def quantize(rows: torch.Tensor, group: int = 1, center: torch.Tensor | None = N
         norm[r0:r1] = x.norm(dim=1)
         # Any integer codes make a valid bound (the residual is measured in float64), so the
         # scale and codes come from the float32 copy (half the memory traffic).
-        peak = torch.linalg.vector_norm(rounded, ord=math.inf, dim=1).to(torch.float64)
+        peak = rounded.abs().amax(1).to(torch.float64)     # (vector_norm(inf) is 20x slower)
         spread = peak.reshape(-1, group).amax(1).repeat_interleave(group)
         s = torch.where(spread > 0, spread / _INT8_LIMIT, torch.ones_like(spread))
         q = rounded.mul_((1.0 / s).to(torch.float32)[:, None]).round_().clamp_(
