@@ -221,6 +221,12 @@ def test_integer_products_are_exact_and_never_overflow(monkeypatch) -> None:
     monkeypatch.setattr(nearest_scan, "_INT32_SAFE_LENGTH", 16)
     assert torch.equal(integer_products(left, right), expected)
 
+    def no_int_mm(*args):
+        raise RuntimeError("_int_mm: not available on this device")
+
+    monkeypatch.setattr(torch, "_int_mm", no_int_mm)      # the exact float64 fallback
+    assert torch.equal(integer_products(left, right), expected)
+
 
 def test_quantize_bounds_its_residual() -> None:
     """x = scale * codes + residual with the stated norms rounded up, one scale per group."""
@@ -316,3 +322,18 @@ def test_pruned_search_equals_brute_force_with_many_near_ties(perturbation: floa
         assert abs(float(d) - pruned.distance[q]) <= TOLERANCE
     # The constant queries tie with all 16 rolls: each roll is checked in float64 or float32.
     assert pruned.float32_pairs + pruned.exact_pairs >= 2 * len(rolls)
+
+
+def test_more_than_63_effective_views_search_without_the_view_mask() -> None:
+    """125 translations of one image view (max_shift 2) exceed the int8 stage's 63-bit view mask:
+    every view then goes on to the float32 stage, and the search still equals brute force."""
+    generator = torch.Generator().manual_seed(10)
+    bank = smooth(12, generator, channels=1)
+    queries = torch.cat([torch.roll(bank[:2], (2, -1, 1), dims=(2, 3, 4)),
+                         smooth(3, generator, channels=1)])[:, None]
+    offsets = translations(2)
+    result = nearest_scans(queries, bank, "nrmse", offsets=offsets, chunk_size=16)
+    reference = brute_force_nearest_scans(queries, bank, "nrmse", offsets=offsets)
+    assert len(offsets) == 125
+    assert np.max(np.abs(result.distance - reference.distance)) <= TOLERANCE
+    assert result.index[:2].tolist() == [0, 1] and np.all(result.distance[:2] < 1e-6)
