@@ -200,8 +200,10 @@ def quantize(rows: torch.Tensor, group: int = 1, center: torch.Tensor | None = N
                      single)
 
 
-def integer_products(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """EXACT inner products of int8 rows: (n, D) x (m, D) -> float64 (n, m).
+def integer_products(left: torch.Tensor, right: torch.Tensor,
+                     column_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """EXACT inner products of int8 rows: (n, D) x (m, D) -> float64 (n, m), each column times
+    ``column_scale`` (m,) float64 if given (one float64 rounding).
 
     int32 accumulation (``torch._int_mm``) over slices of at most 133,144 values, which cannot
     overflow (127^2 per product), summed in float64 (exact below 2^53). On CUDA the operands are
@@ -220,11 +222,14 @@ def integer_products(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         if sliced:
             a, b = a.contiguous(), b.contiguous()
         try:
-            part = torch._int_mm(a, b.T).to(torch.float64)
+            part = torch._int_mm(a, b.T)
         except (RuntimeError, NotImplementedError, AttributeError):
             part = torch.matmul(a.to(torch.float64), b.to(torch.float64).T)
-        total = part if total is None else total.add_(part)
-    return total[:n, :m]
+        total = part if total is None else total.to(torch.float64).add_(part)
+    total = total[:n, :m]
+    if column_scale is None:
+        return total.to(torch.float64)
+    return total * column_scale[None]         # int32 x float64 -> float64 in one pass
 
 
 @dataclass(frozen=True)
@@ -345,7 +350,8 @@ class ScanIndex:
         float32 centred copy, and (up to 63 views per query) a bit mask (q, M) int64 of the
         views that may still be nearest: bit ``j`` is clear only where view ``j``'s own lower
         bound exceeds an upper bound on the query's nearest distance (the best int8 upper bound
-        seen so far), so that view cannot reach that scan's nearest distance.
+        seen so far), so that view cannot reach that scan's nearest distance; 0 where the pair's
+        own lower bound already exceeded that upper bound (it is never the nearest scan).
 
         For view ``a`` and scan ``b`` with ``a = s_a A + e_a``, ``b = s_b B + e_b``:
         ``||a - b||^2 >= ||a||^2 + ||b||^2 - 2 s_a s_b <A, B> - 2 E - slack`` with
@@ -366,13 +372,16 @@ class ScanIndex:
         residual_norm = coded.residual_norm.reshape(queries, per_query).amax(1)[:, None]
         lower = torch.empty((queries, len(self)), dtype=torch.float64, device=self.device)
         masked = per_query <= 63
-        view_mask = (torch.empty((queries, len(self)), dtype=torch.int64, device=self.device)
+        # Zero (no view) where a pair was pruned when its chunk was bounded: its int8 lower bound
+        # exceeded an upper bound on the nearest distance, so it is never the nearest scan.
+        view_mask = (torch.zeros((queries, len(self)), dtype=torch.int64, device=self.device)
                      if masked else None)
         bits = 2 ** torch.arange(per_query, device=self.device)[None, :, None]
         ceiling = torch.full((queries, 1), math.inf, dtype=torch.float64, device=self.device)
         for s0, s1 in self._chunks(min(self.bank_chunk, _INT8_BANK_CHUNK)):
-            products = integer_products(coded.codes, self.codes[s0:s1])   # (qV, m), exact
-            products.mul_(-2.0 * self.code_scale[None, s0:s1]).add_(view_term[:, None])
+            products = integer_products(coded.codes, self.codes[s0:s1],
+                                        -2.0 * self.code_scale[s0:s1])    # (qV, m)
+            products.add_(view_term[:, None])
             per_view = products.reshape(queries, per_query, s1 - s0)
             error = 2.0 * (code_norm * self.residual_norm[None, s0:s1]
                            + residual_norm * self.centered_norm[None, s0:s1])      # 2 E (q, m)
@@ -390,10 +399,15 @@ class ScanIndex:
             ceiling = torch.minimum(ceiling, upper.amin(1, keepdim=True))
             if masked:
                 # View j may matter only if its own bound is <= ceiling (with a relative 1e-9
-                # for the roundings of this comparison, so the mask only errs on keeping).
-                limit = ((ceiling * norm).square_().mul_(1.0 + 1e-9) - rest) / query_scale[:, None]
+                # for the roundings of this comparison, so the mask only errs on keeping); only
+                # for the pairs that are not already pruned (the others' masks are never read).
+                q_kept, m_kept = torch.nonzero(low <= ceiling, as_tuple=True)
+                limit = (((ceiling[q_kept, 0] * norm[0, m_kept]).square_().mul_(1.0 + 1e-9)
+                          - rest[q_kept, m_kept]) / query_scale[q_kept])
                 limit += 1e-9 * limit.abs()
-                view_mask[:, s0:s1] = ((per_view <= limit[:, None, :]) * bits).sum(1)
+                kept_views = per_view[q_kept, :, m_kept]                      # (kept, V)
+                view_mask[q_kept, m_kept + s0] = ((kept_views <= limit[:, None]) * bits[0, :, 0]
+                                                  ).sum(1)
         return lower, coded, view_mask
 
     def search(self, views: ViewSource, num_queries: int, *,
@@ -425,6 +439,8 @@ class ScanIndex:
         block_views = (max(chunk_size, min(_MIN_BLOCK_VIEWS, _BLOCK_VALUES // self.values))
                        if prefilter else chunk_size)
         rows = max(1, block_views // per_query)
+        if prefilter:       # equal blocks: a small last block would run the int8 product slowly
+            rows = -(-num_queries // -(-num_queries // rows))
 
         def one_block(q0: int) -> tuple[int, int, int]:
             q1 = min(q0 + rows, num_queries)
@@ -503,6 +519,8 @@ class ScanIndex:
                 mask = view_mask[q, survivors]
                 needed = ((mask[:, None] >> torch.arange(per_query, device=self.device)) & 1
                           ).amax(0).nonzero().flatten()
+                if needed.numel() == 0:
+                    survivors = survivors[:0]   # none can be nearest: the seeds hold it
                 centered32, norms = centered32[needed], norms[needed]
                 float32_views += needed.numel() * survivors.numel()
             else:
