@@ -98,7 +98,7 @@ _INT8_LIMIT = 127
 _INT32_SAFE_LENGTH = (2 ** 31 - 1) // _INT8_LIMIT ** 2
 # Effective views per block of the int8 stage (its rate grows ~25% from 243 to 972 rows), at
 # most _BLOCK_VALUES values (64 MiB of float32 views).
-_MIN_BLOCK_VIEWS = 1024
+_BLOCK_VIEWS = 1024
 _BLOCK_VALUES = 2 ** 24
 # Scans per int8 product: its float64 scratch (views x scans) stays ~8 MiB at 1024 views.
 _INT8_BANK_CHUNK = 1024
@@ -421,8 +421,9 @@ class ScanIndex:
         views: (N, T, C, *S) or a :data:`ViewSource`; every view is also rolled by every offset
         (V = T x len(offsets) effective views, offset-major: view ``j`` is offset ``j // T``).
         ``query_groups`` (N,) / ``bank_groups`` (M,): pairs in the same group are skipped.
-        Blocks of at least ``chunk_size`` effective views (and 256, one query at least) with
-        ``prefilter`` (the int8 stage), of at most ``chunk_size`` without it.
+        With ``prefilter`` (the int8 stage), equal blocks of about ``max(chunk_size, min(1024,
+        2^24 / D))`` effective views; without it, blocks of at most ``chunk_size`` views (one
+        query at least either way).
         """
         best = torch.full((num_queries,), math.inf, dtype=torch.float64)
         best_index = torch.full((num_queries,), -1, dtype=torch.long)
@@ -436,7 +437,7 @@ class ScanIndex:
         if grouped:
             groups_q = torch.as_tensor(list(query_groups), device=self.device)
             groups_b = torch.as_tensor(list(bank_groups), device=self.device)
-        block_views = (max(chunk_size, min(_MIN_BLOCK_VIEWS, _BLOCK_VALUES // self.values))
+        block_views = (max(chunk_size, min(_BLOCK_VIEWS, _BLOCK_VALUES // self.values))
                        if prefilter else chunk_size)
         rows = max(1, block_views // per_query)
         if prefilter:       # equal blocks: a small last block would run the int8 product slowly
@@ -511,9 +512,9 @@ class ScanIndex:
                 keep &= ~exclude[q]
             keep[seed] = False
             survivors = torch.nonzero(keep).flatten()
-            # Only the views that may be nearest for some survivor (a view whose int8 bound
-            # exceeds the ceiling cannot beat the seeds, so leaving it out of a survivor's
-            # minimum cannot drop a nearer scan).
+            # Only the views that may be nearest for some survivor: a view whose int8 bound
+            # exceeds an upper bound on the nearest distance cannot reach it, so leaving it out
+            # of a survivor's minimum can only drop scans that are not nearest.
             centered32, norms = coded.centered32[views], coded.norm[views]
             if view_mask is not None and survivors.numel():
                 mask = view_mask[q, survivors]

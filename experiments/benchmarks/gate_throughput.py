@@ -142,13 +142,15 @@ def hospital_gate(hospital: "Hospital") -> dict:
 
 
 def run(quick: bool = False, hospital_scans: int | None = None,
-        hospital_candidates: int | None = None, search_only: bool = False) -> dict:
+        hospital_candidates: int | None = None, search_only: bool = False,
+        compare_only: bool = False) -> dict:
     """Time every distance space at three (candidates, scans) sizes, then the exact search on a
-    synthetic hospital (only that with ``search_only``); a flat dict of results."""
+    synthetic hospital (only that with ``search_only``; only the one-thread comparison with
+    ``compare_only``); a flat dict of results."""
     torch.set_num_threads(1)
     size = 16 if quick else 32
-    if search_only:
-        return search_results(quick, size, hospital_scans, hospital_candidates)
+    if search_only or compare_only:
+        return search_results(quick, size, hospital_scans, hospital_candidates, compare_only)
     sizes = [(4, 8), (8, 16), (16, 32)] if quick else [(8, 32), (16, 64), (32, 128)]
     ssim_sizes = sizes[:2] if quick else [(4, 16), (8, 32)]
     generator = torch.Generator().manual_seed(0)
@@ -212,8 +214,9 @@ def run(quick: bool = False, hospital_scans: int | None = None,
 
 
 def search_results(quick: bool, size: int, hospital_scans: int | None,
-                   hospital_candidates: int | None) -> dict:
-    """The exact search against brute force on one thread, then the whole synthetic hospital."""
+                   hospital_candidates: int | None, compare_only: bool = False) -> dict:
+    """The exact search against brute force on one thread, then (unless ``compare_only``) the
+    whole synthetic hospital."""
     scans = hospital_scans or (400 if quick else 2000)
     wanted = hospital_candidates or (20 if quick else 100)
     results: dict = {}
@@ -222,6 +225,8 @@ def search_results(quick: bool, size: int, hospital_scans: int | None,
     results["hospital/generate_seconds"] = time.perf_counter() - started
     compare = exact_versus_brute_force(hospital, min(wanted, 10 if quick else 40), scans)
     results.update({f"one_thread/{k}": v for k, v in compare.items()})
+    if compare_only:
+        return results
     results.update({f"hospital/{k}": v for k, v in hospital_gate(hospital).items()})
     results["search_summary"] = (
         f"Exact search on a synthetic hospital (one thread, {compare['pairs']} pairs, load "
@@ -370,6 +375,9 @@ def _spans(total: int, step: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16^3 volumes and smaller sets")
+    parser.add_argument("--compare-only", action="store_true",
+                        help="only the one-thread comparison of brute force, the float32 GEMM "
+                             "search and the pruned search (no hospital gate)")
     parser.add_argument("--search-only", action="store_true",
                         help="skip the per-space brute-force timings: only the exact search vs "
                              "brute force and the hospital")
@@ -379,7 +387,7 @@ def main() -> None:
                         help="candidates gated against it (default 100; the issue's 1000)")
     args = parser.parse_args()
     print(json.dumps(run(args.quick, args.hospital_scans, args.hospital_candidates,
-                         args.search_only), indent=2))
+                         args.search_only, args.compare_only), indent=2))
 
 
 if __name__ == "__main__":
