@@ -18,19 +18,20 @@ The search runs three stages, each a rigorous bound, so that the answer is brute
 1. **int8 lower bounds for every pair** (:func:`quantize`, :func:`integer_products`). Each
    centred vector is written ``a = s_a A + e_a``: ``A`` int8 codes (|A_i| <= 127), ``s_a`` a scale
    (one per candidate, shared by its views; one per scan), ``e_a`` the rounding residual. The
-   integer products ``<A, B>`` are EXACT (int32 accumulation, ``torch._int_mm``: VNNI/AMX on the
-   CPU, about 8x the float32 rate measured here; in slices short enough never to overflow), and
+   integer products ``<A, B>`` are EXACT (int32 accumulation, ``torch._int_mm``: AVX-512 VNNI on this
+   AMD EPYC, about 8x its float32 rate; in slices short enough never to overflow), and
 
        |<a, b> - s_a s_b <A, B>| <= ||s_a A|| ||e_b|| + ||e_a|| ||b||      (Cauchy-Schwarz),
 
-   a bound of about 1-2% of ``||a|| ||b||`` (it shrinks with the peak-to-RMS ratio of the data).
+   a bound of about 1-2% of ``||a|| ||b||`` (it grows with the data's peak-to-RMS ratio).
    Minimised over the views, it gives a lower bound on d(q, s) for every pair at the cost of one
    int8 matrix product.
 2. **Running best.** The two scans with the lowest bounds get the exact float64 distance; their
    minimum ``U`` is an upper bound on the answer. Every scan whose lower bound exceeds ``U`` is
    farther than a scan already found and is dropped (exclusions, e.g. same patient, first).
 3. **float32 bounds, then float64, for the survivors only.** The survivors' float32 products of
-   the centred vectors (:meth:`ScanIndex.bounds`) with the rounding bound
+   the centred vectors (:meth:`ScanIndex.bounds`; only for the views whose own int8 bound does
+   not rule them out) with the rounding bound
 
        |G - <a, b>| <= (gamma_D (1 + u)^2 + 2 u + u^2) ||a|| ||b||,   u = 2^-24,
 
