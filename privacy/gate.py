@@ -47,12 +47,13 @@ A candidate PASSES a site when its nearest-scan distance is at or above the thre
 (:func:`decide`); the server keeps only candidates that pass every site.
 
 Search (:mod:`privacy.nearest_scan`): for ``latent`` and ``nrmse`` an EXACT search returns the
-same nearest distances as comparing every pair: all views x candidates x scans inner products are
-blocked float32 matrix products (``torch.matmul``, on the CPU or CUDA), each with a rigorous
-rounding-error bound; only the scans whose lower bound can still beat the best upper bound get
-the float64 distance brute force uses, for both the gate and the calibration. Candidates go in
-blocks of at most ``chunk_size`` views; SSIM (no such bound) compares every pair, in batches of
-``chunk_size`` pairs (:func:`brute_force_nearest_scans`, also the reference in tests).
+same nearest distances as comparing every pair, for both the gate and the calibration. Every
+candidate x scan pair first gets a rigorous lower bound from exact int8 matrix products of the
+quantised (centred) vectors plus a Cauchy-Schwarz bound on the quantisation residuals; the scans
+that bound cannot rule out against the best exact distance found so far get float32 products with
+a rigorous rounding bound, and the few still undecided the float64 distance brute force uses.
+SSIM (no such bound) compares every pair, in batches of ``chunk_size`` pairs
+(:func:`brute_force_nearest_scans`, also the reference in tests).
 """
 
 from __future__ import annotations
@@ -228,9 +229,9 @@ def nearest_scans(candidates: torch.Tensor | ViewSource, bank: torch.Tensor | Sc
     ``candidate_groups`` (N,) and ``bank_groups`` (R,): pairs in the same group are skipped (the
     calibration's "a different patient"). Blocks of at most ``chunk_size`` views.
 
-    ``latent`` and ``nrmse`` use the exact search of :mod:`privacy.nearest_scan` (float32 matrix
-    products with a rounding bound, float64 only where that bound cannot decide; same distances
-    as brute force), on ``device`` (default: the bank's);
+    ``latent`` and ``nrmse`` use the exact search of :mod:`privacy.nearest_scan` (int8 bounds
+    for every pair, float32 bounds and float64 only where the cheaper bound cannot decide; same
+    distances as brute force), on ``device`` (default: the bank's);
     ``ssim`` has no such bound and compares every pair.
     """
     check_distance(distance)
