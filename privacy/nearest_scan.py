@@ -63,8 +63,8 @@ differences between patients are spread over most of the 12,288 values), so none
 ``prefilter=False`` skips stage 1 (the float32 bound for every pair, then float64: the previous
 search, kept as the benchmark's baseline).
 
-Memory: with the int8 stage, candidates go in blocks of ``max(chunk_size, min(1024, 2^24 / D))``
-effective views (the int8 product runs ~25% faster at ~1000 rows than at ~250), as given (float32
+Memory: with the int8 stage, candidates go in blocks of ``max(chunk_size, min(2048, 2^25 / D))``
+effective views (the int8 product runs ~35% faster at ~1000 rows than at ~500), as given (float32
 for latents; float64 one candidate at a time), plus the block's float32 centred copy and codes; the
 int8 products go 1,024 scans at a time (a float64 scratch of views x 1,024); survivors go
 ``bank_chunk`` scans at a time. Without it, blocks of at most ``chunk_size`` views against
@@ -97,11 +97,11 @@ _MARGIN = 1e-12
 _INT8_LIMIT = 127
 # Products of int8 codes accumulate exactly in int32 over at most this many values.
 _INT32_SAFE_LENGTH = (2 ** 31 - 1) // _INT8_LIMIT ** 2
-# Effective views per block of the int8 stage (its rate grows ~25% from 243 to 972 rows), at
-# most _BLOCK_VALUES values (64 MiB of float32 views).
-_BLOCK_VIEWS = 1024
-_BLOCK_VALUES = 2 ** 24
-# Scans per int8 product: its float64 scratch (views x scans) stays ~8 MiB at 1024 views.
+# Effective views per block of the int8 stage (its rate grows ~25% from 243 to 972 rows and
+# ~35% from 540 to 1080), at most _BLOCK_VALUES values (128 MiB of float32 views).
+_BLOCK_VIEWS = 2048
+_BLOCK_VALUES = 2 ** 25
+# Scans per int8 product: its float64 scratch (views x scans) stays ~16 MiB at 2048 views.
 _INT8_BANK_CHUNK = 1024
 # Scans per candidate that get the exact distance first, to start the running best.
 _SEED_SCANS = 2
@@ -175,23 +175,28 @@ def quantize(rows: torch.Tensor, group: int = 1, center: torch.Tensor | None = N
     single = (torch.empty((n, length), dtype=torch.float32, device=rows.device)
               if keep_float32 else None)
     step = group * max(1, 32 // group)        # slices of whole groups that stay in cache
+    scratch = torch.empty((min(step, n), length), dtype=torch.float32, device=rows.device)
     for r0 in range(0, n, step):
         r1 = min(r0 + step, n)
-        x = (torch.sub(rows[r0:r1], center) if center is not None
-             else rows[r0:r1]).to(torch.float64)
-        rounded = x.to(torch.float32)
+        x = (torch.sub(rows[r0:r1], center).to(torch.float64) if center is not None
+             else rows[r0:r1].to(torch.float64, copy=True))         # a scratch copy
         if single is not None:
-            single[r0:r1] = rounded
-        norm[r0:r1] = x.norm(dim=1)
+            rounded = single[r0:r1]
+            rounded.copy_(x)
+        else:
+            rounded = x.to(torch.float32)
+        torch.linalg.vector_norm(x, dim=1, out=norm[r0:r1])
         # Any integer codes make a valid bound (the residual is measured in float64), so the
         # scale and codes come from the float32 copy (half the memory traffic).
-        peak = rounded.abs().amax(1).to(torch.float64)     # (vector_norm(inf) is 20x slower)
+        # (vector_norm(inf) and aminmax are 20x slower than amax and amin)
+        peak = torch.maximum(rounded.amax(1), rounded.amin(1).neg_()).to(torch.float64)
         spread = peak.reshape(-1, group).amax(1).repeat_interleave(group)
         s = torch.where(spread > 0, spread / _INT8_LIMIT, torch.ones_like(spread))
-        q = rounded.mul_((1.0 / s).to(torch.float32)[:, None]).round_().clamp_(
-            -_INT8_LIMIT, _INT8_LIMIT)
+        q = torch.mul(rounded, (1.0 / s).to(torch.float32)[:, None],
+                      out=scratch[:r1 - r0]).round_().clamp_(-_INT8_LIMIT, _INT8_LIMIT)
         scale[r0:r1] = s
-        residual_norm[r0:r1] = torch.addcmul(x, q, s[:, None], value=-1.0).norm(dim=1)
+        torch.linalg.vector_norm(x.addcmul_(q, s[:, None], value=-1.0), dim=1,
+                                 out=residual_norm[r0:r1])
         codes[r0:r1, :length] = q
     # The residual is computed within a few roundings of |x| and rounded up by the float64 slack;
     # ||scale * codes|| = ||x - residual|| <= ||x|| + ||residual||.
@@ -324,13 +329,20 @@ class ScanIndex:
         return self._float32_bounds(centered.to(torch.float32), centered.norm(dim=1), scans)
 
     def _float32_bounds(self, centered32: torch.Tensor, a_norm: torch.Tensor,
-                        scans: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+                        scans: torch.Tensor | slice, scratch: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`bounds` of centred views, given in float32 (n, D) with their float64 norms
-        (n,): ``fl32`` of the float64 centred vectors, as the rounding bound assumes."""
+        (n,): ``fl32`` of the float64 centred vectors, as the rounding bound assumes. Scans
+        given by index are gathered into ``scratch`` (>= len(scans) rows of D float32) if given
+        (a fresh buffer per call costs as much as the copy)."""
         a_norm = a_norm[:, None]
         b_norm = self.centered_norm[None, scans]
-        rows = (self.centered[scans] if isinstance(scans, slice)
-                else self.centered.index_select(0, scans))
+        if isinstance(scans, slice):
+            rows = self.centered[scans]
+        elif scratch is not None:
+            rows = torch.index_select(self.centered, 0, scans, out=scratch[:scans.numel()])
+        else:
+            rows = self.centered.index_select(0, scans)
         with full_float32_products():
             products = torch.matmul(centered32, rows.T)
         products = products.to(torch.float64)
@@ -422,8 +434,8 @@ class ScanIndex:
         views: (N, T, C, *S) or a :data:`ViewSource`; every view is also rolled by every offset
         (V = T x len(offsets) effective views, offset-major: view ``j`` is offset ``j // T``).
         ``query_groups`` (N,) / ``bank_groups`` (M,): pairs in the same group are skipped.
-        With ``prefilter`` (the int8 stage), equal blocks of about ``max(chunk_size, min(1024,
-        2^24 / D))`` effective views; without it, blocks of at most ``chunk_size`` views (one
+        With ``prefilter`` (the int8 stage), equal blocks of about ``max(chunk_size, min(2048,
+        2^25 / D))`` effective views; without it, blocks of at most ``chunk_size`` views (one
         query at least either way).
         """
         best = torch.full((num_queries,), math.inf, dtype=torch.float64)
@@ -500,6 +512,7 @@ class ScanIndex:
         seeds = min(_SEED_SCANS, len(self))
         seed_bounds, seed_scans = torch.topk(lower, seeds, dim=1, largest=False)
         exact_pairs = float32_pairs = float32_views = 0
+        scratch = self.centered.new_empty((0, self.values))     # survivors' float32 rows
         for q in range(queries):
             views = slice(q * per_query, (q + 1) * per_query)
             rows = vectors[views].to(torch.float64)
@@ -530,9 +543,13 @@ class ScanIndex:
             # float32 bounds of the survivors, bank_chunk at a time; a survivor's upper bound
             # below the running best prunes the others further.
             ceiling, lows = running, []
+            if survivors.numel() > scratch.shape[0]:
+                scratch = self.centered.new_empty((min(self.bank_chunk, 2 * survivors.numel()),
+                                                   self.values))
             for start in range(0, survivors.numel(), self.bank_chunk):
                 low, high = self._float32_bounds(centered32, norms,
-                                                 survivors[start:start + self.bank_chunk])
+                                                 survivors[start:start + self.bank_chunk],
+                                                 scratch)
                 lows.append(low.amin(0))
                 ceiling = min(ceiling, float(high.amin()))
             float32_pairs += survivors.numel()
