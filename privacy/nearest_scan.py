@@ -515,11 +515,24 @@ class ScanIndex:
         scratch = self.centered.new_empty((0, self.values))     # survivors' float32 rows
         for q in range(queries):
             views = slice(q * per_query, (q + 1) * per_query)
-            rows = vectors[views].to(torch.float64)
+            query_views = vectors[views]
             seed = seed_scans[q][torch.isfinite(seed_bounds[q])]
             if seed.numel() == 0:
                 continue                                   # every scan excluded
-            running, index, view = self._exact(rows, seed)
+
+            def exact(scans: torch.Tensor) -> tuple[float, int, int]:
+                # Over the views whose bit is set for some of ``scans`` (all if none is): for
+                # the nearest scan they include its nearest view, for any other scan the
+                # minimum can only grow, so the nearest distance is unchanged.
+                chosen = (self._marked_views(view_mask[q, scans], per_query)
+                          if view_mask is not None else None)
+                if chosen is None or chosen.numel() == 0:
+                    return self._exact(query_views.to(torch.float64), scans)
+                value, b_index, b_view = self._exact(
+                    query_views.index_select(0, chosen).to(torch.float64), scans)
+                return value, b_index, int(chosen[b_view])
+
+            running, index, view = exact(seed)
             exact_pairs += seed.numel()
             keep = lower[q] <= running          # running may be inf (a zero scan): exclusions
             if exclude is not None:
@@ -531,9 +544,7 @@ class ScanIndex:
             # of a survivor's minimum can only drop scans that are not nearest.
             centered32, norms = coded.centered32[views], coded.norm[views]
             if view_mask is not None and survivors.numel():
-                mask = view_mask[q, survivors]
-                needed = ((mask[:, None] >> torch.arange(per_query, device=self.device)) & 1
-                          ).amax(0).nonzero().flatten()
+                needed = self._marked_views(view_mask[q, survivors], per_query)
                 if needed.numel() == 0:
                     survivors = survivors[:0]   # none can be nearest: the seeds hold it
                 centered32, norms = centered32[needed], norms[needed]
@@ -563,12 +574,17 @@ class ScanIndex:
                     break
                 stop = start + exact_batch
                 batch = survivors[start:stop][bounds[start:stop] <= running]
-                value, b_index, b_view = self._exact(rows, batch)
+                value, b_index, b_view = exact(batch)
                 exact_pairs += batch.numel()
                 if value < running:
                     running, index, view = value, b_index, b_view
             best[q], best_index[q], best_view[q] = running, index, view
         return exact_pairs, float32_pairs, float32_views
+
+    def _marked_views(self, masks: torch.Tensor, per_query: int) -> torch.Tensor:
+        """The views (indices, increasing) whose bit is set in any of ``masks`` (n,) int64."""
+        bits = torch.arange(per_query, device=self.device)
+        return ((masks[:, None] >> bits) & 1).amax(0).nonzero().flatten()
 
     def _search_block_float32(self, vectors: torch.Tensor, queries: int, per_query: int,
                               exclude: torch.Tensor | None, exact_batch: int, best: torch.Tensor,
