@@ -26,8 +26,9 @@ The search runs three stages, each a rigorous bound, so that the answer is brute
    a bound of about 1-2% of ``||a|| ||b||`` (it grows with the data's peak-to-RMS ratio).
    Minimised over the views, it gives a lower bound on d(q, s) for every pair at the cost of one
    int8 matrix product.
-2. **Running best.** The two scans with the lowest bounds get the exact float64 distance; their
-   minimum ``U`` is an upper bound on the answer. Every scan whose lower bound exceeds ``U`` is
+2. **Running best.** The two scans with the lowest bounds get the exact float64 distance (over
+   the views the int8 stage marks for them, see 3); their minimum ``U`` is an upper bound on the
+   answer. Every scan whose lower bound exceeds ``U`` is
    farther than a scan already found and is dropped (exclusions, e.g. same patient, first).
 3. **float32 bounds, then float64, for the survivors only.** The survivors' float32 products of
    the centred vectors (:meth:`ScanIndex.bounds`; only for the views whose own int8 bound does
@@ -38,9 +39,12 @@ The search runs three stages, each a rigorous bound, so that the answer is brute
    (Higham, Accuracy and Stability of Numerical Algorithms, 3.1 and Cauchy-Schwarz: inputs
    rounded from float64, any summation order; :func:`full_float32_products` turns TF32 and
    bfloat16 passes off around them) narrow the survivors to a ~1e-5 band around the nearest
-   distance; those get the brute-force formula (:func:`relative_l2`: ``torch.cdist`` in float64
-   over every view) in increasing lower-bound order, stopping when the next bound exceeds the
-   running best.
+   distance; those get the brute-force formula (:func:`relative_l2`: ``torch.cdist`` in float64)
+   in increasing lower-bound order, stopping when the next bound exceeds the running best. The
+   float32 and float64 stages use only the views marked for some scan in their batch: a view is
+   unmarked for a scan only where its own int8 bound exceeds an upper bound on the nearest
+   distance, so the nearest scan's nearest view is always among them, and leaving views out can
+   only raise the minimum of a scan that is not nearest.
 
 Norms and every float64 assembly are covered by ``4 (D + 8) 2^-53`` of the terms' magnitudes, and
 bounds after a square root and a division by ``||s||`` by a relative margin of 1e-12. The returned
