@@ -82,3 +82,4 @@ def test_deploy_binds_the_given_host_and_prints_the_checkout_and_the_release(new
     release = next(line for line in printed.splitlines() if 'mode="release"' in line)
     assert "release-num=5" in release and f'release-out="{fed.run_dir.resolve() / "release"}"' in release
     assert "fedsynth release" in printed and f"--deployment {out.resolve()}" in printed
+    assert "FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 flower-supernode" in printed
