@@ -11,7 +11,9 @@ One round ``r``:
    ``federation.round_timeout``);
 2. send the global denoiser, the frozen public autoencoder and the round config (consortium settings
    and, per site, the newest ledger head the consortium saw) to every node the strategy may sample;
-   none left -> the run ends ("every site has spent its budget");
+   none left -> the run ends ("every site has spent its budget"). A node that cached the
+   autoencoder does not get it again, and one that cached a full denoiser gets only the trained
+   subset when only a subset is trained (:func:`_leave_out_cached_weights`);
 3. wait for the replies (at most ``round_timeout`` seconds); a node that errs or does not answer is
    logged and recorded, the round goes on;
 4. mirror every reply in the consortium ledger; fewer than ``min_sites`` sites trained -> the round
