@@ -18,21 +18,22 @@ Everything else is in :mod:`client.site_runtime`; the reply is checked against t
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site_runtime import SiteOutcome, TrainInstruction, run_site_round
+from client.weights_cache import (AutoencoderMissing, DenoiserMissing, RebuiltModelMismatch,
+                                  frozen_autoencoder, rebuild_global)
+from client.weights_cache import autoencoder_cache_path  # noqa: F401 - part of this module's API
 from configs import load_config, load_site_config
 from configs.schema import SiteConfig
-from models.checkpoint import atomic_torch_save
 from models.logs import show_in_flower_log
-from privacy.outbox import weights_hash
 from privacy.protocol import (ARRAYS, CONFIG, FROZEN_AUTOENCODER, GLOBAL_WEIGHTS, METRICS,
                               ROUND_CONFIG, SITE_ACCOUNTING, SITE_STATUS, SITE_WEIGHTS,
                               ProtocolViolation, RefusalReason, ReplyStatus, RoundConfig, TrainReply,
@@ -85,55 +86,31 @@ def resolve_site(context: Context, defaults: Mapping[str, Any]) -> SiteConfig:
                             "--node-config 'site-config=\"/path/to/site.yaml\"'")
 
 
-def autoencoder_cache_path(site: SiteConfig, sha256: str) -> Path:
-    """The site's on-disk copy of the public autoencoder with hash ``sha256`` (in its state
-    folder, next to its ledger; mode 0600 like every file the site writes there)."""
-    return Path(site.ledger_path).parent / "cache" / f"autoencoder-{sha256}.pt"
-
-
-def frozen_autoencoder(site: SiteConfig, content: RecordDict, sha256: str
-                       ) -> dict[str, torch.Tensor] | None:
-    """The frozen public autoencoder's state dict: from the message (then cached on disk, keyed by
-    its hash) or, when the server left it out because this site holds it, from the cache. None
-    when neither has the autoencoder of hash ``sha256``."""
-    path = autoencoder_cache_path(site, sha256)
-    if FROZEN_AUTOENCODER in content:
-        state = content[FROZEN_AUTOENCODER].to_torch_state_dict()
-        if not path.exists() and weights_hash(state) == sha256:
-            atomic_torch_save(state, path)   # a temporary file (0600) renamed into place
-        return state
-    if path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if weights_hash(state) == sha256:
-            return state
-        log.warning("%s: %s does not hold the autoencoder %s; discarding it", site.site_id, path,
-                    sha256[:12])
-        path.unlink(missing_ok=True)
-    return None
-
-
 def decode_instruction(content: RecordDict, site: SiteConfig) -> TrainInstruction:
     """The round config and the global / autoencoder state dicts of a train message.
 
-    Raises :class:`AutoencoderMissing` when the message leaves the autoencoder out and this site
-    holds no copy of it."""
+    Public weights the message leaves out come from the site's cache (:mod:`client.weights_cache`):
+    raises :class:`AutoencoderMissing` / :class:`DenoiserMissing` when the cache lacks them, and
+    :class:`RebuiltModelMismatch` when the trained subset does not rebuild the global model."""
     try:
         round_config = RoundConfig.from_record(dict(content[ROUND_CONFIG]))
-        global_state = content[GLOBAL_WEIGHTS].to_torch_state_dict()
+        received = content[GLOBAL_WEIGHTS].to_torch_state_dict()
     except KeyError as err:
         raise ProtocolViolation(f"train message lacks the record {err}") from None
-    autoencoder = frozen_autoencoder(site, content, round_config.autoencoder_sha256)
+    global_state = rebuild_global(site, received, round_config)
+    autoencoder = frozen_autoencoder(
+        site, content[FROZEN_AUTOENCODER].to_torch_state_dict() if FROZEN_AUTOENCODER in content
+        else None, round_config.autoencoder_sha256)
     if autoencoder is None:
         raise AutoencoderMissing(round_config.server_round)
     return TrainInstruction(round_config, global_state, autoencoder)
 
 
-class AutoencoderMissing(Exception):
-    """The train message left out the autoencoder and the site's cache does not hold it."""
-
-    def __init__(self, server_round: int):
-        super().__init__(f"round {server_round}: no autoencoder in the message nor in the cache")
-        self.server_round = server_round
+def _refusal(message: Message, site: SiteConfig, reason: RefusalReason, server_round: int) -> Message:
+    """A refusal decided before the round starts (nothing private computed, ledger untouched)."""
+    reply = TrainReply(status=ReplyStatus.REFUSED, reason=reason, site_id=site.site_id,
+                       round=server_round)
+    return Message(encode_reply(SiteOutcome(reply, None, 0.0), {}), reply_to=message)
 
 
 def encode_reply(outcome: SiteOutcome, weight_shapes: Mapping[str, tuple[int, ...]]) -> RecordDict:
@@ -160,33 +137,52 @@ def past_deadline(round_config: RoundConfig, now: float | None = None) -> float 
     return late if late > 0 else None
 
 
+def process_started_at() -> float | None:
+    """When this process started (Unix seconds, from Linux's /proc; None elsewhere): with
+    Flower's fresh process per message, the time before :func:`handle_train` runs is the cost of
+    starting Python and importing the ClientApp."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        age = float(Path("/proc/uptime").read_text().split()[0]) - \
+            int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - age
+
+
 def handle_train(message: Message, context: Context, defaults: Mapping[str, Any]) -> Message:
     """Answer a train message with a reply whose content passed the allow-list check."""
+    received = time.time()
     site = resolve_site(context, defaults)
     try:
         instruction = decode_instruction(message.content, site)
-    except AutoencoderMissing as missing:
-        # Structured, so that the server sends the autoencoder again next round.
+    except (AutoencoderMissing, DenoiserMissing) as missing:
+        # Structured, so that the server sends the full weights again next round.
         log.warning("%s: %s; refusing the round", site.site_id, missing)
-        reply = TrainReply(status=ReplyStatus.REFUSED, reason=RefusalReason.AUTOENCODER_MISSING,
-                           site_id=site.site_id, round=missing.server_round)
-        return Message(encode_reply(SiteOutcome(reply, None, 0.0), {}), reply_to=message)
+        reason = RefusalReason.AUTOENCODER_MISSING if isinstance(missing, AutoencoderMissing) \
+            else RefusalReason.DENOISER_MISSING
+        return _refusal(message, site, reason, missing.server_round)
+    except RebuiltModelMismatch as err:
+        log.error("%s: refusing %s", site.site_id, err)
+        return _refusal(message, site, RefusalReason.MODEL_MISMATCH, err.server_round)
     except ProtocolViolation as err:
         log.error("%s: refusing a malformed train message: %s", site.site_id, err)
         round_config = message.content.get(ROUND_CONFIG, {})
-        reply = TrainReply(status=ReplyStatus.REFUSED, reason=RefusalReason.PROTOCOL_MISMATCH,
-                           site_id=site.site_id, round=int(round_config.get("server-round", 0)))
-        return Message(encode_reply(SiteOutcome(reply, None, 0.0), {}), reply_to=message)
+        return _refusal(message, site, RefusalReason.PROTOCOL_MISMATCH,
+                        int(round_config.get("server-round", 0)))
     late = past_deadline(instruction.round_config)
     if late is not None:
         # Before any private computation: the server has closed this round, so training now would
         # spend epsilon on weights it throws away. The ledger is not touched.
         log.warning("%s: refusing round %d: received %.1fs after its deadline", site.site_id,
                     instruction.round_config.server_round, late)
-        reply = TrainReply(status=ReplyStatus.REFUSED, reason=RefusalReason.DEADLINE_PASSED,
-                           site_id=site.site_id, round=instruction.round_config.server_round)
-        return Message(encode_reply(SiteOutcome(reply, None, 0.0), {}), reply_to=message)
-    outcome = run_site_round(site, instruction, deployment=is_deployment(context))
+        return _refusal(message, site, RefusalReason.DEADLINE_PASSED,
+                        instruction.round_config.server_round)
+    timings = {"received": received, "decode_seconds": time.time() - received}
+    started = process_started_at()
+    if started is not None:
+        timings["process_started"] = started
+    outcome = run_site_round(site, instruction, deployment=is_deployment(context), timings=timings)
     shapes = {name: tuple(tensor.shape) for name, tensor in instruction.global_state.items()}
     log.info("%s: round %d %s%s (epsilon %.4g of %g)", site.site_id, outcome.reply.round,
              outcome.reply.status.value, f" ({outcome.reply.reason.value})" if outcome.reply.reason.value

@@ -8,7 +8,9 @@ The round, in order (nothing here imports Flower; :mod:`client.client_app` only 
 2. Data. The site's scans are loaded with :func:`client.site_data.load_site` on the consortium's
    grid and encoded ONCE by the frozen public autoencoder under ``no_grad``: latents (N, Cz, d, h, w)
    scaled by the public latent scale factor, label maps as class fractions on the latent grid
-   (N, C, d, h, w), attributes (N, A). The encoded site is cached in memory for later rounds.
+   (N, C, d, h, w), attributes (N, A). The encoded site is cached on the site's disk for later
+   rounds and processes (:mod:`client.latent_cache`: keyed by the data, grid and autoencoder;
+   private files, mode 0600 in a 0700 folder) and in this process's memory.
 3. Budget. The site's own config sets its cap (``SiteConfig.budget``). A deployed site without one
    refuses (``no-site-budget``); in simulation a site config without one takes the consortium
    default ONCE: it is locked into the ledger at first use and never raised by the server later
@@ -45,11 +47,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
+from client import latent_cache
 from client.membership_audit import MembershipAuditError, apply_holdout
 from client.site_data import SiteDataError, load_site
 from configs.schema import DataConfig, SiteConfig
@@ -160,13 +163,25 @@ def encode_site(site: SiteConfig, data: DataConfig, attributes: Sequence[str],
 
 
 def _cached_encoding(site: SiteConfig, config: RoundConfig, data: DataConfig,
-                     autoencoder: torch.nn.Module) -> EncodedSite:
-    key = (str(Path(site.data_dir).resolve()), site.manifest, json.dumps(config.data, sort_keys=True),
-           tuple(config.attributes), config.autoencoder_sha256, config.latent_scale_factor)
+                     autoencoder: Callable[[], torch.nn.Module]) -> EncodedSite:
+    """The site's encoded scans: from this process's memory, else from its on-disk cache
+    (:mod:`client.latent_cache`, private: 0600 files in a 0700 folder), else encoded now and cached."""
+    key = latent_cache.cache_key(site, data, config.data, config.attributes,
+                                 config.autoencoder_sha256, config.latent_scale_factor)
     if key in _encoded:
         _encoded.move_to_end(key)
         return _encoded[key]
-    encoded = encode_site(site, data, config.attributes, autoencoder, config.latent_scale_factor)
+    stored = latent_cache.load_encoded(site, key)
+    if stored is not None:
+        encoded = EncodedSite(EncodedScans(stored["latents"], stored["labels"], stored["attributes"]),
+                              {pid: list(rows) for pid, rows in stored["patients"].items()})
+    else:
+        encoded = encode_site(site, data, config.attributes, autoencoder(),
+                              config.latent_scale_factor)
+        scans = encoded.scans
+        latent_cache.store_encoded(site, key, {"latents": scans.latents, "labels": scans.labels,
+                                               "attributes": scans.attributes,
+                                               "patients": encoded.patients})
     _encoded[key] = encoded
     while len(_encoded) > _ENCODED_CACHE_SIZE:
         _encoded.popitem(last=False)
@@ -189,11 +204,13 @@ def activity_log_path(ledger_path: Path) -> Path:
     return ledger_path.with_name(ledger_path.name + ".activity.jsonl")
 
 
-def _record_activity(site: SiteConfig, reply: TrainReply, seconds: float) -> None:
+def _record_activity(site: SiteConfig, reply: TrainReply, seconds: float,
+                     timings: Mapping[str, float]) -> None:
     path = activity_log_path(site.ledger_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = {"timestamp": utc_timestamp(), "round": reply.round, "status": reply.status.value,
-            "reason": reply.reason.value, "epsilon": reply.epsilon, "compute_seconds": seconds}
+            "reason": reply.reason.value, "epsilon": reply.epsilon, "compute_seconds": seconds,
+            "finished": time.time(), **{k: round(v, 4) for k, v in timings.items()}}
     with path.open("a") as stream:
         stream.write(json.dumps(line, sort_keys=True) + "\n")
 
@@ -303,7 +320,7 @@ def _released(site: SiteConfig, ledger: SiteLedger, denoiser: torch.nn.Module, t
 
 
 def _train(site: SiteConfig, ledger: SiteLedger, instruction: TrainInstruction,
-           deployment: bool) -> SiteOutcome:
+           deployment: bool, timings: dict[str, float]) -> SiteOutcome:
     config = instruction.round_config
     privacy = config.privacy
     if weights_hash(instruction.global_state) != config.global_sha256 or \
@@ -319,10 +336,16 @@ def _train(site: SiteConfig, ledger: SiteLedger, instruction: TrainInstruction,
         raise _Refusal(RefusalReason.MODEL_MISMATCH)
     device, precision = site_compute(site, privacy)
     data = data_config(config)
-    autoencoder = build_autoencoder(config.model["autoencoder"])
-    autoencoder.load_state_dict(instruction.autoencoder_state)
-    autoencoder.requires_grad_(False)  # public and frozen: never trained on private data
-    encoded = _cached_encoding(site, config, data, autoencoder.to(device))
+    started = time.perf_counter()
+
+    def autoencoder() -> torch.nn.Module:   # built only when the scans must be encoded
+        model = build_autoencoder(config.model["autoencoder"])
+        model.load_state_dict(instruction.autoencoder_state)
+        model.requires_grad_(False)  # public and frozen: never trained on private data
+        return model.to(device)
+
+    encoded = _cached_encoding(site, config, data, autoencoder)
+    timings["encode_seconds"] = time.perf_counter() - started
     try:  # patients held out for the membership audit never train (recorded in the ledger)
         encoded = EncodedSite(encoded.scans,
                               apply_holdout(ledger, site.membership_holdout, encoded.patients))
@@ -338,7 +361,11 @@ def _train(site: SiteConfig, ledger: SiteLedger, instruction: TrainInstruction,
                     bool(config.attributes), generator, device, precision)
     if not privacy.get("enabled", True):  # _guard let it through: the site opted in
         return _train_non_private(site, ledger, config, denoiser, loss, encoded)
-    return _train_dp(site, ledger, config, denoiser, loss, encoded, deployment)
+    started = time.perf_counter()
+    try:
+        return _train_dp(site, ledger, config, denoiser, loss, encoded, deployment)
+    finally:
+        timings["train_seconds"] = time.perf_counter() - started
 
 
 def _train_non_private(site: SiteConfig, ledger: SiteLedger, config: RoundConfig,
@@ -406,19 +433,22 @@ def _train_dp(site: SiteConfig, ledger: SiteLedger, config: RoundConfig, denoise
 
 
 def run_site_round(site: SiteConfig, instruction: TrainInstruction, *,
-                   deployment: bool = False) -> SiteOutcome:
+                   deployment: bool = False, timings: Mapping[str, float] | None = None
+                   ) -> SiteOutcome:
     """Answer one train instruction. Never raises: every outcome is a :class:`TrainReply`.
 
     ``deployment``: the site config is the site's own file (a SuperNode), so the consortium's
     default budget is never taken. An unexpected error is logged here, at the site, in full; the
-    reply only says ``site-error``.
+    reply only says ``site-error``. ``timings`` (seconds, Unix times) go to the site's local
+    activity log with the round's own phases (``encode_seconds``, ``train_seconds``).
     """
     started = time.perf_counter()
+    phases: dict[str, float] = dict(timings or {})
     ledger = SiteLedger(site.ledger_path)
     round = instruction.round_config.server_round
     try:
         _guard(site, ledger, instruction.round_config, deployment)
-        outcome = _train(site, ledger, instruction, deployment)
+        outcome = _train(site, ledger, instruction, deployment, phases)
     except _Refusal as refusal:
         outcome = SiteOutcome(TrainReply(status=refusal.status, reason=refusal.reason,
                                          site_id=site.site_id, round=round, **_spend(ledger)), None, 0.0)
@@ -432,7 +462,7 @@ def run_site_round(site: SiteConfig, instruction: TrainInstruction, *,
                                          site_id=site.site_id, round=round, **_spend(ledger)), None, 0.0)
     seconds = time.perf_counter() - started
     try:
-        _record_activity(site, outcome.reply, seconds)
+        _record_activity(site, outcome.reply, seconds, phases)
     except OSError as err:
         log.warning("%s: cannot write the activity log (%s)", site.site_id, err)
     return SiteOutcome(outcome.reply, outcome.weights, seconds)

@@ -74,14 +74,17 @@ def write_tiny_federation(out: Path, *, sites: int = 3, patients: int = 4, round
                           attributes: tuple[str, ...] = ("age", "sex"), seed: int = 0,
                           federation: Mapping[str, Any] | None = None,
                           release: Mapping[str, Any] | None = None,
-                          unet_channels: list[int] | None = None) -> TinyFederation:
+                          unet_channels: list[int] | None = None, size: int = SIZE,
+                          model: Mapping[str, Any] | None = None,
+                          privacy: Mapping[str, Any] | None = None) -> TinyFederation:
     """Write ``out/config.yaml`` (sites inline, each site's ledger and gate log
     under ``out/ledgers/<site_id>``), plus one site YAML per
     site under ``out/sites`` (what each SuperNode would be given in deployment).
 
     ``cohort`` / ``checkpoint`` reuse existing ones (the cohort must have ``sites`` sites of
     ``patients`` patients); otherwise they are created under ``out``. ``caps`` sets a site's own
-    ``target_epsilon`` (default 10).
+    ``target_epsilon`` (default 10). ``size`` (volumes size^3, spacing 192/size mm), ``model`` (the
+    model section) and ``privacy`` (keys over the defaults) scale it up, e.g. for benchmarks.
     """
     from experiments.cohort import generate_cohort
 
@@ -89,7 +92,7 @@ def write_tiny_federation(out: Path, *, sites: int = 3, patients: int = 4, round
     out.mkdir(parents=True, exist_ok=True)
     if cohort is None:
         cohort = out / "cohort"
-        generate_cohort(cohort, sites=sites, patients=patients, size=SIZE, seed=seed,
+        generate_cohort(cohort, sites=sites, patients=patients, size=size, seed=seed,
                         public_patients=patients)
     cohort = Path(cohort).resolve()
     site_ids = [f"site_{k}" for k in range(sites)]
@@ -105,12 +108,13 @@ def write_tiny_federation(out: Path, *, sites: int = 3, patients: int = 4, round
         site_yaml.write_text(yaml.safe_dump(entry, sort_keys=False))
     data = {
         "seed": seed, "run_dir": str(out / "run"),
-        "data": {"public_dir": str(Path(cohort) / "public"), "shape": [SIZE] * 3, "spacing": [SPACING] * 3},
-        "model": tiny_model_section(list(attributes)),  # unet_channels: a bigger denoiser
+        "data": {"public_dir": str(Path(cohort) / "public"), "shape": [size] * 3,
+                 "spacing": [192.0 / size] * 3},
+        "model": dict(model) if model else tiny_model_section(list(attributes)),
         "federation": {"rounds": rounds, "local_epochs": 1, "min_sites": min_sites,
                        "sites": site_entries, "round_timeout": 600.0, **dict(federation or {})},
         "privacy": {"expected_batch_size": patients, "max_physical_batch_size": 2 * patients,
-                    "target_epsilon": 10.0, "delta": 1e-3},
+                    "target_epsilon": 10.0, "delta": 1e-3, **dict(privacy or {})},
         "tracking": {"experiment": "fedsynth-tiny"},
     }
     if release:

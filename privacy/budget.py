@@ -12,7 +12,9 @@ Rules (the site is the authority on its own budget):
 - A site may change its cap (``target_epsilon``), the planned number of rounds, the local epochs or
   the clipping norm: a new ``plan`` entry records the change and the spend carries over. Sigma stays
   the first plan's, so a raised cap allows more rounds at the same noise, a lowered one stops
-  earlier.
+  earlier. A plan entry never states a planned epsilon above its cap: more rounds than the cap
+  allows at that sigma are cut to those that fit, and when none fits nothing is written (the
+  round's check refuses, the ledger unchanged).
 - A ``non-private-round`` entry (a site that opted in to non-private training) makes the spend
   infinite for good: every later DP-SGD round is refused with :class:`NonPrivateHistory`.
 - The spend is :func:`privacy.spend.site_spend`: DP-SGD rounds plus DP-gate charges, the one figure
@@ -29,7 +31,7 @@ import logging
 import math
 from pathlib import Path
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from privacy.accounting import epsilon
 from privacy.calibration import SchedulePlan, calibrate, sampling, steps_per_epoch
@@ -113,6 +115,28 @@ def _mismatch(ledger: Path, stored: PlanRecord, plan: SchedulePlan) -> str | Non
     return None
 
 
+def _within_cap(ledger: Path, plan: SchedulePlan, noise_multiplier: float) -> SchedulePlan | None:
+    """``plan`` at the stored sigma, its rounds cut to those whose planned epsilon stays within
+    the cap (a plan entry never states a planned epsilon above its cap); None when not one fits.
+
+    A resumed run that asks for more rounds than the first plan was calibrated for (or a lowered
+    cap) would otherwise record a plan it cannot honour before its rounds are refused."""
+    at_sigma = replace(plan, noise_multiplier=noise_multiplier)
+    if at_sigma.epsilon_after(plan.planned_rounds) <= plan.target_epsilon:
+        return plan
+    low, high = 0, plan.planned_rounds   # epsilon grows with the rounds: bisect the last that fits
+    while low < high:
+        middle = (low + high + 1) // 2
+        if at_sigma.epsilon_after(middle) <= plan.target_epsilon:
+            low = middle
+        else:
+            high = middle - 1
+    log.warning("%s: %d planned rounds at the stored sigma %.4g would reach epsilon %.4g, above "
+                "the site's cap %g; planning %d", ledger, plan.planned_rounds, noise_multiplier,
+                at_sigma.epsilon_after(plan.planned_rounds), plan.target_epsilon, low)
+    return replace(plan, planned_rounds=low) if low else None
+
+
 class NoSiteBudget(ValueError):
     """A site that must set its own budget (deployment) but does not. One line naming the key."""
 
@@ -181,7 +205,8 @@ class SiteBudget:
         """The site's budget under ``plan`` (from this run's config and data).
 
         Writes the first plan entry on a fresh ledger; refuses a changed mechanism
-        (:class:`PlanMismatch`); appends a plan entry when the cap, schedule or clipping changed.
+        (:class:`PlanMismatch`); appends a plan entry when the cap, schedule or clipping changed,
+        its rounds cut to those whose planned epsilon at the stored sigma is within the cap.
         """
         budget = cls(ledger)
         with budget.ledger.locked():
@@ -199,6 +224,9 @@ class SiteBudget:
             if problem:
                 raise PlanMismatch(problem)
             current = state.plan
+            plan = _within_cap(budget.ledger.path, plan, stored.noise_multiplier)
+            if plan is None:
+                return budget   # no round fits: nothing is written, the round's check refuses
             changed = (plan.target_epsilon, plan.planned_rounds, plan.local_epochs,
                        plan.steps_per_round, float(max_grad_norm), clipping) != (
                 current.target_epsilon, current.planned_rounds, current.local_epochs,

@@ -109,6 +109,7 @@ class RefusalReason(str, Enum):
     MODEL_MISMATCH = "model-mismatch"      # the received weights do not match their hashes
     DEADLINE_PASSED = "deadline-passed"    # received after the round's deadline: not trained
     AUTOENCODER_MISSING = "autoencoder-missing"  # sent without the autoencoder the site lacks
+    DENOISER_MISSING = "denoiser-missing"  # sent the trained subset; the site lacks the model it completes
     SITE_ERROR = "site-error"              # anything else; details stay in the site's log
 
 
@@ -137,6 +138,9 @@ class RoundConfig:
     # Absolute time (Unix seconds) after which the server no longer waits for this round; a site
     # that receives the instruction later refuses it before any private computation. 0: none.
     deadline: float = 0.0
+    # Non-empty: the message carries only the trained subset of the denoiser, to be overlaid on the
+    # full model of this hash that the site cached (client.weights_cache.rebuild_global).
+    base_sha256: str = ""
 
     def to_record(self) -> dict[str, Any]:
         """ConfigRecord content: scalars as is, nested values as canonical JSON strings."""
@@ -148,7 +152,7 @@ class RoundConfig:
             "latent-scale-factor": float(self.latent_scale_factor),
             "autoencoder-sha256": self.autoencoder_sha256, "global-sha256": self.global_sha256,
             "expected-heads": compact_json({k: [int(s), str(h)] for k, (s, h) in self.expected_heads.items()}),
-            "deadline": float(self.deadline),
+            "deadline": float(self.deadline), "base-sha256": self.base_sha256,
         }
 
     @classmethod
@@ -171,7 +175,8 @@ class RoundConfig:
             expected_heads={str(k): (int(v[0]), str(v[1])) for k, v in heads.items()},
             protocol=protocol,
             deadline=float(record_field(record, "deadline", (int, float))) if "deadline" in record
-            else 0.0)
+            else 0.0,
+            base_sha256=record_field(record, "base-sha256", str) if "base-sha256" in record else "")
 
 
 @dataclass(frozen=True)

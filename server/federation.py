@@ -11,7 +11,9 @@ One round ``r``:
    ``federation.round_timeout``);
 2. send the global denoiser, the frozen public autoencoder and the round config (consortium settings
    and, per site, the newest ledger head the consortium saw) to every node the strategy may sample;
-   none left -> the run ends ("every site has spent its budget");
+   none left -> the run ends ("every site has spent its budget"). A node that cached the
+   autoencoder does not get it again, and one that cached a full denoiser gets only the trained
+   subset when only a subset is trained (:func:`_leave_out_cached_weights`);
 3. wait for the replies (at most ``round_timeout`` seconds); a node that errs or does not answer is
    logged and recorded, the round goes on;
 4. mirror every reply in the consortium ledger; fewer than ``min_sites`` sites trained -> the round
@@ -47,8 +49,9 @@ from models.device import autocast, resolve_device
 from models.memory import configure
 from privacy.ledger import LedgerError
 from privacy.outbox import weights_hash
-from privacy.protocol import (FROZEN_AUTOENCODER, SITE_ACCOUNTING, SITE_WEIGHTS, WEIGHT_KEY,
-                              RefusalReason, RoundConfig)
+from privacy.protocol import (FROZEN_AUTOENCODER, GLOBAL_WEIGHTS, ROUND_CONFIG, SITE_ACCOUNTING,
+                              SITE_WEIGHTS, WEIGHT_KEY, RefusalReason, RoundConfig)
+from privacy.trainable import trainable_parameter_names
 from server.consortium_ledger import ConsortiumLedger
 from server.public_validation import FILE_NAME as VALIDATION_FILE
 from server.public_validation import evaluate_public, load_validation_set
@@ -178,6 +181,56 @@ def _note_autoencoder_holders(holders: set[int], outcome: RoundReplies) -> None:
             holders.add(node)
     for node, _, _ in outcome.failed:
         holders.discard(node)
+
+
+def _note_model_holders(holders: dict[int, str], outcome: RoundReplies, full_to: set[int],
+                        global_sha256: str) -> None:
+    """A node sent the full denoiser that answered caches it; one that failed, lacked its copy or
+    could not rebuild the global model gets the full denoiser again next round."""
+    resend = {RefusalReason.DENOISER_MISSING, RefusalReason.MODEL_MISMATCH}
+    for node, reply in outcome.accepted + outcome.declined:
+        if reply.reason in resend:
+            holders.pop(node, None)
+        elif node in full_to:
+            holders[node] = global_sha256
+    for node, _, _ in outcome.failed:
+        holders.pop(node, None)
+
+
+def _trained_subset(base: Checkpoint, trainable: str) -> list[str] | None:
+    """Names of the denoiser tensors the sites train, when that is a strict subset (else None):
+    the rest never changes within a run, so after a site cached the full model only these travel."""
+    if trainable == "all":
+        return None
+    names = trainable_parameter_names(base.build_denoiser(), trainable)
+    return names if set(names) != set(base.denoiser_state) else None
+
+
+def _leave_out_cached_weights(messages: list[Message], autoencoder_holders: set[int],
+                              model_holders: dict[int, str], trained_names: list[str] | None,
+                              round_config: RoundConfig) -> None:
+    """Slim each instruction down to what its node lacks: no autoencoder for a node that cached
+    it; only the trained subset of the denoiser (with the hash of the full model it completes,
+    ``base_sha256``) for a node that cached a full model, when only a subset is trained."""
+    if not messages:
+        return
+    full = messages[0].content
+    slim: dict[tuple[bool, str], RecordDict] = {}
+    for message in messages:
+        node = int(message.metadata.dst_node_id)
+        keep_autoencoder = node not in autoencoder_holders
+        base = model_holders.get(node, "") if trained_names is not None else ""
+        if keep_autoencoder and not base:
+            continue
+        if (keep_autoencoder, base) not in slim:
+            records = {k: v for k, v in full.items() if keep_autoencoder or k != FROZEN_AUTOENCODER}
+            if base:
+                weights = full[GLOBAL_WEIGHTS]
+                records[GLOBAL_WEIGHTS] = ArrayRecord({name: weights[name] for name in trained_names})
+                records[ROUND_CONFIG] = ConfigRecord(replace(round_config,
+                                                             base_sha256=base).to_record())
+            slim[(keep_autoencoder, base)] = RecordDict(records)
+        message.content = slim[(keep_autoencoder, base)]
 
 
 def _stream_round(grid: Grid, strategy: BudgetAwareFedAvg, ledger: ConsortiumLedger,
@@ -326,6 +379,8 @@ def run_federation(grid: Grid, settings: FederationSettings,
                        run_id=state.mlflow_run_id if state else None, tags=settings.run_tags)
     summaries: list[RoundSummary] = []
     holders: set[int] = set()   # nodes that received the autoencoder in this run (cached it)
+    model_holders: dict[int, str] = {}   # node -> hash of the full denoiser it received (cached)
+    trained_names = _trained_subset(base, config.privacy.trainable)
     stop_reason = state.stop_reason if state else ""
     timeout = config.federation.round_timeout
     try:
@@ -342,24 +397,24 @@ def run_federation(grid: Grid, settings: FederationSettings,
             arrays = ArrayRecord(torch_state_dict=global_state)
             messages = list(strategy.configure_train(server_round, arrays,
                                                      ConfigRecord(round_config.to_record()), grid))
-            lean = RecordDict({k: v for k, v in messages[0].content.items()
-                               if k != FROZEN_AUTOENCODER}) if messages else None
             for message in messages:
                 # Flower drops an instruction not delivered within the round (default TTL: 12 h).
                 message.metadata.ttl = timeout
-                if message.metadata.dst_node_id in holders:
-                    message.content = lean   # the site has the autoencoder on its disk
+            _leave_out_cached_weights(messages, holders, model_holders, trained_names, round_config)
             if not messages:
                 excluded = "; ".join(f"{k}: {v}" for k, v in strategy.exclusions().items())
                 stop_reason = (f"fewer than federation.min_sites={config.federation.min_sites} sites can "
                                f"still train ({excluded or 'none connected'})")
                 break
-            sent = sum(record_bytes(arrays) + (record_bytes(strategy.autoencoder)
-                                               if FROZEN_AUTOENCODER in m.content else 0)
-                       for m in messages)
+            sent = sum(record_bytes(m.content[GLOBAL_WEIGHTS]) + (
+                record_bytes(m.content[FROZEN_AUTOENCODER]) if FROZEN_AUTOENCODER in m.content else 0)
+                for m in messages)
+            full_to = {int(m.metadata.dst_node_id) for m in messages
+                       if not RoundConfig.from_record(dict(m.content[ROUND_CONFIG])).base_sha256}
             outcome, aggregated, received = _stream_round(grid, strategy, ledger, messages,
                                                           server_round, timeout)
             _note_autoencoder_holders(holders, outcome)
+            _note_model_holders(model_holders, outcome, full_to, round_config.global_sha256)
             del messages
             bytes_sent, bytes_received = bytes_sent + sent, bytes_received + received
             summary = RoundSummary(

@@ -1,16 +1,32 @@
 """Framework overhead per federated round: (round wall time - slowest site's compute) / round wall time.
 
-The same tiny federation (2 sites of 4 patients, 16^3 volumes, one DP-SGD step per round) runs
-through three transports, side by side in one run:
+The same federation runs through three transports, side by side in one run, at two scales:
+
+- ``tiny``: 2 sites of 4 patients, 16^3 volumes, a few-channel model, one DP-SGD step per round
+  (a fixed per-round cost dominates any compute here);
+- ``realistic``: 2 sites of 40 patients, 32^3 volumes, the demo's model (configs/demo.yaml),
+  expected batch 8 and one local epoch per round (5 DP-SGD steps), the scale at which the
+  deployment's slowness was reported.
+
+The transports:
 
 - ``loopback``: the ServerApp's round loop calling the ClientApp in this process, one site after
   the other (:class:`experiments.loopback.LoopbackGrid`) - no Flower runtime at all;
 - ``simulation``: Flower's simulation engine (Ray actors, one CPU each), as ``fedsynth federate``;
 - ``deployment`` (full run only): a real ``flower-superlink`` and one ``flower-supernode`` per site
   on loopback, started with ``flwr run``. Flower 1.41 starts a fresh ``flwr-clientapp`` process for
-  every message, so each round pays the Python/torch import of the ClientApp, and the SuperNodes and
-  the ServerApp poll for messages every 3 s. Every round costs the same (~50 s on a busy 2-core
-  machine), so the deployment runs 2 rounds (round 1 and one later round) and the others 3.
+  every message (no keep-alive), so each round pays starting Python and importing the ClientApp
+  (torch, MONAI, Opacus, Flower); a SuperNode asks the SuperLink for messages every 3 s (fixed in
+  Flower) and its SuperExec asks the SuperNode for tasks every
+  ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds (default 1; set to 0.1 here, as the README
+  advises). The sites keep the public weights and their encoded scans on disk between rounds.
+
+Where a later round's time goes (``breakdown``, the slowest site, mean over later rounds, seconds):
+``startup`` (process start and imports until the ClientApp's handler runs; deployment only),
+``decode`` (records to tensors, rebuilding the global model), ``encode`` (loading or encoding the
+scans), ``train``, and ``outside`` (deployment: the round's wall time not spent in the site's
+process - message delivery, Flower's polling, the reply's way back). ``import_seconds``: a fresh
+Python importing the ClientApp, measured alone.
 
 Round wall time is the server's, from sending the instructions to the aggregated weights (the
 consortium ledger's ``round`` entries); a site's compute is the time its ClientApp spent on the
@@ -47,20 +63,48 @@ from pathlib import Path
 
 SITES, PATIENTS = 2, 4
 
+DEMO_MODEL = {"autoencoder": {"kind": "kl", "channels": [8, 16], "latent_channels": 3},
+              "unet": {"channels": [16, 32, 32], "attention_levels": [False, False, True],
+                       "num_head_channels": 16},
+              "conditioning": {"mode": "concat", "attributes": ["age", "sex"], "dropout": 0.1},
+              "diffusion": {"train_timesteps": 1000, "sampling_steps": 25,
+                            "prediction_type": "v_prediction"}}
+# name -> (patients per site, volume size, model section (None: the tiny one), privacy keys)
+SCALES = {"tiny": (PATIENTS, 16, None, None),
+          "realistic": (40, 32, DEMO_MODEL, {"expected_batch_size": 8,
+                                             "max_physical_batch_size": 8})}
 
-def _site_compute(fed) -> dict[int, list[float]]:
-    """Round -> each site's compute seconds (latest entry per site and round)."""
+
+def _site_activity(fed) -> dict[int, list[dict]]:
+    """Round -> each site's activity-log entry (latest per site and round)."""
     from client.site_runtime import activity_log_path
 
-    per_round: dict[int, dict[str, float]] = {}
+    per_round: dict[int, dict[str, dict]] = {}
     for site_id in fed.site_ids:
         path = activity_log_path(fed.ledger(site_id))
         if not path.exists():
             continue
         for line in path.read_text().splitlines():
             entry = json.loads(line)
-            per_round.setdefault(int(entry["round"]), {})[site_id] = float(entry["compute_seconds"])
+            per_round.setdefault(int(entry["round"]), {})[site_id] = entry
     return {r: list(sites.values()) for r, sites in per_round.items()}
+
+
+def _breakdown(walls: dict[int, float], activity: dict[int, list[dict]], rounds: list[int],
+               fresh_process: bool) -> dict:
+    """Mean over ``rounds`` of the slowest site's phases (seconds); see the module docstring."""
+    phases: dict[str, list[float]] = {}
+    for r in rounds:
+        slowest = max(activity[r], key=lambda e: e["compute_seconds"])
+        found = {"decode": slowest.get("decode_seconds"), "encode": slowest.get("encode_seconds"),
+                 "train": slowest.get("train_seconds"), "compute": slowest["compute_seconds"]}
+        if fresh_process and "process_started" in slowest:
+            found["startup"] = slowest["received"] - slowest["process_started"]
+            found["outside"] = walls[r] - (slowest["finished"] - slowest["process_started"])
+        for name, value in found.items():
+            if value is not None:
+                phases.setdefault(name, []).append(float(value))
+    return {name: round(statistics.mean(values), 3) for name, values in phases.items()}
 
 
 def _round_walls(fed) -> dict[int, float]:
@@ -72,8 +116,9 @@ def _round_walls(fed) -> dict[int, float]:
             if e.payload["status"] == "aggregated"}
 
 
-def _summary(fed) -> dict:
-    walls, compute = _round_walls(fed), _site_compute(fed)
+def _summary(fed, fresh_process: bool = False) -> dict:
+    walls, activity = _round_walls(fed), _site_activity(fed)
+    compute = {r: [float(e["compute_seconds"]) for e in entries] for r, entries in activity.items()}
     rounds = sorted(r for r in walls if compute.get(r))
     overhead = {r: (walls[r] - max(compute[r])) / walls[r] for r in rounds}
     overhead_sum = {r: (walls[r] - sum(compute[r])) / walls[r] for r in rounds}
@@ -86,6 +131,7 @@ def _summary(fed) -> dict:
         "overhead_vs_sum_round_1": overhead_sum[rounds[0]] if rounds else None,
         "overhead_later_rounds": statistics.mean(overhead[r] for r in later) if later else None,
         "overhead_vs_sum_later_rounds": statistics.mean(overhead_sum[r] for r in later) if later else None,
+        "breakdown_later_rounds": _breakdown(walls, activity, later, fresh_process) if later else {},
     }
 
 
@@ -128,6 +174,9 @@ def _deployment(fed, folder: Path, timeout: float = 1200.0) -> dict:
 
     prepare_public_validation(load_config(fed.config_path), fed.run_dir)
     env = {**os.environ, "FLWR_HOME": str(folder / "flwr"), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SUPEREXEC_POLL_SECONDS),
+           # One thread per site, as the simulation's Ray actors (1 CPU each) and loopback.
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     repo = Path(__file__).resolve().parents[2]
     port = _free_port()
@@ -160,7 +209,23 @@ def _deployment(fed, folder: Path, timeout: float = 1200.0) -> dict:
             except ProcessLookupError:
                 pass
             process.wait(timeout=30)
-    return _summary(fed)
+    return _summary(fed, fresh_process=True)
+
+
+SUPEREXEC_POLL_SECONDS = 0.1
+
+
+def import_seconds() -> float:
+    """Wall time of a fresh Python that imports Flower's ClientApp runtime and fedsynth's
+    ClientApp: the fixed cost every deployment round pays once per site (the median of 3)."""
+    command = [sys.executable, "-c", "import flwr.clientapp, client.client_app"]
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        subprocess.run(command, check=True, cwd=Path(__file__).resolve().parents[2],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times), 3)
 
 
 MEMORY_UNET_CHANNELS = [32, 64]   # a ~7 MiB denoiser: big enough that a held reply shows
@@ -320,66 +385,87 @@ def _memory(folder: Path, counts: tuple[int, ...] = (2, 20)) -> dict:
     return results
 
 
-def run(quick: bool = False) -> dict:
-    """Overhead per transport and server memory; ``quick`` runs 2 rounds and skips the deployment
-    and the memory measurement."""
-    import torch
-
+def run_scale(name: str, folder: Path, quick: bool = False) -> dict:
+    """Overhead per transport at scale ``name`` (:data:`SCALES`), side by side."""
     from experiments.tiny_federation import write_tiny_federation
 
-    torch.set_num_threads(1)
+    patients, size, model, privacy = SCALES[name]
     rounds = 2 if quick else 3
-    results: dict = {"sites": SITES, "patients_per_site": PATIENTS, "threads": 1}
+    shape = {"patients": patients, "size": size, "model": model, "privacy": privacy}
+    base = write_tiny_federation(folder / "base", sites=SITES, rounds=rounds, **shape)
+    results: dict = {"sites": SITES, "patients_per_site": patients, "volume": f"{size}^3"}
+    modes = {"loopback": _loopback, "simulation": _simulation}
+    if not quick:
+        modes["deployment"] = lambda fed: _deployment(fed, folder / "deployment")
+    for mode, measure in modes.items():
+        fed = write_tiny_federation(folder / mode, sites=SITES, rounds=rounds, cohort=base.cohort,
+                                    checkpoint=base.checkpoint, min_sites=SITES, **shape)
+        try:
+            results[mode] = measure(fed)
+        except Exception as err:  # noqa: BLE001 - one transport failing still reports the others
+            results[mode] = {"error": f"{type(err).__name__}: {err}"}
+    return results
+
+
+def run(quick: bool = False, scales: tuple[str, ...] = tuple(SCALES)) -> dict:
+    """Overhead per transport at each scale and server memory; ``quick`` runs 2 rounds of the
+    tiny scale only and skips the deployment and the memory measurement."""
+    import torch
+
+    torch.set_num_threads(1)
+    scales = ("tiny",) if quick else scales
+    results: dict = {"threads": 1, "import_seconds": import_seconds(),
+                     "superexec_poll_seconds": SUPEREXEC_POLL_SECONDS}
     with tempfile.TemporaryDirectory(prefix="fedsynth-overhead-") as tmp:
-        base = write_tiny_federation(Path(tmp) / "base", sites=SITES, patients=PATIENTS, rounds=rounds)
-        modes = {"loopback": (_loopback, rounds), "simulation": (_simulation, rounds)}
-        if not quick:
-            modes["deployment"] = (lambda fed: _deployment(fed, Path(tmp) / "deployment"), 2)
-        for name, (measure, count) in modes.items():
-            fed = write_tiny_federation(Path(tmp) / name, sites=SITES, patients=PATIENTS, rounds=count,
-                                        cohort=base.cohort, checkpoint=base.checkpoint, min_sites=SITES)
-            try:
-                results[name] = measure(fed)
-            except Exception as err:  # noqa: BLE001 - one transport failing still reports the others
-                results[name] = {"error": f"{type(err).__name__}: {err}"}
+        for name in scales:
+            results[name] = run_scale(name, Path(tmp) / name, quick)
         if not quick:
             results["memory"] = _memory(Path(tmp) / "memory")
     return {"summary": _summary_line(results), **results}
 
 
 def _summary_line(results: dict) -> str:
-    """One line: each transport's overhead in the later rounds and in round 1."""
+    """One line: per scale, each transport's overhead in the later rounds and in round 1."""
     def percent(value) -> str:
         return "n/a" if value is None else f"{value:.0%}"
 
-    parts = []
-    for name in ("loopback", "simulation", "deployment"):
-        found = results.get(name)
-        if found is None:
+    lines = []
+    for scale in SCALES:
+        if scale not in results:
             continue
-        if "error" in found:
-            parts.append(f"{name} failed")
-            continue
-        # Loopback runs the sites one after the other: its bound is their sum, not the slowest.
-        against, key = (("the sites' summed compute", "overhead_vs_sum") if name == "loopback"
-                        else ("the slowest site", "overhead"))
-        parts.append(f"{name} {percent(found[key + '_later_rounds'])} beyond {against} "
-                     f"(round 1, with start-up: {percent(found[key + '_round_1'])})")
-    cause = (" Deployment pays a fresh ClientApp process per message."
-             if "deployment" in results and "error" not in results["deployment"] else "")
+        parts = []
+        for name in ("loopback", "simulation", "deployment"):
+            found = results[scale].get(name)
+            if found is None:
+                continue
+            if "error" in found:
+                parts.append(f"{name} failed")
+                continue
+            # Loopback runs the sites one after the other: its bound is their sum, not the slowest.
+            against, key = (("the sites' summed compute", "overhead_vs_sum") if name == "loopback"
+                            else ("the slowest site", "overhead"))
+            parts.append(f"{name} {percent(found[key + '_later_rounds'])} beyond {against} "
+                         f"(round 1, with start-up: {percent(found[key + '_round_1'])})")
+        lines.append(f"{scale} ({results[scale]['patients_per_site']} patients per site, "
+                     f"{results[scale]['volume']}): " + "; ".join(parts))
+    fixed = (f" A fresh Python importing the ClientApp takes {results['import_seconds']:.1f} s: "
+             "Flower 1.41 pays it once per site and round (a new process per message)."
+             if "import_seconds" in results else "")
     memory = results.get("memory", {})
     peak = (f" Server memory held during a round ({memory.get('denoiser_mib')} MiB denoiser): "
             f"streaming {memory.get('streaming_2_sites_held_mib')} MiB with 2 sites, "
             f"{memory.get('streaming_20_sites_held_mib')} MiB with 20; holding every reply: "
             f"{memory.get('hold_2_sites_held_mib')} / {memory.get('hold_20_sites_held_mib')} MiB."
             ) if memory else ""
-    return ("Share of a round's wall time spent outside site compute, later rounds: "
-            + "; ".join(parts) + "." + cause + peak)
+    return ("Share of a round's wall time spent outside site compute, later rounds. "
+            + ". ".join(lines) + "." + fixed + peak)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds, no deployment")
+    parser.add_argument("--quick", action="store_true", help="2 rounds, tiny scale, no deployment")
+    parser.add_argument("--scale", choices=tuple(SCALES), action="append",
+                        help="only this scale (repeatable); default: all")
     parser.add_argument("--memory", action="store_true",
                         help="only the server-memory measurement (2 vs 20 sites)")
     parser.add_argument("--memory-probe", type=Path, metavar="CONFIG", help=argparse.SUPPRESS)
@@ -401,7 +487,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="fedsynth-memory-") as tmp:
             print(json.dumps(_memory(Path(tmp)), indent=2))
         return
-    print(json.dumps(run(args.quick), indent=2))
+    print(json.dumps(run(args.quick, tuple(args.scale or SCALES)), indent=2))
 
 
 if __name__ == "__main__":

@@ -71,11 +71,10 @@ def _write_deployment(args, config, out: Path, run_dir: Path, checkpoint: Path,
     import yaml
 
     from configs import config_to_dict
-    from experiments.deployment import (CONNECTION, SUPERNODE_FIRST_PORT, find_app_dir,
-                                        flwr_run_command, make_certificates, make_supernode_key,
-                                        run_config_argument,
-                                        shell, superlink_command, supernode_command,
-                                        write_flower_config)
+    from experiments.deployment import (CONNECTION, SUPERNODE_ENV, SUPERNODE_FIRST_PORT,
+                                        find_app_dir, flwr_run_command, make_certificates,
+                                        make_supernode_key, run_config_argument, shell,
+                                        superlink_command, supernode_command, write_flower_config)
     from experiments.federate import prepare_public_validation
 
     address = f"{hosts[0]}:{args.port}"
@@ -107,7 +106,7 @@ def _write_deployment(args, config, out: Path, run_dir: Path, checkpoint: Path,
                        f"hospital makes its own key and only the public half leaves it",
                        shell(supernode_command(address, site_yaml, SUPERNODE_FIRST_PORT + index,
                                                None if certificates is None else certificates.ca,
-                                               private))]
+                                               private), SUPERNODE_ENV)]
     if registrations:
         steps += ["# 2. Register each hospital's SuperNode public key (only these may connect)"]
         steps += registrations

@@ -82,3 +82,29 @@ def test_deploy_binds_the_given_host_and_prints_the_checkout_and_the_release(new
     release = next(line for line in printed.splitlines() if 'mode="release"' in line)
     assert "release-num=5" in release and f'release-out="{fed.run_dir.resolve() / "release"}"' in release
     assert "fedsynth release" in printed and f"--deployment {out.resolve()}" in printed
+    assert "FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 flower-supernode" in printed
+
+
+def test_the_fab_holds_the_app_code_and_configs_only():
+    """`flwr run` ships the FAB to the SuperLink and every SuperNode: run folders, ledgers, site
+    configs and `fedsynth deploy` output lying in the app folder must stay out of it."""
+    import subprocess
+    import tomllib
+    from pathlib import Path
+
+    from flwr.cli.build import get_filtered_fab_paths
+
+    repo = Path(__file__).resolve().parents[2]
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True,
+                             check=True).stdout.split()
+    strays = ["deploy/supernodes/site_0/site.yaml", "deploy/flwr/config.toml",
+              "work/ledgers/site_0/ledger.jsonl", "work/run/federation/state.json",
+              "deploy/commands.md"]
+    files = {path: b"" for path in tracked + strays}
+    config = tomllib.loads((repo / "pyproject.toml").read_text())
+    shipped = set(get_filtered_fab_paths(files, config))
+    assert {"client/client_app.py", "server/server_app.py", "privacy/protocol.py",
+            "models/checkpoint.py", "configs/demo.yaml", "configs/default.yaml"} <= shipped
+    assert not shipped & set(strays)
+    assert {path.split("/")[0] for path in shipped} <= {"client", "server", "privacy", "models",
+                                                        "configs"}

@@ -202,3 +202,18 @@ def test_tls_deployment_federates_then_releases_through_the_gate_and_resumes_aft
     released = [s for s in final["slots"] if s["status"] == "released"]
     assert len(list((out / "images").glob("*.nii.gz"))) == len(released)
     assert (out / "release_report.json").exists() and (out / "manifest.csv").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_failed_serverapp_ends_as_failed_in_flwr_ls(deployment, new_federation, tmp_path):
+    """`flwr run` exits 0 once the run was submitted; the failure shows in `flwr ls`."""
+    fed = new_federation(sites=2, rounds=1, min_sites=2)
+    deployment.start_superlink()
+    missing = tmp_path / "no_such_checkpoint.pt"
+    done = deployment.run_app(fed.config_path, fed.run_dir, missing, RUN_TIMEOUT)
+    assert "fedsynth pretrain" in done.stdout, done.stdout[-3000:]
+    listed = deployment.flwr(["ls", "fedsynth", "--format", "json"])
+    assert listed.returncode == 0, listed.stdout
+    runs = json.loads(listed.stdout)["runs"]
+    assert len(runs) == 1 and runs[0]["status"] == "finished:failed", runs

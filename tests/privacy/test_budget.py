@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -142,8 +143,10 @@ def test_restart_and_new_config_do_not_reset_the_spend(tmp_path: Path):
     record = _charge(raised, len(spent) + 1)
     assert record.epsilon > spent[-1] and record.target_epsilon == 6.0
     state = raised.state()
+    # (The fixed sigma of _plan fits 9 of the 10 rounds under cap 6: the entry plans those.)
     assert [(p.target_epsilon, p.planned_rounds) for p in state.plans] == [
-        (3.0, 10), (3.0, 2), (6.0, 10)]
+        (3.0, 10), (3.0, 2), (6.0, 9)]
+    assert state.plans[2].planned_epsilon <= 6.0
     assert state.plans[1].noise_multiplier == state.plans[0].noise_multiplier
 
 
@@ -262,3 +265,33 @@ def test_config_check_states_the_delta_policy_in_one_line(tmp_path: Path, capsys
     site["budget"]["allow_large_delta"] = True
     config.write_text(yaml.safe_dump({"federation": {"sites": [site]}}))
     assert main(["config", "check", str(config), "--no-path-check"]) == 0
+
+
+def test_more_rounds_than_the_cap_allows_never_write_a_plan_above_the_cap(tmp_path: Path):
+    """A resumed run asking for more rounds: the plan entry is cut to the rounds that fit, and a
+    site whose budget is spent refuses with its ledger byte for byte unchanged."""
+    path = tmp_path / "ledger.jsonl"
+    first = calibrate(target_epsilon=3.0, delta=1e-3, num_patients=20, expected_batch_size=4,
+                      rounds=2, local_epochs=1, accountant="rdp")
+    budget = SiteBudget.open(path, first, max_grad_norm=1.0)
+    _charge(budget, 1)
+    _charge(budget, 2)
+    spent = path.read_bytes()
+    # The resumed config plans 4 rounds (calibration for it would pick a larger sigma; the
+    # stored one stays): 4 rounds at the stored sigma exceed the cap, and not one more fits.
+    more = calibrate(target_epsilon=3.0, delta=1e-3, num_patients=20, expected_batch_size=4,
+                     rounds=4, local_epochs=1, accountant="rdp")
+    reopened = SiteBudget.open(path, more, max_grad_norm=1.0)
+    with pytest.raises(BudgetExhausted):
+        _charge(reopened, 3)
+    assert path.read_bytes() == spent
+    # A raised cap that fits 3 of the 4 planned rounds: the plan entry says 3, within the cap.
+    raised_cap = first.epsilon_after(3) + 1e-6
+    raised = SiteBudget.open(path, dataclasses.replace(more, target_epsilon=raised_cap),
+                             max_grad_norm=1.0)
+    _charge(raised, 3)
+    with pytest.raises(BudgetExhausted):
+        _charge(raised, 4)
+    plans = raised.state().plans
+    assert [p.planned_rounds for p in plans] == [2, 3]
+    assert all(p.planned_epsilon <= p.target_epsilon for p in plans)
