@@ -18,8 +18,11 @@ own scanner look. What each step does:
   not explain; an unaged subject reproduces the template T1.
 * **Subject deformation.** MONAI's ``Rand3DElasticd`` (seeded per subject): a smooth elastic
   field (about 2 mm displacement, 18-24 mm smoothness) plus a small affine (rotation up to
-  3.4 degrees about each axis, per-axis scale +-3 %, translation up to 3 mm), image linear,
-  label nearest. Heads are scaled to 92 % (sex 0) or 95 % (sex 1) of the template on
+  3.4 degrees about each axis, per-axis scale +-3 %, translation up to 3 mm), applied with
+  linear interpolation to the anatomy image and to the tissue fractions alike; the label is the
+  class with the largest deformed fraction, so label and image agree voxel by voxel (deforming
+  the argmax map by nearest neighbour instead, the format-1 cohorts, disagreed with it at Dice
+  0.74 and capped a segmenter's held-out Dice near 0.69). Heads are scaled to 92 % (sex 0) or 95 % (sex 1) of the template on
   average, so sex has a size effect (male heads are on average larger) and rotated heads
   stay inside the field of view.
   A follow-up scan reuses the subject's deformation at an older age with a new noise draw.
@@ -59,7 +62,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # Bumped whenever the same arguments would produce different files.
-COHORT_FORMAT = 1
+COHORT_FORMAT = 2                 # 2: labels from the deformed fractions
 LABEL_NAMES = ("background", "csf", "grey_matter", "white_matter")
 MANIFEST_COLUMNS = ("patient_id", "image", "label", "age", "sex")
 SUMMARY_FILE = "cohort.json"
@@ -201,8 +204,9 @@ def validate_arguments(sites: int, patients: int, size: int, seed: int,
 
 
 def _volume_bytes(size: int) -> int:
-    """Working memory of one subject at ``size``^3: float32 image, label and deformation field."""
-    return size ** 3 * 4 * 6
+    """Working memory of one subject at ``size``^3: float32 image, 4 tissue fractions and the
+    deformation field."""
+    return size ** 3 * 4 * 9
 
 
 @functools.lru_cache(maxsize=4)
@@ -331,11 +335,11 @@ def _deformation(subject: Subject, spacing_mm: float):
     # MONAI scales the sampling grid by (1 + scale): the head appears 1 / (1 + scale) as large.
     centre = 1 / HEAD_SIZE_BY_SEX[subject.sex] - 1
     transform = Rand3DElasticd(
-        keys=("image", "label"), sigma_range=sigma, magnitude_range=(magnitude, magnitude),
+        keys=("image", "fractions"), sigma_range=sigma, magnitude_range=(magnitude, magnitude),
         prob=1.0, rotate_range=(MAX_ROTATION_RAD,) * 3,
         scale_range=((centre - MAX_SCALE_JITTER, centre + MAX_SCALE_JITTER),) * 3,
         translate_range=(MAX_TRANSLATION_MM / spacing_mm,) * 3,
-        mode=("bilinear", "nearest"), padding_mode=("zeros", "zeros"))
+        mode="bilinear", padding_mode="zeros")
     return transform.set_random_state(seed=subject.deformation_seed)
 
 
@@ -363,14 +367,15 @@ def render_scan(grid: TemplateGrid, subject: Subject, visit: Visit, look: Scanne
     import torch
 
     fractions = aged_fractions(grid, visit.age)
-    label = fractions.argmax(0).astype(np.float32)
     anatomy = np.tensordot(grid.tissue_means, fractions, axes=1) + grid.residual
     deformed = _deformation(subject, grid.spacing_mm)({
         "image": torch.from_numpy(anatomy.astype(np.float32))[None],
-        "label": torch.from_numpy(label)[None]})
+        "fractions": torch.from_numpy(fractions.astype(np.float32))})
     image = _apply_look(deformed["image"].numpy(), grid, look, visit.noise_seed)
-    label_out = np.rint(deformed["label"].numpy()[0]).astype(np.uint8)
-    return image, label_out
+    # The label is read off the deformed fractions, the same interpolation as the image:
+    # deforming the argmax map by nearest neighbour instead disagreed with it at Dice 0.74.
+    label = deformed["fractions"].numpy().argmax(0).astype(np.uint8)
+    return image, label
 
 
 def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
