@@ -137,9 +137,11 @@ def run_demo(config_path: Path, *, patients: int = 40, public_patients: int = 40
         holdout = generate_holdout(cohort_dir, run_dir / HOLDOUT_DIR, HOLDOUT_PATIENTS_PER_SITE)
         pretrained_samples = run_dir / PRETRAINED_SAMPLES_DIR
         if not (pretrained_samples / "manifest.csv").exists():
+            # The pretrained model gets the released samples' own maps and attributes (the
+            # deformed public maps), so the baseline differs from the model only in federation.
             report = json.loads((release_dir / "release_report.json").read_text())
             released = report.get("counts", {}).get("released") or config.release.num_samples
-            sample_folder(pretrained, Path(config.data.public_dir), max(2, int(released)),
+            sample_folder(pretrained, release_dir, max(2, int(released)),
                           pretrained_samples, seed=config.seed)
         result = evaluate_folders(
             holdout, release_dir, config.data, public_dir=Path(config.data.public_dir),
