@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -68,6 +70,13 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path):
     assert (tmp_path / "run" / "checkpoint.pt").exists()
     assert (tmp_path / "run" / "federation" / "checkpoint.pt").exists()
     assert (tmp_path / "run" / "release" / "release_report.md").exists()
+    # The pretrained-only baseline was sampled on the released samples' own maps.
+    released = sorted((tmp_path / "run" / "release" / "labels").glob("*.nii.gz"))
+    baseline = sorted((tmp_path / "run" / "pretrained_samples" / "labels").glob("*.nii.gz"))
+    assert len(released) == len(baseline) == 2
+    for ours, theirs in zip(released, baseline):
+        assert np.array_equal(np.asarray(nib.load(ours).dataobj),
+                              np.asarray(nib.load(theirs).dataobj))
     text = format_summary(summary)
     assert "mlflow ui --backend-store-uri sqlite:///" in text
     assert "epsilon     site_0:" in text
