@@ -310,9 +310,10 @@ def deformed_map(labels: torch.Tensor, seed: int | None, num_classes: int) -> to
     """A label map (D, H, W) uint8 in ``0..num_classes-1``, randomly deformed.
 
     The one-hot map is deformed with linear interpolation and each voxel takes the class with
-    the largest share, as the demo cohort makes its labels: boundaries move smoothly. Deforming
-    the class indices by nearest neighbour instead left speckle along every grey/white boundary,
-    maps unlike any the model trained on. Outside the field of view is background (class 0).
+    the largest share, as the demo cohort (format 2) makes its labels from deformed tissue
+    fractions. On the demo's 32^3 maps this leaves slightly fewer isolated voxels than moving the
+    class indices by nearest neighbour (0.18 % vs 0.26 % of voxels; the undeformed maps: 0.27 %).
+    Outside the field of view is background (class 0).
     """
     if seed is None:
         return labels.clone()

@@ -313,3 +313,29 @@ def test_interrupted_run_leaves_nothing_and_keeps_the_old_cohort(tmp_path, monke
     assert _leftovers(tmp_path) == []
     after = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_labels_are_the_largest_deformed_fraction_as_the_image_is_deformed():
+    import torch
+    from monai.transforms import Rand3DElasticd
+
+    grid = cohort.template_grid(16)
+    subject = cohort.draw_subjects(4, 1, "s0", 1)[0]
+    visit = subject.visits[0]
+    _, label = cohort.render_scan(grid, subject, visit, cohort.draw_looks(4, 1)["site_0"])
+    fractions = cohort.aged_fractions(grid, visit.age).astype(np.float32)
+    moved = cohort._deformation(subject, grid.spacing_mm)(
+        {"image": torch.zeros((1,) + fractions.shape[1:]),
+         "fractions": torch.from_numpy(fractions)})["fractions"].numpy()
+    assert np.array_equal(label, moved.argmax(0))
+    # Format 1 moved the argmax map by nearest neighbour: a different label on this subject.
+    elastic = cohort._deformation(subject, grid.spacing_mm)
+    nearest = Rand3DElasticd(keys=("label",), mode="nearest", padding_mode="zeros", prob=1.0,
+                             sigma_range=elastic.rand_3d_elastic.sigma_range,
+                             magnitude_range=elastic.rand_3d_elastic.magnitude_range,
+                             rotate_range=elastic.rand_3d_elastic.rand_affine_grid.rotate_range,
+                             scale_range=elastic.rand_3d_elastic.rand_affine_grid.scale_range,
+                             translate_range=elastic.rand_3d_elastic.rand_affine_grid
+                             .translate_range).set_random_state(seed=subject.deformation_seed)
+    old = nearest({"label": torch.from_numpy(fractions.argmax(0).astype(np.float32))[None]})
+    assert not np.array_equal(label, np.rint(np.asarray(old["label"])[0]).astype(np.uint8))

@@ -427,3 +427,26 @@ def test_release_through_a_flower_simulation(world, tmp_path, capsys) -> None:
         log = [json.loads(line) for line in lines]
         assert log and all("answer" in entry for entry in log)
         assert sum(len(entry["candidates"]) for entry in log) == report["counts"]["candidates"]
+
+
+def test_deformed_maps_move_class_shares_as_the_cohort_labels_do():
+    from monai.transforms import Rand3DElastic
+
+    # A synthetic head: nested shells of classes 1-3 on background.
+    grid = torch.stack(torch.meshgrid(*[torch.arange(16.0)] * 3, indexing="ij"))
+    radius = (grid - 7.5).norm(dim=0)
+    labels = torch.bucketize(-radius, torch.tensor([-7.0, -5.0, -3.0])).to(torch.uint8)
+    moved = release_module.deformed_map(labels, 11, 4)
+    assert moved.dtype == torch.uint8 and moved.shape == labels.shape
+    assert int(moved.max()) <= 3
+    assert torch.equal(release_module.deformed_map(labels, None, 4), labels)
+    # The same field applied to the one-hot map, then the largest share: not the class indices
+    # moved by nearest neighbour (the previous behaviour, which differs on this map).
+    transform = Rand3DElastic(prob=1.0, mode="bilinear", padding_mode="zeros",
+                              **release_module._ELASTIC).set_random_state(seed=11)
+    one_hot = torch.nn.functional.one_hot(labels.long(), 4).permute(3, 0, 1, 2).float()
+    assert torch.equal(moved, torch.as_tensor(transform(one_hot)).argmax(0).to(torch.uint8))
+    nearest = Rand3DElastic(prob=1.0, mode="nearest", padding_mode="zeros",
+                            **release_module._ELASTIC).set_random_state(seed=11)
+    assert not torch.equal(moved, torch.as_tensor(nearest(labels[None].float()))[0]
+                           .round().to(torch.uint8))
