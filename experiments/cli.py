@@ -33,6 +33,7 @@ COMMAND_MODULES = [
     "experiments.commands.dossier",
     "experiments.commands.federate",
     "experiments.commands.deploy",
+    "experiments.commands.site_exec",
     "experiments.commands.release",
     "experiments.commands.sweep",
     "experiments.commands.benchmark",
@@ -75,6 +76,7 @@ USER_ERRORS = [
     ("client.membership_audit", "MembershipAuditError"),
     ("server.dossier", "DossierError"),
     ("models.device", "DeviceError"),
+    ("client.site_exec", "SiteExecError"),
 ]
 
 log = logging.getLogger("fedsynth")

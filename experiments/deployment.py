@@ -190,14 +190,37 @@ SUPERNODE_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
 def supernode_command(superlink: str, site_config: Path, port: int, ca: Path | None,
-                      private_key: Path | None) -> list[str]:
-    """``flower-supernode`` for one hospital, its site config passed as node config."""
+                      private_key: Path | None, *, site_exec: bool = False) -> list[str]:
+    """``flower-supernode`` for one hospital, its site config passed as node config.
+
+    ``site_exec``: ``--isolation process``, the site runs ``fedsynth site-exec`` against the
+    Runtime API on 127.0.0.1:``port`` (:func:`site_exec_command`) instead of Flower's SuperExec.
+    """
     command = ["flower-supernode", "--superlink", superlink, "--port", str(port),
                "--node-config", f'site-config="{Path(site_config).resolve()}"']
+    if site_exec:
+        command += ["--isolation", "process"]
     command += ["--insecure"] if ca is None else ["--root-certificates", str(ca)]
     if private_key is not None:
         command += ["--auth-supernode-private-key", str(private_key)]
     return command
+
+
+def site_exec_command(port: int, approved_fab: str | None) -> list[str]:
+    """``fedsynth site-exec`` for the SuperNode whose Runtime API listens on 127.0.0.1:``port``;
+    ``approved_fab`` None: any FAB (a local trial)."""
+    command = ["fedsynth", "site-exec", "--runtime-api-address", f"127.0.0.1:{port}", "--insecure"]
+    return command + (["--approve-fab", approved_fab] if approved_fab else ["--approve-any-fab"])
+
+
+def app_fab_hash(app_dir: Path) -> str:
+    """The SHA-256 of the FAB that ``flwr run APP_DIR`` builds and submits (Flower's own build),
+    i.e. the hash a site approves with ``fedsynth site-exec --approve-fab``."""
+    import hashlib
+
+    from flwr.cli.build import build_fab_from_disk
+
+    return hashlib.sha256(build_fab_from_disk(Path(app_dir))).hexdigest()
 
 
 def run_config_argument(config_path: Path, run_dir: Path, checkpoint: Path | None,

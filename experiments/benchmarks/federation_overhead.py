@@ -20,6 +20,9 @@ The transports:
   Flower) and its SuperExec asks the SuperNode for tasks every
   ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds (default 1; set to 0.1 here, as the README
   advises). The sites keep the public weights and their encoded scans on disk between rounds.
+- ``deployment_site_exec`` (full run only): the same, but each SuperNode runs in
+  ``--isolation process`` with the site's own ``fedsynth site-exec`` (:mod:`client.site_exec`):
+  still a fresh process per message, forked from a warm parent that imported everything once.
 
 Where a later round's time goes (``breakdown``, the slowest site, mean over later rounds, seconds):
 ``startup`` (process start and imports until the ClientApp's handler runs; deployment only),
@@ -166,9 +169,13 @@ def _listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _deployment(fed, folder: Path, timeout: float = 1200.0) -> dict:
-    from experiments.deployment import (flwr_run_command, run_config_argument, superlink_command,
-                                        supernode_command, write_flower_config)
+def _deployment(fed, folder: Path, timeout: float = 1200.0, site_exec: bool = False) -> dict:
+    """``site_exec``: SuperNodes in ``--isolation process``, each with ``fedsynth site-exec``
+    (warm ClientApp processes, approving the FAB ``flwr run`` submits) instead of Flower's
+    SuperExec."""
+    from experiments.deployment import (app_fab_hash, flwr_run_command, run_config_argument,
+                                        site_exec_command, superlink_command, supernode_command,
+                                        write_flower_config)
     from configs import load_config
     from experiments.federate import prepare_public_validation
 
@@ -196,9 +203,17 @@ def _deployment(fed, folder: Path, timeout: float = 1200.0) -> dict:
             if time.monotonic() > deadline:
                 raise RuntimeError("the SuperLink did not start")
             time.sleep(0.2)
+        approved = app_fab_hash(repo) if site_exec else None
         for site_id in fed.site_ids:
-            start(supernode_command(f"127.0.0.1:{port}", fed.site_yaml(site_id), _free_port(), None, None),
-                  site_id)
+            runtime_port = _free_port()
+            start(supernode_command(f"127.0.0.1:{port}", fed.site_yaml(site_id), runtime_port, None,
+                                    None, site_exec=site_exec), site_id)
+            if site_exec:
+                while not _listening(runtime_port):
+                    if time.monotonic() > deadline + 60:
+                        raise RuntimeError(f"the SuperNode of {site_id} did not start")
+                    time.sleep(0.2)
+                start(site_exec_command(runtime_port, approved), f"{site_id}-exec")
         run = start(flwr_run_command(repo, run_config_argument(fed.config_path, fed.run_dir,
                                                                fed.checkpoint)), "flwr-run")
         run.wait(timeout=timeout)
@@ -397,6 +412,8 @@ def run_scale(name: str, folder: Path, quick: bool = False) -> dict:
     modes = {"loopback": _loopback, "simulation": _simulation}
     if not quick:
         modes["deployment"] = lambda fed: _deployment(fed, folder / "deployment")
+        modes["deployment_site_exec"] = lambda fed: _deployment(fed, folder / "deployment_site_exec",
+                                                                site_exec=True)
     for mode, measure in modes.items():
         fed = write_tiny_federation(folder / mode, sites=SITES, rounds=rounds, cohort=base.cohort,
                                     checkpoint=base.checkpoint, min_sites=SITES, **shape)
@@ -434,7 +451,7 @@ def _summary_line(results: dict) -> str:
         if scale not in results:
             continue
         parts = []
-        for name in ("loopback", "simulation", "deployment"):
+        for name in ("loopback", "simulation", "deployment", "deployment_site_exec"):
             found = results[scale].get(name)
             if found is None:
                 continue

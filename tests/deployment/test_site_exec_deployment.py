@@ -1,0 +1,70 @@
+"""``fedsynth site-exec`` with real processes: a SuperLink, two SuperNodes in
+``--isolation process`` and one site-exec per hospital, federating through ``flwr run``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments.deployment import app_fab_hash, site_exec_command, supernode_command
+
+from .conftest import REPO, free_port, wait_for_port
+from .test_deployment import RUN_TIMEOUT, check_finished, site_rounds
+
+UNAPPROVED = "0" * 64
+
+
+def _start_site(deployment, fed, site_id: str, approved: str) -> None:
+    port = free_port()
+    deployment.processes.start(site_id, supernode_command(deployment.address, fed.site_yaml(site_id),
+                                                          port, None, None, site_exec=True))
+    wait_for_port(port)
+    deployment.processes.start(f"{site_id}-exec", site_exec_command(port, approved))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_site_exec_runs_the_approved_fab_from_a_warm_parent_and_refuses_any_other(
+        deployment, new_federation):
+    fed = new_federation(sites=2, rounds=2, min_sites=1, federation={"round_timeout": 40.0})
+    deployment.start_superlink()
+    approved = app_fab_hash(REPO)   # what `flwr run REPO` will submit
+    _start_site(deployment, fed, "site_0", approved)
+    _start_site(deployment, fed, "site_1", UNAPPROVED)   # this hospital approved another version
+
+    done = deployment.run_app(fed.config_path, fed.run_dir, fed.checkpoint, RUN_TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:]
+    check_finished(fed, 2, ["site_0"])
+    assert site_rounds(fed, "site_0") == [1, 2]
+    assert site_rounds(fed, "site_1") == []   # never trained: no epsilon spent
+    forked = deployment.processes.log("site_0-exec")
+    assert forked.count("forked from the warm parent") == 2, forked[-3000:]
+    refused = deployment.processes.log("site_1-exec")
+    # One refusal per round at least (Flower may offer a refused task again before it expires).
+    assert refused.count(f"FAB {approved} is not approved by this site") >= 2, refused[-3000:]
+    assert "acquire-task" not in refused   # no log line per poll
+    assert "forked from the warm parent" not in refused
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_site_exec_ends_when_interrupted_and_takes_its_warm_parent_with_it(deployment):
+    deployment.start_superlink()
+    port = free_port()
+    deployment.processes.start("site", ["flower-supernode", "--superlink", deployment.address,
+                                        "--insecure", "--isolation", "process", "--port", str(port)])
+    wait_for_port(port)
+    runner = deployment.processes.start("site-exec", site_exec_command(port, None))
+    deadline = time.monotonic() + 120
+    while "asking 127.0.0.1" not in deployment.processes.log("site-exec"):
+        assert runner.poll() is None and time.monotonic() < deadline, \
+            deployment.processes.log("site-exec")[-2000:]
+        time.sleep(0.2)
+    children = Path(f"/proc/{runner.pid}/task/{runner.pid}/children")
+    [warm_parent] = children.read_text().split()
+    runner.send_signal(2)   # Ctrl-C
+    runner.wait(timeout=60)
+    assert runner.returncode == 130
+    assert not Path(f"/proc/{warm_parent}").exists()
