@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site_runtime import SiteOutcome, TrainInstruction, run_site_round
@@ -34,6 +34,7 @@ from client.weights_cache import autoencoder_cache_path  # noqa: F401 - part of 
 from configs import load_config, load_site_config
 from configs.schema import SiteConfig
 from models.logs import show_in_flower_log
+from privacy.packed_state import pack_state, unpack_state
 from privacy.protocol import (ARRAYS, CONFIG, FROZEN_AUTOENCODER, GLOBAL_WEIGHTS, METRICS,
                               ROUND_CONFIG, SITE_ACCOUNTING, SITE_STATUS, SITE_WEIGHTS,
                               ProtocolViolation, RefusalReason, ReplyStatus, RoundConfig, TrainReply,
@@ -94,12 +95,12 @@ def decode_instruction(content: RecordDict, site: SiteConfig) -> TrainInstructio
     :class:`RebuiltModelMismatch` when the trained subset does not rebuild the global model."""
     try:
         round_config = RoundConfig.from_record(dict(content[ROUND_CONFIG]))
-        received = content[GLOBAL_WEIGHTS].to_torch_state_dict()
+        received = unpack_state(content[GLOBAL_WEIGHTS])
     except KeyError as err:
         raise ProtocolViolation(f"train message lacks the record {err}") from None
     global_state = rebuild_global(site, received, round_config)
     autoencoder = frozen_autoencoder(
-        site, content[FROZEN_AUTOENCODER].to_torch_state_dict() if FROZEN_AUTOENCODER in content
+        site, unpack_state(content[FROZEN_AUTOENCODER]) if FROZEN_AUTOENCODER in content
         else None, round_config.autoencoder_sha256)
     if autoencoder is None:
         raise AutoencoderMissing(round_config.server_round)
@@ -124,7 +125,7 @@ def encode_reply(outcome: SiteOutcome, weight_shapes: Mapping[str, tuple[int, ..
     records: dict[str, Any] = {SITE_ACCOUNTING: MetricRecord(reply.accounting()),
                                SITE_STATUS: ConfigRecord(reply.status_fields())}
     if outcome.weights is not None:
-        records[SITE_WEIGHTS] = ArrayRecord(torch_state_dict=outcome.weights)
+        records[SITE_WEIGHTS] = pack_state(outcome.weights)
     return RecordDict(records)
 
 

@@ -52,6 +52,7 @@ from privacy.gate import (IMAGE_DISTANCES, NO_SHIFT, GateAnswer, GateError, Gate
 from privacy.ledger import Ledger, LedgerError
 from privacy.nearest_scan import ScanIndex
 from privacy.outbox import weights_hash
+from privacy.packed_state import unpack_state
 from privacy.rollback_guard import LedgerRollback, check_expected_head, pending_alarm
 from privacy.site_ledger import SiteLedger, utc_timestamp
 from privacy.spend import site_spend
@@ -415,7 +416,7 @@ def answer_gate_message(site: SiteConfig, content: Any, *, deployment: bool = Fa
     try:
         query = GateQuery.from_record(dict(content[GATE_CONFIG]))
         views = content[GATE_CANDIDATES].to_torch_state_dict()["views"]
-        autoencoder = content[GATE_AUTOENCODER].to_torch_state_dict() \
+        autoencoder = unpack_state(content[GATE_AUTOENCODER]) \
             if GATE_AUTOENCODER in content else None
         outcome = answer_gate_query(site, query, views, autoencoder, deployment=deployment)
         num_candidates = query.num_candidates

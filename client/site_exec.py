@@ -268,8 +268,8 @@ def serve(runtime_api_address: str, *, approved_fabs: frozenset[str] | None, ins
     """Fork the warm parent, then ask the SuperNode's Runtime API for ClientApp tasks every
     ``poll_seconds`` and launch each one, until interrupted (Flower's SuperExec loop, with
     :class:`WarmClientAppExecutor` as its executor)."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)   # not a line per request
     warm_parent = WarmParent(warm=warm)   # first: fork before any thread or connection exists
-    logging.getLogger("httpx").setLevel(logging.WARNING)   # not a line per poll
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.interceptors import (RuntimeVersionHttpInterceptor,
                                              SuperExecAuthHttpInterceptor)

@@ -9,6 +9,9 @@ Flower 1.41 layout (checked against the installed ``flower-superlink``/``flower-
 - ``flower-supernode --superlink HOST:PORT`` (``--root-certificates ca.crt`` or ``--insecure``),
   ``--auth-supernode-private-key <OpenSSH EC key>``, ``--port`` for its local Runtime API (default
   9094, one per SuperNode on a machine), ``--node-config 'site-config="/path/site.yaml"'``.
+- ``flower-supernode --isolation process`` leaves running the ClientApps to a task runner the site
+  starts itself against that Runtime API (``--superexec-auth-secret-file`` on both sides); fedsynth's
+  is ``fedsynth site-exec`` (:mod:`client.site_exec`).
 - ``flwr run <app dir> <connection>`` reads the connection (address, root certificate) from
   ``$FLWR_HOME/config.toml`` (``[superlink.<name>]``), not from pyproject.toml.
 
@@ -184,33 +187,50 @@ def superlink_command(port: int, certificates: Certificates | None, host: str = 
     return command
 
 
-# SuperNode environment: its SuperExec looks for a new task every 0.1 s instead of Flower's 1 s
-# (each round's instruction waits for that poll before its ClientApp process starts).
-SUPERNODE_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
 def supernode_command(superlink: str, site_config: Path, port: int, ca: Path | None,
-                      private_key: Path | None, *, site_exec: bool = False) -> list[str]:
+                      private_key: Path | None, *, site_exec: bool = False,
+                      superexec_secret: Path | None = None) -> list[str]:
     """``flower-supernode`` for one hospital, its site config passed as node config.
 
     ``site_exec``: ``--isolation process``, the site runs ``fedsynth site-exec`` against the
-    Runtime API on 127.0.0.1:``port`` (:func:`site_exec_command`) instead of Flower's SuperExec.
+    Runtime API on 127.0.0.1:``port`` (:func:`site_exec_command`) instead of Flower's SuperExec;
+    ``superexec_secret``: the secret file that runner must present (:func:`write_superexec_secret`).
     """
     command = ["flower-supernode", "--superlink", superlink, "--port", str(port),
                "--node-config", f'site-config="{Path(site_config).resolve()}"']
     if site_exec:
         command += ["--isolation", "process"]
+        if superexec_secret is not None:
+            command += ["--superexec-auth-secret-file", str(superexec_secret)]
     command += ["--insecure"] if ca is None else ["--root-certificates", str(ca)]
     if private_key is not None:
         command += ["--auth-supernode-private-key", str(private_key)]
     return command
 
 
-def site_exec_command(port: int, approved_fab: str | None) -> list[str]:
+def site_exec_command(port: int, approved_fab: str | None,
+                      superexec_secret: Path | None = None) -> list[str]:
     """``fedsynth site-exec`` for the SuperNode whose Runtime API listens on 127.0.0.1:``port``;
     ``approved_fab`` None: any FAB (a local trial)."""
     command = ["fedsynth", "site-exec", "--runtime-api-address", f"127.0.0.1:{port}", "--insecure"]
-    return command + (["--approve-fab", approved_fab] if approved_fab else ["--approve-any-fab"])
+    command += ["--approve-fab", approved_fab] if approved_fab else ["--approve-any-fab"]
+    if superexec_secret is not None:
+        command += ["--superexec-auth-secret-file", str(superexec_secret)]
+    return command
+
+
+def write_superexec_secret(folder: Path) -> Path:
+    """``folder/superexec.secret`` (0600, 32 random bytes as hex): the SuperNode accepts task
+    requests on its Runtime API only from a runner holding it, not from any local process."""
+    import secrets
+
+    path = Path(folder) / "superexec.secret"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    return path
 
 
 def app_fab_hash(app_dir: Path) -> str:

@@ -23,6 +23,10 @@ A train reply (site -> server) holds ONLY what the trust model lets leave a site
 No loss, gradient norm, timing or other statistic computed from private data is in the allow-list,
 and :func:`check_reply` refuses a reply that holds anything else.
 
+Weights travel packed (:mod:`privacy.packed_state`: one array per dtype plus a layout of names and
+shapes, bit for bit the same values) so that Flower moves a handful of objects, not one per tensor;
+:func:`check_reply` is given the unpacked names and shapes.
+
 A site that released non-private weights (its own opt-in, ``allow_non_private``) never claims a
 finite epsilon: its reply says ``epsilon = epsilon-next = target-epsilon = +inf`` (no guarantee, no
 cap) and ``noise-multiplier = 0``. Accounting figures must otherwise be finite; only the epsilon keys

@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from configs import Config, config_to_dict, flatten_config
@@ -49,6 +49,7 @@ from models.device import autocast, resolve_device
 from models.memory import configure
 from privacy.ledger import LedgerError
 from privacy.outbox import weights_hash
+from privacy.packed_state import pack_state, unpack_state
 from privacy.protocol import (FROZEN_AUTOENCODER, GLOBAL_WEIGHTS, ROUND_CONFIG, SITE_ACCOUNTING,
                               SITE_WEIGHTS, WEIGHT_KEY, RefusalReason, RoundConfig)
 from privacy.trainable import trainable_parameter_names
@@ -225,8 +226,8 @@ def _leave_out_cached_weights(messages: list[Message], autoencoder_holders: set[
         if (keep_autoencoder, base) not in slim:
             records = {k: v for k, v in full.items() if keep_autoencoder or k != FROZEN_AUTOENCODER}
             if base:
-                weights = full[GLOBAL_WEIGHTS]
-                records[GLOBAL_WEIGHTS] = ArrayRecord({name: weights[name] for name in trained_names})
+                weights = unpack_state(full[GLOBAL_WEIGHTS])
+                records[GLOBAL_WEIGHTS] = pack_state({name: weights[name] for name in trained_names})
                 records[ROUND_CONFIG] = ConfigRecord(replace(round_config,
                                                              base_sha256=base).to_record())
             slim[(keep_autoencoder, base)] = RecordDict(records)
@@ -251,7 +252,7 @@ def _stream_round(grid: Grid, strategy: BudgetAwareFedAvg, ledger: ConsortiumLed
         if strategy.take_reply(outcome, message, node):
             weights = message.content[SITE_WEIGHTS]
             received += record_bytes(weights)
-            mean.add(weights.to_torch_state_dict(),
+            mean.add(unpack_state(weights),
                      float(message.content[SITE_ACCOUNTING][WEIGHT_KEY]))
             ledger.record_site(server_round, node, outcome.accepted[-1][1])
         elif len(outcome.failed) > known:
@@ -357,7 +358,7 @@ def run_federation(grid: Grid, settings: FederationSettings,
 
     autoencoder_sha256 = weights_hash(base.autoencoder_state)
     strategy = BudgetAwareFedAvg(config.federation.min_sites,
-                                 ArrayRecord(torch_state_dict=base.autoencoder_state))
+                                 pack_state(base.autoencoder_state))
     if state is not None:
         strategy.load_standings(state.standings)
     global_state = {name: tensor.clone() for name, tensor in base.denoiser_state.items()}
@@ -394,7 +395,7 @@ def run_federation(grid: Grid, settings: FederationSettings,
             started = time.perf_counter()
             round_config = round_config_for(config, base, strategy, server_round, global_state,
                                          autoencoder_sha256)
-            arrays = ArrayRecord(torch_state_dict=global_state)
+            arrays = pack_state(global_state)
             messages = list(strategy.configure_train(server_round, arrays,
                                                      ConfigRecord(round_config.to_record()), grid))
             for message in messages:

@@ -67,6 +67,7 @@ from privacy.durable import atomic_write_bytes
 from privacy.gate import (IMAGE_DISTANCES, GateAnswer, GateQuery, GateStatus, ThresholdPolicy,
                           check_gate_reply, latent_views, translations, views_of)
 from privacy.outbox import weights_hash
+from privacy.packed_state import pack_state
 from privacy.protocol import (ARRAYS, CONFIG, GATE_ACCOUNTING, GATE_AUTOENCODER, GATE_CANDIDATES,
                               GATE_CONFIG, GATE_MESSAGE_TYPE, GATE_PASSED, GATE_STATUS, METRICS,
                               ProtocolViolation)
@@ -437,7 +438,7 @@ def gate_round(grid: Grid, nodes: Sequence[int], query: GateQuery, views: torch.
         records: dict[str, Any] = {GATE_CONFIG: ConfigRecord(query.to_record()),
                                    GATE_CANDIDATES: ArrayRecord(torch_state_dict={"views": views})}
         if autoencoder_state is not None:
-            records[GATE_AUTOENCODER] = ArrayRecord(torch_state_dict=dict(autoencoder_state))
+            records[GATE_AUTOENCODER] = pack_state(dict(autoencoder_state))
         messages.append(Message(RecordDict(records), dst_node_id=int(node),
                                 message_type=GATE_MESSAGE_TYPE, ttl=timeout))
     result = GateRoundResult()

@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from privacy.outbox import weights_hash
+from privacy.packed_state import packed_shapes, unpack_state
 from privacy.protocol import (ARRAYS, CONFIG, FROZEN_AUTOENCODER, GLOBAL_WEIGHTS, METRICS,
                               ROUND_CONFIG, SITE_ACCOUNTING, SITE_STATUS, SITE_WEIGHTS, WEIGHT_KEY,
                               ProtocolViolation, RefusalReason, ReplyStatus, TrainReply, check_reply)
@@ -139,7 +140,7 @@ class BudgetAwareFedAvg(FedAvg):
             log.info("round %d: not sampling %s (%s)", server_round, site, why)
         if len(eligible) < self.min_sites:
             return []
-        self.weight_shapes = {name: tuple(array.shape) for name, array in arrays.items()}
+        self.weight_shapes = packed_shapes(arrays)
         config["server-round"] = server_round
         content = RecordDict({GLOBAL_WEIGHTS: arrays, FROZEN_AUTOENCODER: self.autoencoder,
                               ROUND_CONFIG: config})
@@ -163,12 +164,11 @@ class BudgetAwareFedAvg(FedAvg):
         for name, record in content.items():
             kind = ARRAYS if isinstance(record, ArrayRecord) else \
                 METRICS if isinstance(record, MetricRecord) else CONFIG
-            layout[name] = (kind, {k: tuple(v.shape) for k, v in record.items()} if kind == ARRAYS
-                            else dict(record))
+            layout[name] = (kind, packed_shapes(record) if kind == ARRAYS else dict(record))
         check_reply(layout, self.weight_shapes or None)
         reply = TrainReply.from_records(dict(content[SITE_ACCOUNTING]), dict(content[SITE_STATUS]))
         if reply.status is ReplyStatus.OK:
-            weights = content[SITE_WEIGHTS].to_torch_state_dict()
+            weights = unpack_state(content[SITE_WEIGHTS])
             if weights_hash(weights) != reply.weights_sha256:
                 raise ProtocolViolation("arrays: the weights do not match the reported "
                                         "weights-sha256")
@@ -246,4 +246,8 @@ class BudgetAwareFedAvg(FedAvg):
         self.last_round = outcome
         if len(trained) < self.min_sites:
             return None, None
+        for message in trained:   # Flower's FedAvg averages array by array: give it the tensors
+            content = message.content
+            message.content = RecordDict({**dict(content.items()), SITE_WEIGHTS: ArrayRecord(
+                torch_state_dict=unpack_state(content[SITE_WEIGHTS]))})
         return super().aggregate_train(server_round, trained)

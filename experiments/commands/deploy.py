@@ -71,10 +71,11 @@ def _write_deployment(args, config, out: Path, run_dir: Path, checkpoint: Path,
     import yaml
 
     from configs import config_to_dict
-    from experiments.deployment import (CONNECTION, SUPERNODE_ENV, SUPERNODE_FIRST_PORT,
+    from experiments.deployment import (CONNECTION, SUPERNODE_FIRST_PORT, app_fab_hash,
                                         find_app_dir, flwr_run_command, make_certificates,
                                         make_supernode_key, run_config_argument, shell,
-                                        superlink_command, supernode_command, write_flower_config)
+                                        site_exec_command, superlink_command, supernode_command,
+                                        write_flower_config, write_superexec_secret)
     from experiments.federate import prepare_public_validation
 
     address = f"{hosts[0]}:{args.port}"
@@ -83,6 +84,7 @@ def _write_deployment(args, config, out: Path, run_dir: Path, checkpoint: Path,
     write_flower_config(flwr_home, address, None if certificates is None else certificates.ca)
     prepare_public_validation(config, run_dir)
     app_dir = find_app_dir(args.app) if args.app else find_app_dir()
+    fab_hash = app_fab_hash(app_dir)   # what `flwr run APP_DIR` will submit, as the folder is now
     bind = args.bind or (hosts[0] if args.host else "127.0.0.1")
     env = {"FLWR_HOME": str(flwr_home)}
 
@@ -102,11 +104,16 @@ def _write_deployment(args, config, out: Path, run_dir: Path, checkpoint: Path,
             registrations.append(shell(["flwr", "supernode", "register", str(public), CONNECTION,
                                         "--name", site.site_id], env))
         extra = f" and {certificates.ca}" if certificates else ""
+        runtime_port = SUPERNODE_FIRST_PORT + index
+        secret = write_superexec_secret(folder)
         site_lines += [f"# {site.site_id}: copy {folder}{extra} to the hospital; in production the "
                        f"hospital makes its own key and only the public half leaves it",
-                       shell(supernode_command(address, site_yaml, SUPERNODE_FIRST_PORT + index,
+                       shell(supernode_command(address, site_yaml, runtime_port,
                                                None if certificates is None else certificates.ca,
-                                               private), SUPERNODE_ENV)]
+                                               private, site_exec=True, superexec_secret=secret)),
+                       "#   and, next to it, the site's task runner (warm ClientApp processes; "
+                       "runs only the FAB hash the hospital approved, with its installed fedsynth)",
+                       shell(site_exec_command(runtime_port, fab_hash, secret))]
     if registrations:
         steps += ["# 2. Register each hospital's SuperNode public key (only these may connect)"]
         steps += registrations
@@ -132,6 +139,9 @@ def _write_deployment(args, config, out: Path, run_dir: Path, checkpoint: Path,
                                                  "--out", str(run_dir / "release"),
                                                  "--run-dir", str(run_dir),
                                                  "--deployment", str(out)])]
+    steps += [f"# The FAB hash above is that of `flwr run {app_dir}` now; any change to the app "
+              f"folder's client/, server/, privacy/, models/ or configs/ changes it, and the sites "
+              f"then refuse the run until they approve the new hash"]
     commands = out / "commands.txt"
     commands.write_text("\n".join(steps) + "\n")
     print("\n".join(steps))

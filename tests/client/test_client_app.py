@@ -19,6 +19,7 @@ from experiments.tiny_federation import TinyFederation, write_tiny_federation
 from models.checkpoint import load_checkpoint
 from models.latent_unet import build_latent_unet
 from privacy.outbox import weights_hash
+from privacy.packed_state import packed_shapes, unpack_state
 from privacy.protocol import (ACCOUNTING_KEYS, STATUS_KEYS, ProtocolViolation, RefusalReason,
                               ReplyStatus, check_reply)
 from privacy.rollback_guard import AlarmNotResolved, alarm_path, clear_alarm, pending_alarm
@@ -89,7 +90,7 @@ def test_reply_holds_only_weights_counts_and_accounting(fed):
     base = load_checkpoint(fed.checkpoint)
     denoiser = build_latent_unet(base.model_config, base.data.num_classes, len(base.data.attributes))
     parameters = dict(denoiser.named_parameters())
-    weights = content["arrays"].to_torch_state_dict()
+    weights = unpack_state(content["arrays"])
     assert set(weights) == set(parameters)
     assert all(tuple(weights[k].shape) == tuple(parameters[k].shape) for k in weights)
     assert status(reply)["weights-sha256"] == weights_hash(weights)
@@ -127,7 +128,7 @@ def test_trainable_subset_sends_only_those_parameters(fed):
     base = load_checkpoint(fed.checkpoint)
     denoiser = build_latent_unet(base.model_config, base.data.num_classes, len(base.data.attributes))
     expected = trainable_parameter_names(denoiser, "attention_conditioning")
-    sent = set(reply.content["arrays"].keys())
+    sent = set(packed_shapes(reply.content["arrays"]))
     assert sent == set(expected) and len(sent) < len(list(denoiser.parameters()))
 
 
@@ -240,7 +241,7 @@ def test_an_opted_in_site_trains_non_privately_and_never_claims_a_finite_epsilon
     assert accounting["epsilon"] == accounting["epsilon-next"] == math.inf
     assert accounting["target-epsilon"] == math.inf and accounting["noise-multiplier"] == 0
     assert accounting["num-patients"] == 4 and accounting["steps"] == 1
-    weights = reply.content["arrays"].to_torch_state_dict()
+    weights = unpack_state(reply.content["arrays"])
     assert status(reply)["weights-sha256"] == weights_hash(weights)
     assert weights_hash(weights) != weights_hash(load_checkpoint(fed.checkpoint).denoiser_state)
     # Recorded (write-ahead) as a non-private round, and no DP plan or round.

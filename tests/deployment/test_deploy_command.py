@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from experiments.cli import main
+from experiments.deployment import app_fab_hash
 from server.federation import federation_dir
 
 
@@ -82,7 +83,13 @@ def test_deploy_binds_the_given_host_and_prints_the_checkout_and_the_release(new
     release = next(line for line in printed.splitlines() if 'mode="release"' in line)
     assert "release-num=5" in release and f'release-out="{fed.run_dir.resolve() / "release"}"' in release
     assert "fedsynth release" in printed and f"--deployment {out.resolve()}" in printed
-    assert "FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 flower-supernode" in printed
+    supernode = next(line for line in printed.splitlines() if line.startswith("flower-supernode"))
+    assert "--isolation process --superexec-auth-secret-file" in supernode
+    site_exec = next(line for line in printed.splitlines() if line.startswith("fedsynth site-exec"))
+    secret = out.resolve() / "supernodes" / "site_0" / "superexec.secret"
+    assert f"--approve-fab {app_fab_hash(repo)}" in site_exec and str(secret) in site_exec
+    assert "--runtime-api-address 127.0.0.1:9094" in site_exec and "--port 9094" in supernode
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and len(secret.read_text()) == 64
 
 
 def test_the_fab_holds_the_app_code_and_configs_only():

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.deployment import app_fab_hash, site_exec_command, supernode_command
+from experiments.deployment import (app_fab_hash, site_exec_command, supernode_command,
+                                    write_superexec_secret)
 
 from .conftest import REPO, free_port, wait_for_port
 from .test_deployment import RUN_TIMEOUT, check_finished, site_rounds
@@ -16,12 +17,13 @@ from .test_deployment import RUN_TIMEOUT, check_finished, site_rounds
 UNAPPROVED = "0" * 64
 
 
-def _start_site(deployment, fed, site_id: str, approved: str) -> None:
+def _start_site(deployment, fed, site_id: str, approved: str, secret: Path | None = None) -> None:
     port = free_port()
-    deployment.processes.start(site_id, supernode_command(deployment.address, fed.site_yaml(site_id),
-                                                          port, None, None, site_exec=True))
+    deployment.processes.start(site_id, supernode_command(
+        deployment.address, fed.site_yaml(site_id), port, None, None, site_exec=True,
+        superexec_secret=secret))
     wait_for_port(port)
-    deployment.processes.start(f"{site_id}-exec", site_exec_command(port, approved))
+    deployment.processes.start(f"{site_id}-exec", site_exec_command(port, approved, secret))
 
 
 @pytest.mark.slow
@@ -31,7 +33,10 @@ def test_site_exec_runs_the_approved_fab_from_a_warm_parent_and_refuses_any_othe
     fed = new_federation(sites=2, rounds=2, min_sites=1, federation={"round_timeout": 40.0})
     deployment.start_superlink()
     approved = app_fab_hash(REPO)   # what `flwr run REPO` will submit
-    _start_site(deployment, fed, "site_0", approved)
+    secret_folder = fed.config_path.parent / "site_0_secret"
+    secret_folder.mkdir()
+    # site_0's SuperNode serves tasks only to a runner holding its secret.
+    _start_site(deployment, fed, "site_0", approved, write_superexec_secret(secret_folder))
     _start_site(deployment, fed, "site_1", UNAPPROVED)   # this hospital approved another version
 
     done = deployment.run_app(fed.config_path, fed.run_dir, fed.checkpoint, RUN_TIMEOUT)

@@ -8,10 +8,11 @@ import stat
 
 import torch
 import yaml
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 
 from experiments.loopback import LoopbackGrid
 from models.checkpoint import load_checkpoint
+from privacy.packed_state import pack_state, packed_shapes, unpack_state
 from privacy.protocol import GLOBAL_WEIGHTS, ROUND_CONFIG, RoundConfig
 from privacy.site_ledger import SiteLedger
 from privacy.trainable import trainable_parameter_names
@@ -44,7 +45,7 @@ class Recording(LoopbackGrid):
         if self.tamper is not None:
             self.tamper(config.server_round, node, message)
         self.seen.setdefault(config.server_round, {})[node] = (
-            set(message.content[GLOBAL_WEIGHTS].keys()),
+            set(packed_shapes(message.content[GLOBAL_WEIGHTS])),
             RoundConfig.from_record(dict(message.content[ROUND_CONFIG])).base_sha256)
         return super().deliver(message)
 
@@ -102,11 +103,11 @@ def test_a_subset_that_does_not_rebuild_the_global_model_is_refused_before_train
         if server_round != 2 or node != SITE_1:
             return
         ledger_after_round_1["site_1"] = fed.ledger("site_1").read_bytes()
-        weights = message.content[GLOBAL_WEIGHTS].to_torch_state_dict()
+        weights = unpack_state(message.content[GLOBAL_WEIGHTS])
         name = next(iter(weights))
         weights[name] = weights[name] + 1.0
         message.content = RecordDict({**dict(message.content.items()),
-                                      GLOBAL_WEIGHTS: ArrayRecord(torch_state_dict=weights)})
+                                      GLOBAL_WEIGHTS: pack_state(weights)})
 
     grid.tamper = corrupt
     result = run_federation(grid, federation_settings(fed, evaluate=False, tracking=False))
