@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site_runtime import SiteOutcome, TrainInstruction, run_site_round
@@ -125,7 +125,7 @@ def encode_reply(outcome: SiteOutcome, weight_shapes: Mapping[str, tuple[int, ..
     records: dict[str, Any] = {SITE_ACCOUNTING: MetricRecord(reply.accounting()),
                                SITE_STATUS: ConfigRecord(reply.status_fields())}
     if outcome.weights is not None:
-        records[SITE_WEIGHTS] = pack_state(outcome.weights)
+        records[SITE_WEIGHTS] = ArrayRecord(torch_state_dict=pack_state(outcome.weights))
     return RecordDict(records)
 
 

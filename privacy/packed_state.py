@@ -1,9 +1,9 @@
-"""A model state dict as a Flower ``ArrayRecord`` of a few arrays instead of one per tensor.
+"""A model state dict as a few arrays instead of one per tensor, for Flower messages.
 
 Flower 1.41 moves every array of a message as its own object, with one HTTP request per object
-and per hop (SuperLink -> SuperNode -> ClientApp process, and back). The demo's denoiser has a few
-hundred tensors, so one deployed round cost each site well over a thousand requests; packed, it
-is a handful (BENCHMARKS.md, ``federation_overhead``).
+and per hop (SuperLink -> SuperNode -> ClientApp process, and back). The demo's denoiser has 188
+tensors, so one deployed round cost each site about 750 requests; packed, it is 3 objects each way
+(BENCHMARKS.md, ``federation_overhead``).
 
 Layout of a packed record: ``"packed-layout"`` holds UTF-8 JSON bytes (uint8) of
 ``{"version": 1, "tensors": [[name, dtype, shape], ...]}`` in packing order, and
@@ -12,7 +12,9 @@ are copied bit for bit (no casts), so :func:`unpack_state` returns tensors equal
 ones and every hash over them (``weights_hash``) is unchanged. What is packed is exactly what the
 allow-list (:mod:`privacy.protocol`) checks: it sees the unpacked names and shapes.
 
-A plain ``ArrayRecord`` (one array per tensor, without the layout key) is read as it is.
+Flower-free: :func:`pack_state` returns tensors (``ArrayRecord(torch_state_dict=pack_state(s))``)
+and the readers take any mapping of arrays (a Flower ``ArrayRecord`` or a dict of tensors). A
+mapping without the layout key (one array per tensor) is read as it is.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import json
 import math
 from collections.abc import Mapping
 
+from typing import Any
+
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
 
 from privacy.protocol import ProtocolViolation
 
@@ -36,24 +39,29 @@ class PackedStateError(ProtocolViolation):
     """A packed record does not describe its own arrays (a malformed message)."""
 
 
-def pack_state(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """``state`` (name -> tensor) as one array per dtype plus the layout (module docstring)."""
+def pack_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (name -> tensor) as one flat tensor per dtype plus the layout (see above)."""
     layout, groups = [], {}
     for name, tensor in state.items():
-        flat = tensor.detach().cpu().contiguous().reshape(-1).numpy()
-        dtype = flat.dtype.name
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        dtype = str(flat.numpy().dtype)
         layout.append([name, dtype, list(tensor.shape)])
         groups.setdefault(dtype, []).append(flat)
     header = json.dumps({"version": VERSION, "tensors": layout}, separators=(",", ":"))
-    arrays = {LAYOUT_KEY: Array(np.frombuffer(header.encode("utf-8"), dtype=np.uint8).copy())}
+    packed = {LAYOUT_KEY: torch.frombuffer(bytearray(header.encode("utf-8")), dtype=torch.uint8)}
     for dtype, parts in groups.items():
-        arrays[DATA_PREFIX + dtype] = Array(np.concatenate(parts))
-    return ArrayRecord(arrays)
+        packed[DATA_PREFIX + dtype] = torch.cat(parts)
+    return packed
 
 
-def _layout(record: ArrayRecord) -> list[tuple[str, str, tuple[int, ...]]]:
+def _numpy(value: Any) -> np.ndarray:
+    """A Flower ``Array`` or a tensor as a numpy array."""
+    return np.asarray(value.numpy())
+
+
+def _layout(arrays: Mapping[str, Any]) -> list[tuple[str, str, tuple[int, ...]]]:
     try:
-        raw = record[LAYOUT_KEY].numpy()
+        raw = _numpy(arrays[LAYOUT_KEY])
         header = json.loads(bytes(raw.astype(np.uint8, copy=False)).decode("utf-8"))
         if header.get("version") != VERSION:
             raise PackedStateError(f"{LAYOUT_KEY}: version {header.get('version')!r}, this site "
@@ -66,30 +74,30 @@ def _layout(record: ArrayRecord) -> list[tuple[str, str, tuple[int, ...]]]:
         raise PackedStateError(f"{LAYOUT_KEY}: not a packed-state layout ({err})") from None
 
 
-def is_packed(record: ArrayRecord) -> bool:
-    return LAYOUT_KEY in record
+def is_packed(arrays: Mapping[str, Any]) -> bool:
+    return LAYOUT_KEY in arrays
 
 
-def packed_shapes(record: ArrayRecord) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, read from the layout alone (or from a plain record's arrays)."""
-    if not is_packed(record):
-        return {name: tuple(array.shape) for name, array in record.items()}
-    return {name: shape for name, _, shape in _layout(record)}
+def packed_shapes(arrays: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, read from the layout alone (or from an unpacked mapping's arrays)."""
+    if not is_packed(arrays):
+        return {name: tuple(array.shape) for name, array in arrays.items()}
+    return {name: shape for name, _, shape in _layout(arrays)}
 
 
-def unpack_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """The state dict :func:`pack_state` packed (or a plain record's ``to_torch_state_dict``).
+def unpack_state(arrays: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict :func:`pack_state` packed (an unpacked mapping: its arrays as tensors).
 
     Raises :class:`PackedStateError` when the layout and the data disagree (unknown dtype,
     sizes that do not add up, extra arrays, a name twice)."""
-    if not is_packed(record):
-        return record.to_torch_state_dict()
-    layout = _layout(record)
+    if not is_packed(arrays):
+        return {name: torch.from_numpy(_numpy(value).copy()) for name, value in arrays.items()}
+    layout = _layout(arrays)
     expected = {DATA_PREFIX + dtype for _, dtype, _ in layout} | {LAYOUT_KEY}
-    if set(record.keys()) != expected:
-        raise PackedStateError(f"arrays {sorted(set(record.keys()) ^ expected)}: the packed "
+    if set(arrays.keys()) != expected:
+        raise PackedStateError(f"arrays {sorted(set(arrays.keys()) ^ expected)}: the packed "
                                f"layout does not name exactly the arrays present")
-    data = {key: record[key].numpy() for key in expected - {LAYOUT_KEY}}
+    data = {key: _numpy(arrays[key]) for key in expected - {LAYOUT_KEY}}
     offsets = dict.fromkeys(data, 0)
     state: dict[str, torch.Tensor] = {}
     for name, dtype, shape in layout:

@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 import yaml
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from configs import Config, config_to_dict, flatten_config
@@ -227,7 +227,8 @@ def _leave_out_cached_weights(messages: list[Message], autoencoder_holders: set[
             records = {k: v for k, v in full.items() if keep_autoencoder or k != FROZEN_AUTOENCODER}
             if base:
                 weights = unpack_state(full[GLOBAL_WEIGHTS])
-                records[GLOBAL_WEIGHTS] = pack_state({name: weights[name] for name in trained_names})
+                records[GLOBAL_WEIGHTS] = ArrayRecord(torch_state_dict=pack_state(
+                    {name: weights[name] for name in trained_names}))
                 records[ROUND_CONFIG] = ConfigRecord(replace(round_config,
                                                              base_sha256=base).to_record())
             slim[(keep_autoencoder, base)] = RecordDict(records)
@@ -358,7 +359,7 @@ def run_federation(grid: Grid, settings: FederationSettings,
 
     autoencoder_sha256 = weights_hash(base.autoencoder_state)
     strategy = BudgetAwareFedAvg(config.federation.min_sites,
-                                 pack_state(base.autoencoder_state))
+                                 ArrayRecord(torch_state_dict=pack_state(base.autoencoder_state)))
     if state is not None:
         strategy.load_standings(state.standings)
     global_state = {name: tensor.clone() for name, tensor in base.denoiser_state.items()}
@@ -395,7 +396,7 @@ def run_federation(grid: Grid, settings: FederationSettings,
             started = time.perf_counter()
             round_config = round_config_for(config, base, strategy, server_round, global_state,
                                          autoencoder_sha256)
-            arrays = pack_state(global_state)
+            arrays = ArrayRecord(torch_state_dict=pack_state(global_state))
             messages = list(strategy.configure_train(server_round, arrays,
                                                      ConfigRecord(round_config.to_record()), grid))
             for message in messages:

@@ -438,7 +438,7 @@ def gate_round(grid: Grid, nodes: Sequence[int], query: GateQuery, views: torch.
         records: dict[str, Any] = {GATE_CONFIG: ConfigRecord(query.to_record()),
                                    GATE_CANDIDATES: ArrayRecord(torch_state_dict={"views": views})}
         if autoencoder_state is not None:
-            records[GATE_AUTOENCODER] = pack_state(dict(autoencoder_state))
+            records[GATE_AUTOENCODER] = ArrayRecord(torch_state_dict=pack_state(autoencoder_state))
         messages.append(Message(RecordDict(records), dst_node_id=int(node),
                                 message_type=GATE_MESSAGE_TYPE, ttl=timeout))
     result = GateRoundResult()

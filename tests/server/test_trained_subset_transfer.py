@@ -8,7 +8,7 @@ import stat
 
 import torch
 import yaml
-from flwr.app import Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 
 from experiments.loopback import LoopbackGrid
 from models.checkpoint import load_checkpoint
@@ -106,8 +106,8 @@ def test_a_subset_that_does_not_rebuild_the_global_model_is_refused_before_train
         weights = unpack_state(message.content[GLOBAL_WEIGHTS])
         name = next(iter(weights))
         weights[name] = weights[name] + 1.0
-        message.content = RecordDict({**dict(message.content.items()),
-                                      GLOBAL_WEIGHTS: pack_state(weights)})
+        packed = ArrayRecord(torch_state_dict=pack_state(weights))
+        message.content = RecordDict({**dict(message.content.items()), GLOBAL_WEIGHTS: packed})
 
     grid.tamper = corrupt
     result = run_federation(grid, federation_settings(fed, evaluate=False, tracking=False))
