@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -72,6 +73,21 @@ def check_precision(precision: str, device: torch.device) -> str:
         name = torch.cuda.get_device_name(device)
         raise DeviceError(f"precision: bf16 is not supported by {name}; use precision: fp32")
     return precision
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX (Linux's /proc/cpuinfo flags). Elsewhere bf16 is emulated and slower."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:

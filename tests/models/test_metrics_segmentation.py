@@ -108,3 +108,22 @@ def test_segmentation_utility_end_to_end_is_finite_with_the_ratio_of_the_dices()
 
 def test_the_ratio_is_nan_when_the_real_segmenter_scores_zero():
     assert math.isnan(SegmentationUtility(dice_synthetic=0.5, dice_real=0.0).dice_ratio)
+
+
+def test_bf16_training_learns_the_shells_and_keeps_fp32_weights_and_predictions():
+    images, labels = brains(6, seed=4)
+    test_images, test_labels = brains(3, seed=5)
+    settings = SegmenterSettings(max_steps=40, eval_every=10, bf16_training=True)
+    trained = train_segmenter(images, labels, NUM_CLASSES, seed=0, settings=settings)
+    assert all(p.dtype == torch.float32 for p in trained.net.parameters())
+    from models.metrics.segmentation_utility import predict_labels
+    predicted = predict_labels(trained.net, test_images)
+    assert predicted.dtype == torch.int64
+    assert mean_foreground_dice(predicted, test_labels, NUM_CLASSES) > 0.5
+    assert settings.to_json_dict()["bf16_training"] is True   # part of the public cache key
+
+
+def test_native_bf16_is_a_yes_or_no_for_every_device():
+    from models.device import native_bf16
+    assert native_bf16("cpu") in (True, False)
+    assert native_bf16("cuda") is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
