@@ -43,21 +43,22 @@ def run(args: argparse.Namespace) -> int:
     from client.site_exec import SiteExecError, check_fab_hash, serve
 
     if bool(args.approve_fab) == bool(args.approve_any_fab):
-        raise SiteExecError("--approve-fab / --approve-any-fab: give the FAB hash(es) this site "
-                            "approved with --approve-fab SHA256, or --approve-any-fab for a trial "
-                            "(exactly one of the two)")
+        raise SiteExecError("--approve-fab / --approve-any-fab: neither or both given; pass the "
+                            "FAB hash(es) this site approved with --approve-fab SHA256, or "
+                            "--approve-any-fab for a local trial")
     if args.insecure == (args.root_certificates is not None):
-        raise SiteExecError("--insecure / --root-certificates: give exactly one (how to reach "
-                            "the SuperNode's Runtime API)")
+        raise SiteExecError("--insecure / --root-certificates: neither or both given; pass "
+                            "--insecure for the SuperNode's Runtime API on loopback without TLS, "
+                            "or --root-certificates PEM for one with TLS")
     if not 0.01 <= args.poll_seconds <= 60:
-        raise SiteExecError(f"--poll-seconds {args.poll_seconds}: pass 0.01 to 60")
+        raise SiteExecError(f"--poll-seconds {args.poll_seconds}: out of range; pass 0.01 to 60")
     host, _, port = args.runtime_api_address.rpartition(":")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise SiteExecError(f"--runtime-api-address {args.runtime_api_address!r}: pass HOST:PORT "
-                            f"(the SuperNode's --host and --port)")
+        raise SiteExecError(f"--runtime-api-address {args.runtime_api_address!r}: not HOST:PORT; "
+                            f"pass the SuperNode's --host and --port, e.g. 127.0.0.1:9094")
     for path in (args.root_certificates, args.superexec_auth_secret_file):
         if path is not None and not Path(path).is_file():
-            raise SiteExecError(f"{path}: file not found")
+            raise SiteExecError(f"{path}: file not found; pass the path of an existing file")
     approved = (None if args.approve_any_fab
                 else frozenset(check_fab_hash(value) for value in args.approve_fab))
     secret = (Path(args.superexec_auth_secret_file).read_bytes()

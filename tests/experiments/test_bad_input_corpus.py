@@ -375,6 +375,19 @@ CASES = [
                              "--checkpoint", "{in}/garbage.pt"), ("foreign", "did not write")),
     C("deploy-port-0", ("deploy", "--config", "{in}/experiment.yaml", "--out", "{in}/new",
                         "--port", "0"), ("--port",)),
+    # site-exec
+    C("site-exec-no-approval", ("site-exec", "--runtime-api-address", "127.0.0.1:9094",
+                                "--insecure"), ("--approve-fab", "neither or both")),
+    C("site-exec-bad-hash", ("site-exec", "--runtime-api-address", "127.0.0.1:9094", "--insecure",
+                             "--approve-fab", "abc"), ("--approve-fab", "not a FAB hash")),
+    C("site-exec-no-transport", ("site-exec", "--runtime-api-address", "127.0.0.1:9094",
+                                 "--approve-any-fab"), ("--insecure", "--root-certificates")),
+    C("site-exec-address", ("site-exec", "--runtime-api-address", "9094", "--insecure",
+                            "--approve-any-fab"), ("--runtime-api-address", "not HOST:PORT")),
+    C("site-exec-missing-secret", ("site-exec", "--runtime-api-address", "127.0.0.1:9094",
+                                   "--insecure", "--approve-any-fab",
+                                   "--superexec-auth-secret-file", "{in}/nope.secret"),
+      ("nope.secret", "not found")),
     # release
     C("release-num-0", ("release", "--config", "{in}/experiment.yaml", "--num", "0", "--out",
                         "{in}/new"), ("--num",)),
@@ -491,7 +504,8 @@ LIGHT_CASES = ["config-missing", "config-duplicate-section", "config-epsilon-inf
                "pretrain-out-foreign", "sample-out-foreign", "evaluate-out-release-manifest",
                "budget-rounds-million", "report-out-is-ledger", "federate-resume-nothing",
                "deploy-host-slash", "deploy-out-foreign", "release-out-foreign", "sweep-binary",
-               "demo-duplicate-config", "benchmark-out-ledger"]
+               "demo-duplicate-config", "benchmark-out-ledger", "site-exec-no-approval",
+               "site-exec-bad-hash"]
 
 
 @pytest.mark.parametrize("case_id", LIGHT_CASES)
