@@ -130,8 +130,8 @@ def _reseed() -> None:
 def run_task(launch: TaskLaunch) -> int:
     """In a freshly forked task process: run Flower's ClientApp runtime with the guard in place.
     Returns the process's exit code (Flower ends it with ``sys.exit``)."""
-    from flwr.supercore.utils import get_flwr_home
     from flwr.common.constant import APP_DIR
+    from flwr.supercore.utils import get_flwr_home
     from flwr.supercore.tls import validate_and_resolve_root_certificates
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
@@ -173,7 +173,6 @@ class WarmParent:
 
     def __init__(self, warm: bool = True):
         read_end, write_end = os.pipe()
-        started = time.perf_counter()
         self.pid = os.fork()
         if self.pid == 0:   # the warm parent
             os.close(write_end)
@@ -189,7 +188,6 @@ class WarmParent:
                 os._exit(code)
         os.close(read_end)
         self._pipe = os.fdopen(write_end, "w", encoding="utf-8", buffering=1)
-        self.started = started
 
     def launch(self, launch: TaskLaunch) -> None:
         self._pipe.write(json.dumps(launch.__dict__) + "\n")
