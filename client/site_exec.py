@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 WARM_IMPORTS = ("torch", "torch._dynamo", "numpy", "monai", "opacus", "nibabel",
                 "flwr.supernode.runtime.run_clientapp", "configs", "models", "privacy", "client",
                 "client.client_app", "client.gate", "server")
-CLIENT_APP_REF = "client.client_app:app"
 DEFAULT_POLL_SECONDS = 0.1
+ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
 
 
 class SiteExecError(ValueError):
@@ -260,6 +260,24 @@ class WarmClientAppExecutor:
         """Nothing to maintain: the kernel reaps finished task processes."""
 
 
+def _retry_invoker():
+    """Flower's ``RetryInvoker``, retrying only transport errors (a SuperNode restarting).
+
+    Flower's own HTTP invoker answers a 401 (a missing or different SuperExec secret) by sending
+    its process SIGINT, which would end this runner as if someone had pressed Ctrl-C; here an HTTP
+    error status reaches :func:`serve`, which names the fix."""
+    import httpx
+    from flwr.supercore.retry import RetryInvoker, exponential
+
+    def backoff(state) -> None:
+        log.warning("site-exec: the SuperNode's Runtime API is unreachable (%s); retrying",
+                    state.exception)
+
+    return RetryInvoker(wait_gen_factory=lambda: exponential(max_delay=10.0),
+                        recoverable_exceptions=(httpx.TransportError,), max_tries=None,
+                        max_time=None, on_backoff=backoff)
+
+
 def serve(runtime_api_address: str, *, approved_fabs: frozenset[str] | None, insecure: bool,
           root_certificates_path: str | None = None, auth_secret: bytes | None = None,
           poll_seconds: float = DEFAULT_POLL_SECONDS, warm: bool = True) -> None:
@@ -271,7 +289,7 @@ def serve(runtime_api_address: str, *, approved_fabs: frozenset[str] | None, ins
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.interceptors import (RuntimeVersionHttpInterceptor,
                                              SuperExecAuthHttpInterceptor)
-    from flwr.supercore.retry import make_simple_http_retry_invoker
+    import httpx
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supercore.superexec.plugin import AutoExecPlugin
     from flwr.supercore.tls import validate_and_resolve_root_certificates
@@ -281,11 +299,11 @@ def serve(runtime_api_address: str, *, approved_fabs: frozenset[str] | None, ins
     if auth_secret:
         interceptors.append(SuperExecAuthHttpInterceptor(
             master_secret=auth_secret, protected_methods=frozenset(
-                {"/flwr.proto.Runtime/AcquireTask"})))
+                {ACQUIRE_TASK})))
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address, insecure=insecure,
         root_certificates=validate_and_resolve_root_certificates(root_certificates_path, insecure),
-        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+        interceptors=interceptors, retry_invoker=_retry_invoker())
     plugin = AutoExecPlugin(runtime_api_address=runtime_api_address, insecure=insecure,
                             root_certificates_path=root_certificates_path,
                             runtime_dependency_install=False, executor=executor)
@@ -302,11 +320,24 @@ def serve(runtime_api_address: str, *, approved_fabs: frozenset[str] | None, ins
                 raise SiteExecError("the warm parent exited (see the lines above); restart "
                                     "fedsynth site-exec")
             types, fab_hashes = executor.get_eligible_capacity(set(plugin.supported_task_types))
-            answer = client.AcquireTask(AcquireTaskRequest(supported_task_types=types,
-                                                           agentapp_fab_hashes=fab_hashes))
+            try:
+                answer = client.AcquireTask(AcquireTaskRequest(supported_task_types=types,
+                                                               agentapp_fab_hashes=fab_hashes))
+            except httpx.HTTPStatusError as err:
+                raise SiteExecError(_refusal_line(runtime_api_address,
+                                                  err.response.status_code)) from None
             if answer.HasField("task") and answer.token:
                 plugin.launch_task(token=answer.token, task=answer.task)
             time.sleep(poll_seconds)
     finally:
         client.close()
         executor.close()
+
+
+def _refusal_line(address: str, status: int) -> str:
+    if status == 401:
+        return (f"{address}: the SuperNode refused this runner (HTTP 401: its SuperExec secret is "
+                f"missing or different); pass --superexec-auth-secret-file with the file the "
+                f"SuperNode was started with")
+    return (f"{address}: the SuperNode answered HTTP {status} to a task request; check that it "
+            f"runs with --isolation process and that the address is its --port")

@@ -187,8 +187,6 @@ def superlink_command(port: int, certificates: Certificates | None, host: str = 
     return command
 
 
-
-
 def supernode_command(superlink: str, site_config: Path, port: int, ca: Path | None,
                       private_key: Path | None, *, site_exec: bool = False,
                       superexec_secret: Path | None = None) -> list[str]:

@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from client.site_exec import DEFAULT_POLL_SECONDS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -34,8 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="CA of the Runtime API's TLS certificate")
     parser.add_argument("--superexec-auth-secret-file", type=Path, metavar="FILE",
                         help="the shared secret the SuperNode was given with the same flag")
-    parser.add_argument("--poll-seconds", type=float, default=0.1, metavar="S",
-                        help="how often to ask the SuperNode for a task (default 0.1)")
+    parser.add_argument("--poll-seconds", type=float, default=DEFAULT_POLL_SECONDS, metavar="S",
+                        help=f"how often to ask the SuperNode for a task (default "
+                             f"{DEFAULT_POLL_SECONDS})")
     parser.set_defaults(handler=run)
 
 

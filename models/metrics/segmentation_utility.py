@@ -34,6 +34,7 @@ from monai.networks.nets import UNet
 from torch import nn
 from tqdm.auto import tqdm
 
+from models.device import autocast
 from models.metrics.errors import MetricInputError
 
 log = logging.getLogger(__name__)
@@ -182,8 +183,7 @@ def train_segmenter(images: torch.Tensor, labels: torch.Tensor, num_classes: int
         if settings.augment:
             batch_images, batch_labels = _augment(batch_images, batch_labels, generator)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                            enabled=settings.bf16_training):
+        with autocast(device, "bf16" if settings.bf16_training else "fp32"):
             logits = net(batch_images)
         loss = loss_fn(logits.float(), batch_labels)
         loss.backward()

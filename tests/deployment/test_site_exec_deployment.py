@@ -95,3 +95,20 @@ def test_site_exec_ends_when_interrupted_and_takes_its_warm_parent_with_it(deplo
     runner.wait(timeout=60)
     assert runner.returncode == 130
     assert not Path(f"/proc/{warm_parent}").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_runner_without_the_supernodes_secret_stops_with_one_line(deployment, tmp_path):
+    deployment.start_superlink()
+    port = free_port()
+    secret = write_superexec_secret(tmp_path)
+    deployment.processes.start("site", ["flower-supernode", "--superlink", deployment.address,
+                                        "--insecure", "--isolation", "process", "--port", str(port),
+                                        "--superexec-auth-secret-file", str(secret)])
+    wait_for_port(port)
+    done = deployment.processes.run(site_exec_command(port, None), timeout=120)   # no secret
+    assert done.returncode == 2, done.stdout[-2000:]
+    assert "Traceback" not in done.stdout and "interrupted" not in done.stdout, done.stdout[-2000:]
+    [error] = [line for line in done.stdout.splitlines() if line.startswith("fedsynth site-exec:")]
+    assert "HTTP 401" in error and "; pass --superexec-auth-secret-file" in error, error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,7 +46,8 @@ def test_a_round_trip_is_bit_exact_and_keeps_names_shapes_dtypes_and_the_hash():
 def test_a_real_denoiser_travels_as_one_array_per_dtype_plus_the_layout():
     from configs import load_config
 
-    config = load_config("configs/demo.yaml", check_paths=False)
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml",
+                         check_paths=False)
     unet = build_latent_unet(config.model, config.data.num_classes,
                              len(config.model.conditioning.attributes))
     state = unet.state_dict()
