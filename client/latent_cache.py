@@ -2,8 +2,8 @@
 
 Encoding every scan with the frozen autoencoder is the same work every round, and in deployment
 Flower starts a fresh ClientApp process for every message, so an in-memory cache never survives a
-round. The encoded scans (latents (N, Cz, d, h, w), label fractions on the latent grid
-(N, C, d, h, w), attributes (N, A) and the patient -> rows map) are written to
+round. The encoded scans (latents (N, Cz, d, h, w), maps encoded on the latent grid
+(N, C', d, h, w), attributes (N, A) and the patient -> rows map) are written to
 ``<ledger folder>/cache/latents/latents-<key>.pt``.
 
 They are computed from the site's scans, so they are private data: they never leave the site, the
@@ -14,7 +14,8 @@ into place). The key is a SHA-256 over everything the encoding depends on:
   modification time (an edited, replaced or touched file changes the key);
 - the grid and preprocessing: the round config's ``data`` (shape, spacing, labels, percentiles) and
   attribute names;
-- the autoencoder's hash and the latent scale factor.
+- the autoencoder's hash and the latent scale factor;
+- the denoiser's map encoding (``model.conditioning.map_encoding``).
 
 Only the newest entry is kept: writing one deletes the site's other ``latents-*.pt`` files, so a
 change of any key part invalidates the old copy.
@@ -60,11 +61,13 @@ def data_fingerprint(site: SiteConfig, data: DataConfig) -> dict[str, Any]:
 
 
 def cache_key(site: SiteConfig, data: DataConfig, grid: Mapping[str, Any],
-              attributes: Sequence[str], autoencoder_sha256: str, latent_scale_factor: float) -> str:
-    """SHA-256 (hex) over the data fingerprint, the grid, the attributes and the autoencoder."""
+              attributes: Sequence[str], autoencoder_sha256: str, latent_scale_factor: float,
+              *, map_encoding: str = "fractions") -> str:
+    """SHA-256 (hex) over the data fingerprint, the grid, the attributes, the autoencoder and
+    how maps are encoded on the latent grid."""
     parts = {"data": data_fingerprint(site, data), "grid": dict(grid),
              "attributes": list(attributes), "autoencoder": autoencoder_sha256,
-             "latent_scale_factor": float(latent_scale_factor)}
+             "latent_scale_factor": float(latent_scale_factor), "map_encoding": map_encoding}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

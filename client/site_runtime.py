@@ -144,8 +144,11 @@ def data_config(round_config: RoundConfig) -> DataConfig:
 @torch.no_grad()
 def encode_site(site: SiteConfig, data: DataConfig, attributes: Sequence[str],
                 autoencoder: torch.nn.Module, latent_scale_factor: float,
-                batch_size: int = 4) -> EncodedSite:
-    """Load the site's scans and encode them with the frozen autoencoder (no gradients, eval mode)."""
+                batch_size: int = 4, map_encoding: str = "fractions") -> EncodedSite:
+    """Load the site's scans and encode them with the frozen autoencoder (no gradients, eval mode).
+
+    Maps are brought to the latent grid with the denoiser's ``map_encoding``; a space-to-depth map
+    is 0/1, so it is kept as uint8 (a quarter of float32's memory)."""
     dataset = load_site(site.data_dir, data, site.manifest, attributes)
     autoencoder.eval()
     device = next(autoencoder.parameters()).device
@@ -156,7 +159,9 @@ def encode_site(site: SiteConfig, data: DataConfig, attributes: Sequence[str],
         z = encode_latents(autoencoder, images) * latent_scale_factor
         onehot = torch.stack([item["label"] for item in items]).to(device)
         latents.append(z.cpu())
-        labels.append(label_map_to_latent_grid(onehot, z.shape[2:]).cpu())
+        encoded_map = label_map_to_latent_grid(onehot, z.shape[2:], map_encoding).cpu()
+        labels.append(encoded_map.to(torch.uint8) if map_encoding == "space_to_depth"
+                      else encoded_map)
         values.append(torch.stack([item["attributes"] for item in items]))
     scans = EncodedScans(torch.cat(latents), torch.cat(labels), torch.cat(values).float())
     return EncodedSite(scans, {pid: list(rows) for pid, rows in dataset.patients.items()})
@@ -166,8 +171,10 @@ def _cached_encoding(site: SiteConfig, config: RoundConfig, data: DataConfig,
                      autoencoder: Callable[[], torch.nn.Module]) -> EncodedSite:
     """The site's encoded scans: from this process's memory, else from its on-disk cache
     (:mod:`client.latent_cache`, private: 0600 files in a 0700 folder), else encoded now and cached."""
+    map_encoding = str(config.model["conditioning"].get("map_encoding", "fractions"))
     key = latent_cache.cache_key(site, data, config.data, config.attributes,
-                                 config.autoencoder_sha256, config.latent_scale_factor)
+                                 config.autoencoder_sha256, config.latent_scale_factor,
+                                 map_encoding=map_encoding)
     if key in _encoded:
         _encoded.move_to_end(key)
         return _encoded[key]
@@ -177,7 +184,7 @@ def _cached_encoding(site: SiteConfig, config: RoundConfig, data: DataConfig,
                               {pid: list(rows) for pid, rows in stored["patients"].items()})
     else:
         encoded = encode_site(site, data, config.attributes, autoencoder(),
-                              config.latent_scale_factor)
+                              config.latent_scale_factor, map_encoding=map_encoding)
         scans = encoded.scans
         latent_cache.store_encoded(site, key, {"latents": scans.latents, "labels": scans.labels,
                                                "attributes": scans.attributes,

@@ -117,6 +117,9 @@ class UNetConfig:
 @dataclass(frozen=True)
 class ConditioningConfig:
     mode: Literal["concat", "spade"] = "concat"
+    # How the map reaches the latent grid: per-class fractions of each latent cell (where inside
+    # the cell each tissue lies is lost), or every voxel folded into channels (space-to-depth).
+    map_encoding: Literal["fractions", "space_to_depth"] = "fractions"
     attributes: list[str] = _f(factory=list)
     dropout: float = _f(0.1, ge=0, lt=1)
     guidance_scale: float = _f(1.0, ge=0, le=100)

@@ -62,6 +62,7 @@ USER_ERRORS = [
     ("privacy.dp_trainer", "DPSetupError"),
     ("experiments.commands.budget", "PatientsOptionError"),
     ("server.federation", "FederationError"),
+    ("server.federation", "FederationHalted"),
     ("server.round_checkpoint", "StateError"),
     ("server.public_validation", "ValidationSetError"),
     ("experiments.deployment", "DeployError"),

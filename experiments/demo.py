@@ -116,7 +116,16 @@ def run_demo(config_path: Path, *, patients: int = 40, public_patients: int = 40
     def federate() -> None:
         from experiments.federate import simulate
         from server.round_checkpoint import STATE_FILE
-        simulate(config_path, run_dir, resume=(fed_dir / STATE_FILE).exists())
+        from server.federation import FederationHalted
+        try:
+            simulate(config_path, run_dir, resume=(fed_dir / STATE_FILE).exists())
+        except FederationHalted as err:
+            if "budget-exhausted" not in str(err):
+                raise
+            # The sites' ledgers live in the cohort folders and outlive a deleted run folder.
+            raise DemoError(f"{err}; the sites' budgets are spent in their ledgers "
+                            f"({cohort_dir}/site_*/.fedsynth): delete {cohort_dir} to start "
+                            f"again with new sites") from None
 
     def release() -> None:
         from experiments.commands.release import simulate_release

@@ -441,9 +441,14 @@ def _train_stages(training: _Training, losses: AutoencoderLoss, cohort: PublicCo
         save("scale_factor", ae_settings.epochs)
     previews.append(run_dir / "previews" / RECONSTRUCTION_PREVIEW)
     latents = latents * training.latent_scale_factor
+    encoding = config.model.conditioning.map_encoding
     label_grid = torch.cat([
-        label_map_to_latent_grid(cohort.onehot(index, config.data.num_classes), latents.shape[2:])
-        for index in torch.arange(len(cohort)).split(16)]).to(training.device)
+        label_map_to_latent_grid(cohort.onehot(index, config.data.num_classes), latents.shape[2:],
+                                 encoding)
+        for index in torch.arange(len(cohort)).split(16)])
+    if encoding == "space_to_depth":   # 0/1: a quarter of float32's memory
+        label_grid = label_grid.to(torch.uint8)
+    label_grid = label_grid.to(training.device)
 
     if not config.pretrain.enabled:
         log.info("pretrain.enabled is false: the UNet keeps its random initialisation")

@@ -2,7 +2,8 @@
 
 Two condition inputs, dropped together (Med-DDPM / Med-LSDM semantic maps, Daum et al. attributes):
 
-- the semantic map, one-hot (B, C, D, H, W), brought to the latent grid as per-class fractions;
+- the semantic map, one-hot (B, C, D, H, W), brought to the latent grid as per-class fractions or,
+  with ``map_encoding: space_to_depth``, with every voxel folded into channels;
 - optional attributes (age, sex, ...) as a float vector (B, A), embedded by
   :class:`AttributeEmbedding` and added to the UNet's time embedding (the class-embedding path of
   MONAI's UNet).
@@ -21,16 +22,53 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def label_map_to_latent_grid(label_onehot: torch.Tensor,
-                             latent_size: Sequence[int]) -> torch.Tensor:
-    """One-hot map (B, C, D, H, W) -> class fractions (B, C, d, h, w) on the latent grid.
+MAP_ENCODINGS = ("fractions", "space_to_depth")
 
-    Area interpolation averages each latent cell's voxels, so partial-volume information survives
-    the downsampling; a map already on the latent grid is returned as is.
+
+def condition_channels(num_classes: int, factor: int, encoding: str = "fractions") -> int:
+    """Channels of an encoded map on the latent grid: C (fractions) or C * factor^3 (space-to-depth)."""
+    if encoding == "fractions":
+        return num_classes
+    if encoding == "space_to_depth":
+        return num_classes * factor ** 3
+    raise ValueError(f"map encoding must be one of {MAP_ENCODINGS} (got {encoding!r})")
+
+
+def space_to_depth(volume: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, C, f*d, f*h, f*w) -> (B, C*f^3, d, h, w): each latent cell's f^3 voxels as channels.
+
+    The 3D analogue of ``torch.nn.functional.pixel_unshuffle``: nothing is averaged away, so the
+    denoiser sees where inside a latent cell each tissue lies, not only how much of it there is.
+    """
+    b, c, depth, height, width = volume.shape
+    if depth % factor or height % factor or width % factor:
+        raise ValueError(f"map shape {tuple(volume.shape[2:])} is not divisible by {factor}")
+    d, h, w = depth // factor, height // factor, width // factor
+    folded = volume.reshape(b, c, d, factor, h, factor, w, factor)
+    return folded.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, c * factor ** 3, d, h, w)
+
+
+def label_map_to_latent_grid(label_onehot: torch.Tensor, latent_size: Sequence[int],
+                             encoding: str = "fractions") -> torch.Tensor:
+    """One-hot map (B, C, D, H, W) -> the encoded map on the latent grid (B, C', d, h, w).
+
+    ``fractions`` (C' = C): area interpolation averages each latent cell's voxels, so
+    partial-volume information survives the downsampling. ``space_to_depth`` (C' = C * f^3 with
+    f = D / d): every voxel is kept (:func:`space_to_depth`). A map already on the latent grid is
+    returned as is (an encoded map from a cache, or a fractions map given at latent resolution).
     """
     size = tuple(int(s) for s in latent_size)
     if tuple(label_onehot.shape[2:]) == size:
         return label_onehot
+    if encoding == "space_to_depth":
+        factors = {full // small for full, small in zip(label_onehot.shape[2:], size)}
+        if len(factors) != 1 or any(full != small * next(iter(factors))
+                                    for full, small in zip(label_onehot.shape[2:], size)):
+            raise ValueError(f"map shape {tuple(label_onehot.shape[2:])} is not the latent grid "
+                             f"{size} times one integer factor")
+        return space_to_depth(label_onehot, factors.pop())
+    if encoding != "fractions":
+        raise ValueError(f"map encoding must be one of {MAP_ENCODINGS} (got {encoding!r})")
     return F.interpolate(label_onehot, size=size, mode="area")
 
 

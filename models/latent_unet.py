@@ -22,7 +22,9 @@ import torch
 from monai.networks.nets import DiffusionModelUNet, SPADEDiffusionModelUNet
 from torch import nn
 
-from models.conditioning import AttributeEmbedding, label_map_to_latent_grid, pack_attributes
+from models.autoencoder import downsampling_factor
+from models.conditioning import (AttributeEmbedding, condition_channels, label_map_to_latent_grid,
+                                 pack_attributes)
 
 
 def _field(cfg: Any, name: str) -> Any:
@@ -32,12 +34,15 @@ def _field(cfg: Any, name: str) -> Any:
 class LatentDenoiser(nn.Module):
     """Predicts the noise (B, Cz, d, h, w) in noisy latents (B, Cz, d, h, w) at timesteps (B,).
 
-    ``label_onehot`` (B, C, D, H, W) is a one-hot map at image or latent resolution;
+    ``label_onehot`` (B, C, D, H, W) is a one-hot map at image or latent resolution, or a map
+    already encoded on the latent grid (B, C', d, h, w) by :func:`label_map_to_latent_grid` with
+    this model's ``map_encoding`` (what pretraining and the sites cache);
     ``attributes`` (B, A) raw values (required when the model has attributes); ``keep`` (B,) float
     mask, 0 where the sample gets the null condition (dropout, or guidance's unconditional branch).
     """
 
-    def __init__(self, unet: nn.Module, mode: str, num_classes: int, num_attributes: int):
+    def __init__(self, unet: nn.Module, mode: str, num_classes: int, num_attributes: int,
+                 map_encoding: str = "fractions", factor: int = 1):
         super().__init__()
         if mode not in ("concat", "spade"):
             raise ValueError(f"conditioning mode must be 'concat' or 'spade' (got {mode!r})")
@@ -45,6 +50,8 @@ class LatentDenoiser(nn.Module):
         self.mode = mode
         self.num_classes = num_classes
         self.num_attributes = num_attributes
+        self.map_encoding = map_encoding
+        self.condition_channels = condition_channels(num_classes, factor, map_encoding)
 
     @property
     def attribute_embedding(self) -> AttributeEmbedding | None:
@@ -57,10 +64,17 @@ class LatentDenoiser(nn.Module):
         if keep is None:
             keep = torch.ones(batch, device=latents.device, dtype=latents.dtype)
         keep = keep.to(device=latents.device, dtype=latents.dtype)
-        if label_onehot.shape[1] != self.num_classes:
+        encoded = (label_onehot.shape[1] == self.condition_channels
+                   and label_onehot.shape[2:] == latents.shape[2:])
+        if label_onehot.shape[1] != self.num_classes and not encoded:
             raise ValueError(f"label map has {label_onehot.shape[1]} channels, the model expects "
                              f"{self.num_classes} classes")
-        labels = label_map_to_latent_grid(label_onehot.to(latents.dtype), latents.shape[2:])
+        labels = label_map_to_latent_grid(label_onehot.to(latents.dtype), latents.shape[2:],
+                                          self.map_encoding)
+        if labels.shape[1] != self.condition_channels:
+            raise ValueError(f"a {self.map_encoding} map needs {self.condition_channels} channels on "
+                             f"the latent grid (got {labels.shape[1]}); give the map at image "
+                             f"resolution")
         labels = labels * keep.view(batch, 1, 1, 1, 1)
         class_labels = None
         if self.num_attributes:
@@ -82,7 +96,13 @@ def build_latent_unet(model_cfg: Any, num_classes: int, num_attributes: int) -> 
     SPADE's hidden width is the UNet's first channel count (MONAI's default 128 is sized for GPUs).
     """
     unet_cfg = _field(model_cfg, "unet")
-    mode = _field(_field(model_cfg, "conditioning"), "mode")
+    conditioning = _field(model_cfg, "conditioning")
+    mode = _field(conditioning, "mode")
+    # Configs written before map_encoding existed mean fractions.
+    encoding = (conditioning.get("map_encoding", "fractions") if isinstance(conditioning, Mapping)
+                else getattr(conditioning, "map_encoding", "fractions"))
+    factor = downsampling_factor(_field(model_cfg, "autoencoder"))
+    map_channels = condition_channels(num_classes, factor, encoding)
     latent_channels = int(_field(_field(model_cfg, "autoencoder"), "latent_channels"))
     channels = [int(c) for c in _field(unet_cfg, "channels")]
     common = dict(
@@ -94,15 +114,15 @@ def build_latent_unet(model_cfg: Any, num_classes: int, num_attributes: int) -> 
         # A placeholder class count: the integer embedding is replaced by AttributeEmbedding below.
         num_class_embeds=1 if num_attributes else None)
     if mode == "concat":
-        unet = DiffusionModelUNet(in_channels=latent_channels + num_classes, **common)
+        unet = DiffusionModelUNet(in_channels=latent_channels + map_channels, **common)
     elif mode == "spade":
-        unet = SPADEDiffusionModelUNet(in_channels=latent_channels, label_nc=num_classes,
+        unet = SPADEDiffusionModelUNet(in_channels=latent_channels, label_nc=map_channels,
                                        spade_intermediate_channels=channels[0], **common)
     else:
         raise ValueError(f"conditioning mode must be 'concat' or 'spade' (got {mode!r})")
     if num_attributes:
         unet.class_embedding = AttributeEmbedding(num_attributes, embedding_dim=channels[0] * 4)
-    return LatentDenoiser(unet, mode, num_classes, num_attributes)
+    return LatentDenoiser(unet, mode, num_classes, num_attributes, encoding, factor)
 
 
 # Parameters that read the condition or mix information across the volume: attention blocks, the

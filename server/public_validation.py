@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import atomic_torch_save
-from models.conditioning import label_map_to_latent_grid
 from models.device import module_device
 from models.diffusion import LatentDiffusion, build_scheduler, diffusion_loss
 from models.metrics import volume_mmd
@@ -83,7 +82,7 @@ def evaluate_public(model: LatentDiffusion, validation: PublicValidationSet, num
     attributes = validation.attributes.to(device) if validation.attributes.shape[1] else None
     latents = model.encode(validation.images.to(device))
     loss = diffusion_loss(model.denoiser, build_scheduler(model.model_cfg), latents,
-                          label_map_to_latent_grid(onehot, latents.shape[2:]), attributes,
+                          onehot, attributes,
                           generator=generator).mean()
     metrics = {"val/diffusion_loss": float(loss)}
     count = min(samples, len(validation))

@@ -79,3 +79,18 @@ def test_missing_data_path_exits_2(tmp_path):
     assert result.returncode == 2
     assert "data.public_dir: path does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_registered_user_error_exists_and_prints_as_one_line():
+    """Each USER_ERRORS entry names a real exception class (a typo would silently turn that
+    error back into a traceback); a halted federation (e.g. every site's budget spent) is one."""
+    import importlib
+
+    from experiments.cli import USER_ERRORS, is_user_error
+    from server.federation import FederationHalted
+
+    for module, name in USER_ERRORS:
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, Exception) and is_user_error(cls.__new__(cls))
+    assert is_user_error(FederationHalted("no site trained"))
+    assert not is_user_error(RuntimeError("a bug"))

@@ -9,7 +9,7 @@ import torch
 
 from configs import (AutoencoderConfig, ConditioningConfig, DiffusionConfig, ModelConfig,
                      UNetConfig)
-from models.conditioning import draw_condition_mask, label_map_to_latent_grid
+from models.conditioning import draw_condition_mask, label_map_to_latent_grid, space_to_depth
 from models.latent_unet import attention_and_conditioning_parameters, build_latent_unet
 
 CLASSES = 4
@@ -24,12 +24,12 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def tiny_model(mode: str = "concat") -> ModelConfig:
+def tiny_model(mode: str = "concat", map_encoding: str = "fractions") -> ModelConfig:
     return ModelConfig(
         autoencoder=AutoencoderConfig(channels=[8, 8], latent_channels=2, norm_num_groups=4),
         unet=UNetConfig(channels=[8, 16], attention_levels=[False, True], num_head_channels=8,
                         norm_num_groups=4),
-        conditioning=ConditioningConfig(mode=mode, dropout=0.2),
+        conditioning=ConditioningConfig(mode=mode, map_encoding=map_encoding, dropout=0.2),
         diffusion=DiffusionConfig(train_timesteps=20, sampling_steps=4))
 
 
@@ -81,6 +81,42 @@ def test_area_resize_keeps_class_fractions() -> None:
     assert torch.allclose(grid.mean((2, 3, 4)), maps.mean((2, 3, 4)))
 
 
+def test_space_to_depth_keeps_every_voxel_and_averages_to_the_fractions() -> None:
+    maps = random_maps(2)
+    folded = label_map_to_latent_grid(maps, (8, 8, 8), "space_to_depth")
+    assert folded.shape == (2, CLASSES * 8, 8, 8, 8)
+    # Channel c * 8 + 4i + 2j + k of cell (d, h, w) is voxel (2d + i, 2h + j, 2w + k) of class c.
+    for c, i, j, k in [(0, 0, 0, 0), (1, 1, 0, 1), (3, 1, 1, 1), (2, 0, 1, 0)]:
+        assert torch.equal(folded[:, c * 8 + 4 * i + 2 * j + k], maps[:, c, i::2, j::2, k::2])
+    fractions = label_map_to_latent_grid(maps, (8, 8, 8))
+    assert torch.allclose(folded.reshape(2, CLASSES, 8, 8, 8, 8).mean(2), fractions)
+    with pytest.raises(ValueError, match="not divisible"):
+        space_to_depth(torch.zeros(1, 1, 6, 6, 5), 2)
+
+
+@pytest.mark.parametrize("mode", ["concat", "spade"])
+def test_space_to_depth_sees_where_in_a_cell_a_tissue_lies(mode: str) -> None:
+    """Two maps with the same class fractions in every latent cell (one mirrored inside each 2^3
+    cell): a fractions model cannot tell them apart, a space-to-depth model can."""
+    maps = random_maps(1)
+    mirrored = maps.reshape(1, CLASSES, 8, 2, 8, 2, 8, 2).flip(3).reshape(maps.shape)
+    assert torch.equal(label_map_to_latent_grid(maps, (8, 8, 8)),
+                       label_map_to_latent_grid(mirrored, (8, 8, 8)))
+    latents, t = torch.randn(1, 2, 8, 8, 8), torch.tensor([7])
+    torch.manual_seed(0)
+    fractions = activate(build_latent_unet(tiny_model(mode), CLASSES, 0), scale=0.1)
+    assert torch.equal(fractions(latents, t, maps), fractions(latents, t, mirrored))
+    torch.manual_seed(0)
+    folded = activate(build_latent_unet(tiny_model(mode, "space_to_depth"), CLASSES, 0),
+                      scale=0.1)
+    assert not torch.allclose(folded(latents, t, maps), folded(latents, t, mirrored))
+    # A map encoded ahead (as pretraining and the sites cache it, uint8) gives the same output.
+    cached = label_map_to_latent_grid(maps, (8, 8, 8), "space_to_depth").to(torch.uint8)
+    assert torch.allclose(folded(latents, t, cached), folded(latents, t, maps))
+    with pytest.raises(ValueError, match="space_to_depth map needs 32 channels"):
+        folded(latents, t, label_map_to_latent_grid(maps, (8, 8, 8)))
+
+
 def test_condition_mask_is_seeded_and_respects_probability() -> None:
     a = draw_condition_mask(1000, 0.3, torch.Generator().manual_seed(4))
     b = draw_condition_mask(1000, 0.3, torch.Generator().manual_seed(4))
@@ -98,15 +134,17 @@ def test_attention_and_conditioning_parameters_are_a_proper_subset() -> None:
 
 # Opacus' full backward hooks fire on module outputs when the inputs need no gradient (as here).
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-@pytest.mark.parametrize("mode", ["concat", "spade"])
-def test_opacus_per_sample_gradients_match_single_sample_gradients(mode: str) -> None:
+@pytest.mark.parametrize("mode,map_encoding", [("concat", "fractions"), ("spade", "fractions"),
+                                               ("concat", "space_to_depth")])
+def test_opacus_per_sample_gradients_match_single_sample_gradients(mode: str,
+                                                                    map_encoding: str) -> None:
     """The DP-SGD contract: Opacus' hooks give each sample's own gradient of its own loss."""
     from opacus import GradSampleModule
 
     from models.diffusion import build_scheduler, diffusion_loss
 
     torch.manual_seed(1)
-    model_cfg = tiny_model(mode)
+    model_cfg = tiny_model(mode, map_encoding)
     denoiser = activate(build_latent_unet(model_cfg, CLASSES, 2))
     scheduler = build_scheduler(model_cfg)
     latents, maps, values = torch.randn(3, 2, 8, 8, 8), random_maps(3), torch.randn(3, 2)

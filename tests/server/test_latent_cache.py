@@ -79,7 +79,8 @@ def test_encoded_scans_are_cached_on_disk_privately_and_invalidated_by_the_data(
     assert seen_files[3]["site_1"] == [p.name for p in folders["site_1"].glob("latents-*.pt")]
 
 
-def test_the_key_changes_with_the_grid_the_attributes_and_the_autoencoder(new_federation, tmp_path):
+def test_the_key_changes_with_the_grid_the_attributes_the_autoencoder_and_the_map_encoding(
+        new_federation, tmp_path):
     fed = new_federation(tmp_path / "fed", sites=1, rounds=1)
     config = load_config(fed.config_path)
     copy = tmp_path / "site_data"
@@ -99,6 +100,8 @@ def test_the_key_changes_with_the_grid_the_attributes_and_the_autoencoder(new_fe
     assert first != key(attributes=["age", "sex"])
     assert first != key(autoencoder_sha256="b" * 64)
     assert first != key(latent_scale_factor=2.0)
+    assert first == key(map_encoding="fractions")
+    assert first != key(map_encoding="space_to_depth")
     manifest = copy / site.manifest
     header, *rows = manifest.read_text().splitlines()
     manifest.write_text("\n".join([header, *reversed(rows)]) + "\n")   # same rows, other order
