@@ -214,6 +214,8 @@ _SUMMARY_METRICS = (("kid", "feature KID (lower better)"),
                     ("conditional_dice", "conditional Dice"),
                     ("utility_dice", "utility Dice (trained on set)"),
                     ("ms_ssim_diversity", "MS-SSIM diversity"),
+                    ("intensity_dice", "intensity Dice (no network)"),
+                    ("sharpness", "sharpness (no network)"),
                     ("rf_fid", "rf_fid (secondary)"))
 
 

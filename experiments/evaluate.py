@@ -342,6 +342,12 @@ NOTES = {
                         "were generated from (Med-LSDM protocol)",
     "utility_dice": "Dice on the reference of a segmenter trained to convergence on the set "
                     "(Med-DDPM protocol)",
+    "intensity_dice": "no network: each voxel takes the class whose mean intensity in its own "
+                      "image (under the image's map) is nearest; mean foreground Dice against "
+                      "the map. Contrast-free; partial volume and noise keep real scans below 1",
+    "sharpness": "no network: mean gradient magnitude (central differences, [0, 1] intensity "
+                 "per voxel) inside the map's foreground grown by one voxel; scanner noise "
+                 "raises it for real scans",
     "rf_fid": "SECONDARY: random-feature FID (seeded random 3D ResNet, 120 features; "
               "rank-deficient covariance with tens of samples; not Inception FID)",
     "baselines": "real: the other half of the held-out patients (the floor); collapse: each "
@@ -357,6 +363,8 @@ _DESCRIPTIONS = {
     "conditional_dice": "public segmenter Dice vs conditioning map",
     "utility_dice": "reference Dice of a segmenter trained on the set",
     "ms_ssim_diversity": "mean pairwise 1 - MS-SSIM, 0 = collapsed",
+    "intensity_dice": "network-free: nearest tissue-mean labelling vs map",
+    "sharpness": "network-free: mean gradient magnitude in the brain",
     "rf_fid": "secondary: random-feature FID",
     "count": "volumes in the set",
 }
@@ -377,7 +385,7 @@ def format_table(result: EvaluationResult) -> str:
         rows.append(f"{name:<18} " + " ".join(f"{v:>15}" for v in values)
                     + f"  {_DESCRIPTIONS[name]}")
     for name in ("conditional_dice_ratio", "utility_dice_ratio", "diversity_ratio",
-                 "medicalnet_fid"):
+                 "intensity_dice_ratio", "sharpness_ratio", "medicalnet_fid"):
         if data["metrics"].get(name) is not None:
             rows.append(f"{name:<22} {data['metrics'][name]:.4g}")
     rows += [f"bar {name}: {'met' if met else 'NOT met'}" for name, met in data["bars"].items()]

@@ -79,7 +79,9 @@ SUMMARY_MD = "summary.md"
 TRADEOFF_PNG = "tradeoff.png"
 QUALITY_METRICS = ("kid", "conditional_dice", "utility_dice", "ms_ssim_diversity", "rf_fid")
 TABLE_METRICS = ("kid", "kid_std", "conditional_dice", "utility_dice", "ms_ssim_diversity",
-                 "rf_fid", "conditional_dice_ratio", "utility_dice_ratio", "diversity_ratio")
+                 "intensity_dice", "sharpness", "rf_fid", "conditional_dice_ratio",
+                 "utility_dice_ratio", "diversity_ratio", "intensity_dice_ratio",
+                 "sharpness_ratio")
 _METRIC_LABELS = {"kid": "feature KID (lower is better)",
                   "conditional_dice": "conditional Dice (higher is better)",
                   "utility_dice": "utility Dice, trained on set (higher)",

@@ -7,7 +7,8 @@ Headline (:mod:`models.metrics.quality`), each shown next to the baselines of
   the public segmenter (:func:`public_segmenter`, trained on public scans only, cached);
 * :func:`conditional_dice`: the public segmenter's Dice on synthetic volumes against their maps;
 * :func:`segmenter_dice`: Dice on held-out real scans of a segmenter trained on a set;
-* :func:`ms_ssim_diversity`: mean pairwise (1 - MS-SSIM) within a set.
+* :func:`ms_ssim_diversity`: mean pairwise (1 - MS-SSIM) within a set;
+* :func:`intensity_dice`, :func:`edge_sharpness`: network-free map-following and sharpness.
 
 Secondary: :func:`rf_fid` (random-feature FID), :func:`medicalnet_fid` (local weights file),
 :func:`volume_mmd`.
@@ -22,6 +23,7 @@ from models.metrics.feature_net import (RANDOM_FEATURE_DIM, RANDOM_FEATURE_SEED,
                                         feature_net_fingerprint, zscore_volumes)
 from models.metrics.fid import frechet_distance, medicalnet_fid, rf_fid
 from models.metrics.kid import KID, kernel_inception_distance
+from models.metrics.map_contrast import edge_sharpness, intensity_dice
 from models.metrics.mmd import volume_mmd
 from models.metrics.public_segmenter import (PublicSegmenter, conditional_dice, public_segmenter,
                                              segmenter_features)
@@ -39,8 +41,8 @@ __all__ = [
     "SegmentationUtility", "SegmenterSettings", "SetQuality", "StagePooledResNet",
     "TrainedSegmenter", "build_medicalnet_feature_net", "build_random_feature_net",
     "build_segmenter", "collapse_baseline", "conditional_dice", "copy_baseline",
-    "evaluate_quality", "extract_features", "feature_net_fingerprint", "frechet_distance",
-    "kernel_inception_distance", "make_reference", "mean_foreground_dice", "measure_set",
+    "edge_sharpness", "evaluate_quality", "extract_features", "feature_net_fingerprint", "frechet_distance",
+    "intensity_dice", "kernel_inception_distance", "make_reference", "mean_foreground_dice", "measure_set",
     "medicalnet_fid", "ms_ssim_diversity", "ms_ssim_settings", "predict_labels",
     "public_segmenter", "rf_fid", "segmentation_utility", "segmenter_dice",
     "segmenter_features", "train_segmenter", "volume_mmd", "zscore_volumes",

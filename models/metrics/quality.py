@@ -12,6 +12,9 @@ Every set of (image, map) pairs -- the model's samples and each baseline -- gets
 * ``utility_dice``: Dice on the reference of a segmenter trained to convergence on the set
   (Med-DDPM protocol);
 * ``ms_ssim_diversity``: mean pairwise 1 - MS-SSIM within the set;
+* ``intensity_dice`` and ``sharpness``: network-free figures (:mod:`models.metrics.map_contrast`):
+  how well the images' own intensities separate the tissues of their maps, and their mean
+  gradient magnitude inside the brain;
 * ``rf_fid``: random-feature FID against the reference (secondary; rank-deficient covariance
   with tens of samples, kept for continuity with earlier reports).
 
@@ -34,6 +37,7 @@ import torch
 from models.metrics.diversity import ms_ssim_diversity
 from models.metrics.fid import rf_fid
 from models.metrics.kid import kernel_inception_distance
+from models.metrics.map_contrast import edge_sharpness, intensity_dice
 from models.metrics.public_segmenter import (PublicSegmenter, conditional_dice,
                                              segmenter_features)
 from models.metrics.segmentation_utility import SegmenterSettings, segmenter_dice
@@ -42,7 +46,9 @@ log = logging.getLogger(__name__)
 
 BASELINES = ("real", "collapse", "copy", "pretrained_only")
 SET_METRICS = ("kid", "kid_std", "conditional_dice", "utility_dice", "ms_ssim_diversity",
-               "rf_fid")
+               "intensity_dice", "sharpness", "rf_fid")
+# Bumped when a set's figures change meaning or are added: cached sets are measured again.
+_SET_FORMAT = 2
 # Lower is better for these; higher for the rest of SET_METRICS (kid_std is neither).
 LOWER_IS_BETTER = ("kid", "rf_fid")
 
@@ -56,6 +62,8 @@ class SetQuality:
     conditional_dice: float
     utility_dice: float
     ms_ssim_diversity: float
+    intensity_dice: float
+    sharpness: float
     rf_fid: float
     count: int
 
@@ -82,7 +90,8 @@ class QualityReport:
 
     @property
     def ratios(self) -> dict[str, float]:
-        """The model's conditional Dice, utility Dice and diversity as fractions of real's."""
+        """The model's conditional Dice, utility Dice, diversity, intensity Dice and sharpness as
+        fractions of real's."""
         real = self.baselines.get("real")
         if real is None:
             return {}
@@ -90,7 +99,10 @@ class QualityReport:
                                                  real.conditional_dice),
                 "utility_dice_ratio": _ratio(self.synthetic.utility_dice, real.utility_dice),
                 "diversity_ratio": _ratio(self.synthetic.ms_ssim_diversity,
-                                          real.ms_ssim_diversity)}
+                                          real.ms_ssim_diversity),
+                "intensity_dice_ratio": _ratio(self.synthetic.intensity_dice,
+                                               real.intensity_dice),
+                "sharpness_ratio": _ratio(self.synthetic.sharpness, real.sharpness)}
 
     @property
     def bars(self) -> dict[str, bool]:
@@ -150,7 +162,7 @@ def _set_key(images: torch.Tensor, labels: torch.Tensor, reference: Reference,
                    reference.labels.to(torch.uint8)):
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(json.dumps({"segmenter": segmenter.sha256, "seed": seed,
+    digest.update(json.dumps({"format": _SET_FORMAT, "segmenter": segmenter.sha256, "seed": seed,
                               "settings": seg_settings.to_json_dict()}, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -180,6 +192,8 @@ def measure_set(images: torch.Tensor, labels: torch.Tensor, reference: Reference
                                     num_classes, seed, seg_settings, device,
                                     description=f"segmenter on {name}"),
         ms_ssim_diversity=ms_ssim_diversity(images, seed=seed),
+        intensity_dice=intensity_dice(images, labels, num_classes),
+        sharpness=edge_sharpness(images, labels),
         rf_fid=rf_fid(reference.images, images, device=device),
         count=int(images.shape[0]))
     log.info("%s: %s", name, quality)

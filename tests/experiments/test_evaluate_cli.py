@@ -17,9 +17,9 @@ from experiments.evaluate import split_by_patient
 SIZE = 16
 SPACING = 12.0
 SET_METRICS = {"kid", "kid_std", "conditional_dice", "utility_dice", "ms_ssim_diversity",
-               "rf_fid", "count"}
+               "intensity_dice", "sharpness", "rf_fid", "count"}
 METRICS = SET_METRICS | {"conditional_dice_ratio", "utility_dice_ratio", "diversity_ratio",
-                         "medicalnet_fid"}
+                         "intensity_dice_ratio", "sharpness_ratio", "medicalnet_fid"}
 
 
 @pytest.fixture(autouse=True)

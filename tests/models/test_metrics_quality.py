@@ -120,7 +120,12 @@ def test_baselines_collapse_loses_and_copy_wins_on_fidelity(segmenter):
     assert copy.conditional_dice > collapse.conditional_dice
     assert copy.conditional_dice > report.synthetic.conditional_dice
     assert report.synthetic.utility_dice < real.utility_dice
+    # Network-free: the mean scan and uniform noise follow the maps worse than real scans.
+    assert collapse.intensity_dice < real.intensity_dice
+    assert report.synthetic.intensity_dice < real.intensity_dice
     json = report.to_json_dict()
+    assert json["metrics"]["sharpness_ratio"] == pytest.approx(
+        report.synthetic.sharpness / real.sharpness)
     assert set(json["baselines"]) == set(BASELINES)
     assert json["bars"]["beats_collapse_kid"] is (report.synthetic.kid < collapse.kid)
     assert json["metrics"]["utility_dice_ratio"] == pytest.approx(
