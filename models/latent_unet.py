@@ -2,10 +2,14 @@
 
 Conditioning modes (``model.conditioning.mode``):
 
-- ``concat`` (Med-DDPM): the map's class fractions on the latent grid are concatenated to the noisy
+- ``concat`` (Med-DDPM): the map, encoded on the latent grid, is concatenated to the noisy
   latents as extra input channels of a :class:`~monai.networks.nets.DiffusionModelUNet`;
 - ``spade`` (Med-LSDM): a :class:`~monai.networks.nets.SPADEDiffusionModelUNet` modulates every
-  normalisation by the map (``label_nc = num_classes``), given at latent resolution.
+  normalisation by the map encoded on the latent grid (``label_nc`` = its channels).
+
+The encoding (``model.conditioning.map_encoding``, :func:`models.conditioning.label_map_to_latent_grid`)
+is each class's fraction of a latent cell (C channels) or every voxel folded into channels
+(space-to-depth, C x f^3 channels for an autoencoder downsampling f).
 
 Attributes (Daum et al.) enter through the UNet's class-embedding path: MONAI adds
 ``class_embedding(class_labels)`` to the time embedding, and :class:`AttributeEmbedding` takes the
