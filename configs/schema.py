@@ -294,6 +294,10 @@ class ReleaseConfig:
     # Voxels a candidate may be translated (per axis) and still count as a copy of a scan.
     max_shift: int = _f(1, ge=0, le=4)
     deform_masks: bool = True
+    # Multiplies the elastic displacement of the deformation. 0.5: ~0.44 voxel per axis, about
+    # what separates two patients of the demo cohort; 1.0 was the default until 2026-12-02;
+    # 0: rotation, scaling and translation only.
+    deform_scale: float = _f(0.5, ge=0, le=10)
     attribute_ranges: dict[str, tuple[float, float]] = _f(factory=dict)
     dp_gate: DPGateConfig = _f(factory=DPGateConfig)
 

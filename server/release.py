@@ -82,11 +82,11 @@ MANIFEST_FILE = "manifest.csv"
 PREVIEW_FILE = "preview.png"
 _STATE_FORMAT = "fedsynth-release-state/1"
 _PREVIEW_LIMIT = 8
-# The public maps' deformation: a smooth field (4-6 voxel smoothness, about half a voxel of
-# displacement whatever the grid size) plus up to ~3 degrees of rotation, 2 % scaling and half a
-# voxel of translation. Measured on the demo cohort's maps at 32^3 (8 maps x 3 seeds): ~40 % of
-# the brain's voxels change class (GM/WM layers are 1-2 voxels thick there), the brain's
-# centroid moves by at most 1.6 voxels.
+# The public maps' deformation: a smooth field (4-6 voxel smoothness; displacement std 0.88
+# voxel per axis as written here, measured, times ``release.deform_scale``, default 0.5) plus up
+# to ~3 degrees of rotation, 2 % scaling and half a voxel of translation. At scale 1, on the demo
+# cohort's maps at 32^3 (8 maps x 3 seeds): ~40 % of the brain's voxels change class (GM/WM
+# layers are 1-2 voxels thick there), the brain's centroid moves by at most 1.6 voxels.
 _ELASTIC = dict(sigma_range=(4.0, 6.0), magnitude_range=(60.0, 120.0), rotate_range=(0.05,) * 3,
                 scale_range=(0.02,) * 3, translate_range=(0.5,) * 3)
 
@@ -307,8 +307,12 @@ def draw_condition(plan: ReleasePlan, slot: int, attempt: int) -> Condition:
     return Condition(k, deform_seed, values, int(rng.integers(2 ** 63 - 1)))
 
 
-def deformed_map(labels: torch.Tensor, seed: int | None, num_classes: int) -> torch.Tensor:
+def deformed_map(labels: torch.Tensor, seed: int | None, num_classes: int,
+                 scale: float = 1.0) -> torch.Tensor:
     """A label map (D, H, W) uint8 in ``0..num_classes-1``, randomly deformed.
+
+    ``scale`` multiplies the elastic displacement (``release.deform_scale``); the small rotation,
+    scaling and translation stay as they are.
 
     The one-hot map is deformed with linear interpolation and each voxel takes the class with
     the largest share, as the demo cohort (format 2) makes its labels from deformed tissue
@@ -318,7 +322,9 @@ def deformed_map(labels: torch.Tensor, seed: int | None, num_classes: int) -> to
     """
     if seed is None:
         return labels.clone()
-    transform = Rand3DElastic(prob=1.0, mode="bilinear", padding_mode="zeros", **_ELASTIC)
+    low, high = _ELASTIC["magnitude_range"]
+    transform = Rand3DElastic(prob=1.0, mode="bilinear", padding_mode="zeros",
+                              **{**_ELASTIC, "magnitude_range": (low * scale, high * scale)})
     transform.set_random_state(seed=seed)
     one_hot = torch.nn.functional.one_hot(labels.long(), num_classes).permute(3, 0, 1, 2)
     moved = torch.as_tensor(transform(one_hot.float()))
@@ -335,7 +341,8 @@ def generate(model: torch.nn.Module, plan: ReleasePlan, conditions: Sequence[Con
     """
     grid = plan.checkpoint.data
     labels = torch.stack([deformed_map(plan.maps.labels[c.map_index], c.deform_seed,
-                                       grid.num_classes) for c in conditions])
+                                       grid.num_classes, plan.config.release.deform_scale)
+                          for c in conditions])
     latent_shape = model.latent_shape(grid.shape)
     device = module_device(model)
     images = []

@@ -450,3 +450,21 @@ def test_deformed_maps_move_class_shares_as_the_cohort_labels_do():
                             **release_module._ELASTIC).set_random_state(seed=11)
     assert not torch.equal(moved, torch.as_tensor(nearest(labels[None].float()))[0]
                            .round().to(torch.uint8))
+
+
+def test_deform_scale_scales_the_elastic_displacement_only():
+    grid = torch.stack(torch.meshgrid(*[torch.arange(16.0)] * 3, indexing="ij"))
+    radius = (grid - 7.5).norm(dim=0)
+    labels = torch.bucketize(-radius, torch.tensor([-7.0, -5.0, -3.0])).to(torch.uint8)
+    changed = {scale: float((release_module.deformed_map(labels, 11, 4, scale) != labels)
+                            .float().mean()) for scale in (0.0, 0.25, 1.0, 2.0)}
+    assert changed[0.0] < changed[0.25] < changed[1.0] < changed[2.0]
+    assert torch.equal(release_module.deformed_map(labels, 11, 4, 1.0),
+                       release_module.deformed_map(labels, 11, 4))
+    # scale 0: the same seed's rotation, scaling and translation alone.
+    from monai.transforms import Rand3DElastic
+    affine_only = Rand3DElastic(prob=1.0, mode="bilinear", padding_mode="zeros",
+                                **{**release_module._ELASTIC, "magnitude_range": (0.0, 0.0)})
+    one_hot = torch.nn.functional.one_hot(labels.long(), 4).permute(3, 0, 1, 2).float()
+    expected = torch.as_tensor(affine_only.set_random_state(seed=11)(one_hot)).argmax(0)
+    assert torch.equal(release_module.deformed_map(labels, 11, 4, 0.0), expected.to(torch.uint8))
