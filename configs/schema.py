@@ -176,6 +176,14 @@ class UNetTrainingConfig:
     learning_rate: float = _f(1e-4, gt=0, le=10)
     # EMA of the UNet weights (with a warm-up); the checkpoint holds the EMA. None: no EMA.
     ema_decay: Optional[float] = _f(None, ge=0, lt=1)
+    # Scanner-look randomisation: each public scan is also encoded with its [0, 1] intensities
+    # raised to each of these gammas, and every epoch shows each scan in one of its versions.
+    contrast_gammas: list[float] = _f(factory=list)
+
+    def validate(self):
+        if any(not 0.1 <= g <= 10 for g in self.contrast_gammas):
+            return "contrast_gammas", f"each gamma must be in [0.1, 10] (got {self.contrast_gammas})"
+        return None
 
 
 @dataclass(frozen=True)

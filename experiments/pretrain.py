@@ -285,15 +285,22 @@ def _autoencoder_epoch(training: _Training, losses: AutoencoderLoss, cohort: Pub
 
 def _unet_epoch(training: _Training, scheduler, latents: torch.Tensor, label_grid: torch.Tensor,
                 attributes: torch.Tensor, config: Config, epoch: int) -> dict[str, float]:
-    """One pass over the public latents (B, Cz, d, h, w); returns the epoch's mean loss."""
+    """One pass over the public scans, latents (V, N, Cz, d, h, w) in V versions (the scans as
+    they are, then one per ``contrast_gammas`` entry); each scan is shown in one random version.
+    Returns the epoch's mean loss."""
     settings = config.pretrain.unet
     training.denoiser.train()
     total = 0.0
-    batches = _batches(latents.shape[0], settings.batch_size, training.generator)
+    versions, count = latents.shape[0], latents.shape[1]
+    batches = _batches(count, settings.batch_size, training.generator)
     for index in tqdm(batches, desc=f"UNet epoch {epoch + 1}/{settings.epochs}", unit="batch",
                       disable=None, leave=False):
+        version = (torch.randint(versions, (len(index),), generator=training.generator)
+                   if versions > 1 else torch.zeros(len(index), dtype=torch.long))
         with autocast(training.device, training.precision):
-            loss = diffusion_loss(training.denoiser, scheduler, latents[index], label_grid[index],
+            loss = diffusion_loss(training.denoiser, scheduler,
+                                  latents[version.to(latents.device), index.to(latents.device)],
+                                  label_grid[index],
                                   attributes[index] if attributes.shape[1] else None,
                                   generator=training.generator,
                                   condition_dropout=config.model.conditioning.dropout)
@@ -304,18 +311,23 @@ def _unet_epoch(training: _Training, scheduler, latents: torch.Tensor, label_gri
         if training.ema is not None:
             training.ema.update_parameters(training.denoiser)
         total += loss.item() * len(index)
-    return {"unet/loss": total / latents.shape[0]}
+    return {"unet/loss": total / count}
 
 
 @torch.no_grad()
 def _public_latents(autoencoder, cohort: PublicCohort, batch_size: int,
-                    num_workers: int = 0) -> torch.Tensor:
-    """Unscaled latents (N, Cz, d, h, w) of every public scan, on the autoencoder's device."""
+                    num_workers: int = 0, gamma: float = 1.0) -> torch.Tensor:
+    """Unscaled latents (N, Cz, d, h, w) of every public scan, its [0, 1] intensities raised to
+    ``gamma`` first, on the autoencoder's device."""
     autoencoder.eval()
     device = module_device(autoencoder)
     batches = torch.arange(len(cohort)).split(batch_size)
-    return torch.cat([encode_latents(autoencoder, images.to(device))
+    return torch.cat([encode_latents(autoencoder, _gamma(images.to(device), gamma))
                       for images in iterate_batches(cohort.images, batches, num_workers)])
+
+
+def _gamma(images: torch.Tensor, gamma: float) -> torch.Tensor:
+    return images if gamma == 1.0 else images.clamp(0, 1) ** gamma
 
 
 def _attribute_statistics(attributes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,10 +452,14 @@ def _train_stages(training: _Training, losses: AutoencoderLoss, cohort: PublicCo
                                                  config.data.num_classes), "previews")
         save("scale_factor", ae_settings.epochs)
     previews.append(run_dir / "previews" / RECONSTRUCTION_PREVIEW)
-    latents = latents * training.latent_scale_factor
+    # The scale factor comes from the scans as they are; scanner-look versions reuse it.
+    latents = torch.stack([latents] + [
+        _public_latents(training.autoencoder, cohort, ae_settings.batch_size,
+                        config.memory.num_workers, gamma)
+        for gamma in config.pretrain.unet.contrast_gammas]) * training.latent_scale_factor
     encoding = config.model.conditioning.map_encoding
     label_grid = torch.cat([
-        label_map_to_latent_grid(cohort.onehot(index, config.data.num_classes), latents.shape[2:],
+        label_map_to_latent_grid(cohort.onehot(index, config.data.num_classes), latents.shape[-3:],
                                  encoding)
         for index in torch.arange(len(cohort)).split(16)])
     if encoding == "space_to_depth":   # 0/1: a quarter of float32's memory

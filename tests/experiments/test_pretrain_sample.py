@@ -326,3 +326,30 @@ def test_a_cohort_without_patient_ids_holds_out_single_scans() -> None:
     assert (len(training), len(held)) == (8, 2)
     assert not set(map(tuple, training.images.flatten(1).tolist())) & \
         set(map(tuple, held.images.flatten(1).tolist()))
+
+
+def test_contrast_gammas_train_the_unet_on_other_scanner_looks(tmp_path: Path, public: Path
+                                                               ) -> None:
+    """The same run with scanner-look versions of the public scans: the autoencoder and the
+    scale factor are untouched (they come from the scans as they are), the UNet differs."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain = pretrain(load_config(write_config(tmp_path / "a", public)), tmp_path / "plain",
+                     tracking=False).checkpoint
+    looks = pretrain(load_config(write_config(tmp_path / "b", public,
+                                              unet={"epochs": 2, "batch_size": 3,
+                                                    "contrast_gammas": [0.7, 1.5]})),
+                     tmp_path / "looks", tracking=False).checkpoint
+    assert plain.latent_scale_factor == looks.latent_scale_factor
+    assert all(torch.equal(v, looks.autoencoder_state[k])
+               for k, v in plain.autoencoder_state.items())
+    assert any(not torch.equal(v, looks.denoiser_state[k])
+               for k, v in plain.denoiser_state.items())
+
+
+def test_contrast_gammas_out_of_range_are_refused_with_one_line(tmp_path: Path, public: Path
+                                                                ) -> None:
+    from configs.loader import ConfigError
+
+    with pytest.raises(ConfigError, match="contrast_gammas"):
+        load_config(write_config(tmp_path, public, unet={"contrast_gammas": [0.0]}))
