@@ -199,15 +199,29 @@ class WarmParent:
             return False
         return pid == 0
 
-    def close(self) -> None:
+    def close(self, grace_seconds: float = 5.0) -> None:
+        """End of input: the warm parent exits at EOF. One still busy after ``grace_seconds``
+        (mid warm-up, which a Ctrl-C must not wait for) is terminated, then killed. Tasks it
+        forked earlier are their own processes and finish on their own."""
         try:
             self._pipe.close()
         except OSError:
             pass
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
+        for ending in (None, signal.SIGTERM, signal.SIGKILL):
+            if ending is not None:
+                try:
+                    os.kill(self.pid, ending)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace_seconds
+            while time.monotonic() < deadline:
+                try:
+                    pid, _ = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:
+                    return
+                if pid == self.pid:
+                    return
+                time.sleep(0.05)
 
 
 class WarmClientAppExecutor:

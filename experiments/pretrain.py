@@ -286,9 +286,11 @@ def _autoencoder_epoch(training: _Training, losses: AutoencoderLoss, cohort: Pub
 def _unet_epoch(training: _Training, scheduler, latents: torch.Tensor, label_grid: torch.Tensor,
                 attributes: torch.Tensor, config: Config, epoch: int) -> dict[str, float]:
     """One pass over the public scans, latents (V, N, Cz, d, h, w) in V versions (the scans as
-    they are, then one per ``contrast_gammas`` entry); each scan is shown in one random version.
-    Returns the epoch's mean loss."""
+    they are, then one per ``contrast_gammas`` entry) or (N, Cz, d, h, w); each scan is shown in
+    one random version. Returns the epoch's mean loss."""
     settings = config.pretrain.unet
+    if latents.ndim == 5:
+        latents = latents.unsqueeze(0)
     training.denoiser.train()
     total = 0.0
     versions, count = latents.shape[0], latents.shape[1]

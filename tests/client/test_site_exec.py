@@ -103,6 +103,21 @@ def test_a_task_of_an_unapproved_fab_is_refused_before_any_process_starts():
     assert not parent.alive()
 
 
+def test_closing_does_not_wait_for_a_warm_up_that_is_still_running(monkeypatch):
+    """Ctrl-C during the warm parent's imports: it is terminated after the grace period, not
+    waited for (a warm-up stuck for any reason would otherwise hold the runner forever)."""
+    import time
+
+    import client.site_exec as site_exec
+
+    monkeypatch.setattr(site_exec, "warm_up", lambda: time.sleep(600))
+    parent = WarmParent(warm=True)
+    started = time.monotonic()
+    parent.close(grace_seconds=0.5)
+    assert time.monotonic() - started < 30
+    assert not parent.alive()
+
+
 @pytest.mark.parametrize("arguments, expected", [
     (["--runtime-api-address", "127.0.0.1:9094", "--insecure"], "--approve-fab / --approve-any-fab"),
     (["--runtime-api-address", "127.0.0.1:9094", "--insecure", "--approve-fab", "123"],
