@@ -46,6 +46,11 @@ class Processes:
         logs.mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        # A test run started in the background by a shell without job control inherits SIGINT
+        # ignored, and an ignored signal stays ignored across exec: the processes would not see
+        # a Ctrl-C. A handler (not SIG_IGN) here resets to the default in every child.
+        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         log = open(self.logs / f"{name}.log", "wb")
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                    cwd=REPO, start_new_session=True)
