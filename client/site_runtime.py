@@ -57,7 +57,7 @@ from client.membership_audit import MembershipAuditError, apply_holdout
 from client.site_data import SiteDataError, load_site
 from configs.schema import DataConfig, SiteConfig
 from models.autoencoder import build_autoencoder, encode_latents
-from models.conditioning import label_map_to_latent_grid
+from models.conditioning import compact_latent_map
 from models.device import autocast, check_precision, resolve_device
 from models.diffusion import build_scheduler, diffusion_loss
 from models.latent_unet import build_latent_unet
@@ -147,8 +147,8 @@ def encode_site(site: SiteConfig, data: DataConfig, attributes: Sequence[str],
                 batch_size: int = 4, map_encoding: str = "fractions") -> EncodedSite:
     """Load the site's scans and encode them with the frozen autoencoder (no gradients, eval mode).
 
-    Maps are brought to the latent grid with the denoiser's ``map_encoding``; a space-to-depth map
-    is 0/1, so it is kept as uint8 (a quarter of float32's memory)."""
+    Maps are brought to the latent grid with the denoiser's ``map_encoding``
+    (:func:`models.conditioning.compact_latent_map`)."""
     dataset = load_site(site.data_dir, data, site.manifest, attributes)
     autoencoder.eval()
     device = next(autoencoder.parameters()).device
@@ -159,9 +159,7 @@ def encode_site(site: SiteConfig, data: DataConfig, attributes: Sequence[str],
         z = encode_latents(autoencoder, images) * latent_scale_factor
         onehot = torch.stack([item["label"] for item in items]).to(device)
         latents.append(z.cpu())
-        encoded_map = label_map_to_latent_grid(onehot, z.shape[2:], map_encoding).cpu()
-        labels.append(encoded_map.to(torch.uint8) if map_encoding == "space_to_depth"
-                      else encoded_map)
+        labels.append(compact_latent_map(onehot, z.shape[2:], map_encoding).cpu())
         values.append(torch.stack([item["attributes"] for item in items]))
     scans = EncodedScans(torch.cat(latents), torch.cat(labels), torch.cat(values).float())
     return EncodedSite(scans, {pid: list(rows) for pid, rows in dataset.patients.items()})

@@ -40,7 +40,7 @@ from models.autoencoder import (AutoencoderLoss, PerceptualWeightsError, build_a
                                 build_discriminator, decode_latents, encode_latents,
                                 narrow_posterior, reconstruct, reconstruction_quality)
 from models.checkpoint import Checkpoint, DataGrid, atomic_torch_save, save_checkpoint
-from models.conditioning import label_map_to_latent_grid
+from models.conditioning import compact_latent_map
 from models.device import autocast, check_precision, cpu_state_dict, module_device, resolve_device
 from models.memory import configure, random_crop
 from models.diffusion import LatentDiffusion, build_scheduler, diffusion_loss
@@ -459,14 +459,10 @@ def _train_stages(training: _Training, losses: AutoencoderLoss, cohort: PublicCo
         _public_latents(training.autoencoder, cohort, ae_settings.batch_size,
                         config.memory.num_workers, gamma)
         for gamma in config.pretrain.unet.contrast_gammas]) * training.latent_scale_factor
-    encoding = config.model.conditioning.map_encoding
     label_grid = torch.cat([
-        label_map_to_latent_grid(cohort.onehot(index, config.data.num_classes), latents.shape[-3:],
-                                 encoding)
-        for index in torch.arange(len(cohort)).split(16)])
-    if encoding == "space_to_depth":   # 0/1: a quarter of float32's memory
-        label_grid = label_grid.to(torch.uint8)
-    label_grid = label_grid.to(training.device)
+        compact_latent_map(cohort.onehot(index, config.data.num_classes), latents.shape[-3:],
+                           config.model.conditioning.map_encoding)
+        for index in torch.arange(len(cohort)).split(16)]).to(training.device)
 
     if not config.pretrain.enabled:
         log.info("pretrain.enabled is false: the UNet keeps its random initialisation")

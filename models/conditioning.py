@@ -61,15 +61,22 @@ def label_map_to_latent_grid(label_onehot: torch.Tensor, latent_size: Sequence[i
     if tuple(label_onehot.shape[2:]) == size:
         return label_onehot
     if encoding == "space_to_depth":
-        factors = {full // small for full, small in zip(label_onehot.shape[2:], size)}
-        if len(factors) != 1 or any(full != small * next(iter(factors))
-                                    for full, small in zip(label_onehot.shape[2:], size)):
+        factor = label_onehot.shape[2] // size[0]
+        if tuple(label_onehot.shape[2:]) != tuple(s * factor for s in size):
             raise ValueError(f"map shape {tuple(label_onehot.shape[2:])} is not the latent grid "
                              f"{size} times one integer factor")
-        return space_to_depth(label_onehot, factors.pop())
+        return space_to_depth(label_onehot, factor)
     if encoding != "fractions":
         raise ValueError(f"map encoding must be one of {MAP_ENCODINGS} (got {encoding!r})")
     return F.interpolate(label_onehot, size=size, mode="area")
+
+
+def compact_latent_map(label_onehot: torch.Tensor, latent_size: Sequence[int],
+                       encoding: str = "fractions") -> torch.Tensor:
+    """:func:`label_map_to_latent_grid` for keeping many maps in memory or on disk: a space-to-depth
+    map is 0/1, so it is returned as uint8 (a quarter of float32); fractions stay float."""
+    encoded = label_map_to_latent_grid(label_onehot, latent_size, encoding)
+    return encoded.to(torch.uint8) if encoding == "space_to_depth" else encoded
 
 
 def draw_condition_mask(batch_size: int, dropout: float, generator: torch.Generator | None = None,

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from models.metrics.errors import MetricInputError
+from models.metrics.segmentation_utility import mean_foreground_dice
 
 
 def _check(images: torch.Tensor, maps: torch.Tensor) -> None:
@@ -70,16 +71,9 @@ def nearest_mean_labels(image: torch.Tensor, classes: torch.Tensor,
 
 
 def intensity_dice(images: torch.Tensor, maps: torch.Tensor, num_classes: int) -> float:
-    """Mean over the set of the foreground Dice between each map and its image's nearest-mean
-    labelling (:func:`nearest_mean_labels`); a class absent from both counts as agreement."""
+    """Foreground Dice of each image's nearest-mean labelling (:func:`nearest_mean_labels`)
+    against its map, averaged as :func:`mean_foreground_dice` (conditional Dice's average)."""
     _check(images, maps)
-    scores = []
-    for image, classes in zip(images[:, 0].float(), maps[:, 0].long()):
-        predicted = nearest_mean_labels(image, classes, num_classes)
-        per_class = []
-        for c in range(1, num_classes):
-            a, b = predicted == c, classes == c
-            total = int(a.sum() + b.sum())
-            per_class.append(1.0 if total == 0 else 2 * float((a & b).sum()) / total)
-        scores.append(sum(per_class) / len(per_class))
-    return float(sum(scores) / len(scores))
+    predicted = torch.stack([nearest_mean_labels(image, classes, num_classes)
+                             for image, classes in zip(images[:, 0].float(), maps[:, 0].long())])
+    return mean_foreground_dice(predicted[:, None], maps.long(), num_classes)

@@ -9,7 +9,8 @@ import torch
 
 from configs import (AutoencoderConfig, ConditioningConfig, DiffusionConfig, ModelConfig,
                      UNetConfig)
-from models.conditioning import draw_condition_mask, label_map_to_latent_grid, space_to_depth
+from models.conditioning import (compact_latent_map, draw_condition_mask,
+                                 label_map_to_latent_grid, space_to_depth)
 from models.latent_unet import attention_and_conditioning_parameters, build_latent_unet
 
 CLASSES = 4
@@ -111,7 +112,9 @@ def test_space_to_depth_sees_where_in_a_cell_a_tissue_lies(mode: str) -> None:
                       scale=0.1)
     assert not torch.allclose(folded(latents, t, maps), folded(latents, t, mirrored))
     # A map encoded ahead (as pretraining and the sites cache it, uint8) gives the same output.
-    cached = label_map_to_latent_grid(maps, (8, 8, 8), "space_to_depth").to(torch.uint8)
+    cached = compact_latent_map(maps, (8, 8, 8), "space_to_depth")
+    assert cached.dtype == torch.uint8
+    assert compact_latent_map(maps, (8, 8, 8)).dtype == torch.float32   # fractions stay float
     assert torch.allclose(folded(latents, t, cached), folded(latents, t, maps))
     with pytest.raises(ValueError, match="space_to_depth map needs 32 channels"):
         folded(latents, t, label_map_to_latent_grid(maps, (8, 8, 8)))
