@@ -81,12 +81,16 @@ class AutoencoderConfig:
     attention_levels: list[bool] = _f(factory=lambda: [False, False])
     norm_num_groups: int = _f(8, gt=0, le=MAX_CHANNELS)
     num_embeddings: int = _f(256, gt=1, le=1_000_000)
+    decoder_map_classes: int = _f(0, ge=0, le=256)
 
     @property
     def downsampling(self) -> int:
         return 2 ** (len(self.channels) - 1)
 
     def validate(self):
+        if self.decoder_map_classes and self.kind != "kl":
+            return "decoder_map_classes", (f"a decoder that sees the map needs kind: kl "
+                                           f"(got kind: {self.kind}); set it to 0 for VQ")
         return _levels_problem(self.channels, self.attention_levels, self.norm_num_groups)
 
 
@@ -376,6 +380,11 @@ class Config:
             return "data.shape", (f"each size must be divisible by {factor} (autoencoder x{self.model.autoencoder.downsampling}"
                                   f" times UNet x{self.model.unet.downsampling}); "
                                   f"try {fixed} (got {list(self.data.shape)})")
+        map_classes = self.model.autoencoder.decoder_map_classes
+        if map_classes and map_classes != len(self.data.label_names):
+            return "model.autoencoder.decoder_map_classes", (
+                f"must be 0 or the number of data.label_names ({len(self.data.label_names)}) "
+                f"(got {map_classes})")
         unknown = [a for a in self.model.conditioning.attributes
                    if self.release.attribute_ranges and a not in self.release.attribute_ranges]
         if unknown:

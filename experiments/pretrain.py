@@ -37,7 +37,7 @@ from client.site_data import load_site
 from client.streaming import affine_stack, image_stack, iterate_batches, label_stack, stream_site
 from configs import Config, config_to_dict, flatten_config
 from models.autoencoder import (AutoencoderLoss, PerceptualWeightsError, build_autoencoder,
-                                build_discriminator, decode_latents, encode_latents,
+                                build_discriminator, decode_latents, decoder_map, encode_latents,
                                 narrow_posterior, reconstruct, reconstruction_quality)
 from models.checkpoint import Checkpoint, DataGrid, atomic_torch_save, save_checkpoint
 from models.conditioning import compact_latent_map
@@ -260,11 +260,18 @@ def _autoencoder_epoch(training: _Training, losses: AutoencoderLoss, cohort: Pub
     stream = iterate_batches(cohort.images, batches, config.memory.num_workers)
     for index in tqdm(batches, desc=f"autoencoder epoch {epoch + 1}/{settings.epochs}",
                       unit="batch", disable=None, leave=False):
-        images = random_crop(next(stream), config.memory.autoencoder_crop,
+        images = next(stream)
+        maps = None
+        if config.model.autoencoder.decoder_map_classes:  # crop scan and map as one
+            images = torch.cat([images, cohort.onehot(index, config.data.num_classes)], dim=1)
+        images = random_crop(images, config.memory.autoencoder_crop,
                              training.generator).to(training.device)
+        if config.model.autoencoder.decoder_map_classes:
+            images, maps = images[:, :1], images[:, 1:]
         with autocast(training.device, training.precision):
-            reconstruction, regularisation = reconstruct(training.autoencoder, images,
-                                                         training.generator)
+            reconstruction, regularisation = reconstruct(
+                training.autoencoder, images, training.generator,
+                decoder_map(training.autoencoder, maps))
             loss, parts = losses.generator_loss(images, reconstruction, regularisation,
                                                 training.discriminator if adversarial else None)
         training.autoencoder_optimizer.zero_grad(set_to_none=True)
@@ -443,7 +450,9 @@ def _train_stages(training: _Training, losses: AutoencoderLoss, cohort: PublicCo
         tracker.metrics({"autoencoder/latent_scale_factor": scale}, step=ae_settings.epochs)
         measured = holdout if len(holdout) else cohort
         training.reconstruction = {
-            **reconstruction_quality(training.autoencoder, measured.images),
+            **reconstruction_quality(
+                training.autoencoder, measured.images, label_onehot=measured.onehot(
+                    torch.arange(len(measured)), config.data.num_classes)),
             "scans": len(measured), "held_out": bool(len(holdout))}
         tracker.metrics({f"autoencoder/reconstruction_{k}": training.reconstruction[k]
                          for k in ("psnr", "ssim")}, step=ae_settings.epochs)
@@ -489,7 +498,9 @@ def _reconstruction_preview(autoencoder, scans: PublicCohort, run_dir: Path,
     count = min(2, len(scans))
     images = scans.images[:count]
     device = module_device(autoencoder)
-    reconstruction = decode_latents(autoencoder, encode_latents(autoencoder, images.to(device)))
+    maps = decoder_map(autoencoder, scans.onehot(torch.arange(count), num_classes).to(device))
+    reconstruction = decode_latents(autoencoder, encode_latents(autoencoder, images.to(device)),
+                                    maps)
     reconstruction = reconstruction.float().cpu().clamp(0, 1)
     volumes = [v for i in range(count)
                for v in (images[i, 0].numpy(), reconstruction[i, 0].numpy())]

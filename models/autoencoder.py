@@ -8,6 +8,12 @@ on the discriminator's intermediate outputs, plus the KL term (``kind: kl``) or 
 vector-quantisation commitment loss (``kind: vq``). A perceptual loss is added only when local
 MedicalNet weights are given (nothing is ever downloaded).
 
+With ``decoder_map_classes`` > 0 (KL only) the decoder also sees the label map the volume follows,
+folded losslessly onto the latent grid (space-to-depth, :func:`decoder_map`): the latents carry
+contrast and texture, the map says where each tissue's boundary lies at full resolution. The
+encoder never sees a map, so the latents (and everything the sites compute from them) are the same
+kind of object either way.
+
 Builders take the config duck-typed (``cfg.channels``) or as a plain dict, so a checkpoint rebuilds
 its networks without the YAML.
 """
@@ -23,13 +29,100 @@ from monai.losses import PatchAdversarialLoss, SSIMLoss
 from monai.losses.perceptual import MedicalNetPerceptualSimilarity
 from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.nets import VQVAE, AutoencoderKL, PatchDiscriminator, resnet10, resnet50
+from monai.networks.blocks import Convolution
+from monai.networks.nets.autoencoderkl import Decoder
 from torch import nn
+
+from models.conditioning import depth_to_space, space_to_depth
 
 Autoencoder = AutoencoderKL | VQVAE
 
 
-def _field(cfg: Any, name: str) -> Any:
+def _field(cfg: Any, name: str, default: Any = ...) -> Any:
+    if default is not ... and (name not in cfg if isinstance(cfg, Mapping)
+                               else not hasattr(cfg, name)):
+        return default  # a field added later: older checkpoints lack it
     return cfg[name] if isinstance(cfg, Mapping) else getattr(cfg, name)
+
+
+class MapDecoder(Decoder):
+    """MONAI's KL decoder, told the label map twice: folded onto the latent grid beside the
+    latents at its input, and at full resolution beside the last features before its output
+    convolution. The first gives every level the layout; the second lets the output place
+    each tissue boundary on its voxel (nearest-neighbour upsampling cannot unfold a folded map).
+
+    ``forward(x, label_grid)``: x (B, Cz, d, h, w), label_grid (B, C * f^3, d, h, w) -> images
+    (B, out_channels, D, H, W).
+    """
+
+    def __init__(self, *, map_classes: int, downsampling: int, in_channels: int,
+                 **kwargs: Any):
+        super().__init__(in_channels=in_channels + map_classes * downsampling ** 3, **kwargs)
+        self.downsampling = int(downsampling)
+        output = self.blocks[-1]
+        self.blocks[-1] = Convolution(spatial_dims=self.spatial_dims,
+                                      in_channels=output.conv.in_channels + int(map_classes),
+                                      out_channels=self.out_channels, strides=1, kernel_size=3,
+                                      padding=1, conv_only=True)
+
+    def forward(self, x: torch.Tensor, label_grid: torch.Tensor) -> torch.Tensor:
+        label_grid = label_grid.to(x.dtype)
+        x = torch.cat([x, label_grid], dim=1)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return self.blocks[-1](torch.cat([x, depth_to_space(label_grid, self.downsampling)],
+                                         dim=1))
+
+
+class MapDecodingAutoencoderKL(AutoencoderKL):
+    """AutoencoderKL whose decoder also takes the label map (:class:`MapDecoder`).
+
+    ``decode(z, label_grid)``: latents z (B, Cz, d, h, w) and the map on the latent grid
+    (B, map_classes * f^3, d, h, w) from :func:`decoder_map` -> images (B, 1, D, H, W).
+    Encoding is MONAI's, unchanged.
+    """
+
+    def __init__(self, *, map_classes: int, downsampling: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.map_classes = int(map_classes)
+        self.downsampling = int(downsampling)
+        decoder = self.decoder
+        self.decoder = MapDecoder(
+            map_classes=self.map_classes, downsampling=self.downsampling,
+            spatial_dims=decoder.spatial_dims, channels=decoder.channels,
+            in_channels=self.latent_channels, out_channels=decoder.out_channels,
+            num_res_blocks=decoder.num_res_blocks, norm_num_groups=decoder.norm_num_groups,
+            norm_eps=decoder.norm_eps, attention_levels=decoder.attention_levels,
+            with_nonlocal_attn=kwargs["with_decoder_nonlocal_attn"])
+
+    def decode(self, z: torch.Tensor, label_grid: torch.Tensor | None = None) -> torch.Tensor:
+        if label_grid is None:
+            raise ValueError("this autoencoder's decoder needs the label map "
+                             "(model.autoencoder.decoder_map_classes > 0)")
+        z = self.post_quant_conv(z)
+        if self.use_checkpoint:  # models.memory.use_gradient_checkpointing, as MONAI's decode
+            return torch.utils.checkpoint.checkpoint(self.decoder, z, label_grid,
+                                                     use_reentrant=False)
+        return self.decoder(z, label_grid)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise TypeError("use models.autoencoder.reconstruct(autoencoder, images, label_grid=...)")
+
+
+def decoder_map(autoencoder: nn.Module, label_onehot: torch.Tensor | None) -> torch.Tensor | None:
+    """The map as the decoder sees it, or None for a decoder that sees no map.
+
+    One-hot maps (B, C, D, H, W) -> (B, C * f^3, D/f, H/f, W/f), space-to-depth (lossless).
+    """
+    if not isinstance(autoencoder, MapDecodingAutoencoderKL):
+        return None
+    if label_onehot is None:
+        raise ValueError("this autoencoder's decoder needs the label map "
+                         "(model.autoencoder.decoder_map_classes > 0)")
+    if label_onehot.shape[1] != autoencoder.map_classes:
+        raise ValueError(f"the decoder was trained on maps of {autoencoder.map_classes} classes; "
+                         f"got {label_onehot.shape[1]}")
+    return space_to_depth(label_onehot.float(), autoencoder.downsampling)
 
 
 def downsampling_factor(cfg: Any) -> int:
@@ -41,7 +134,8 @@ def build_autoencoder(cfg: Any) -> Autoencoder:
     """AutoencoderKL (``kind: kl``) or VQVAE (``kind: vq``) for one-channel 3D images.
 
     ``cfg`` has kind, channels, latent_channels, num_res_blocks, attention_levels, norm_num_groups,
-    num_embeddings. The VQVAE keeps its first level at full resolution (stride 1) so that both kinds
+    num_embeddings and optionally decoder_map_classes (0 when absent: no map at the decoder;
+    > 0: :class:`MapDecodingAutoencoderKL`). The VQVAE keeps its first level at full resolution (stride 1) so that both kinds
     downsample by ``2 ** (len(channels) - 1)``. The KL model's non-local attention at the bottleneck
     follows the last entry of ``attention_levels`` (it is quadratic in the latent voxel count).
     """
@@ -49,13 +143,20 @@ def build_autoencoder(cfg: Any) -> Autoencoder:
     channels = [int(c) for c in _field(cfg, "channels")]
     latent_channels = int(_field(cfg, "latent_channels"))
     num_res_blocks = int(_field(cfg, "num_res_blocks"))
+    map_classes = int(_field(cfg, "decoder_map_classes", 0))
     if kind == "kl":
         attention = [bool(a) for a in _field(cfg, "attention_levels")]
-        return AutoencoderKL(
+        kwargs = dict(
             spatial_dims=3, in_channels=1, out_channels=1, channels=channels,
             latent_channels=latent_channels, num_res_blocks=num_res_blocks,
             attention_levels=attention, norm_num_groups=int(_field(cfg, "norm_num_groups")),
             with_encoder_nonlocal_attn=attention[-1], with_decoder_nonlocal_attn=attention[-1])
+        if map_classes:
+            return MapDecodingAutoencoderKL(map_classes=map_classes,
+                                            downsampling=downsampling_factor(cfg), **kwargs)
+        return AutoencoderKL(**kwargs)
+    if map_classes:
+        raise ValueError(f"a decoder that sees the map needs kind 'kl' (got {kind!r})")
     if kind == "vq":
         down = [(1, 3, 1, 1)] + [(2, 4, 1, 1)] * (len(channels) - 1)
         up = [(2, 4, 1, 1, 0)] * (len(channels) - 1) + [(1, 3, 1, 1, 0)]
@@ -103,8 +204,11 @@ def ssim_window(image_shape: tuple[int, ...]) -> int:
 
 @torch.no_grad()
 def reconstruction_quality(autoencoder: Autoencoder, images: torch.Tensor,
-                           batch_size: int = 4) -> dict[str, float]:
+                           batch_size: int = 4,
+                           label_onehot: torch.Tensor | None = None) -> dict[str, float]:
     """Mean PSNR (dB) and SSIM of deterministic reconstructions of images (N, 1, D, H, W) in [0, 1].
+
+    ``label_onehot`` (N, C, D, H, W): the images' maps, needed when the decoder sees the map.
 
     Reconstructions go through the latent path the diffusion model uses (encode, decode), are
     clipped to [0, 1], and are scored with MONAI's PSNRMetric and SSIMMetric (data range 1,
@@ -117,7 +221,9 @@ def reconstruction_quality(autoencoder: Autoencoder, images: torch.Tensor,
     device = next(autoencoder.parameters()).device
     for start in range(0, images.shape[0], batch_size):
         batch = images[start:start + batch_size].float()
-        reconstruction = decode_latents(autoencoder, encode_latents(autoencoder, batch.to(device)))
+        maps = None if label_onehot is None else label_onehot[start:start + batch_size].to(device)
+        reconstruction = decode_latents(autoencoder, encode_latents(autoencoder, batch.to(device)),
+                                        decoder_map(autoencoder, maps))
         reconstruction = reconstruction.float().cpu().clamp(0.0, 1.0)
         psnr(reconstruction, batch)
         ssim(reconstruction, batch)
@@ -136,14 +242,23 @@ def encode_latents(autoencoder: Autoencoder, images: torch.Tensor) -> torch.Tens
     return z_mu
 
 
-def decode_latents(autoencoder: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
-    """Images (B, 1, D, H, W) from latents (B, Cz, d, h, w); VQ latents are re-quantised first."""
+def decode_latents(autoencoder: Autoencoder, latents: torch.Tensor,
+                   label_grid: torch.Tensor | None = None) -> torch.Tensor:
+    """Images (B, 1, D, H, W) from latents (B, Cz, d, h, w); VQ latents are re-quantised first.
+
+    ``label_grid``: :func:`decoder_map` of the images' maps (None for a decoder without one).
+    """
+    if isinstance(autoencoder, MapDecodingAutoencoderKL):
+        return autoencoder.decode(latents, label_grid)
     return autoencoder.decode_stage_2_outputs(latents)
 
 
 def reconstruct(autoencoder: Autoencoder, images: torch.Tensor,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None = None,
+                label_grid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Training forward pass: (reconstruction (B, 1, D, H, W), regularisation loss scalar).
+
+    ``label_grid``: :func:`decoder_map` of the images' maps, for a decoder that sees the map.
 
     KL: a reparameterised draw from ``generator`` and the KL divergence to N(0, I), summed over
     latent elements and averaged over the batch (as in MONAI's tutorials). VQ: the quantiser's
@@ -154,7 +269,7 @@ def reconstruct(autoencoder: Autoencoder, images: torch.Tensor,
         return reconstruction, quantisation_loss
     z_mu, z_sigma = autoencoder.encode(images)
     eps = torch.randn(z_mu.shape, generator=generator, dtype=z_mu.dtype).to(z_mu.device)
-    reconstruction = autoencoder.decode(z_mu + eps * z_sigma)
+    reconstruction = decode_latents(autoencoder, z_mu + eps * z_sigma, label_grid)
     kl = 0.5 * torch.sum(z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2)) - 1,
                          dim=list(range(1, z_mu.ndim)))
     return reconstruction, kl.mean()

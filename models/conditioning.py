@@ -48,6 +48,17 @@ def space_to_depth(volume: torch.Tensor, factor: int) -> torch.Tensor:
     return folded.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, c * factor ** 3, d, h, w)
 
 
+def depth_to_space(grid: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, C*f^3, d, h, w) -> (B, C, f*d, f*h, f*w): the inverse of :func:`space_to_depth`."""
+    b, channels, d, h, w = grid.shape
+    if channels % factor ** 3:
+        raise ValueError(f"{channels} channels are not a multiple of {factor}^3")
+    c = channels // factor ** 3
+    folded = grid.reshape(b, c, factor, factor, factor, d, h, w)
+    return folded.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, c, d * factor, h * factor,
+                                                          w * factor)
+
+
 def label_map_to_latent_grid(label_onehot: torch.Tensor, latent_size: Sequence[int],
                              encoding: str = "fractions") -> torch.Tensor:
     """One-hot map (B, C, D, H, W) -> the encoded map on the latent grid (B, C', d, h, w).

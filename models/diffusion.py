@@ -20,7 +20,8 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowSchedul
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.autoencoder import Autoencoder, decode_latents, downsampling_factor, encode_latents
+from models.autoencoder import (Autoencoder, decode_latents, decoder_map, downsampling_factor,
+                                encode_latents)
 from models.conditioning import draw_condition_mask
 from models.latent_unet import LatentDenoiser
 from models.memory import decode_tiled
@@ -211,12 +212,24 @@ class LatentDiffusion(nn.Module):
         return encode_latents(self.autoencoder, images) * self.latent_scale_factor
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, Cz, d, h, w) -> images (B, 1, D, H, W)."""
+    def decode(self, latents: torch.Tensor, label_onehot: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Scaled latents (B, Cz, d, h, w) -> images (B, 1, D, H, W).
+
+        ``label_onehot`` (B, C, D, H, W): the maps the images follow; needed when the decoder
+        sees the map (``model.autoencoder.decoder_map_classes``), ignored otherwise.
+        """
+        latents = latents / self.latent_scale_factor
+        grid = decoder_map(self.autoencoder, label_onehot)
+        if grid is None:
+            decode = lambda z: decode_latents(self.autoencoder, z)  # noqa: E731
+        else:  # the map rides along as channels, so every tile gets its own part of it
+            latents = torch.cat([latents, grid.to(latents.dtype)], dim=1)
+            decode = lambda z: decode_latents(  # noqa: E731
+                self.autoencoder, z[:, :self.latent_channels], z[:, self.latent_channels:])
         if self.decode_tile is not None:
-            return decode_tiled(lambda z: decode_latents(self.autoencoder, z),
-                                latents / self.latent_scale_factor, self.decode_tile)
-        return decode_latents(self.autoencoder, latents / self.latent_scale_factor)
+            return decode_tiled(decode, latents, self.decode_tile)
+        return decode(latents)
 
     @torch.no_grad()
     def sample(self, label_onehot: torch.Tensor, attributes: torch.Tensor | None = None, *,
@@ -233,6 +246,6 @@ class LatentDiffusion(nn.Module):
                 steps=steps or sampling_steps(self.model_cfg),
                 guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
                 progress=progress)
-            return self.decode(latents)
+            return self.decode(latents, label_onehot)
         finally:
             self.train(was_training)

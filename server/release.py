@@ -360,7 +360,7 @@ def generate(model: torch.nn.Module, plan: ReleasePlan, conditions: Sequence[Con
                                      *to_device((noise, onehot, attributes), device),
                                      steps=sampling_steps(model.model_cfg),
                                      guidance_scale=model.guidance_scale, progress=False)
-            images.append(model.decode(latents).float().cpu())
+            images.append(model.decode(latents, onehot.to(device)).float().cpu())
     return torch.cat(images), labels
 
 

@@ -468,3 +468,34 @@ def test_deform_scale_scales_the_elastic_displacement_only():
     one_hot = torch.nn.functional.one_hot(labels.long(), 4).permute(3, 0, 1, 2).float()
     expected = torch.as_tensor(affine_only.set_random_state(seed=11)(one_hot)).argmax(0)
     assert torch.equal(release_module.deformed_map(labels, 11, 4, 0.0), expected.to(torch.uint8))
+
+
+def test_a_decoder_that_sees_the_map_decodes_each_candidate_with_its_own_map(
+        world, tmp_path, monkeypatch) -> None:
+    """With ``decoder_map_classes``, the release decodes each candidate with the deformed map
+    it was sampled on (the map it is released with), folded onto the latent grid."""
+    from models.conditioning import space_to_depth
+
+    model = {**world["model"],
+             "autoencoder": {**world["model"]["autoencoder"], "decoder_map_classes": len(LABELS)}}
+    torch.manual_seed(0)
+    config = load_config(write_config({**world, "model": model}, tmp_path / "cfg")).model
+    denoiser = build_latent_unet(config, len(LABELS), 2)
+    denoiser.attribute_embedding.set_statistics(torch.tensor([55.0, 0.5]),
+                                                torch.tensor([20.0, 0.5]))
+    path = tmp_path / "map_decoder.pt"
+    save_checkpoint(path, autoencoder=build_autoencoder(config.autoencoder), denoiser=denoiser,
+                    model_config=model,
+                    data=DataGrid((SIZE,) * 3, (SPACING,) * 3, LABELS, ("age", "sex")),
+                    latent_scale_factor=1.0)
+    plan = plan_for({**world, "checkpoint": path}, tmp_path / "cfg" / "config.yaml",
+                    tmp_path / "out", num=3)
+    network = load_checkpoint(path).build_model()
+    decode, seen = network.autoencoder.decode, []
+    monkeypatch.setattr(network.autoencoder, "decode",
+                        lambda z, grid: seen.append(grid) or decode(z, grid))
+    conditions = [release_module.draw_condition(plan, slot, 0) for slot in range(3)]
+    images, labels = release_module.generate(network, plan, conditions)
+    onehot = torch.nn.functional.one_hot(labels.long(), len(LABELS)).permute(0, 4, 1, 2, 3)
+    assert images.shape == (3, 1, SIZE, SIZE, SIZE) and torch.isfinite(images).all()
+    assert torch.equal(torch.cat(seen), space_to_depth(onehot.float(), 2))
