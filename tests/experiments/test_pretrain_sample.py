@@ -308,6 +308,8 @@ def test_shipped_recipes_pretrain_on_a_tiny_cohort(tmp_path: Path, public: Path,
     written["pretrain"] = section
     written["model"]["conditioning"]["mode"] = shipped.model.conditioning.mode
     written["model"]["conditioning"]["guidance_scale"] = shipped.model.conditioning.guidance_scale
+    written["model"]["autoencoder"]["decoder_map_classes"] = \
+        shipped.model.autoencoder.decoder_map_classes
     path.write_text(yaml.safe_dump(written))
     result = pretrain(load_config(path), tmp_path / "run", tracking=False)
     meta = result.checkpoint.metadata
@@ -315,6 +317,8 @@ def test_shipped_recipes_pretrain_on_a_tiny_cohort(tmp_path: Path, public: Path,
     assert meta["unet_ema_decay"] == shipped.pretrain.unet.ema_decay
     assert result.checkpoint.model_config["conditioning"]["guidance_scale"] == \
         shipped.model.conditioning.guidance_scale
+    assert result.checkpoint.model_config["autoencoder"]["decoder_map_classes"] == \
+        shipped.model.autoencoder.decoder_map_classes
 
 
 def test_a_cohort_without_patient_ids_holds_out_single_scans() -> None:
