@@ -55,9 +55,9 @@ def test_pretraining_puts_networks_and_batches_on_the_configured_device(tmp_path
         asked.append(spec)
         return resolve_device(spec)
 
-    def spy_reconstruct(autoencoder, images, generator):
+    def spy_reconstruct(autoencoder, images, generator, label_grid=None):
         seen.append(("autoencoder", images.device, next(autoencoder.parameters()).device))
-        return reconstruct(autoencoder, images, generator)
+        return reconstruct(autoencoder, images, generator, label_grid)
 
     def spy_loss(denoiser, scheduler, latents, labels, attributes, **kwargs):
         seen.append(("unet", latents.device, next(denoiser.parameters()).device))
