@@ -261,13 +261,11 @@ def _autoencoder_epoch(training: _Training, losses: AutoencoderLoss, cohort: Pub
     for index in tqdm(batches, desc=f"autoencoder epoch {epoch + 1}/{settings.epochs}",
                       unit="batch", disable=None, leave=False):
         images = next(stream)
-        maps = None
         if config.model.autoencoder.decoder_map_classes:  # crop scan and map as one
             images = torch.cat([images, cohort.onehot(index, config.data.num_classes)], dim=1)
-        images = random_crop(images, config.memory.autoencoder_crop,
-                             training.generator).to(training.device)
-        if config.model.autoencoder.decoder_map_classes:
-            images, maps = images[:, :1], images[:, 1:]
+        cropped = random_crop(images, config.memory.autoencoder_crop,
+                              training.generator).to(training.device)
+        images, maps = cropped[:, :1], (cropped[:, 1:] if cropped.shape[1] > 1 else None)
         with autocast(training.device, training.precision):
             reconstruction, regularisation = reconstruct(
                 training.autoencoder, images, training.generator,

@@ -36,6 +36,8 @@ from torch import nn
 from models.conditioning import depth_to_space, space_to_depth
 
 Autoencoder = AutoencoderKL | VQVAE
+NEEDS_MAP = ("this autoencoder's decoder needs the label map "
+             "(model.autoencoder.decoder_map_classes > 0)")
 
 
 def _field(cfg: Any, name: str, default: Any = ...) -> Any:
@@ -97,8 +99,7 @@ class MapDecodingAutoencoderKL(AutoencoderKL):
 
     def decode(self, z: torch.Tensor, label_grid: torch.Tensor | None = None) -> torch.Tensor:
         if label_grid is None:
-            raise ValueError("this autoencoder's decoder needs the label map "
-                             "(model.autoencoder.decoder_map_classes > 0)")
+            raise ValueError(NEEDS_MAP)
         z = self.post_quant_conv(z)
         if self.use_checkpoint:  # models.memory.use_gradient_checkpointing, as MONAI's decode
             return torch.utils.checkpoint.checkpoint(self.decoder, z, label_grid,
@@ -117,8 +118,7 @@ def decoder_map(autoencoder: nn.Module, label_onehot: torch.Tensor | None) -> to
     if not isinstance(autoencoder, MapDecodingAutoencoderKL):
         return None
     if label_onehot is None:
-        raise ValueError("this autoencoder's decoder needs the label map "
-                         "(model.autoencoder.decoder_map_classes > 0)")
+        raise ValueError(NEEDS_MAP)
     if label_onehot.shape[1] != autoencoder.map_classes:
         raise ValueError(f"the decoder was trained on maps of {autoencoder.map_classes} classes; "
                          f"got {label_onehot.shape[1]}")
@@ -135,8 +135,8 @@ def build_autoencoder(cfg: Any) -> Autoencoder:
 
     ``cfg`` has kind, channels, latent_channels, num_res_blocks, attention_levels, norm_num_groups,
     num_embeddings and optionally decoder_map_classes (0 when absent: no map at the decoder;
-    > 0: :class:`MapDecodingAutoencoderKL`). The VQVAE keeps its first level at full resolution (stride 1) so that both kinds
-    downsample by ``2 ** (len(channels) - 1)``. The KL model's non-local attention at the bottleneck
+    > 0: :class:`MapDecodingAutoencoderKL`). The VQVAE keeps its first level at full resolution
+    (stride 1) so that both kinds downsample by ``2 ** (len(channels) - 1)``. The KL model's non-local attention at the bottleneck
     follows the last entry of ``attention_levels`` (it is quadratic in the latent voxel count).
     """
     kind = _field(cfg, "kind")
