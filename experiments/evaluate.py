@@ -39,7 +39,8 @@ from models.metrics import (BASELINES, RANDOM_FEATURE_SEED, SET_METRICS, Quality
                             SegmenterSettings, build_medicalnet_feature_net,
                             build_random_feature_net, collapse_baseline, copy_baseline,
                             evaluate_quality, feature_net_fingerprint, medicalnet_fid,
-                            ms_ssim_settings, public_segmenter)
+                            ms_ssim_settings, start_public_segmenter)
+from models.metrics.segmenter_pool import SegmenterPool
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +262,6 @@ def evaluate_folders(real_dir: Path, synthetic_dir: Path, data: DataConfig | Non
     seg_settings = SegmenterSettings(max_steps=seg_steps, batch_size=seg_batch_size,
                                      bf16_training=native_bf16(device))
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    segmenter = public_segmenter(public.images, public.labels, data.num_classes, cache_dir,
-                                 seed=seed, settings=seg_settings, device=device)
     reference = (real.images[reference_idx], real.labels[reference_idx])
     real_half = (real.images[real_idx], real.labels[real_idx])
     training = [(t.images, t.labels) for t in trains] or [real_half]
@@ -277,10 +276,16 @@ def evaluate_folders(real_dir: Path, synthetic_dir: Path, data: DataConfig | Non
     medical = None
     if medicalnet is not None:
         medical = medicalnet_fid(reference[0], synthetic.images, medicalnet, device=device)
-    with autocast(device, precision):  # bf16 only when asked (the config's precision)
+    # The public segmenter and the sets' utility segmenters train side by side in the pool.
+    with SegmenterPool(device) as pool, autocast(device, precision):  # bf16 only when asked
+        pending = start_public_segmenter(public.images, public.labels, data.num_classes,
+                                         cache_dir, seed=seed, settings=seg_settings,
+                                         device=device, pool=pool)
         report = evaluate_quality((synthetic.images, synthetic.labels), reference, baselines,
-                                  segmenter, data.num_classes, seed=seed, seg_settings=seg_settings,
-                                  device=device, medicalnet_fid=medical, cache_dir=cache_dir)
+                                  pending, data.num_classes, seed=seed, seg_settings=seg_settings,
+                                  device=device, medicalnet_fid=medical, cache_dir=cache_dir,
+                                  pool=pool)
+    segmenter = pending.result()
 
     ms_ssim = ms_ssim_settings(tuple(synthetic.images.shape[2:]))
     reference_patients = {real.patient_ids[i] for i in reference_idx}

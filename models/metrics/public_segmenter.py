@@ -22,6 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from monai.networks.nets import UNet
@@ -29,8 +30,8 @@ from monai.networks.nets import UNet
 from models.metrics.errors import MetricInputError
 from models.metrics.feature_net import extract_features, feature_net_fingerprint
 from models.metrics.segmentation_utility import (SegmenterSettings, build_segmenter,
-                                                 mean_foreground_dice, predict_labels,
-                                                 train_segmenter)
+                                                 mean_foreground_dice, predict_labels)
+from models.metrics.segmenter_pool import SegmenterPool
 
 log = logging.getLogger(__name__)
 
@@ -113,38 +114,84 @@ def _save_atomic(path: Path, content: dict) -> None:
         raise
 
 
+class PendingPublicSegmenter:
+    """A public segmenter that may still be training (:func:`start_public_segmenter`).
+
+    key: as :attr:`PublicSegmenter.key`, known before training ends; :meth:`result` waits for
+    the segmenter, caches it on disk the first time and returns it.
+    """
+
+    def __init__(self, key: str, finish: Callable[[], PublicSegmenter]) -> None:
+        self.key = key
+        self._finish = finish
+        self._segmenter: PublicSegmenter | None = None
+
+    def result(self) -> PublicSegmenter:
+        if self._segmenter is None:
+            self._segmenter = self._finish()
+        return self._segmenter
+
+
+def _load_cached(path: Path, key: str, num_classes: int, seed: int, settings: SegmenterSettings,
+                 device: torch.device | str) -> PublicSegmenter | None:
+    if not path.is_file():
+        return None
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    if stored.get("key") != key:
+        return None
+    net = build_segmenter(num_classes, seed, settings)
+    net.load_state_dict(stored["state_dict"])
+    if feature_net_fingerprint(net) != stored["sha256"]:
+        raise MetricInputError(f"{path}: cached public segmenter does not match its "
+                               f"stored SHA-256; delete the file to retrain it")
+    net.eval().requires_grad_(False)
+    log.info("public segmenter %s loaded from %s", stored["sha256"][:12], path)
+    return PublicSegmenter(net.to(device), key, stored["sha256"],
+                           float(stored["validation_dice"]), int(stored["steps"]), True)
+
+
+def start_public_segmenter(images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                           cache_dir: Path | str, seed: int = 0,
+                           settings: SegmenterSettings = SegmenterSettings(),
+                           device: torch.device | str = "cpu",
+                           pool: SegmenterPool | None = None) -> PendingPublicSegmenter:
+    """:func:`public_segmenter`, with its training (when not cached) handed to ``pool`` so that
+    other segmenters can train beside it; the result is read with ``.result()``."""
+    key = public_key(images, labels, num_classes, seed, settings)
+    path = Path(cache_dir) / f"public_segmenter_{key[:16]}.pt"
+    cached = _load_cached(path, key, num_classes, seed, settings, device)
+    if cached is not None:
+        return PendingPublicSegmenter(key, lambda: cached)
+    if pool is None:
+        training = SegmenterPool(device, workers=1).submit(
+            images, labels, num_classes, seed, settings, "public segmenter")
+    else:
+        training = pool.submit(images, labels, num_classes, seed, settings, "public segmenter")
+
+    def finish() -> PublicSegmenter:
+        trained = training.result()
+        net = trained.net.cpu()
+        sha256 = feature_net_fingerprint(net)
+        _save_atomic(path, {"key": key, "sha256": sha256, "state_dict": net.state_dict(),
+                            "validation_dice": trained.validation_dice, "steps": trained.steps,
+                            "settings": settings.to_json_dict(), "num_classes": num_classes})
+        log.info("public segmenter %s trained (%d steps, validation Dice %.3f), cached at %s",
+                 sha256[:12], trained.steps, trained.validation_dice, path)
+        return PublicSegmenter(net.to(device), key, sha256, trained.validation_dice,
+                               trained.steps, False)
+
+    return PendingPublicSegmenter(key, finish)
+
+
 def public_segmenter(images: torch.Tensor, labels: torch.Tensor, num_classes: int,
                      cache_dir: Path | str, seed: int = 0,
                      settings: SegmenterSettings = SegmenterSettings(),
                      device: torch.device | str = "cpu") -> PublicSegmenter:
     """The segmenter of the public pairs ``images``/``labels`` ``(N, 1, D, H, W)``: loaded from
     ``cache_dir`` when it was trained before with the same data and settings, else trained to
-    convergence now and cached. Frozen, eval mode."""
-    key = public_key(images, labels, num_classes, seed, settings)
-    path = Path(cache_dir) / f"public_segmenter_{key[:16]}.pt"
-    if path.is_file():
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        if stored.get("key") == key:
-            net = build_segmenter(num_classes, seed, settings)
-            net.load_state_dict(stored["state_dict"])
-            if feature_net_fingerprint(net) != stored["sha256"]:
-                raise MetricInputError(f"{path}: cached public segmenter does not match its "
-                                       f"stored SHA-256; delete the file to retrain it")
-            net.eval().requires_grad_(False)
-            log.info("public segmenter %s loaded from %s", stored["sha256"][:12], path)
-            return PublicSegmenter(net.to(device), key, stored["sha256"],
-                                   float(stored["validation_dice"]), int(stored["steps"]), True)
-    trained = train_segmenter(images, labels, num_classes, seed, settings, device,
-                              description="public segmenter")
-    net = trained.net.cpu()
-    sha256 = feature_net_fingerprint(net)
-    _save_atomic(path, {"key": key, "sha256": sha256, "state_dict": net.state_dict(),
-                        "validation_dice": trained.validation_dice, "steps": trained.steps,
-                        "settings": settings.to_json_dict(), "num_classes": num_classes})
-    log.info("public segmenter %s trained (%d steps, validation Dice %.3f), cached at %s",
-             sha256[:12], trained.steps, trained.validation_dice, path)
-    return PublicSegmenter(net.to(device), key, sha256, trained.validation_dice, trained.steps,
-                           False)
+    convergence now (in this process) and cached. Frozen, eval mode."""
+    return start_public_segmenter(images, labels, num_classes, cache_dir, seed, settings,
+                                  device).result()
 
 
 def segmenter_features(segmenter: PublicSegmenter, volumes: torch.Tensor,

@@ -29,6 +29,8 @@ import hashlib
 import json
 import logging
 import math
+from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,9 +40,12 @@ from models.metrics.diversity import ms_ssim_diversity
 from models.metrics.fid import rf_fid
 from models.metrics.kid import kernel_inception_distance
 from models.metrics.map_contrast import edge_sharpness, intensity_dice
-from models.metrics.public_segmenter import (PublicSegmenter, conditional_dice,
-                                             segmenter_features)
-from models.metrics.segmentation_utility import SegmenterSettings, segmenter_dice
+from models.metrics.public_segmenter import (PendingPublicSegmenter, PublicSegmenter,
+                                             conditional_dice, segmenter_features)
+from models.metrics.segmentation_utility import (SegmenterSettings, TrainedSegmenter,
+                                                 mean_foreground_dice, predict_labels,
+                                                 segmenter_dice)
+from models.metrics.segmenter_pool import SegmenterPool
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,8 @@ SET_METRICS = ("kid", "kid_std", "conditional_dice", "utility_dice", "ms_ssim_di
 _SET_FORMAT = 2
 # Lower is better for these; higher for the rest of SET_METRICS (kid_std is neither).
 LOWER_IS_BETTER = ("kid", "rf_fid")
+
+Pairs = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -155,42 +162,55 @@ def make_reference(images: torch.Tensor, labels: torch.Tensor,
     return Reference(images, labels, segmenter_features(segmenter, images, "reference features"))
 
 
-def _set_key(images: torch.Tensor, labels: torch.Tensor, reference: Reference,
-             segmenter: PublicSegmenter, seed: int, seg_settings: SegmenterSettings) -> str:
+def _set_cache_file(images: torch.Tensor, labels: torch.Tensor, reference: Pairs,
+                    segmenter_key: str, seed: int, seg_settings: SegmenterSettings,
+                    cache_dir: Path | str) -> Path:
+    """Where the figures of these pairs against this reference are cached. Named by the public
+    segmenter's key (its data and settings), so it is known before that segmenter is trained."""
     digest = hashlib.sha256()
-    for tensor in (images.float(), labels.to(torch.uint8), reference.images.float(),
-                   reference.labels.to(torch.uint8)):
+    for tensor in (images.float(), labels.to(torch.uint8), reference[0].float(),
+                   reference[1].to(torch.uint8)):
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(json.dumps({"format": _SET_FORMAT, "segmenter": segmenter.sha256, "seed": seed,
+    digest.update(json.dumps({"format": _SET_FORMAT, "segmenter": segmenter_key, "seed": seed,
                               "settings": seg_settings.to_json_dict()}, sort_keys=True).encode())
-    return digest.hexdigest()
+    return Path(cache_dir) / "sets" / f"{digest.hexdigest()[:24]}.json"
 
 
 def measure_set(images: torch.Tensor, labels: torch.Tensor, reference: Reference,
                 segmenter: PublicSegmenter, num_classes: int, *, seed: int = 0,
                 seg_settings: SegmenterSettings = SegmenterSettings(),
                 device: torch.device | str = "cpu", name: str = "set",
-                cache_dir: Path | str | None = None) -> SetQuality:
+                cache_dir: Path | str | None = None,
+                utility_segmenter: Future[TrainedSegmenter] | None = None) -> SetQuality:
     """Every :class:`SetQuality` figure of pairs ``images``/``labels`` ``(N, 1, D, H, W)`` (N >= 2)
     against ``reference``. With ``cache_dir``, a set measured before (same pairs, reference,
-    public segmenter, seed and settings) is read back instead of measured again."""
+    public segmenter, seed and settings) is read back instead of measured again.
+    ``utility_segmenter``: the set's utility segmenter already being trained (a
+    :class:`SegmenterPool` job with ``seed`` and ``seg_settings``); without it, it is trained
+    here."""
     cached = None
     if cache_dir is not None:
-        key = _set_key(images, labels, reference, segmenter, seed, seg_settings)
-        cached = Path(cache_dir) / "sets" / f"{key[:24]}.json"
+        cached = _set_cache_file(images, labels, (reference.images, reference.labels),
+                                 segmenter.key, seed, seg_settings, cache_dir)
         if cached.is_file():
             log.info("%s: measured before, read from %s", name, cached)
             return SetQuality(**json.loads(cached.read_text()))
     kid = kernel_inception_distance(reference.features,
                                     segmenter_features(segmenter, images, f"{name} features"),
                                     seed=seed)
+    if utility_segmenter is None:
+        utility = segmenter_dice(images, labels, reference.images, reference.labels,
+                                 num_classes, seed, seg_settings, device,
+                                 description=f"segmenter on {name}")
+    else:
+        utility = mean_foreground_dice(predict_labels(utility_segmenter.result().net,
+                                                      reference.images),
+                                       reference.labels, num_classes)
     quality = SetQuality(
         kid=kid.mean, kid_std=kid.std,
         conditional_dice=conditional_dice(segmenter, images, labels, num_classes),
-        utility_dice=segmenter_dice(images, labels, reference.images, reference.labels,
-                                    num_classes, seed, seg_settings, device,
-                                    description=f"segmenter on {name}"),
+        utility_dice=utility,
         ms_ssim_diversity=ms_ssim_diversity(images, seed=seed),
         intensity_dice=intensity_dice(images, labels, num_classes),
         sharpness=edge_sharpness(images, labels),
@@ -205,30 +225,42 @@ def measure_set(images: torch.Tensor, labels: torch.Tensor, reference: Reference
     return quality
 
 
-Pairs = tuple[torch.Tensor, torch.Tensor]
-
 
 def evaluate_quality(synthetic: Pairs, reference: Pairs, baselines: dict[str, Pairs | None],
-                     segmenter: PublicSegmenter, num_classes: int, *, seed: int = 0,
-                     seg_settings: SegmenterSettings = SegmenterSettings(),
+                     segmenter: PublicSegmenter | PendingPublicSegmenter, num_classes: int, *,
+                     seed: int = 0, seg_settings: SegmenterSettings = SegmenterSettings(),
                      device: torch.device | str = "cpu",
                      medicalnet_fid: float | None = None,
-                     cache_dir: Path | str | None = None) -> QualityReport:
+                     cache_dir: Path | str | None = None,
+                     pool: SegmenterPool | None = None) -> QualityReport:
     """:class:`QualityReport` of ``synthetic`` and of each baseline, all against ``reference``.
 
     Every entry is (images, class maps), both ``(N, 1, D, H, W)``; a baseline given as None is
     reported as not measured. ``segmenter`` is the public segmenter
-    (:func:`models.metrics.public_segmenter.public_segmenter`); ``cache_dir``: see
+    (:func:`models.metrics.public_segmenter.public_segmenter`), or one still training in
+    ``pool`` (:func:`~models.metrics.public_segmenter.start_public_segmenter`). The sets'
+    utility segmenters train in ``pool`` (default: a :class:`SegmenterPool` for ``device``),
+    beside each other and beside a public segmenter still in training. ``cache_dir``: see
     :func:`measure_set`.
     """
-    ref = make_reference(*reference, segmenter)
-    measured = {name: (measure_set(*pairs, ref, segmenter, num_classes, seed=seed,
-                                   seg_settings=seg_settings, device=device, name=name,
-                                   cache_dir=cache_dir)
-                       if pairs is not None else None)
-                for name, pairs in baselines.items()}
-    model = measure_set(*synthetic, ref, segmenter, num_classes, seed=seed,
-                        seg_settings=seg_settings, device=device, name="synthetic",
-                        cache_dir=cache_dir)
-    return QualityReport(model, measured, segmenter.sha256, segmenter.validation_dice,
-                         medicalnet_fid)
+    sets = {name: pairs for name, pairs in baselines.items() if pairs is not None}
+    sets["synthetic"] = synthetic
+    with ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(SegmenterPool(device))
+        training = {}
+        for name, pairs in sets.items():
+            if cache_dir is not None and _set_cache_file(*pairs, reference, segmenter.key, seed,
+                                                         seg_settings, cache_dir).is_file():
+                continue
+            training[name] = pool.submit(*pairs, num_classes, seed, seg_settings,
+                                         f"segmenter on {name}")
+        public = segmenter.result() if isinstance(segmenter, PendingPublicSegmenter) else segmenter
+        ref = make_reference(*reference, public)
+        measured = {name: measure_set(*pairs, ref, public, num_classes, seed=seed,
+                                      seg_settings=seg_settings, device=device, name=name,
+                                      cache_dir=cache_dir, utility_segmenter=training.get(name))
+                    for name, pairs in sets.items()}
+    model = measured.pop("synthetic")
+    return QualityReport(model, {name: measured.get(name) for name in baselines},
+                         public.sha256, public.validation_dice, medicalnet_fid)
