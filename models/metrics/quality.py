@@ -225,7 +225,6 @@ def measure_set(images: torch.Tensor, labels: torch.Tensor, reference: Reference
     return quality
 
 
-
 def evaluate_quality(synthetic: Pairs, reference: Pairs, baselines: dict[str, Pairs | None],
                      segmenter: PublicSegmenter | PendingPublicSegmenter, num_classes: int, *,
                      seed: int = 0, seg_settings: SegmenterSettings = SegmenterSettings(),
