@@ -120,18 +120,19 @@ class SegmenterPool:
             if job.cancelled():
                 result.cancel()
                 return
-            if job.exception() is not None:
-                result.set_exception(job.exception())
+            try:
+                state, steps, best_step, validation_dice = job.result()
+                net = build_segmenter(num_classes, seed, settings)
+                net.load_state_dict(state)
+                net.eval().requires_grad_(False)
+                trained = TrainedSegmenter(net=net.to(self.device), steps=steps,
+                                           best_step=best_step, validation_dice=validation_dice)
+            except Exception as err:  # noqa: BLE001 - a waiting caller must not hang
+                result.set_exception(err)
                 return
-            state, steps, best_step, validation_dice = job.result()
-            net = build_segmenter(num_classes, seed, settings)
-            net.load_state_dict(state)
-            net.eval().requires_grad_(False)
             log.info("%s: best validation Dice %.4f at step %d of %d", description,
                      validation_dice, best_step, steps)
-            result.set_result(TrainedSegmenter(net=net.to(self.device), steps=steps,
-                                               best_step=best_step,
-                                               validation_dice=validation_dice))
+            result.set_result(trained)
 
         raw.add_done_callback(finish)
         return result
