@@ -427,6 +427,7 @@ def _train_stages(training: _Training, losses: AutoencoderLoss, cohort: PublicCo
         started = time.perf_counter()
         metrics = _autoencoder_epoch(training, losses, cohort, config, epoch)
         metrics["autoencoder/epoch_seconds"] = time.perf_counter() - started
+        _check_finite(metrics["autoencoder/loss"], "autoencoder", epoch, ae_settings, config)
         training.autoencoder_epochs = epoch + 1
         tracker.metrics(metrics, step=epoch)
         log.info("autoencoder epoch %d/%d: L1 %.4f", epoch + 1, ae_settings.epochs,
@@ -480,12 +481,24 @@ def _train_stages(training: _Training, losses: AutoencoderLoss, cohort: PublicCo
         metrics = _unet_epoch(training, scheduler, latents, label_grid,
                               cohort.attributes.to(training.device), config, epoch)
         metrics["unet/epoch_seconds"] = time.perf_counter() - started
+        _check_finite(metrics["unet/loss"], "unet", epoch, unet_settings, config)
         training.unet_epochs = epoch + 1
         tracker.metrics(metrics, step=epoch)
         log.info("UNet epoch %d/%d: loss %.4f", epoch + 1, unet_settings.epochs,
                  metrics["unet/loss"])
         save("unet", epoch)
     return previews
+
+
+def _check_finite(loss: float, stage: str, epoch: int, settings: Any, config: Config) -> None:
+    """Stop a diverged stage before its state is saved: the saved state stays at the last
+    finite epoch, and nothing downstream trains on NaN weights."""
+    if math.isfinite(loss):
+        return
+    raise PretrainError(f"pretrain.{stage}: the loss became {loss} in epoch {epoch + 1} "
+                        f"(precision {config.precision}, learning rate {settings.learning_rate}); "
+                        f"training diverged: use precision: fp32 or a lower "
+                        f"pretrain.{stage}.learning_rate, in a new run folder")
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from monai.losses import PatchAdversarialLoss, SSIMLoss
+from monai.losses import PatchAdversarialLoss
 from monai.losses.perceptual import MedicalNetPerceptualSimilarity
 from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.nets import VQVAE, AutoencoderKL, PatchDiscriminator, resnet10, resnet50
@@ -324,6 +324,51 @@ class LocalMedicalNetSimilarity(MedicalNetPerceptualSimilarity):
         return super().train(False)  # frozen feature net: BatchNorm stays in eval mode
 
 
+class SeparableSSIMLoss(nn.Module):
+    """``1 - SSIM`` of two (B, 1, D, H, W) batches: MONAI's ``SSIMLoss`` (Gaussian window of
+    ``win_size`` voxels, sigma 1.5, no padding, k1 0.01, k2 0.03), computed with the window's three
+    1-D factors instead of its full 3-D kernel.
+
+    MONAI convolves with the outer product of a 1-D Gaussian, which is separable; three passes of
+    ``win_size`` taps replace one of ``win_size ** 3``. Same value and gradient up to float
+    rounding (tested against MONAI's), 3.3x cheaper forward and backward at 32^3: on the demo's
+    2-core CPU the 7^3 kernel's backward was 37 % of an autoencoder training step.
+    """
+
+    def __init__(self, win_size: int = 7, data_range: float = 1.0, sigma: float = 1.5,
+                 k1: float = 0.01, k2: float = 0.03):
+        super().__init__()
+        # MONAI's _gaussian_kernel: exp(-x^2 / (2 sigma^2)) on taps centred at 0, normalised.
+        taps = torch.arange((1 - win_size) / 2, (1 + win_size) / 2, 1, dtype=torch.float)
+        window = torch.exp(-torch.pow(taps / sigma, 2) / 2)
+        self.register_buffer("window", window / window.sum(), persistent=False)
+        self.win_size = win_size
+        self.c1 = (k1 * data_range) ** 2
+        self.c2 = (k2 * data_range) ** 2
+
+    def _blur(self, volumes: torch.Tensor) -> torch.Tensor:
+        window = self.window.to(volumes.dtype)
+        side = self.win_size
+        for shape in ((side, 1, 1), (1, side, 1), (1, 1, side)):
+            volumes = torch.nn.functional.conv3d(volumes, window.view(1, 1, *shape))
+        return volumes
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.shape != y.shape or x.ndim != 5 or x.shape[1] != 1:
+            raise ValueError(f"SSIM loss needs two (B, 1, D, H, W) batches of one shape "
+                             f"(got {tuple(x.shape)} and {tuple(y.shape)})")
+        x, y = x.float(), y.float()
+        count = x.shape[0]
+        with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 under bf16 too
+            mu_x, mu_y, mu_xx, mu_yy, mu_xy = self._blur(
+                torch.cat([x, y, x * x, y * y, x * y])).split(count)
+        sigma_x, sigma_y = mu_xx - mu_x * mu_x, mu_yy - mu_y * mu_y
+        sigma_xy = mu_xy - mu_x * mu_y
+        contrast = (2 * sigma_xy + self.c2) / (sigma_x + sigma_y + self.c2)
+        ssim = (2 * mu_x * mu_y + self.c1) / (mu_x ** 2 + mu_y ** 2 + self.c1) * contrast
+        return (1 - ssim.flatten(1).mean(1)).mean()
+
+
 def fft_magnitude_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """Mean L1 distance between the 3D FFT magnitudes (log1p) of two (B, 1, D, H, W) batches.
 
@@ -356,7 +401,7 @@ class AutoencoderLoss(nn.Module):
         self.feature_matching_weight = feature_matching_weight
         self.ssim_weight = ssim_weight
         self.fft_weight = fft_weight
-        self.ssim = SSIMLoss(spatial_dims=3, data_range=1.0, win_size=ssim_window(image_shape))
+        self.ssim = SeparableSSIMLoss(win_size=ssim_window(image_shape), data_range=1.0)
         self.perceptual = (LocalMedicalNetSimilarity(perceptual_weights)
                            if perceptual_weights else None)
 

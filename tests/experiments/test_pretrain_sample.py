@@ -126,6 +126,29 @@ def test_resume_refuses_a_changed_config(tmp_path: Path, public: Path) -> None:
         pretrain(changed, tmp_path / "run", resume=True, tracking=False)
 
 
+def test_a_diverged_stage_stops_with_one_line_and_keeps_the_last_finite_state(
+        tmp_path: Path, public: Path, monkeypatch) -> None:
+    """A NaN loss (as bf16 autoencoder training once produced) must not train on: one line,
+    the saved state still at the last finite epoch, no checkpoint."""
+    from models.autoencoder import AutoencoderLoss
+    config = load_config(write_config(tmp_path, public))
+    calls = {"n": 0}
+    original = AutoencoderLoss.generator_loss
+
+    def diverging(self, *args, **kwargs):
+        loss, parts = original(self, *args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), parts) if calls["n"] > 2 else (loss, parts)
+
+    monkeypatch.setattr(AutoencoderLoss, "generator_loss", diverging)  # 2 batches per epoch
+    with pytest.raises(PretrainError, match=r"pretrain.autoencoder: the loss became nan in "
+                                            r"epoch 2 .*precision: fp32"):
+        pretrain(config, tmp_path / "run", tracking=False)
+    state = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)
+    assert state["autoencoder_epochs"] == 1
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_disabled_pretraining_still_trains_the_autoencoder(tmp_path: Path, public: Path) -> None:
     from models.autoencoder import build_autoencoder
     from models.latent_unet import build_latent_unet

@@ -162,6 +162,27 @@ def test_structural_and_feature_matching_terms_vanish_on_a_perfect_reconstructio
     assert parts["ssim_loss"] > 0 and parts["fft"] > 0 and parts["feature_matching"] > 0
 
 
+@pytest.mark.parametrize("side", [16, 6])
+def test_separable_ssim_loss_matches_monai(side: int) -> None:
+    """Value and gradient of MONAI's SSIMLoss (full 3-D Gaussian window), window clipped to fit."""
+    from monai.losses import SSIMLoss
+
+    from models.autoencoder import SeparableSSIMLoss, ssim_window
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, side, side, side, requires_grad=True)
+    y = (0.7 * x.detach() + 0.3 * torch.rand_like(x)).clamp(0, 1)
+    window = ssim_window((side, side, side))
+    expected = SSIMLoss(spatial_dims=3, data_range=1.0, win_size=window)(x, y)
+    got = SeparableSSIMLoss(win_size=window)(x, y)
+    assert got.item() == pytest.approx(expected.item(), abs=1e-6)
+    grad_expected, = torch.autograd.grad(expected, x)
+    grad_got, = torch.autograd.grad(got, x)
+    assert torch.allclose(grad_got, grad_expected, atol=1e-8, rtol=1e-4)
+    assert SeparableSSIMLoss(win_size=window)(y, y).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="one shape"):
+        SeparableSSIMLoss()(x, y[:, :, :-1])
+
+
 def test_batch_norm_discriminator_is_still_available() -> None:
     discriminator = build_discriminator(tiny("kl"), (16, 16, 16), norm="batch")
     assert any(isinstance(m, torch.nn.BatchNorm3d) for m in discriminator.modules())
