@@ -160,6 +160,8 @@ class AutoencoderTrainingConfig:
     epochs: int = _f(20, gt=0, le=MAX_EPOCHS)
     batch_size: int = _f(4, gt=0, le=MAX_BATCH)
     learning_rate: float = _f(1e-4, gt=0, le=10)
+    # constant, or cosine: per step from learning_rate down to 0 at the last step (both networks).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     adversarial_weight: float = _f(0.01, ge=0, le=1e6)
     # Epochs of reconstruction-only training before the discriminator joins (None: a quarter).
     warmup_epochs: Optional[int] = _f(None, ge=0, le=MAX_EPOCHS)

@@ -246,6 +246,15 @@ def _load_state(path: Path, config: Config) -> dict[str, Any]:
     return state
 
 
+def autoencoder_learning_rate(settings: Any, progress: float) -> float:
+    """The autoencoder's (and discriminator's) learning rate ``progress`` (0..1) of the way
+    through its training: constant, or cosine-annealed to 0. A function of the step alone, so a
+    resumed run continues the schedule with no state of its own."""
+    if settings.lr_schedule == "cosine":
+        return settings.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return settings.learning_rate
+
+
 def _autoencoder_epoch(training: _Training, losses: AutoencoderLoss, cohort: PublicCohort,
                        config: Config, epoch: int) -> dict[str, float]:
     """One pass over the public scans; returns the epoch's mean losses."""
@@ -258,8 +267,13 @@ def _autoencoder_epoch(training: _Training, losses: AutoencoderLoss, cohort: Pub
     sums: dict[str, float] = {}
     batches = _batches(len(cohort), settings.batch_size, training.generator)
     stream = iterate_batches(cohort.images, batches, config.memory.num_workers)
-    for index in tqdm(batches, desc=f"autoencoder epoch {epoch + 1}/{settings.epochs}",
-                      unit="batch", disable=None, leave=False):
+    for step, index in enumerate(tqdm(batches, desc=f"autoencoder epoch {epoch + 1}/"
+                                      f"{settings.epochs}", unit="batch", disable=None,
+                                      leave=False)):
+        rate = autoencoder_learning_rate(settings, (epoch + step / len(batches)) / settings.epochs)
+        for optimizer in (training.autoencoder_optimizer, training.discriminator_optimizer):
+            for group in optimizer.param_groups:
+                group["lr"] = rate
         images = next(stream)
         if config.model.autoencoder.decoder_map_classes:  # crop scan and map as one
             images = torch.cat([images, cohort.onehot(index, config.data.num_classes)], dim=1)

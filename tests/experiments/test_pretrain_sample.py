@@ -149,6 +149,18 @@ def test_a_diverged_stage_stops_with_one_line_and_keeps_the_last_finite_state(
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_cosine_schedule_anneals_the_autoencoder_learning_rate_to_zero() -> None:
+    from types import SimpleNamespace
+
+    from experiments.pretrain import autoencoder_learning_rate
+    cosine = SimpleNamespace(learning_rate=2e-3, lr_schedule="cosine")
+    assert autoencoder_learning_rate(cosine, 0.0) == pytest.approx(2e-3)
+    assert autoencoder_learning_rate(cosine, 0.5) == pytest.approx(1e-3)
+    assert autoencoder_learning_rate(cosine, 1.0) == pytest.approx(0.0, abs=1e-12)
+    constant = SimpleNamespace(learning_rate=2e-3, lr_schedule="constant")
+    assert autoencoder_learning_rate(constant, 0.9) == 2e-3
+
+
 def test_disabled_pretraining_still_trains_the_autoencoder(tmp_path: Path, public: Path) -> None:
     from models.autoencoder import build_autoencoder
     from models.latent_unet import build_latent_unet
