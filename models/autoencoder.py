@@ -331,7 +331,7 @@ class SeparableSSIMLoss(nn.Module):
 
     MONAI convolves with the outer product of a 1-D Gaussian, which is separable; three passes of
     ``win_size`` taps replace one of ``win_size ** 3``. Same value and gradient up to float
-    rounding (tested against MONAI's), 3.3x cheaper forward and backward at 32^3: on the demo's
+    rounding (tested against MONAI's), 3.2x cheaper forward and backward at 32^3: on the demo's
     2-core CPU the 7^3 kernel's backward was 37 % of an autoencoder training step.
     """
 
