@@ -149,10 +149,18 @@ def test_a_diverged_stage_stops_with_one_line_and_keeps_the_last_finite_state(
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-def test_cosine_schedule_anneals_the_autoencoder_learning_rate_to_zero() -> None:
+def test_cosine_schedule_anneals_the_autoencoder_learning_rate_to_zero(
+        tmp_path: Path, public: Path) -> None:
     from types import SimpleNamespace
 
     from experiments.pretrain import autoencoder_learning_rate
+    config = load_config(write_config(tmp_path, public, autoencoder={
+        "epochs": 2, "batch_size": 3, "learning_rate": 1e-3, "lr_schedule": "cosine"}))
+    pretrain(config, tmp_path / "run", tracking=False)
+    state = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)
+    for optimizer in ("autoencoder_optimizer", "discriminator_optimizer"):  # both networks
+        last_rate = state[optimizer]["param_groups"][0]["lr"]
+        assert 0 < last_rate < 0.2 * 1e-3, optimizer  # the last step's, near the end of the cosine
     cosine = SimpleNamespace(learning_rate=2e-3, lr_schedule="cosine")
     assert autoencoder_learning_rate(cosine, 0.0) == pytest.approx(2e-3)
     assert autoencoder_learning_rate(cosine, 0.5) == pytest.approx(1e-3)
