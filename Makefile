@@ -14,8 +14,8 @@ install: $(STAMP)
 # `flwr run`, and torch is already in place. Then compileall on every core for what pip put there
 # (torch, sympy, networkx), skipping files already compiled. Files that do not compile (torch's
 # Python 3.12-only test helper) are skipped, as pip skips them. On the 2-core machine, 2026-12-03,
-# side by side from fresh clones: pip for everything 87 s, this 47.5 s (cold uv cache; the same 97 packages at the
-# same versions).
+# side by side from fresh clones: pip for everything 87 s, this 47.5 s (cold uv cache; the same
+# 97 packages at the same versions).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-compile torch==2.13.0 uv==0.13.9
