@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,10 @@ HOLDOUT_DIR = "holdout"
 PRETRAINED_SAMPLES_DIR = "pretrained_samples"
 METRICS_CACHE_DIR = "metrics_cache"
 HOLDOUT_PATIENTS_PER_SITE = 8
+# Pretraining's first autoencoder epochs run on one thread fewer while the data-only quality
+# segmenters train beside them (CoreSharing). On 2026-12-03's 2-core machine the demo config's
+# two segmenters took 135 s, as long as 23 one-thread autoencoder epochs.
+SHARED_AUTOENCODER_EPOCHS = 24
 
 
 class DemoError(ValueError):
@@ -112,7 +119,9 @@ def run_demo(config_path: Path, *, patients: int = 40, public_patients: int = 40
 
     def pretrain() -> None:
         from experiments.pretrain import STATE_FILE, pretrain as train
-        train(load_config(config_path), run_dir, resume=(run_dir / STATE_FILE).exists())
+        with CoreSharing() as cores:
+            train(load_config(config_path), run_dir, resume=(run_dir / STATE_FILE).exists(),
+                  on_epoch_start=cores.before_epoch, on_epoch_end=cores.after_epoch)
 
     def federate() -> None:
         from experiments.federate import simulate
@@ -144,6 +153,8 @@ def run_demo(config_path: Path, *, patients: int = 40, public_patients: int = 40
         from experiments.cohort import generate_holdout
         from experiments.evaluate import evaluate_folders, write_json_atomic
         from experiments.sampling import sample_folder
+        if real_side is not None:
+            real_side.join(echo)
         holdout = generate_holdout(cohort_dir, run_dir / HOLDOUT_DIR, HOLDOUT_PATIENTS_PER_SITE)
         pretrained_samples = run_dir / PRETRAINED_SAMPLES_DIR
         if not (pretrained_samples / "manifest.csv").exists():
@@ -168,21 +179,141 @@ def run_demo(config_path: Path, *, patients: int = 40, public_patients: int = 40
         Stage("gated release", (release_dir / "release_report.json").exists, release),
         Stage("quality evaluation", evaluation.exists, evaluate),
     ]
-    for number, stage in enumerate(stages, 1):
-        header = f"[{number}/{len(stages)}] {stage.name}"
-        if stage.done():
-            echo(f"{header}: done before, reused")
-            summary.reused.append(stage.name)
-            continue
-        echo(f"{header} ...")
-        start = time.perf_counter()
-        stage.run()
-        summary.seconds[stage.name] = time.perf_counter() - start
-        echo(f"{header}: {summary.seconds[stage.name]:.0f} s")
+    real_side: RealSideTraining | None = None
+    try:
+        for number, stage in enumerate(stages, 1):
+            header = f"[{number}/{len(stages)}] {stage.name}"
+            if stage.done():
+                echo(f"{header}: done before, reused")
+                summary.reused.append(stage.name)
+                continue
+            if stage.run is pretrain and not evaluation.exists() and RealSideTraining.worth_it():
+                real_side = RealSideTraining.start(config_path, cohort_dir, run_dir,
+                                                   seg_steps or DEMO_SEG_STEPS)
+                echo("      quality segmenters of the public and held-out real scans: "
+                     "training beside pretraining, on a core of their own")
+            echo(f"{header} ...")
+            start = time.perf_counter()
+            stage.run()
+            summary.seconds[stage.name] = time.perf_counter() - start
+            echo(f"{header}: {summary.seconds[stage.name]:.0f} s")
+    finally:
+        if real_side is not None:
+            real_side.stop()
 
     _collect(summary, config, fed_dir, release_dir, evaluation)
     return summary
 
+
+class CoreSharing:
+    """Pretraining's thread schedule on a CPU-only machine with a core to spare: the first
+    :data:`SHARED_AUTOENCODER_EPOCHS` autoencoder epochs run on one torch thread fewer, leaving
+    a core to :class:`RealSideTraining`; every later epoch runs on all of them.
+
+    A schedule fixed in epochs, not a switch when the job ends: thread count changes the
+    floating-point summation order, so a switch timed by the job would make the model depend on
+    the machine's speed; fixed, a rerun (or a resumed run) on the same machine trains the same
+    model. Used as a context manager; restores the thread count on exit.
+    """
+
+    def __init__(self) -> None:
+        import torch
+        self._threads = torch.get_num_threads()
+        self._shared = RealSideTraining.worth_it()
+
+    def __enter__(self) -> CoreSharing:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._set(self._threads)
+
+    def _set(self, threads: int) -> None:
+        import torch
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+    def before_epoch(self, stage: str, epoch: int) -> None:
+        shared = self._shared and stage == "autoencoder" and epoch < SHARED_AUTOENCODER_EPOCHS
+        self._set(max(1, self._threads - 1) if shared else self._threads)
+
+    def after_epoch(self, stage: str, epoch: int) -> None:
+        # What runs between the stages (encoding the public latents) gets the next epoch's count.
+        if stage == "autoencoder":
+            self.before_epoch(stage, epoch + 1)
+
+
+def _train_real_side(report: Any, config_path: Path, cohort_dir: Path, run_dir: Path,
+                     seg_steps: int) -> None:
+    """Background process body: the held-out patients, then the public segmenter and the
+    ``real`` baseline's figures, into the run's metrics cache. Sends None or the error's line."""
+    import torch
+    torch.set_num_threads(1)
+    sys.stderr = open(os.devnull, "w")  # its progress bars would garble the pretraining's
+    try:
+        from experiments.cohort import generate_holdout
+        from experiments.evaluate import prepare_real_side
+        config = load_config(config_path)
+        holdout = generate_holdout(cohort_dir, run_dir / HOLDOUT_DIR, HOLDOUT_PATIENTS_PER_SITE)
+        prepare_real_side(holdout, config.data, public_dir=Path(config.data.public_dir),
+                          seed=config.seed, seg_steps=seg_steps,
+                          cache_dir=run_dir / METRICS_CACHE_DIR)
+    except Exception as err:  # noqa: BLE001 - reported to the demo, which trains them itself
+        report.send(f"{type(err).__name__}: {err}")
+        return
+    report.send(None)
+
+
+class RealSideTraining:
+    """The quality figures that need no model (the public segmenter and the ``real`` baseline,
+    :func:`experiments.evaluate.prepare_real_side`), computed in a one-thread background
+    process while the model pretrains on the other cores (:class:`CoreSharing`), so that the
+    evaluation stage trains four segmenters instead of six. Should the job fail or be stopped,
+    the evaluation computes the same figures itself.
+    """
+
+    def __init__(self, process: multiprocessing.process.BaseProcess, report: Any) -> None:
+        self._process = process
+        self._report = report
+
+    @staticmethod
+    def worth_it() -> bool:
+        """Only on a CPU-only machine with a core to spare (the evaluation would use the GPU)."""
+        from models.device import resolve_device
+        from models.metrics.segmenter_pool import available_cores
+        return resolve_device(None).type == "cpu" and available_cores() >= 2
+
+    @classmethod
+    def start(cls, config_path: Path, cohort_dir: Path, run_dir: Path,
+              seg_steps: int) -> RealSideTraining:
+        context = multiprocessing.get_context("spawn")  # no fork of a process running OpenMP
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(target=_train_real_side, daemon=True,
+                                  args=(send, config_path, cohort_dir, run_dir, seg_steps))
+        process.start()
+        send.close()
+        return cls(process, receive)
+
+    def join(self, echo: Callable[[str], None]) -> None:
+        """Wait for the job; say so when it failed (the evaluation then does its work)."""
+        start = time.perf_counter()
+        message = "exited without a word"
+        try:
+            message = self._report.recv()
+        except EOFError:
+            pass
+        self._process.join()
+        waited = time.perf_counter() - start
+        if message is None:
+            echo(f"      quality segmenters of the real scans: ready (waited {waited:.0f} s)")
+        else:
+            echo(f"      quality segmenters of the real scans: the background job failed "
+                 f"({message}); training them now")
+
+    def stop(self) -> None:
+        """End the job if it still runs (the demo stopped before its evaluation)."""
+        if self._process.is_alive():
+            self._process.terminate()
+        self._process.join()
 
 def _collect(summary: DemoSummary, config: Config, fed_dir: Path, release_dir: Path,
              evaluation: Path) -> None:

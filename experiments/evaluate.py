@@ -38,8 +38,9 @@ from models.device import autocast, native_bf16, resolve_device
 from models.metrics import (BASELINES, RANDOM_FEATURE_SEED, SET_METRICS, QualityReport,
                             SegmenterSettings, build_medicalnet_feature_net,
                             build_random_feature_net, collapse_baseline, copy_baseline,
-                            evaluate_quality, feature_net_fingerprint, medicalnet_fid,
-                            ms_ssim_settings, start_public_segmenter)
+                            evaluate_quality, feature_net_fingerprint, make_reference,
+                            measure_set, medicalnet_fid, ms_ssim_settings, public_segmenter,
+                            start_public_segmenter)
 from models.metrics.segmenter_pool import SegmenterPool
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,54 @@ def _loaded(folder: Path, data: DataConfig, role: str, shape: tuple[int, ...]) -
     return volumes
 
 
+def _real_split(real_dir: Path, data: DataConfig, holdout_fraction: float,
+                seed: int) -> tuple[VolumeSet, list[int], list[int]]:
+    """The real folder's scans and their split by patient: (scans, real-baseline indices,
+    reference indices)."""
+    real = load_volume_set(real_dir, data)
+    if len(real.patient_ids) < 2:
+        raise EvaluationError(f"{real_dir}: {len(real.patient_ids)} real scan(s); the metrics "
+                              f"need at least 2 per folder; add scans")
+    real_idx, reference_idx = split_by_patient(real.patient_ids, holdout_fraction, seed)
+    if not bool((real.labels[reference_idx] > 0).any()):
+        raise EvaluationError(f"{real_dir}: the reference label maps hold no foreground; "
+                              f"the Dice metrics need labelled structures")
+    if len(real_idx) < 2 or len(reference_idx) < 2:
+        raise EvaluationError(f"{real_dir}: {len(real.patient_ids)} scans split into "
+                              f"{len(reference_idx)} reference and {len(real_idx)} real-baseline "
+                              f"scans; each side needs at least 2; add patients")
+    return real, real_idx, reference_idx
+
+
+def _segmenter_settings(seg_steps: int, seg_batch_size: int, device: str) -> SegmenterSettings:
+    # bf16 forward passes where the hardware has it (1.8x faster on the demo, same Dice).
+    return SegmenterSettings(max_steps=seg_steps, batch_size=seg_batch_size,
+                             bf16_training=native_bf16(device))
+
+
+def prepare_real_side(real_dir: Path, data: DataConfig, *, public_dir: Path, seed: int = 0,
+                      seg_steps: int = DEFAULT_SEG_STEPS,
+                      seg_batch_size: int = DEFAULT_SEG_BATCH_SIZE,
+                      holdout_fraction: float = HOLDOUT_FRACTION, cache_dir: Path,
+                      device: str | None = None) -> None:
+    """Train and cache, in this process, the part of :func:`evaluate_folders` that needs real
+    data only: the public segmenter and the ``real`` baseline's figures (its utility segmenter
+    included). A later :func:`evaluate_folders` with the same arguments and ``cache_dir`` reads
+    both back and trains only the segmenters of the sets that depend on a model. The demo runs
+    this in a background process beside public pretraining.
+    """
+    device = str(resolve_device(device))
+    real, real_idx, reference_idx = _real_split(Path(real_dir), data, holdout_fraction, seed)
+    public = _loaded(Path(public_dir), data, "public", tuple(real.images.shape[1:]))
+    settings = _segmenter_settings(seg_steps, seg_batch_size, device)
+    segmenter = public_segmenter(public.images, public.labels, data.num_classes, cache_dir,
+                                 seed=seed, settings=settings, device=device)
+    reference = make_reference(real.images[reference_idx], real.labels[reference_idx], segmenter)
+    measure_set(real.images[real_idx], real.labels[real_idx], reference, segmenter,
+                data.num_classes, seed=seed, seg_settings=settings, device=device, name="real",
+                cache_dir=cache_dir)
+
+
 def evaluate_folders(real_dir: Path, synthetic_dir: Path, data: DataConfig | None = None, *,
                      public_dir: Path | None = None, train_dirs: tuple[Path, ...] = (),
                      pretrained_dir: Path | None = None, seg_steps: int = DEFAULT_SEG_STEPS,
@@ -239,28 +288,15 @@ def evaluate_folders(real_dir: Path, synthetic_dir: Path, data: DataConfig | Non
         data = data_config_from_folder(real_dir, DataConfig())
         check_synthetic_grid(synthetic_dir, data, real_dir)
 
-    real = load_volume_set(real_dir, data)
+    real, real_idx, reference_idx = _real_split(real_dir, data, holdout_fraction, seed)
     shape = tuple(real.images.shape[1:])
-    if len(real.patient_ids) < 2:
-        raise EvaluationError(f"{real_dir}: {len(real.patient_ids)} real scan(s); the metrics "
-                              f"need at least 2 per folder; add scans")
     synthetic = _loaded(synthetic_dir, data, "synthetic", shape)
     public = _loaded(public_dir, data, "public", shape)
     trains = [_loaded(Path(f), data, "training", shape) for f in train_dirs]
     pretrained = _loaded(Path(pretrained_dir), data, "pretrained-only", shape) \
         if pretrained_dir is not None else None
-    real_idx, reference_idx = split_by_patient(real.patient_ids, holdout_fraction, seed)
-    if not bool((real.labels[reference_idx] > 0).any()):
-        raise EvaluationError(f"{real_dir}: the reference label maps hold no foreground; "
-                              f"the Dice metrics need labelled structures")
-    if len(real_idx) < 2 or len(reference_idx) < 2:
-        raise EvaluationError(f"{real_dir}: {len(real.patient_ids)} scans split into "
-                              f"{len(reference_idx)} reference and {len(real_idx)} real-baseline "
-                              f"scans; each side needs at least 2; add patients")
 
-    # bf16 forward passes where the hardware has it (1.8x faster on the demo, same Dice).
-    seg_settings = SegmenterSettings(max_steps=seg_steps, batch_size=seg_batch_size,
-                                     bf16_training=native_bf16(device))
+    seg_settings = _segmenter_settings(seg_steps, seg_batch_size, device)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     reference = (real.images[reference_idx], real.labels[reference_idx])
     real_half = (real.images[real_idx], real.labels[real_idx])

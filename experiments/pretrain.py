@@ -359,11 +359,13 @@ def _attribute_statistics(attributes: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def pretrain(config: Config, run_dir: Path, *, resume: bool = False, tracking: bool = True,
              on_epoch_end: Callable[[str, int], None] | None = None,
+             on_epoch_start: Callable[[str, int], None] | None = None,
              run_tags: dict[str, str] | None = None) -> PretrainResult:
     """Train both stages on ``config.data.public_dir``; write ``run_dir/checkpoint.pt``.
 
     ``resume`` continues the state saved in ``run_dir``; without it an existing state is refused
-    rather than overwritten. ``on_epoch_end(stage, epoch)`` runs after each saved epoch.
+    rather than overwritten. ``on_epoch_end(stage, epoch)`` runs after each saved epoch,
+    ``on_epoch_start(stage, epoch)`` before each epoch (stage ``autoencoder`` or ``unet``).
     ``run_tags`` are set on a new MLflow run (a sweep nests pretraining under its parent run).
     """
     run_dir = Path(run_dir)
@@ -407,7 +409,7 @@ def pretrain(config: Config, run_dir: Path, *, resume: bool = False, tracking: b
 
     with tracker:
         previews = _train_stages(training, losses, cohort, holdout, config, run_dir, tracker,
-                                 save)
+                                 save, on_epoch_start or (lambda _stage, _epoch: None))
         checkpoint = save_checkpoint(
             checkpoint_path, autoencoder=training.autoencoder,
             denoiser=training.released_denoiser(),
@@ -433,11 +435,13 @@ def pretrain(config: Config, run_dir: Path, *, resume: bool = False, tracking: b
 
 def _train_stages(training: _Training, losses: AutoencoderLoss, cohort: PublicCohort,
                   holdout: PublicCohort, config: Config, run_dir: Path, tracker: StageRun,
-                  save: Callable[[str, int], None]) -> list[Path]:
+                  save: Callable[[str, int], None],
+                  begin: Callable[[str, int], None]) -> list[Path]:
     """Run the stages not yet done; returns the previews written on the way."""
     ae_settings, unet_settings = config.pretrain.autoencoder, config.pretrain.unet
     previews: list[Path] = []
     for epoch in range(training.autoencoder_epochs, ae_settings.epochs):
+        begin("autoencoder", epoch)
         started = time.perf_counter()
         metrics = _autoencoder_epoch(training, losses, cohort, config, epoch)
         metrics["autoencoder/epoch_seconds"] = time.perf_counter() - started
@@ -491,6 +495,7 @@ def _train_stages(training: _Training, losses: AutoencoderLoss, cohort: PublicCo
         return previews
     scheduler = build_scheduler(config.model)
     for epoch in range(training.unet_epochs, unet_settings.epochs):
+        begin("unet", epoch)
         started = time.perf_counter()
         metrics = _unet_epoch(training, scheduler, latents, label_grid,
                               cohort.attributes.to(training.device), config, epoch)

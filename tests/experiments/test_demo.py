@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from experiments.demo import DemoError, format_summary, run_demo
+from experiments.demo import (SHARED_AUTOENCODER_EPOCHS, CoreSharing, DemoError, RealSideTraining,
+                             format_summary, run_demo)
 from experiments.tiny_federation import SIZE, SPACING, tiny_model_section
 
 pytestmark = pytest.mark.slow
@@ -51,6 +52,9 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path):
     summary = run_demo(config, patients=4, public_patients=4, seg_steps=4, echo=lines.append)
 
     assert not summary.reused
+    # The public segmenter and the real baseline were trained beside pretraining and read back.
+    assert any("quality segmenters of the real scans: ready" in line for line in lines), lines
+    assert len(list((tmp_path / "run" / "metrics_cache").glob("public_segmenter_*.pt"))) == 1
     assert set(summary.seconds) == {"demo cohort (public + sites)", "data check",
                                     "public pretraining", "federated DP fine-tuning",
                                     "gated release", "quality evaluation"}
@@ -94,3 +98,29 @@ def test_demo_refuses_a_site_outside_the_cohort(tmp_path):
     config.write_text(yaml.safe_dump(data))
     with pytest.raises(DemoError, match=r"federation.sites\[1\].data_dir: the demo writes site 1"):
         run_demo(config, echo=lambda _: None)
+
+
+def test_core_sharing_is_a_fixed_schedule_in_epochs(monkeypatch):
+    """One thread fewer for the first shared autoencoder epochs, all of them afterwards,
+    whatever the background job does: the model must not depend on the machine's speed."""
+    monkeypatch.setattr(RealSideTraining, "worth_it", staticmethod(lambda: True))
+    torch.set_num_threads(2)
+    last = SHARED_AUTOENCODER_EPOCHS - 1
+    with CoreSharing() as cores:
+        cores.before_epoch("autoencoder", 0)
+        assert torch.get_num_threads() == 1
+        cores.after_epoch("autoencoder", last - 1)  # the next epoch is still shared
+        assert torch.get_num_threads() == 1
+        cores.after_epoch("autoencoder", last)  # encoding the latents gets both threads
+        assert torch.get_num_threads() == 2
+        cores.before_epoch("autoencoder", last)  # a resumed run inside the shared epochs
+        assert torch.get_num_threads() == 1
+        cores.before_epoch("unet", 0)
+        assert torch.get_num_threads() == 2
+        cores.before_epoch("autoencoder", 3)
+    assert torch.get_num_threads() == 2  # restored on exit
+
+    monkeypatch.setattr(RealSideTraining, "worth_it", staticmethod(lambda: False))
+    with CoreSharing() as cores:
+        cores.before_epoch("autoencoder", 0)
+        assert torch.get_num_threads() == 2  # a GPU machine or one core: nothing to share

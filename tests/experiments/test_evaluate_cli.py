@@ -209,3 +209,39 @@ def test_medicalnet_weights_add_a_medicalnet_fid(folders, tmp_path):
     report = json.loads(out.read_text())
     assert report["metrics"]["medicalnet_fid"] > 0
     assert report["settings"]["medicalnet_weights"] == str(weights)
+
+
+def test_the_real_side_prepared_beforehand_is_read_back_not_trained_again(folders, tmp_path,
+                                                                          monkeypatch):
+    from configs.schema import DataConfig
+    from experiments.evaluate import data_config_from_folder, evaluate_folders, prepare_real_side
+    from models.metrics import SegmenterPool
+
+    real, synthetic = folders
+    public = real.parent / "public"
+    data = data_config_from_folder(real, DataConfig())
+    prepared = tmp_path / "prepared"
+    prepare_real_side(real, data, public_dir=public, seed=1, seg_steps=4, cache_dir=prepared)
+    assert len(list(prepared.glob("public_segmenter_*.pt"))) == 1
+    assert len(list((prepared / "sets").glob("*.json"))) == 1  # the real baseline's figures
+
+    trained: list[str] = []
+    submit = SegmenterPool.submit
+
+    def recording(self, *args):  # (images, labels, num_classes, seed, settings, description)
+        trained.append(args[5])
+        return submit(self, *args)
+
+    monkeypatch.setattr(SegmenterPool, "submit", recording)
+    kwargs = dict(public_dir=public, seed=1, seg_steps=4)
+    after = evaluate_folders(real, synthetic, data, cache_dir=prepared, **kwargs)
+    assert sorted(trained) == ["segmenter on collapse", "segmenter on copy",
+                               "segmenter on synthetic"]
+    trained.clear()
+    fresh = evaluate_folders(real, synthetic, data, cache_dir=tmp_path / "fresh", **kwargs)
+    assert "public segmenter" in trained and "segmenter on real" in trained
+    # The same figures as an evaluation that trains everything itself.
+    assert after.report.public_segmenter_sha256 == fresh.report.public_segmenter_sha256
+    for name, value in after.report.baselines["real"].to_json_dict().items():
+        assert value == pytest.approx(fresh.report.baselines["real"].to_json_dict()[name],
+                                      rel=1e-5, abs=1e-7), name

@@ -91,7 +91,12 @@ def public(tmp_path: Path) -> Path:
 
 def test_resume_continues_bit_exactly(tmp_path: Path, public: Path) -> None:
     config = load_config(write_config(tmp_path, public))
-    straight = pretrain(config, tmp_path / "straight", tracking=False)
+    starts: list[tuple[str, int]] = []
+    straight = pretrain(config, tmp_path / "straight", tracking=False,
+                        on_epoch_start=lambda stage, epoch: starts.append((stage, epoch)))
+    meta = straight.checkpoint.metadata
+    assert starts == ([("autoencoder", e) for e in range(meta["autoencoder_epochs"])]
+                      + [("unet", e) for e in range(meta["unet_epochs"])])
 
     class Stop(KeyboardInterrupt):
         pass
@@ -107,7 +112,10 @@ def test_resume_continues_bit_exactly(tmp_path: Path, public: Path) -> None:
     assert not (tmp_path / "resumed" / "checkpoint.pt").exists()
     with pytest.raises(PretrainError, match="--resume"):
         pretrain(config, tmp_path / "resumed", tracking=False)
-    resumed = pretrain(config, tmp_path / "resumed", resume=True, tracking=False)
+    starts.clear()
+    resumed = pretrain(config, tmp_path / "resumed", resume=True, tracking=False,
+                       on_epoch_start=lambda stage, epoch: starts.append((stage, epoch)))
+    assert starts == [("unet", 1)]  # only the epochs it still had to run
     assert resumed.checkpoint.content_hash == straight.checkpoint.content_hash
     assert resumed.checkpoint.metadata["unet_epochs"] == 2
 
