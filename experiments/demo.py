@@ -6,6 +6,8 @@ cohort -> data check -> public pretraining -> federated DP fine-tuning (Flower s
 resumes. Quality is measured against held-out patients of every site that no site and no
 pretraining saw (:func:`experiments.cohort.generate_holdout`, as the sweep does), next to the
 baselines of :mod:`models.metrics.quality` (real, collapse, copy, pretrained-only samples).
+On a CPU-only machine the two quality segmenters that need no model train beside pretraining
+(:class:`RealSideTraining`, :class:`CoreSharing`).
 """
 
 from __future__ import annotations
