@@ -247,8 +247,10 @@ class CoreSharing:
 def _train_real_side(report: Any, config_path: Path, cohort_dir: Path, run_dir: Path,
                      seg_steps: int) -> None:
     """Background process body: the held-out patients, then the public segmenter and the
-    ``real`` baseline's figures, into the run's metrics cache. Sends None or the error's line."""
+    ``real`` baseline's figures, into the run's metrics cache. Sends its seconds, or the error's
+    line."""
     import torch
+    start = time.perf_counter()
     torch.set_num_threads(1)
     sys.stderr = open(os.devnull, "w")  # its progress bars would garble the pretraining's
     try:
@@ -262,7 +264,7 @@ def _train_real_side(report: Any, config_path: Path, cohort_dir: Path, run_dir: 
     except Exception as err:  # noqa: BLE001 - reported to the demo, which trains them itself
         report.send(f"{type(err).__name__}: {err}")
         return
-    report.send(None)
+    report.send(time.perf_counter() - start)
 
 
 class RealSideTraining:
@@ -305,8 +307,9 @@ class RealSideTraining:
             pass
         self._process.join()
         waited = time.perf_counter() - start
-        if message is None:
-            echo(f"      quality segmenters of the real scans: ready (waited {waited:.0f} s)")
+        if isinstance(message, float):
+            echo(f"      quality segmenters of the real scans: ready, trained in {message:.0f} s "
+                 f"beside pretraining (waited {waited:.0f} s)")
         else:
             echo(f"      quality segmenters of the real scans: the background job failed "
                  f"({message}); training them now")
