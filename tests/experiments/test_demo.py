@@ -46,7 +46,9 @@ def tiny_demo_config(folder: Path) -> Path:
     return path
 
 
-def test_demo_runs_every_stage_then_reuses_them(tmp_path):
+def test_demo_runs_every_stage_then_reuses_them(tmp_path, monkeypatch):
+    # The background job runs on any CPU-only machine with 2 cores; say so on a 1-core one too.
+    monkeypatch.setattr("models.metrics.segmenter_pool.available_cores", lambda: 2)
     config = tiny_demo_config(tmp_path)
     lines: list[str] = []
     summary = run_demo(config, patients=4, public_patients=4, seg_steps=4, echo=lines.append)
@@ -124,3 +126,15 @@ def test_core_sharing_is_a_fixed_schedule_in_epochs(monkeypatch):
     with CoreSharing() as cores:
         cores.before_epoch("autoencoder", 0)
         assert torch.get_num_threads() == 2  # a GPU machine or one core: nothing to share
+
+
+def test_a_failed_background_job_is_one_line_and_the_evaluation_takes_over(tmp_path):
+    job = RealSideTraining.start(tmp_path / "absent.yaml", tmp_path / "cohort", tmp_path / "run",
+                                 seg_steps=4)
+    lines: list[str] = []
+    job.join(lines.append)
+    job.stop()  # already ended: nothing to terminate
+    assert len(lines) == 1, lines
+    assert "the background job failed" in lines[0] and "absent.yaml" in lines[0]
+    assert lines[0].endswith("training them now")
+    assert not (tmp_path / "run").exists()  # it wrote nothing
