@@ -38,7 +38,7 @@ METRICS_CACHE_DIR = "metrics_cache"
 HOLDOUT_PATIENTS_PER_SITE = 8
 # Pretraining's first autoencoder epochs run on one thread fewer while the data-only quality
 # segmenters train beside them (CoreSharing). On 2026-12-03's 2-core machine the demo config's
-# two segmenters took 135 s, as long as 23 one-thread autoencoder epochs.
+# two segmenters took 152 s, as long as 24 one-thread autoencoder epochs (about 6.4 s each).
 SHARED_AUTOENCODER_EPOCHS = 24
 
 
@@ -319,6 +319,7 @@ class RealSideTraining:
         if self._process.is_alive():
             self._process.terminate()
         self._process.join()
+
 
 def _collect(summary: DemoSummary, config: Config, fed_dir: Path, release_dir: Path,
              evaluation: Path) -> None:
