@@ -38,8 +38,9 @@ METRICS_CACHE_DIR = "metrics_cache"
 HOLDOUT_PATIENTS_PER_SITE = 8
 # Pretraining's first autoencoder epochs run on one thread fewer while the data-only quality
 # segmenters train beside them (CoreSharing). On 2026-12-03's 2-core machine the demo config's
-# two segmenters took 152 s, as long as 24 one-thread autoencoder epochs (about 6.4 s each).
-SHARED_AUTOENCODER_EPOCHS = 24
+# two segmenters took 152 s; with the channels-last autoencoder and the slice-sum SSIM, one-thread
+# autoencoder epochs take about 5 s, so the shared epochs are all 30 of the demo's.
+SHARED_AUTOENCODER_EPOCHS = 30
 
 
 class DemoError(ValueError):

@@ -102,7 +102,8 @@ class Checkpoint:
 
 def _state_dict(weights: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     state = weights.state_dict() if isinstance(weights, nn.Module) else weights
-    return {str(k): v.detach().cpu().clone() for k, v in state.items()}
+    return {str(k): v.detach().cpu().clone(memory_format=torch.contiguous_format)
+            for k, v in state.items()}
 
 
 def _canonical_json(value: Any) -> bytes:

@@ -111,14 +111,15 @@ def to_device(batch: Any, device: torch.device | str, non_blocking: bool = False
 
 
 def cpu_state_dict(state: Mapping[str, Any] | torch.nn.Module) -> dict[str, Any]:
-    """A state dict (or a module's) with every tensor as a detached CPU copy, nested dicts too
-    (optimizer states): what may be saved or sent whatever device computed it."""
+    """A state dict (or a module's) with every tensor as a detached, contiguous CPU copy, nested
+    dicts too (optimizer states): what may be saved or sent whatever device or memory layout
+    computed it."""
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()
 
     def cpu(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return value.detach().cpu().clone()
+            return value.detach().cpu().clone(memory_format=torch.contiguous_format)
         if isinstance(value, Mapping):
             return {k: cpu(v) for k, v in value.items()}
         if isinstance(value, list):

@@ -120,6 +120,38 @@ def test_resume_continues_bit_exactly(tmp_path: Path, public: Path) -> None:
     assert resumed.checkpoint.metadata["unet_epochs"] == 2
 
 
+def test_the_autoencoder_trains_channels_last_and_a_resume_inside_it_is_bit_exact(
+        tmp_path: Path, public: Path) -> None:
+    """On the CPU the autoencoder and its discriminator train in channels_last_3d (faster oneDNN
+    kernels); what is saved is plain contiguous, and resuming mid-stage changes nothing."""
+    from experiments.pretrain import _Training
+    config = load_config(write_config(tmp_path, public))
+    training = _Training(config)
+    convolutions = [m.weight for net in (training.autoencoder, training.discriminator)
+                    for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last_3d)
+                                and not w.is_contiguous() for w in convolutions
+                                if w.shape[1] > 1 and w.shape[2:].numel() > 1)
+    saved = training.state_dict()["autoencoder"]
+    assert all(t.is_contiguous() for t in saved.values())
+
+    straight = pretrain(config, tmp_path / "straight", tracking=False)
+    assert all(t.is_contiguous() for t in straight.checkpoint.autoencoder_state.values())
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def stop_after_first_autoencoder_epoch(stage: str, epoch: int) -> None:
+        if stage == "autoencoder" and epoch == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pretrain(config, tmp_path / "resumed", tracking=False,
+                 on_epoch_end=stop_after_first_autoencoder_epoch)
+    resumed = pretrain(config, tmp_path / "resumed", resume=True, tracking=False)
+    assert resumed.checkpoint.content_hash == straight.checkpoint.content_hash
+
+
 def test_resume_refuses_a_changed_config(tmp_path: Path, public: Path) -> None:
     config = load_config(write_config(tmp_path, public))
 
