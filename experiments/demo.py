@@ -39,7 +39,7 @@ HOLDOUT_PATIENTS_PER_SITE = 8
 # Pretraining's first autoencoder epochs run on one thread fewer while the data-only quality
 # segmenters train beside them (CoreSharing). On 2026-12-03's 2-core machine the demo config's
 # two segmenters took 152 s; with the channels-last autoencoder and the slice-sum SSIM, one-thread
-# autoencoder epochs take about 5 s, so the shared epochs are all 30 of the demo's.
+# autoencoder epochs take about 5.4 s, so the shared epochs are all 30 of the demo's.
 SHARED_AUTOENCODER_EPOCHS = 30
 
 

@@ -172,8 +172,9 @@ class _Training:
             config.model.autoencoder, config.memory.autoencoder_crop or config.data.shape,
             norm=settings.autoencoder.discriminator_norm).to(self.device)
         if self.device.type == "cpu":
-            # oneDNN's 3D convolutions of 8-16 channels train 1.2-1.7x faster channels-last
-            # (experiments/benchmarks/autoencoder_layout.py); on a GPU the layout stays as built.
+            # oneDNN's 3D convolutions of 8-16 channels train faster channels-last: the demo's
+            # step 1.06x on one thread, 1.08-1.35x on two (experiments/benchmarks/
+            # autoencoder_layout.py). On a GPU the layout stays as built.
             self.autoencoder = self.autoencoder.to(memory_format=torch.channels_last_3d)
             self.discriminator = self.discriminator.to(memory_format=torch.channels_last_3d)
         self.autoencoder_optimizer = torch.optim.Adam(
