@@ -6,8 +6,8 @@ shifted slices), in one run.
 Two measurements, each arm timed on the same inputs (median of the repeats): the SSIM term alone (forward
 and backward, batch 2), and a whole autoencoder training step of the demo's recipe (MONAI
 AutoencoderKL 8-16 channels, L1 + KL + SSIM + FFT, patch discriminator with feature matching
-and its own step), which is where pretraining spends its time. Also reported: the two losses'
-largest difference.
+and its own step), which is where pretraining spends its time. Also reported: the largest
+difference between MONAI's loss and either other arm's.
 
 Run: ``python -m experiments.benchmarks.ssim_loss [--quick]``.
 """

@@ -124,8 +124,10 @@ def test_the_autoencoder_trains_channels_last_and_a_resume_inside_it_is_bit_exac
         tmp_path: Path, public: Path) -> None:
     """On the CPU the autoencoder and its discriminator train in channels_last_3d (faster oneDNN
     kernels); what is saved is plain contiguous, and resuming mid-stage changes nothing."""
+    from dataclasses import replace
+
     from experiments.pretrain import _Training
-    config = load_config(write_config(tmp_path, public))
+    config = replace(load_config(write_config(tmp_path, public)), device="cpu")  # a GPU keeps it
     training = _Training(config)
     convolutions = [m.weight for net in (training.autoencoder, training.discriminator)
                     for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
