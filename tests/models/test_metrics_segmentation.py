@@ -127,3 +127,26 @@ def test_native_bf16_is_a_yes_or_no_for_every_device():
     from models.device import native_bf16
     assert native_bf16("cpu") in (True, False)
     assert native_bf16("cuda") is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def test_the_segmenter_adds_its_transposed_convolutions_bias_after_and_computes_monai_s_unet():
+    from monai.networks.nets import UNet
+
+    from models.metrics.segmentation_utility import BiasAfterConvTranspose3d
+
+    net = build_segmenter(NUM_CLASSES, seed=3)
+    up = [m for m in net.modules() if isinstance(m, torch.nn.ConvTranspose3d)]
+    assert up and all(type(m) is BiasAfterConvTranspose3d and m.bias is not None for m in up)
+    settings = SegmenterSettings()
+    monai = UNet(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES,
+                 channels=settings.channels, strides=settings.strides,
+                 num_res_units=settings.res_units)
+    monai.load_state_dict(net.state_dict())  # the same parameters, under the same names
+    images, labels = brains(2, seed=4)
+    ours, theirs = net(images), monai(images)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    loss = torch.nn.functional.cross_entropy
+    loss(ours, labels[:, 0].long()).backward()
+    loss(theirs, labels[:, 0].long()).backward()
+    for (name, mine), reference in zip(net.named_parameters(), monai.parameters()):
+        torch.testing.assert_close(mine.grad, reference.grad, rtol=1e-4, atol=1e-6, msg=name)
