@@ -6,7 +6,7 @@ cohort -> data check -> public pretraining -> federated DP fine-tuning (Flower s
 resumes. Quality is measured against held-out patients of every site that no site and no
 pretraining saw (:func:`experiments.cohort.generate_holdout`, as the sweep does), next to the
 baselines of :mod:`models.metrics.quality` (real, collapse, copy, pretrained-only samples).
-On a CPU-only machine the two quality segmenters that need no model train beside pretraining
+On a CPU-only machine the four quality segmenters that need no model train beside pretraining
 (:class:`RealSideTraining`, :class:`CoreSharing`).
 """
 
@@ -36,11 +36,12 @@ HOLDOUT_DIR = "holdout"
 PRETRAINED_SAMPLES_DIR = "pretrained_samples"
 METRICS_CACHE_DIR = "metrics_cache"
 HOLDOUT_PATIENTS_PER_SITE = 8
-# Pretraining's first autoencoder epochs run on one thread fewer while the data-only quality
-# segmenters train beside them (CoreSharing). On 2026-12-03's 2-core machine the demo config's
-# two segmenters took 152 s; with the channels-last autoencoder and the slice-sum SSIM, one-thread
-# autoencoder epochs take about 5.4 s, so the shared epochs are all 30 of the demo's.
-SHARED_AUTOENCODER_EPOCHS = 30
+# Pretraining's first epochs of each stage run on one thread fewer while the data-only quality
+# segmenters train beside them (CoreSharing). On 2026-12-03's 2-core machine the job's four
+# segmenters (public, real, collapse, copy) took 283 s: as long as the demo's 30 autoencoder
+# epochs (about 5.7 s each on one thread) and 43 one-thread UNet epochs (about 2.6 s each, 1.6 s
+# on two); the last UNet epochs get both threads back.
+SHARED_EPOCHS = {"autoencoder": 30, "unet": 40}
 
 
 class DemoError(ValueError):
@@ -193,7 +194,7 @@ def run_demo(config_path: Path, *, patients: int = 40, public_patients: int = 40
             if stage.run is pretrain and not evaluation.exists() and RealSideTraining.worth_it():
                 real_side = RealSideTraining.start(config_path, cohort_dir, run_dir,
                                                    seg_steps or DEMO_SEG_STEPS)
-                echo("      quality segmenters of the public and held-out real scans: "
+                echo("      quality segmenters that need no model (public, real, collapse, copy): "
                      "training beside pretraining, on a core of their own")
             echo(f"{header} ...")
             start = time.perf_counter()
@@ -210,8 +211,8 @@ def run_demo(config_path: Path, *, patients: int = 40, public_patients: int = 40
 
 class CoreSharing:
     """Pretraining's thread schedule on a CPU-only machine with a core to spare: the first
-    :data:`SHARED_AUTOENCODER_EPOCHS` autoencoder epochs run on one torch thread fewer, leaving
-    a core to :class:`RealSideTraining`; every later epoch runs on all of them.
+    :data:`SHARED_EPOCHS` epochs of each stage run on one torch thread fewer, leaving a core to
+    :class:`RealSideTraining`; every later epoch runs on all of them.
 
     A schedule fixed in epochs, not a switch when the job ends: thread count changes the
     floating-point summation order, so a switch timed by the job would make the model depend on
@@ -236,20 +237,20 @@ class CoreSharing:
             torch.set_num_threads(threads)
 
     def before_epoch(self, stage: str, epoch: int) -> None:
-        shared = self._shared and stage == "autoencoder" and epoch < SHARED_AUTOENCODER_EPOCHS
+        shared = self._shared and epoch < SHARED_EPOCHS.get(stage, 0)
         self._set(max(1, self._threads - 1) if shared else self._threads)
 
     def after_epoch(self, stage: str, epoch: int) -> None:
-        # What runs between the stages (encoding the public latents) gets the next epoch's count.
-        if stage == "autoencoder":
-            self.before_epoch(stage, epoch + 1)
+        # What runs between epochs and stages (encoding the public latents, the reconstruction
+        # figures, the sample preview) gets the next epoch's count.
+        self.before_epoch(stage, epoch + 1)
 
 
 def _train_real_side(report: Any, config_path: Path, cohort_dir: Path, run_dir: Path,
                      seg_steps: int) -> None:
     """Background process body: the held-out patients, then the public segmenter and the
-    ``real`` baseline's figures, into the run's metrics cache. Sends its seconds, or the error's
-    line."""
+    ``real``, ``collapse`` and ``copy`` baselines' figures (the last two for the release's
+    first-attempt maps), into the run's metrics cache. Sends its seconds, or the error's line."""
     import torch
     start = time.perf_counter()
     torch.set_num_threads(1)
@@ -257,11 +258,19 @@ def _train_real_side(report: Any, config_path: Path, cohort_dir: Path, run_dir: 
     try:
         from experiments.cohort import generate_holdout
         from experiments.evaluate import prepare_real_side
+        from server.release import first_attempt_maps
         config = load_config(config_path)
         holdout = generate_holdout(cohort_dir, run_dir / HOLDOUT_DIR, HOLDOUT_PATIENTS_PER_SITE)
+
+        def planned_maps(public_labels: torch.Tensor) -> torch.Tensor:
+            return first_attempt_maps(config, public_labels[:, 0], config.release.num_samples,
+                                      config.data.num_classes)[:, None]
+
         prepare_real_side(holdout, config.data, public_dir=Path(config.data.public_dir),
                           seed=config.seed, seg_steps=seg_steps,
-                          cache_dir=run_dir / METRICS_CACHE_DIR)
+                          cache_dir=run_dir / METRICS_CACHE_DIR,
+                          train_dirs=tuple(Path(s.data_dir) for s in config.federation.sites),
+                          planned_maps=planned_maps)
     except Exception as err:  # noqa: BLE001 - reported to the demo, which trains them itself
         report.send(f"{type(err).__name__}: {err}")
         return
@@ -269,11 +278,15 @@ def _train_real_side(report: Any, config_path: Path, cohort_dir: Path, run_dir: 
 
 
 class RealSideTraining:
-    """The quality figures that need no model (the public segmenter and the ``real`` baseline,
-    :func:`experiments.evaluate.prepare_real_side`), computed in a one-thread background
-    process while the model pretrains on the other cores (:class:`CoreSharing`), so that the
-    evaluation stage trains four segmenters instead of six. Should the job fail or be stopped,
-    the evaluation computes the same figures itself.
+    """The quality figures that need no model, computed in a one-thread background process
+    while the model pretrains on the other cores (:class:`CoreSharing`): the public segmenter
+    and the ``real`` baseline, and the ``collapse`` and ``copy`` baselines for the maps the
+    release will condition its first attempts on (:func:`server.release.first_attempt_maps`,
+    fixed by the seed; :func:`experiments.evaluate.prepare_real_side`). The evaluation stage then
+    trains two segmenters instead of six. The evaluation's cache is keyed by content: if the
+    gate rejected a first attempt, the released maps differ and the evaluation measures
+    ``collapse`` and ``copy`` itself; should the job fail or be stopped, it computes every
+    figure itself.
     """
 
     def __init__(self, process: multiprocessing.process.BaseProcess, report: Any) -> None:
@@ -309,10 +322,10 @@ class RealSideTraining:
         self._process.join()
         waited = time.perf_counter() - start
         if isinstance(message, float):
-            echo(f"      quality segmenters of the real scans: ready, trained in {message:.0f} s "
+            echo(f"      quality segmenters that need no model: ready, trained in {message:.0f} s "
                  f"beside pretraining (waited {waited:.0f} s)")
         else:
-            echo(f"      quality segmenters of the real scans: the background job failed "
+            echo(f"      quality segmenters that need no model: the background job failed "
                  f"({message}); training them now")
 
     def stop(self) -> None:

@@ -26,7 +26,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import nibabel as nib
 import numpy as np
@@ -221,27 +221,51 @@ def _segmenter_settings(seg_steps: int, seg_batch_size: int, device: str) -> Seg
                              bf16_training=native_bf16(device))
 
 
+def _data_baselines(trains: list[VolumeSet], real_half: tuple[torch.Tensor, torch.Tensor],
+                    maps: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The ``collapse`` and ``copy`` baselines for conditioning ``maps`` ``(M, 1, D, H, W)``,
+    built from the training folders (the ``real`` baseline half without them)."""
+    training = [(t.images, t.labels) for t in trains] or [real_half]
+    pooled = (torch.cat([t[0] for t in training]), torch.cat([t[1] for t in training]))
+    return {"collapse": collapse_baseline(training, maps), "copy": copy_baseline(*pooled, maps)}
+
+
 def prepare_real_side(real_dir: Path, data: DataConfig, *, public_dir: Path, seed: int = 0,
                       seg_steps: int = DEFAULT_SEG_STEPS,
                       seg_batch_size: int = DEFAULT_SEG_BATCH_SIZE,
                       holdout_fraction: float = HOLDOUT_FRACTION, cache_dir: Path,
+                      train_dirs: tuple[Path, ...] = (),
+                      planned_maps: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       device: str | None = None) -> None:
     """Train and cache, in this process, the part of :func:`evaluate_folders` that needs real
     data only: the public segmenter and the ``real`` baseline's figures (its utility segmenter
     included). A later :func:`evaluate_folders` with the same arguments and ``cache_dir`` reads
-    both back and trains only the segmenters of the sets that depend on a model. The demo runs
-    this in a background process beside public pretraining.
+    them back and trains only the segmenters of the sets not measured here. The demo runs this
+    in a background process beside public pretraining.
+
+    ``planned_maps``: given the public folder's maps ``(K, 1, D, H, W)``, the maps the synthetic
+    set will be conditioned on ``(M, 1, D, H, W)`` (the release's first attempts,
+    :func:`server.release.first_attempt_maps`). With it, the ``collapse`` and ``copy``
+    baselines for those maps (from ``train_dirs``) are measured and cached too; the evaluation
+    reads them back only if the synthetic set's maps are exactly these (its cache is keyed by
+    content), and otherwise measures them itself.
     """
     device = str(resolve_device(device))
     real, real_idx, reference_idx = _real_split(Path(real_dir), data, holdout_fraction, seed)
-    public = _loaded(Path(public_dir), data, "public", tuple(real.images.shape[1:]))
+    shape = tuple(real.images.shape[1:])
+    public = _loaded(Path(public_dir), data, "public", shape)
     settings = _segmenter_settings(seg_steps, seg_batch_size, device)
     segmenter = public_segmenter(public.images, public.labels, data.num_classes, cache_dir,
                                  seed=seed, settings=settings, device=device)
     reference = make_reference(real.images[reference_idx], real.labels[reference_idx], segmenter)
-    measure_set(real.images[real_idx], real.labels[real_idx], reference, segmenter,
-                data.num_classes, seed=seed, seg_settings=settings, device=device, name="real",
-                cache_dir=cache_dir)
+    real_half = (real.images[real_idx], real.labels[real_idx])
+    sets = {"real": real_half}
+    if planned_maps is not None:
+        trains = [_loaded(Path(f), data, "training", shape) for f in train_dirs]
+        sets.update(_data_baselines(trains, real_half, planned_maps(public.labels)))
+    for name, (images, labels) in sets.items():
+        measure_set(images, labels, reference, segmenter, data.num_classes, seed=seed,
+                    seg_settings=settings, device=device, name=name, cache_dir=cache_dir)
 
 
 def evaluate_folders(real_dir: Path, synthetic_dir: Path, data: DataConfig | None = None, *,
@@ -300,13 +324,10 @@ def evaluate_folders(real_dir: Path, synthetic_dir: Path, data: DataConfig | Non
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     reference = (real.images[reference_idx], real.labels[reference_idx])
     real_half = (real.images[real_idx], real.labels[real_idx])
-    training = [(t.images, t.labels) for t in trains] or [real_half]
     count = len(synthetic.patient_ids)
-    pooled = (torch.cat([t[0] for t in training]), torch.cat([t[1] for t in training]))
     baselines = {
         "real": real_half,
-        "collapse": collapse_baseline(training, synthetic.labels),
-        "copy": copy_baseline(*pooled, synthetic.labels),
+        **_data_baselines(trains, real_half, synthetic.labels),
         "pretrained_only": (pretrained.images, pretrained.labels) if pretrained else None,
     }
     medical = None
@@ -335,7 +356,7 @@ def evaluate_folders(real_dir: Path, synthetic_dir: Path, data: DataConfig | Non
         "synthetic": {"folder": str(synthetic_dir), "scans": count},
         "public": {"folder": str(public_dir), "scans": len(public.patient_ids)},
         "training": {"folders": [str(f) for f in train_dirs] or ["(real baseline half)"],
-                     "scans": int(pooled[0].shape[0])},
+                     "scans": sum(len(t.patient_ids) for t in trains) or len(real_idx)},
         "pretrained_only": {"folder": str(pretrained_dir) if pretrained_dir else None},
         "grid": {"shape": list(data.shape), "spacing_mm": list(data.spacing),
                  "label_names": list(data.label_names)},

@@ -284,6 +284,29 @@ def _integer_attribute(low: float, high: float, public: np.ndarray) -> bool:
         bool(np.all(values == np.round(values)))
 
 
+def _draw_map(rng: np.random.Generator, count: int, deform: bool) -> tuple[int, int | None]:
+    """The first draws of a (slot, attempt): which of ``count`` public maps, and its
+    deformation's seed (None without ``release.deform_masks``)."""
+    k = int(rng.integers(count))
+    return k, int(rng.integers(2 ** 31)) if deform else None
+
+
+def first_attempt_maps(config: Config, public_labels: torch.Tensor, num: int,
+                       num_classes: int) -> torch.Tensor:
+    """The maps ``(num, D, H, W)`` uint8 that slots ``0..num-1`` of a release with ``config``'s
+    seed condition their first attempts on, drawn from ``public_labels`` ``(K, D, H, W)`` (the
+    public maps, :func:`load_public_maps`'s order) as :func:`draw_condition` draws them. They
+    are the released samples' maps when the gate rejects none, and they are known before any
+    model is: the demo measures the baselines built on them while the model still trains."""
+    maps = []
+    for slot in range(num):
+        rng = np.random.default_rng(slot_seed(config.seed, slot, 0))
+        k, deform_seed = _draw_map(rng, public_labels.shape[0], config.release.deform_masks)
+        maps.append(deformed_map(public_labels[k], deform_seed, num_classes,
+                                 config.release.deform_scale))
+    return torch.stack(maps)
+
+
 def draw_condition(plan: ReleasePlan, slot: int, attempt: int) -> Condition:
     """The map, deformation, attributes and noise seed of one (slot, attempt).
 
@@ -291,8 +314,7 @@ def draw_condition(plan: ReleasePlan, slot: int, attempt: int) -> Condition:
     drawn as a whole number; others uniformly in [low, high].
     """
     rng = np.random.default_rng(slot_seed(plan.config.seed, slot, attempt))
-    k = int(rng.integers(plan.maps.labels.shape[0]))
-    deform_seed = int(rng.integers(2 ** 31)) if plan.config.release.deform_masks else None
+    k, deform_seed = _draw_map(rng, plan.maps.labels.shape[0], plan.config.release.deform_masks)
     values = []
     for j, name in enumerate(plan.checkpoint.data.attributes):
         bounds = plan.config.release.attribute_ranges.get(name)

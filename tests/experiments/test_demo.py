@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from experiments.demo import (SHARED_AUTOENCODER_EPOCHS, CoreSharing, DemoError, RealSideTraining,
+from experiments.demo import (SHARED_EPOCHS, CoreSharing, DemoError, RealSideTraining,
                              format_summary, run_demo)
 from experiments.tiny_federation import SIZE, SPACING, tiny_model_section
 
@@ -55,7 +55,7 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, monkeypatch):
 
     assert not summary.reused
     # The public segmenter and the real baseline were trained beside pretraining and read back.
-    assert any("quality segmenters of the real scans: ready" in line for line in lines), lines
+    assert any("quality segmenters that need no model: ready" in line for line in lines), lines
     assert len(list((tmp_path / "run" / "metrics_cache").glob("public_segmenter_*.pt"))) == 1
     assert set(summary.seconds) == {"demo cohort (public + sites)", "data check",
                                     "public pretraining", "federated DP fine-tuning",
@@ -103,21 +103,25 @@ def test_demo_refuses_a_site_outside_the_cohort(tmp_path):
 
 
 def test_core_sharing_is_a_fixed_schedule_in_epochs(monkeypatch):
-    """One thread fewer for the first shared autoencoder epochs, all of them afterwards,
+    """One thread fewer for the first shared epochs of each stage, all of them afterwards,
     whatever the background job does: the model must not depend on the machine's speed."""
     monkeypatch.setattr(RealSideTraining, "worth_it", staticmethod(lambda: True))
     torch.set_num_threads(2)
-    last = SHARED_AUTOENCODER_EPOCHS - 1
+    last_autoencoder, last_unet = SHARED_EPOCHS["autoencoder"] - 1, SHARED_EPOCHS["unet"] - 1
     with CoreSharing() as cores:
         cores.before_epoch("autoencoder", 0)
         assert torch.get_num_threads() == 1
-        cores.after_epoch("autoencoder", last - 1)  # the next epoch is still shared
+        cores.after_epoch("autoencoder", last_autoencoder - 1)  # the next epoch is still shared
         assert torch.get_num_threads() == 1
-        cores.after_epoch("autoencoder", last)  # encoding the latents gets both threads
+        cores.after_epoch("autoencoder", last_autoencoder)  # encoding the latents gets both
         assert torch.get_num_threads() == 2
-        cores.before_epoch("autoencoder", last)  # a resumed run inside the shared epochs
+        cores.before_epoch("autoencoder", last_autoencoder)  # a resumed run inside the shared
         assert torch.get_num_threads() == 1
         cores.before_epoch("unet", 0)
+        assert torch.get_num_threads() == 1
+        cores.after_epoch("unet", last_unet - 1)
+        assert torch.get_num_threads() == 1
+        cores.after_epoch("unet", last_unet)  # the last UNet epochs get both threads back
         assert torch.get_num_threads() == 2
         cores.before_epoch("autoencoder", 3)
     assert torch.get_num_threads() == 2  # restored on exit

@@ -245,3 +245,44 @@ def test_the_real_side_prepared_beforehand_is_read_back_not_trained_again(folder
     for name, value in after.report.baselines["real"].to_json_dict().items():
         assert value == pytest.approx(fresh.report.baselines["real"].to_json_dict()[name],
                                       rel=1e-5, abs=1e-7), name
+
+
+@pytest.mark.parametrize("planned_as", ["the synthetic maps", "other maps"])
+def test_baselines_on_planned_maps_are_read_back_only_for_exactly_those_maps(folders, tmp_path,
+                                                                             monkeypatch,
+                                                                             planned_as):
+    from configs.schema import DataConfig
+    from experiments.evaluate import (data_config_from_folder, evaluate_folders,
+                                      load_volume_set, prepare_real_side)
+    from models.metrics import SegmenterPool
+
+    real, synthetic = folders
+    public = real.parent / "public"
+    data = data_config_from_folder(real, DataConfig())
+    maps = load_volume_set(synthetic, data).labels
+    if planned_as == "other maps":
+        maps = maps.clone()  # one voxel off, as if a first attempt had been rejected
+        maps[0, 0, 0, 0, 0] = (int(maps[0, 0, 0, 0, 0]) + 1) % data.num_classes
+    public_labels = load_volume_set(public, data).labels
+
+    def planned(labels: torch.Tensor) -> torch.Tensor:
+        assert torch.equal(labels, public_labels)  # planned from the public maps
+        return maps
+
+    prepare_real_side(real, data, public_dir=public, seed=1, seg_steps=4, cache_dir=tmp_path,
+                      planned_maps=planned)
+    assert len(list((tmp_path / "sets").glob("*.json"))) == 3  # real, collapse, copy
+
+    trained: list[str] = []
+    submit = SegmenterPool.submit
+
+    def recording(self, *args):  # (images, labels, num_classes, seed, settings, description)
+        trained.append(args[5])
+        return submit(self, *args)
+
+    monkeypatch.setattr(SegmenterPool, "submit", recording)
+    evaluate_folders(real, synthetic, data, cache_dir=tmp_path, public_dir=public, seed=1,
+                     seg_steps=4)
+    expected = ["segmenter on synthetic"] if planned_as == "the synthetic maps" else \
+        ["segmenter on collapse", "segmenter on copy", "segmenter on synthetic"]
+    assert sorted(trained) == expected

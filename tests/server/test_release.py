@@ -27,7 +27,7 @@ from configs import (AutoencoderConfig, ConditioningConfig, DiffusionConfig, Mod
                      UNetConfig, config_to_dict, load_config)
 from experiments.cli import main
 from experiments.cohort import generate_cohort
-from server.release import load_public_maps
+from server.release import first_attempt_maps, load_public_maps
 from experiments.loopback import LoopbackGrid
 from models.autoencoder import build_autoencoder
 from models.checkpoint import DataGrid, load_checkpoint, save_checkpoint
@@ -212,6 +212,14 @@ def test_copies_are_rejected_and_every_release_clears_every_threshold(world, tmp
     assert [int(r["attempt"]) for r in rows] == [2, 2, 3, 1]
     assert all(r["gate_site_0"] == r["gate_site_1"] == "pass" for r in rows)
     assert float(rows[0]["sex"]) in (0.0, 1.0) and 20 <= float(rows[0]["age"]) <= 90
+    # Read back as the evaluation reads them, the maps of the slots released at their first
+    # attempt are the ones first_attempt_maps planned (the demo's baselines are built on them).
+    config = load_config(config_path)
+    planned = first_attempt_maps(config, plan.maps.labels, 5, config.data.num_classes)
+    released = load_site(tmp_path / "out", config.data, "manifest.csv")
+    for index, (slot, row) in enumerate(zip((0, 1, 2, 4), rows)):
+        same = torch.equal(released[index]["label"].argmax(0), planned[slot].long())
+        assert same == (row["attempt"] == "1"), (slot, row["attempt"])
 
     for site, (images, patients) in scans.items():
         threshold = independent_threshold(images, patients)
