@@ -36,12 +36,6 @@ HOLDOUT_DIR = "holdout"
 PRETRAINED_SAMPLES_DIR = "pretrained_samples"
 METRICS_CACHE_DIR = "metrics_cache"
 HOLDOUT_PATIENTS_PER_SITE = 8
-# Pretraining's first epochs of each stage run on one thread fewer while the data-only quality
-# segmenters train beside them (CoreSharing). On 2026-12-03's 2-core machine the job's four
-# segmenters (public, real, collapse, copy) took 283 s: as long as the demo's 30 autoencoder
-# epochs (about 5.7 s each on one thread) and 43 one-thread UNet epochs (about 2.6 s each, 1.6 s
-# on two); the last UNet epochs get both threads back.
-SHARED_EPOCHS = {"autoencoder": 30, "unet": 40}
 
 
 class DemoError(ValueError):
@@ -123,9 +117,8 @@ def run_demo(config_path: Path, *, patients: int = 40, public_patients: int = 40
 
     def pretrain() -> None:
         from experiments.pretrain import STATE_FILE, pretrain as train
-        with CoreSharing() as cores:
-            train(load_config(config_path), run_dir, resume=(run_dir / STATE_FILE).exists(),
-                  on_epoch_start=cores.before_epoch, on_epoch_end=cores.after_epoch)
+        with CoreSharing():
+            train(load_config(config_path), run_dir, resume=(run_dir / STATE_FILE).exists())
 
     def federate() -> None:
         from experiments.federate import simulate
@@ -210,14 +203,17 @@ def run_demo(config_path: Path, *, patients: int = 40, public_patients: int = 40
 
 
 class CoreSharing:
-    """Pretraining's thread schedule on a CPU-only machine with a core to spare: the first
-    :data:`SHARED_EPOCHS` epochs of each stage run on one torch thread fewer, leaving a core to
-    :class:`RealSideTraining`; every later epoch runs on all of them.
+    """Pretraining's threads on a CPU-only machine with a core to spare: all of pretraining runs
+    on one torch thread fewer, leaving a core to :class:`RealSideTraining`. Used as a context
+    manager; restores the thread count on exit.
 
-    A schedule fixed in epochs, not a switch when the job ends: thread count changes the
-    floating-point summation order, so a switch timed by the job would make the model depend on
-    the machine's speed; fixed, a rerun (or a resumed run) on the same machine trains the same
-    model. Used as a context manager; restores the thread count on exit.
+    Fixed, not switched when the job ends: thread count changes the floating-point summation
+    order, so a switch timed by the job would make the model depend on the machine's speed;
+    fixed, a rerun (or a resumed run) on the same machine trains the same model. All of it,
+    because the job lasts about as long as pretraining: on 2026-12-03's 2-core machine its four
+    segmenters (public, real, collapse, copy) took 264-283 s, pretraining 283-306 s. Giving the
+    last 10 UNet epochs both threads back ran them beside the job's end, 3 threads on 2 cores, at
+    3.0 s an epoch on average against 2.3 s on one thread.
     """
 
     def __init__(self) -> None:
@@ -226,24 +222,14 @@ class CoreSharing:
         self._shared = RealSideTraining.worth_it()
 
     def __enter__(self) -> CoreSharing:
+        import torch
+        if self._shared:
+            torch.set_num_threads(max(1, self._threads - 1))
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        self._set(self._threads)
-
-    def _set(self, threads: int) -> None:
         import torch
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-
-    def before_epoch(self, stage: str, epoch: int) -> None:
-        shared = self._shared and epoch < SHARED_EPOCHS.get(stage, 0)
-        self._set(max(1, self._threads - 1) if shared else self._threads)
-
-    def after_epoch(self, stage: str, epoch: int) -> None:
-        # What runs between epochs and stages (encoding the public latents, the reconstruction
-        # figures, the sample preview) gets the next epoch's count.
-        self.before_epoch(stage, epoch + 1)
+        torch.set_num_threads(self._threads)
 
 
 def _train_real_side(report: Any, config_path: Path, cohort_dir: Path, run_dir: Path,

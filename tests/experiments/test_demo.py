@@ -10,8 +10,7 @@ import pytest
 import torch
 import yaml
 
-from experiments.demo import (SHARED_EPOCHS, CoreSharing, DemoError, RealSideTraining,
-                             format_summary, run_demo)
+from experiments.demo import CoreSharing, DemoError, RealSideTraining, format_summary, run_demo
 from experiments.tiny_federation import SIZE, SPACING, tiny_model_section
 
 pytestmark = pytest.mark.slow
@@ -102,33 +101,17 @@ def test_demo_refuses_a_site_outside_the_cohort(tmp_path):
         run_demo(config, echo=lambda _: None)
 
 
-def test_core_sharing_is_a_fixed_schedule_in_epochs(monkeypatch):
-    """One thread fewer for the first shared epochs of each stage, all of them afterwards,
-    whatever the background job does: the model must not depend on the machine's speed."""
+def test_core_sharing_gives_all_of_pretraining_one_thread_fewer(monkeypatch):
+    """Fixed, whatever the background job does: the model must not depend on the machine's
+    speed."""
     monkeypatch.setattr(RealSideTraining, "worth_it", staticmethod(lambda: True))
     torch.set_num_threads(2)
-    last_autoencoder, last_unet = SHARED_EPOCHS["autoencoder"] - 1, SHARED_EPOCHS["unet"] - 1
-    with CoreSharing() as cores:
-        cores.before_epoch("autoencoder", 0)
+    with CoreSharing():
         assert torch.get_num_threads() == 1
-        cores.after_epoch("autoencoder", last_autoencoder - 1)  # the next epoch is still shared
-        assert torch.get_num_threads() == 1
-        cores.after_epoch("autoencoder", last_autoencoder)  # encoding the latents gets both
-        assert torch.get_num_threads() == 2
-        cores.before_epoch("autoencoder", last_autoencoder)  # a resumed run inside the shared
-        assert torch.get_num_threads() == 1
-        cores.before_epoch("unet", 0)
-        assert torch.get_num_threads() == 1
-        cores.after_epoch("unet", last_unet - 1)
-        assert torch.get_num_threads() == 1
-        cores.after_epoch("unet", last_unet)  # the last UNet epochs get both threads back
-        assert torch.get_num_threads() == 2
-        cores.before_epoch("autoencoder", 3)
     assert torch.get_num_threads() == 2  # restored on exit
 
     monkeypatch.setattr(RealSideTraining, "worth_it", staticmethod(lambda: False))
-    with CoreSharing() as cores:
-        cores.before_epoch("autoencoder", 0)
+    with CoreSharing():
         assert torch.get_num_threads() == 2  # a GPU machine or one core: nothing to share
 
 
